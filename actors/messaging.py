@@ -1,0 +1,70 @@
+"""Asking an actor and getting a typed answer, without blocking its thread.
+
+pykka's own ``ask`` replies with whatever ``on_receive`` returns, at once.
+Event-sourced actors must not answer before the log says their events are
+durable, and the IB actor answers when IB does, so a reply has to be settable
+later. A :class:`Request` carries its own reply future; the actor sets it
+when the answer may be given, and goes on with its next message meanwhile.
+
+A refused command comes back to the caller as a raised
+:class:`CommandRejected` carrying a typed :class:`Rejected` reply.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pykka
+
+from events.base import Command, Reply
+
+__all__ = ["CommandRejected", "Rejected", "Request", "ask", "ask_async", "reject"]
+
+
+class Rejected(Reply, tag="rejected", frozen=True, kw_only=True):
+    """A command refused: nothing changed. ``field`` names the bad input when one is to blame."""
+
+    command: str
+    code: str
+    message: str
+    field: str | None = None
+
+
+class CommandRejected(Exception):
+    """Raised to the asker of a refused command; ``.rejected`` is the typed reply."""
+
+    def __init__(self, rejected: Rejected) -> None:
+        super().__init__(f"{rejected.command} rejected ({rejected.code}): {rejected.message}")
+        self.rejected = rejected
+
+
+def reject(command: Command | str, code: str, message: str, field: str | None = None) -> CommandRejected:
+    """Build the exception a handler raises to refuse ``command``."""
+    name = command if isinstance(command, str) else type(command).__struct_config__.tag
+    return CommandRejected(Rejected(command=str(name), code=code, message=message, field=field))
+
+
+class Request:
+    """Envelope: a command plus the future its answer goes into. Not stored, not sent over the wire."""
+
+    __slots__ = ("command", "reply")
+
+    def __init__(self, command: Command | msgspec.Struct, reply: pykka.Future[Any]) -> None:
+        self.command = command
+        self.reply = reply
+
+    def __repr__(self) -> str:
+        return f"Request({self.command!r})"
+
+
+def ask_async(ref: pykka.ActorRef[Any], command: Command | msgspec.Struct) -> pykka.Future[Any]:
+    """Send ``command``; the returned future resolves to the reply or raises its error."""
+    future: pykka.Future[Any] = pykka.ThreadingFuture()
+    ref.tell(Request(command, future))
+    return future
+
+
+def ask(ref: pykka.ActorRef[Any], command: Command | msgspec.Struct, timeout: float = 10.0) -> Any:
+    """Send ``command`` and wait for the reply (raises CommandRejected, or pykka's Timeout)."""
+    return ask_async(ref, command).get(timeout=timeout)

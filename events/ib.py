@@ -1,0 +1,261 @@
+"""Messages to and from the IB connection actor (real, or the fake one).
+
+ib_insync's mutable camelCase objects never leave the IB actor: they are
+turned into these frozen snake_case messages at its boundary.
+
+Handles: Connect, Disconnect, Subscribe, Unsubscribe, Snapshot, RequestPositions.
+Emits: PositionChanged, MarketUpdate, SnapshotFailed, ConnectionStateChanged,
+IbError (with ``kind`` naming the mapped IB code).
+ConnectionStateChanged and IbError are also stored for audit.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, ClassVar, Literal
+
+import msgspec
+
+from events.base import Command, Conid, Event, Message, Reply
+
+__all__ = [
+    "IB_NOT_CONNECTED",
+    "Connect",
+    "ConnectionState",
+    "ConnectionStateChanged",
+    "Disconnect",
+    "IbError",
+    "IbErrorKind",
+    "IbSettings",
+    "IbStats",
+    "IbStatsReply",
+    "MarketUpdate",
+    "PositionChanged",
+    "RequestPositions",
+    "Snapshot",
+    "SnapshotFailed",
+    "SnapshotResult",
+    "Subscribe",
+    "Unsubscribe",
+    "classify_ib_code",
+]
+
+
+class ConnectionState(StrEnum):
+    DISCONNECTED = "disconnected"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    #: 1100: the gateway lost IB; our socket is still up.
+    CONNECTIVITY_LOST = "connectivity_lost"
+    #: 1101: back, but IB dropped every market data subscription: resubmit.
+    RESTORED_DATA_LOST = "restored_data_lost"
+    #: 1102: back, subscriptions kept.
+    RESTORED_DATA_KEPT = "restored_data_kept"
+
+
+class IbErrorKind(StrEnum):
+    MAX_TICKERS = "max_tickers"  # 101
+    NOT_SUBSCRIBED = "not_subscribed"  # 354, 10089, 10090, 10167, 10168
+    NO_CONTRACT = "no_contract"  # 200
+    NO_DATA = "no_data"  # 162 (historical/snapshot: no data / query cancelled)
+    COMPETING_SESSION = "competing_session"  # 10197
+    PACING = "pacing"  # 100
+    CONNECTIVITY_LOST = "connectivity_lost"  # 1100
+    RESTORED_DATA_LOST = "restored_data_lost"  # 1101
+    RESTORED_DATA_KEPT = "restored_data_kept"  # 1102
+    INFO = "info"  # 2104, 2106, 2158 and other farm status notes
+    TIMEOUT = "timeout"  # ours: a snapshot or request did not complete in time
+    DISCONNECTED = "disconnected"  # ours: the socket is down
+    UNKNOWN = "unknown"
+
+
+_KIND_BY_CODE: dict[int, IbErrorKind] = {
+    101: IbErrorKind.MAX_TICKERS,
+    354: IbErrorKind.NOT_SUBSCRIBED,
+    10089: IbErrorKind.NOT_SUBSCRIBED,
+    10090: IbErrorKind.NOT_SUBSCRIBED,
+    10167: IbErrorKind.NOT_SUBSCRIBED,
+    10168: IbErrorKind.NOT_SUBSCRIBED,
+    200: IbErrorKind.NO_CONTRACT,
+    162: IbErrorKind.NO_DATA,
+    10197: IbErrorKind.COMPETING_SESSION,
+    100: IbErrorKind.PACING,
+    1100: IbErrorKind.CONNECTIVITY_LOST,
+    1101: IbErrorKind.RESTORED_DATA_LOST,
+    1102: IbErrorKind.RESTORED_DATA_KEPT,
+    2104: IbErrorKind.INFO,
+    2106: IbErrorKind.INFO,
+    2158: IbErrorKind.INFO,
+    2103: IbErrorKind.INFO,
+    2105: IbErrorKind.INFO,
+    2107: IbErrorKind.INFO,
+    2108: IbErrorKind.INFO,
+    2119: IbErrorKind.INFO,
+    504: IbErrorKind.DISCONNECTED,  # "Not connected": IB's own code, also used for our refusals
+}
+
+#: IB's code for "Not connected"; carried by the failures the actor answers while the socket is down.
+IB_NOT_CONNECTED = 504
+
+
+def classify_ib_code(code: int) -> IbErrorKind:
+    """Map an IB error code to the kind the rest of the system reacts to."""
+    return _KIND_BY_CODE.get(code, IbErrorKind.UNKNOWN)
+
+
+Price = float | None
+
+PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class IbSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """How the IB actor connects, paces and waits. Decoded from the config file's ``[ib]`` table.
+
+    ``generic_ticks`` is empty by default on purpose: option greeks arrive as
+    tickOptionComputation (tick types 10-13, model greeks = 13) with *no*
+    generic tick requested, and prices and sizes come with every request.
+    Generic ticks are extras (100 option volume, 101 open interest, 104
+    historical vol, 106 the underlying's 30-day implied vol): set ``"106"``
+    to have a stock's ``MarketUpdate.iv`` filled. Snapshots never send generic
+    ticks: IB refuses them with snapshot=True (error 321).
+    """
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 7497
+    client_id: int = 1
+    account: str = ""
+    #: Messages per second towards IB, every request and cancel counted (IB's limit is 50).
+    pacing_per_s: PositiveSeconds = 45.0
+    #: Extra length of the pacing window, so that delivery jitter cannot squeeze
+    #: ``pacing_per_s`` + a few messages into one 1 s window at the receiving end.
+    pacing_guard_s: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.1
+    snapshot_timeout_s: PositiveSeconds = 11.0
+    min_stream_age_s: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+    reconnect_initial_s: PositiveSeconds = 1.0
+    reconnect_max_s: PositiveSeconds = 60.0
+    connect_timeout_s: PositiveSeconds = 10.0
+    generic_ticks: str = ""
+    #: Connect without order requests (open/completed orders): Slotwise never trades.
+    readonly: bool = True
+
+
+class Connect(Command, tag="ib.connect", frozen=True, kw_only=True):
+    pass
+
+
+class Disconnect(Command, tag="ib.disconnect", frozen=True, kw_only=True):
+    pass
+
+
+class Subscribe(Command, tag="ib.subscribe", frozen=True, kw_only=True):
+    """Start streaming ``conid`` (one market data line)."""
+
+    conid: Conid
+
+
+class Unsubscribe(Command, tag="ib.unsubscribe", frozen=True, kw_only=True):
+    conid: Conid
+
+
+class Snapshot(Command, tag="ib.snapshot", frozen=True, kw_only=True):
+    """One snapshot per conid; each answers a MarketUpdate or a SnapshotFailed."""
+
+    conids: list[Conid]
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=120)] = 11.0
+
+
+class RequestPositions(Command, tag="ib.request_positions", frozen=True, kw_only=True):
+    pass
+
+
+class PositionChanged(Message, tag="ib.position_changed", frozen=True, kw_only=True):
+    """One position update from IB (reqPositions): quantity and average cost, no prices."""
+
+    account: str
+    conid: Conid
+    symbol: str
+    sec_type: str
+    position: float
+    avg_cost: float
+    currency: str = "USD"
+    exchange: str = ""
+    right: str = ""
+    strike: float = 0.0
+    expiry: str = ""
+    multiplier: float = 1.0
+    ts_us: int = 0
+
+
+class MarketUpdate(Message, tag="ib.market_update", frozen=True, kw_only=True):
+    """Prices (and greeks for options) of one contract, from either path.
+
+    ``source`` says which path served it, for the positions table; handlers
+    must not otherwise care.
+    """
+
+    conid: Conid
+    source: Literal["stream", "queue"]
+    ts_us: int
+    bid: Price = None
+    ask: Price = None
+    last: Price = None
+    close: Price = None
+    bid_size: float | None = None
+    ask_size: float | None = None
+    iv: float | None = None
+    delta: float | None = None
+    gamma: float | None = None
+    vega: float | None = None
+    theta: float | None = None
+    und_price: float | None = None
+
+
+class SnapshotFailed(Message, tag="ib.snapshot_failed", frozen=True, kw_only=True):
+    conid: Conid
+    kind: IbErrorKind
+    code: int | None = None
+    message: str = ""
+
+
+class SnapshotResult(Reply, tag="ib.snapshot_result", frozen=True, kw_only=True):
+    """The answer to a Snapshot: exactly one entry per requested conid, in one of the two lists."""
+
+    updates: list[MarketUpdate] = msgspec.field(default_factory=list)
+    failures: list[SnapshotFailed] = msgspec.field(default_factory=list)
+
+
+class IbStats(Command, tag="ib.stats", frozen=True, kw_only=True):
+    """Ask the IB actor (real or fake) for its counters; answered with IbStatsReply."""
+
+
+class IbStatsReply(Reply, tag="ib.stats_reply", frozen=True, kw_only=True):
+    """Counters of the IB actor. ``lines_in_use`` = open streams + snapshots still open at IB."""
+
+    connected: bool
+    state: ConnectionState
+    streams: int
+    snapshots_in_flight: int
+    lines_in_use: int
+    peak_lines: int
+    requests_sent: int
+    #: Messages waiting for the pacer (real actor); always 0 for the fake.
+    requests_queued: int = 0
+
+
+class ConnectionStateChanged(Event, tag="ib.connection_state", frozen=True, kw_only=True):
+    version: ClassVar[int] = 1
+    state: ConnectionState
+    detail: str = ""
+    #: True when every stream must be resubmitted (reconnect, or 1101).
+    resubscribe: bool = False
+
+
+class IbError(Event, tag="ib.error", frozen=True, kw_only=True):
+    """An IB error or warning, mapped to a kind; unknown codes kept as they came."""
+
+    version: ClassVar[int] = 1
+    code: int
+    kind: IbErrorKind
+    req_id: int = -1
+    conid: int | None = None
+    message: str = ""

@@ -1,0 +1,218 @@
+"""Messages of the Queue actor: the persistent refresh queue (DESIGN.md section 4).
+
+Handles: Enqueue, EnqueueMany, Claim, Succeed, Fail, Release, Cancel, Requeue,
+ExpireLeases, QueueStats.
+Emits (stored): ItemEnqueued, ItemReprioritized, ItemClaimed, ItemSucceeded,
+ItemRetryScheduled, ItemDeadLettered, ItemReleased, ItemCancelled, ItemRequeued.
+Every stored queue event is keyed by its conid, so one filter on ``key``
+tells a contract's whole story.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Annotated, ClassVar, Literal
+
+import msgspec
+
+from events.base import Command, Conid, Event, Reply
+
+__all__ = [
+    "Cancel",
+    "Claim",
+    "Claimed",
+    "ClaimedItem",
+    "Enqueue",
+    "EnqueueMany",
+    "ExpireLeases",
+    "Fail",
+    "ItemCancelled",
+    "ItemClaimed",
+    "ItemDeadLettered",
+    "ItemEnqueued",
+    "ItemReleased",
+    "ItemReprioritized",
+    "ItemRequeued",
+    "ItemRetryScheduled",
+    "ItemSucceeded",
+    "Priority",
+    "QueueAck",
+    "QueueStats",
+    "QueueStatsReply",
+    "Release",
+    "Requeue",
+    "Succeed",
+]
+
+
+class Priority(IntEnum):
+    """Lower is served first."""
+
+    ACTIVE_OVERFLOW = 1
+    MONITORING = 2
+
+
+PriorityValue = Annotated[int, msgspec.Meta(ge=1, le=9)]
+Reason = Annotated[str, msgspec.Meta(max_length=200)]
+ItemId = Annotated[int, msgspec.Meta(gt=0)]
+#: Microseconds since the epoch (UTC); every time in the queue is one of these.
+Micros = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class Enqueue(Command, tag="queue.enqueue", frozen=True, kw_only=True, forbid_unknown_fields=True):
+    conid: Conid
+    priority: PriorityValue = Priority.MONITORING
+    reason: Reason = ""
+
+
+class EnqueueMany(Command, tag="queue.enqueue_many", frozen=True, kw_only=True, forbid_unknown_fields=True):
+    items: list[Enqueue]
+
+
+class Claim(Command, tag="queue.claim", frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Lease up to ``n`` ready items for ``lease_s`` seconds."""
+
+    n: Annotated[int, msgspec.Meta(ge=1, le=10_000)]
+    lease_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    worker: Annotated[str, msgspec.Meta(max_length=64)] = "worker"
+
+
+class Succeed(Command, tag="queue.succeed", frozen=True, kw_only=True, forbid_unknown_fields=True):
+    item_ids: list[ItemId]
+
+
+class Fail(Command, tag="queue.fail", frozen=True, kw_only=True, forbid_unknown_fields=True):
+    item_id: ItemId
+    error: Reason = ""
+    code: int | None = None
+
+
+class Release(Command, tag="queue.release", frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Give claimed items back without counting an attempt (e.g. IB disconnected)."""
+
+    item_ids: list[ItemId]
+    reason: Reason = "released"
+
+
+class Cancel(Command, tag="queue.cancel", frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Drop the waiting item of ``conid`` (it became active and streams now)."""
+
+    conid: Conid
+    reason: Reason = "activated"
+
+
+class Requeue(Command, tag="queue.requeue", frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Operator: put a dead-lettered item back to PENDING with its attempts reset."""
+
+    conid: Conid
+    reason: Reason = "operator requeue"
+
+
+class ExpireLeases(Command, tag="queue.expire_leases", frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Return every item whose lease has passed to PENDING."""
+
+
+class QueueStats(Command, tag="queue.stats", frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class ClaimedItem(msgspec.Struct, frozen=True, kw_only=True):
+    item_id: int
+    conid: int
+    priority: int
+    attempt: int
+    lease_until_us: int
+
+
+class Claimed(Reply, tag="queue.claimed", frozen=True, kw_only=True):
+    items: list[ClaimedItem]
+
+
+class QueueAck(Reply, tag="queue.ack", frozen=True, kw_only=True):
+    """How many items a command changed, and which it had to leave alone and why."""
+
+    changed: int
+    ignored: dict[str, str] = {}
+
+
+class QueueStatsReply(Reply, tag="queue.stats_reply", frozen=True, kw_only=True):
+    pending: int
+    processing: int
+    failed: int
+    by_priority: dict[str, int] = {}
+
+
+class ItemEnqueued(Event, tag="queue.item_enqueued", frozen=True, kw_only=True):
+    version: ClassVar[int] = 1
+    item_id: ItemId
+    conid: Conid
+    priority: PriorityValue
+    reason: Reason = ""
+    enqueued_us: Micros
+
+
+class ItemReprioritized(Event, tag="queue.item_reprioritized", frozen=True, kw_only=True):
+    """A coalesced enqueue with a better priority upgraded the waiting item."""
+
+    version: ClassVar[int] = 1
+    item_id: ItemId
+    conid: Conid
+    priority: PriorityValue
+    reason: Reason = ""
+
+
+class ItemClaimed(Event, tag="queue.item_claimed", frozen=True, kw_only=True):
+    version: ClassVar[int] = 1
+    item_id: ItemId
+    conid: Conid
+    attempt: Annotated[int, msgspec.Meta(ge=1)]
+    lease_until_us: Micros
+    worker: str = "worker"
+
+
+class ItemSucceeded(Event, tag="queue.item_succeeded", frozen=True, kw_only=True):
+    version: ClassVar[int] = 1
+    item_id: ItemId
+    conid: Conid
+
+
+class ItemRetryScheduled(Event, tag="queue.item_retry_scheduled", frozen=True, kw_only=True):
+    version: ClassVar[int] = 1
+    item_id: ItemId
+    conid: Conid
+    attempt: int
+    not_before_us: Micros
+    error: Reason = ""
+    code: int | None = None
+
+
+class ItemDeadLettered(Event, tag="queue.item_dead_lettered", frozen=True, kw_only=True):
+    version: ClassVar[int] = 1
+    item_id: ItemId
+    conid: Conid
+    attempt: int
+    error: Reason = ""
+    code: int | None = None
+
+
+class ItemReleased(Event, tag="queue.item_released", frozen=True, kw_only=True):
+    """Back to PENDING without an attempt counted: lease expired, IB down, restart."""
+
+    version: ClassVar[int] = 1
+    item_id: ItemId
+    conid: Conid
+    reason: Literal["lease_expired", "disconnected", "restart", "released"] = "released"
+
+
+class ItemCancelled(Event, tag="queue.item_cancelled", frozen=True, kw_only=True):
+    version: ClassVar[int] = 1
+    item_id: ItemId
+    conid: Conid
+    reason: Reason = ""
+
+
+class ItemRequeued(Event, tag="queue.item_requeued", frozen=True, kw_only=True):
+    version: ClassVar[int] = 1
+    item_id: ItemId
+    conid: Conid
+    reason: Reason = ""

@@ -1,0 +1,542 @@
+"""The event log: one Delta table ``events``, one writer, group commit.
+
+Every actor appends here; nothing outside an actor may depend on an event
+before the log says it is durable (DESIGN.md section 3). The design choices:
+
+* **Seq at append, hash at commit.** ``append`` assigns the next global seq
+  under a lock and returns at once with a :class:`Receipt`; the writer thread
+  computes the sha256 chain in seq order when it commits. Producers never
+  wait for a commit unless they choose to.
+* **Group commit.** Rows gather into the open :class:`CommitBatch`; the
+  writer seals it when it is full or ``flush_ms`` after its first row, and
+  writes it as one Delta commit. All receipts of a batch resolve together.
+* **Idempotent commit.** Each batch carries the Delta app transaction
+  ``(writer_id, batch_no)``. delta-rs does not reject a duplicate by itself,
+  so before retrying an ambiguous failure the writer reads
+  ``transaction_version(writer_id)`` and treats a batch already there as done.
+* **Fencing.** Commits use ``max_commit_retries=0``: if the table moved since
+  the writer's snapshot, the commit fails instead of interleaving. Moves made
+  by this writer's own maintenance (tagged in commit metadata) are benign and
+  retried at once; a move by anyone else stops the log (:class:`LogFencedError`).
+* **Failure.** A commit that keeps failing is retried a bounded number of
+  times; then the log refuses every further append and fails every receipt
+  not yet durable. Nothing that was acknowledged is lost, because nothing is
+  acknowledged before its commit.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake import DeltaTable, write_deltalake
+from deltalake.exceptions import CommitFailedError
+from deltalake.transaction import CommitProperties, PostCommitHookProperties, Transaction
+from loguru import logger
+
+from events.base import Event
+from events.codec import encode_event
+from storage.hashing import GENESIS_HASH, row_hash
+from storage.lock import DirectoryLock
+from storage.maintenance import Maintenance
+from storage.reader import StoredEvent, read_batches, read_events, table_exists
+from storage.tables import EVENTS_SCHEMA, LogConfig, is_local, table_uri
+
+__all__ = [
+    "CommitBatch",
+    "EventLog",
+    "LogClosedError",
+    "LogError",
+    "LogFailedError",
+    "LogFencedError",
+    "Receipt",
+]
+
+WRITER_META_KEY = "slotwise.writer"
+
+
+class LogError(RuntimeError):
+    """Base of every event log failure."""
+
+
+class LogFailedError(LogError):
+    """The log stopped accepting appends because commits kept failing."""
+
+
+class LogFencedError(LogFailedError):
+    """Another writer committed to the table: this writer must stop."""
+
+
+class LogClosedError(LogError):
+    """Append after close."""
+
+
+class CommitBatch:
+    """Rows that become one Delta commit; every receipt of the batch resolves with it.
+
+    Callbacks run on the writer thread: they must be quick and must not
+    append to the log (tell an actor instead).
+    """
+
+    __slots__ = ("_callbacks", "_done", "error", "last_seq", "rows")
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, int, str, str, str, int, bytes]] = []
+        self._done = threading.Event()
+        self._callbacks: list[Callable[[CommitBatch], None]] = []
+        self.error: BaseException | None = None
+        self.last_seq = 0
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until durable; return the batch's last seq, or raise why it never will be."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"batch not durable after {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return self.last_seq
+
+    def add_done_callback(self, fn: Callable[[CommitBatch], None]) -> None:
+        run_now = False
+        with _CALLBACK_LOCK:
+            if self._done.is_set():
+                run_now = True
+            else:
+                self._callbacks.append(fn)
+        if run_now:
+            fn(self)
+
+    def _resolve(self, error: BaseException | None) -> None:
+        with _CALLBACK_LOCK:
+            self.error = error
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:  # noqa: BLE001 - a callback's failure must not stop the writer
+                logger.exception("durability callback failed")
+
+
+_CALLBACK_LOCK = threading.Lock()
+
+
+class Receipt(NamedTuple):
+    """Where an appended event went: its seq, and the batch that makes it durable."""
+
+    seq: int
+    batch: CommitBatch
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.batch.wait(timeout)
+        return self.seq
+
+    @property
+    def durable(self) -> bool:
+        return self.batch.done and self.batch.error is None
+
+
+class EventLog:
+    """The single writer of ``<data dir>/events``.
+
+    Use :meth:`open`; append from any thread; :meth:`close` flushes and
+    releases the lock. Reads are available on an open log and, through
+    :mod:`storage.reader`, without one.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        *,
+        config: LogConfig | None = None,
+        storage_options: dict[str, str] | None = None,
+        writer_id: str | None = None,
+        fault_hook: Callable[[int], None] | None = None,
+    ) -> None:
+        self.data_dir = str(data_dir)
+        self.config = config or LogConfig()
+        self.storage_options = storage_options
+        self.uri = table_uri(self.data_dir, "events")
+        self.writer_id = writer_id or f"slotwise-{uuid.uuid4().hex[:12]}"
+        self._fault_hook = fault_hook
+        self._lock_file = DirectoryLock(self.data_dir) if is_local(self.data_dir) else None
+        self._mutex = threading.Lock()
+        self._wake = threading.Condition(self._mutex)
+        self._room = threading.Condition(self._mutex)
+        self._open_batch = CommitBatch()
+        self._sealed: deque[CommitBatch] = deque()
+        self._pending_rows = 0
+        self._next_seq = 1
+        self._last_ts = 0
+        self._failed: LogFailedError | None = None
+        self._closing = False
+        self._closed = True
+        self._writer: threading.Thread | None = None
+        self._dt: DeltaTable | None = None
+        self._known_version = -1
+        self._batch_no = 0
+        self._prev_hash = GENESIS_HASH
+        self.durable_seq = 0
+        self.commits = 0
+        self.commit_latency_ms: deque[float] = deque(maxlen=1024)
+        self._failure_listeners: list[Callable[[LogFailedError], None]] = []
+        self._maintenance: Maintenance | None = None
+        self._type_info: dict[type, tuple[str, int]] = {}
+
+    # ------------------------------------------------------------------ open / close
+
+    @classmethod
+    def open(cls, data_dir: str | os.PathLike[str], **kwargs: Any) -> EventLog:
+        log = cls(data_dir, **kwargs)
+        log._open()
+        return log
+
+    def _open(self) -> None:
+        if self._lock_file is not None:
+            Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+            self._lock_file.acquire()
+        try:
+            if table_exists(self.uri, self.storage_options):
+                self._dt = DeltaTable(self.uri, storage_options=self.storage_options)
+                self._recover_tail()
+            else:
+                self._dt = DeltaTable.create(
+                    self.uri,
+                    schema=EVENTS_SCHEMA,
+                    mode="error",
+                    name="events",
+                    description="Slotwise event log (append-only, hash-chained)",
+                    configuration={
+                        "delta.checkpointInterval": str(self.config.checkpoint_interval),
+                        "delta.appendOnly": "true",
+                    },
+                    storage_options=self.storage_options,
+                    commit_properties=CommitProperties(custom_metadata={WRITER_META_KEY: self.writer_id}),
+                )
+            self._known_version = self._dt.version()
+        except BaseException:
+            if self._lock_file is not None:
+                self._lock_file.release()
+            raise
+        self._closed = False
+        self._writer = threading.Thread(target=self._writer_loop, name="eventlog-writer", daemon=True)
+        self._writer.start()
+        if self.config.maintenance:
+            self._maintenance = Maintenance(self.uri, self.config, self.writer_id, self.storage_options)
+            self._maintenance.start()
+        logger.info("event log open at {} (writer {}, next seq {})", self.uri, self.writer_id, self._next_seq)
+
+    def _recover_tail(self) -> None:
+        """Find the last durable seq and hash: appends continue the chain from there."""
+        assert self._dt is not None
+        adds = pa.table(self._dt.get_add_actions(flatten=True))
+        if adds.num_rows == 0:
+            return
+        max_seq = pc.max(adds.column("max.seq")).as_py()
+        if max_seq is None:
+            return
+        last = None
+        for batch in read_batches(self._dt, from_seq=max_seq, to_seq=max_seq, columns=["seq", "ts", "hash"]):
+            if batch.num_rows:
+                last = batch.to_pylist()[-1]
+        if last is None:
+            raise LogError(f"the events table says seq {max_seq} exists but it cannot be read")
+        self._next_seq = int(last["seq"]) + 1
+        self.durable_seq = int(last["seq"])
+        self._prev_hash = str(last["hash"])
+        ts = last["ts"]
+        self._last_ts = int(ts.timestamp() * 1_000_000) if isinstance(ts, datetime) else 0
+
+    def add_failure_listener(self, fn: Callable[[LogFailedError], None]) -> None:
+        """``fn(error)`` runs once, on the writer thread, when the log gives up."""
+        self._failure_listeners.append(fn)
+
+    def flush(self, timeout: float | None = 30.0) -> int:
+        """Make everything appended so far durable; return the durable seq."""
+        with self._mutex:
+            if self._failed is not None:
+                raise self._failed
+            batch = self._seal_open_locked() if self._open_batch.rows else None
+            if batch is None and self._sealed:
+                batch = self._sealed[-1]
+            self._wake.notify_all()
+        if batch is not None:
+            batch.wait(timeout)
+        return self.durable_seq
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Flush, stop the writer and maintenance, release the lock. Safe to call twice."""
+        if self._closed:
+            return
+        try:
+            if self._failed is None:
+                self.flush(timeout)
+        finally:
+            with self._mutex:
+                self._closing = True
+                self._wake.notify_all()
+                self._room.notify_all()
+            if self._writer is not None:
+                self._writer.join(timeout)
+            if self._maintenance is not None:
+                self._maintenance.stop()
+            if self._lock_file is not None:
+                self._lock_file.release()
+            self._closed = True
+            logger.info("event log closed at seq {}", self.durable_seq)
+
+    def __enter__(self) -> EventLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ append
+
+    @property
+    def failed(self) -> LogFailedError | None:
+        return self._failed
+
+    @property
+    def last_seq(self) -> int:
+        """The last seq handed out (durable or not)."""
+        return self._next_seq - 1
+
+    def append(self, event: Event, *, stream: str, key: str) -> Receipt:
+        """Append ``event``; returns at once. Wait on the receipt before anyone depends on it."""
+        info = self._type_info.get(type(event))
+        if info is None:
+            info = self._learn_type(event)
+        payload = encode_event(event)
+        with self._mutex:
+            self._check_open_locked()
+            return self._append_locked(info[0], info[1], stream, key, payload)
+
+    def append_many(self, items: Iterable[tuple[Event, str, str]]) -> list[Receipt]:
+        """Append several ``(event, stream, key)`` at once, contiguous in seq."""
+        prepared = []
+        for event, stream, key in items:
+            info = self._type_info.get(type(event)) or self._learn_type(event)
+            prepared.append((info[0], info[1], stream, key, encode_event(event)))
+        with self._mutex:
+            self._check_open_locked()
+            return [self._append_locked(*row) for row in prepared]
+
+    def _learn_type(self, event: Event) -> tuple[str, int]:
+        if not isinstance(event, Event):
+            raise TypeError(f"only events are stored, not {type(event).__name__}")
+        tag = type(event).__struct_config__.tag
+        if not isinstance(tag, str):
+            raise TypeError(f"{type(event).__name__} has no string tag")
+        info = (tag, type(event).version)
+        self._type_info[type(event)] = info
+        return info
+
+    def _check_open_locked(self) -> None:
+        if self._failed is not None:
+            raise self._failed
+        if self._closed or self._closing:
+            raise LogClosedError("the event log is closed")
+        while self._pending_rows >= self.config.max_pending and self._failed is None and not self._closing:
+            self._room.wait(1.0)  # backpressure: the writer is behind
+        if self._failed is not None:
+            raise self._failed
+
+    def _append_locked(self, tag: str, v: int, stream: str, key: str, payload: bytes) -> Receipt:
+        seq = self._next_seq
+        self._next_seq = seq + 1
+        ts = time.time_ns() // 1000
+        if ts <= self._last_ts:  # ts never goes backwards along seq, so "as of" cuts are clean
+            ts = self._last_ts
+        self._last_ts = ts
+        batch = self._open_batch
+        batch.rows.append((seq, ts, tag, stream, key, v, payload))
+        self._pending_rows += 1
+        if len(batch.rows) == 1:
+            self._wake.notify()
+        elif len(batch.rows) >= self.config.max_batch:
+            self._seal_open_locked()
+            self._wake.notify()
+        return Receipt(seq, batch)
+
+    def _seal_open_locked(self) -> CommitBatch:
+        batch = self._open_batch
+        self._sealed.append(batch)
+        self._open_batch = CommitBatch()
+        return batch
+
+    # ------------------------------------------------------------------ writer thread
+
+    def _writer_loop(self) -> None:
+        flush_s = self.config.flush_ms / 1000.0
+        while True:
+            with self._mutex:
+                while not self._sealed and not self._open_batch.rows and not self._closing:
+                    self._wake.wait()
+                if not self._sealed and self._open_batch.rows and not self._closing:
+                    # let a lone event's companions arrive, but never longer than flush_ms
+                    self._wake.wait(flush_s)
+                    if not self._sealed and self._open_batch.rows:
+                        self._seal_open_locked()
+                if not self._sealed:
+                    if self._closing:
+                        return
+                    continue
+                batch = self._sealed.popleft()
+            if self._failed is not None:
+                batch._resolve(self._failed)
+                continue
+            try:
+                self._commit_batch(batch)
+            except BaseException as exc:  # noqa: BLE001 - whatever it is, the log must stop cleanly
+                self._give_up(batch, exc)
+            with self._mutex:
+                self._pending_rows -= len(batch.rows)
+                self._room.notify_all()
+
+    def _commit_batch(self, batch: CommitBatch) -> None:
+        rows = batch.rows
+        prev = self._prev_hash
+        hashes = []
+        for seq, ts, tag, stream, key, v, payload in rows:
+            prev = row_hash(prev, seq, ts, tag, stream, key, v, payload)
+            hashes.append(prev)
+        seqs, tss, tags, streams, keys, vs, payloads = zip(*rows, strict=True)
+        table = pa.Table.from_arrays(
+            [
+                pa.array(seqs, pa.int64()),
+                pa.array(tss, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+                pa.array(tags, pa.string()),
+                pa.array(streams, pa.string()),
+                pa.array(keys, pa.string()),
+                pa.array(payloads, pa.binary()).cast(pa.string()),
+                pa.array(vs, pa.int32()),
+                pa.array(hashes, pa.string()),
+            ],
+            schema=EVENTS_SCHEMA,
+        )
+        self._batch_no += 1
+        started = time.perf_counter()
+        self._write_with_retries(table, self._batch_no)
+        self.commit_latency_ms.append((time.perf_counter() - started) * 1000)
+        self.commits += 1
+        self._prev_hash = prev
+        batch.last_seq = rows[-1][0]
+        self.durable_seq = batch.last_seq
+        batch._resolve(None)
+        if self._maintenance is not None:
+            self._maintenance.note_commit()
+
+    def _write_with_retries(self, table: pa.Table, batch_no: int) -> None:
+        assert self._dt is not None
+        failures = 0
+        benign_moves = 0
+        while True:
+            try:
+                if self._fault_hook is not None:
+                    self._fault_hook(batch_no)
+                write_deltalake(
+                    self._dt,
+                    table,
+                    mode="append",
+                    commit_properties=CommitProperties(
+                        max_commit_retries=0,
+                        app_transactions=[Transaction(app_id=self.writer_id, version=batch_no)],
+                        custom_metadata={WRITER_META_KEY: self.writer_id},
+                    ),
+                    post_commithook_properties=PostCommitHookProperties(create_checkpoint=True),
+                )
+                self._known_version = self._dt.version()
+                return
+            except Exception as exc:
+                if self._already_committed(batch_no):
+                    logger.warning(
+                        "commit of batch {} reported {!r} but it is in the table: not writing it twice", batch_no, exc
+                    )
+                    self._known_version = self._dt.version()
+                    return
+                if isinstance(exc, CommitFailedError) and benign_moves < 1000:
+                    mover = self._foreign_writer_since_known()
+                    if mover is not None:
+                        raise LogFencedError(
+                            f"another writer ({mover}) committed to {self.uri}; this writer stops to keep one history"
+                        ) from exc
+                    benign_moves += 1
+                    self._known_version = self._dt.version()
+                    continue  # our own maintenance moved the table: retry at once
+                failures += 1
+                if failures > self.config.commit_retries:
+                    raise
+                delay = min(self.config.retry_backoff_s * (2 ** (failures - 1)), 2.0)
+                logger.warning("commit of batch {} failed ({!r}); retry {} in {:.2f}s", batch_no, exc, failures, delay)
+                time.sleep(delay)
+
+    def _already_committed(self, batch_no: int) -> bool:
+        assert self._dt is not None
+        try:
+            self._dt.update_incremental()
+            applied = self._dt.transaction_version(self.writer_id)
+        except Exception:  # noqa: BLE001 - unknown: treat as not committed and retry
+            return False
+        return applied is not None and applied >= batch_no
+
+    def _foreign_writer_since_known(self) -> str | None:
+        assert self._dt is not None
+        newest = self._dt.version()
+        if newest <= self._known_version:
+            return None
+        for entry in self._dt.history(limit=newest - self._known_version):
+            if int(entry.get("version", -1)) > self._known_version and entry.get(WRITER_META_KEY) != self.writer_id:
+                return str(entry.get(WRITER_META_KEY) or entry.get("engineInfo") or "unknown writer")
+        return None
+
+    def _give_up(self, batch: CommitBatch, exc: BaseException) -> None:
+        error = exc if isinstance(exc, LogFailedError) else LogFailedError(f"event log commit failed for good: {exc!r}")
+        if error is not exc:
+            error.__cause__ = exc
+        logger.error("event log refuses further appends: {}", error)
+        with self._mutex:
+            self._failed = error
+            pending = [*self._sealed, self._open_batch]
+            self._sealed.clear()
+            self._open_batch = CommitBatch()
+            self._room.notify_all()
+        batch._resolve(error)
+        for other in pending:
+            if other.rows:
+                other._resolve(error)
+        for fn in self._failure_listeners:
+            try:
+                fn(error)
+            except Exception:  # noqa: BLE001
+                logger.exception("log failure listener failed")
+
+    # ------------------------------------------------------------------ reads
+
+    def read(self, **filters: Any) -> Iterator[StoredEvent]:
+        """Decoded events in seq order; see :func:`storage.reader.read_events` for filters."""
+        return read_events(self.uri, storage_options=self.storage_options, **filters)
+
+    def stats(self) -> dict[str, Any]:
+        lat = sorted(self.commit_latency_ms)
+        return {
+            "last_seq": self.last_seq,
+            "durable_seq": self.durable_seq,
+            "commits": self.commits,
+            "commit_ms_p50": lat[len(lat) // 2] if lat else None,
+            "commit_ms_max": lat[-1] if lat else None,
+            "failed": str(self._failed) if self._failed else None,
+            "maintenance": self._maintenance.stats() if self._maintenance else None,
+        }

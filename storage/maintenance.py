@@ -1,0 +1,117 @@
+"""Background maintenance of the events table: compaction, checkpoints, vacuum.
+
+A log that commits for days accumulates one small file and one JSON log
+entry per commit, and commit cost grows with both (DESIGN.md, delta-rs
+facts). The writer's post-commit hook checkpoints every
+``checkpoint_interval`` versions; this thread compacts small files every
+``compact_every_commits`` commits (or ``compact_every_s``), checkpoints right
+after, and now and then vacuums the files compaction replaced once they are
+older than the retention. Compaction rewrites rows without changing them
+(``dataChange=false``) and vacuum only deletes files no version newer than
+the retention needs, so maintenance never removes an event.
+
+Its commits are tagged with the writer's id, so the writer recognises them
+as its own when its compare-and-swap commit finds the table moved.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from deltalake import DeltaTable
+from deltalake.transaction import CommitProperties
+from loguru import logger
+
+from storage.tables import LogConfig
+
+__all__ = ["Maintenance", "run_maintenance"]
+
+
+def run_maintenance(dt: DeltaTable, config: LogConfig, writer_id: str, *, vacuum: bool = False) -> dict[str, Any]:
+    """One round: compact, checkpoint, and vacuum if asked. Returns what it did."""
+    meta = CommitProperties(custom_metadata={"slotwise.writer": writer_id, "slotwise.op": "maintenance"})
+    started = time.perf_counter()
+    dt.update_incremental()
+    metrics = dt.optimize.compact(target_size=config.compact_target_mb * 1024 * 1024, commit_properties=meta)
+    dt.create_checkpoint()
+    dt.cleanup_metadata()
+    removed: list[str] = []
+    if vacuum:
+        removed = dt.vacuum(
+            retention_hours=int(config.vacuum_retention_hours),
+            dry_run=False,
+            enforce_retention_duration=False,
+            commit_properties=meta,
+        )
+    return {
+        "files_added": metrics.get("numFilesAdded", 0),
+        "files_removed": metrics.get("numFilesRemoved", 0),
+        "vacuumed": len(removed),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+class Maintenance:
+    """Runs :func:`run_maintenance` on a schedule, in its own thread, with its own table handle."""
+
+    def __init__(self, uri: str, config: LogConfig, writer_id: str, storage_options: dict[str, str] | None) -> None:
+        self.uri = uri
+        self.config = config
+        self.writer_id = writer_id
+        self.storage_options = storage_options
+        self._commits_since = 0
+        self._last_run = time.monotonic()
+        self._rounds = 0
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="eventlog-maintenance", daemon=True)
+        self.last: dict[str, Any] = {}
+        self.errors = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        self._thread.join(timeout)
+
+    def note_commit(self) -> None:
+        """Called by the writer after each commit (cheap: a counter and maybe a notify)."""
+        with self._wake:
+            self._commits_since += 1
+            if self._commits_since >= self.config.compact_every_commits:
+                self._wake.notify()
+
+    def stats(self) -> dict[str, Any]:
+        return {"rounds": self._rounds, "errors": self.errors, "last": self.last}
+
+    def _due(self) -> bool:
+        if self._commits_since >= self.config.compact_every_commits:
+            return True
+        return self._commits_since > 0 and time.monotonic() - self._last_run >= self.config.compact_every_s
+
+    def _loop(self) -> None:
+        dt: DeltaTable | None = None
+        while True:
+            with self._wake:
+                while not self._stopping and not self._due():
+                    self._wake.wait(timeout=min(self.config.compact_every_s, 5.0))
+                if self._stopping:
+                    return
+                self._commits_since = 0
+            self._last_run = time.monotonic()
+            try:
+                if dt is None:
+                    dt = DeltaTable(self.uri, storage_options=self.storage_options)
+                vacuum = (self._rounds + 1) % self.config.vacuum_every_compactions == 0
+                self.last = run_maintenance(dt, self.config, self.writer_id, vacuum=vacuum)
+                self._rounds += 1
+                logger.debug("event log maintenance: {}", self.last)
+            except Exception as exc:  # noqa: BLE001 - maintenance failing must not stop the log
+                self.errors += 1
+                dt = None
+                logger.warning("event log maintenance failed (will retry next round): {!r}", exc)

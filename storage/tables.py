@@ -1,0 +1,78 @@
+"""Where the Delta tables live, their schemas, and the log's settings.
+
+The data directory is a local path or any delta-rs URI (``s3://``,
+``az://``, ``gs://``, ``file://``); each table is a folder under it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+import pyarrow as pa
+
+__all__ = ["EVENTS_SCHEMA", "SNAPSHOTS_SCHEMA", "LogConfig", "is_local", "table_uri"]
+
+EVENTS_SCHEMA = pa.schema(
+    [
+        pa.field("seq", pa.int64(), nullable=False),
+        pa.field("ts", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("type", pa.string(), nullable=False),
+        pa.field("stream", pa.string(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("payload", pa.string(), nullable=False),
+        pa.field("v", pa.int32(), nullable=False),
+        pa.field("hash", pa.string(), nullable=False),
+    ]
+)
+
+SNAPSHOTS_SCHEMA = pa.schema(
+    [
+        pa.field("stream", pa.string(), nullable=False),
+        pa.field("seq", pa.int64(), nullable=False),
+        pa.field("ts", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("v", pa.int32(), nullable=False),
+        pa.field("state", pa.binary(), nullable=False),
+        pa.field("sha256", pa.string(), nullable=False),
+    ]
+)
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class LogConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Tuning of the event log; the defaults are the production settings."""
+
+    #: A batch is committed at most this long after its first event.
+    flush_ms: Annotated[float, msgspec.Meta(ge=0, le=1000)] = 5.0
+    #: A batch is committed as soon as it holds this many events.
+    max_batch: Positive = 20_000
+    #: Appends block (backpressure) while this many events wait for a commit.
+    max_pending: Positive = 400_000
+    #: Retries of one failing commit before the log refuses further appends.
+    commit_retries: Annotated[int, msgspec.Meta(ge=0, le=100)] = 5
+    retry_backoff_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 0.05
+    #: delta.checkpointInterval of the events table (a checkpoint every N versions).
+    checkpoint_interval: Positive = 100
+    #: Run compaction, checkpoints and vacuum in the background.
+    maintenance: bool = True
+    #: Compact small files after this many commits...
+    compact_every_commits: Positive = 200
+    #: ...or this many seconds, whichever comes first (if there was any commit).
+    compact_every_s: Annotated[float, msgspec.Meta(gt=0)] = 600.0
+    #: Target size of compacted files; files at this size are left alone.
+    compact_target_mb: Positive = 32
+    #: Vacuum files that compaction replaced, every N compactions...
+    vacuum_every_compactions: Positive = 10
+    #: ...once they are older than this (readers of older versions need them until then).
+    vacuum_retention_hours: Annotated[float, msgspec.Meta(ge=0)] = 168.0
+
+
+def is_local(data_dir: str) -> bool:
+    return "://" not in data_dir or data_dir.startswith("file://")
+
+
+def table_uri(data_dir: str, name: str) -> str:
+    if data_dir.startswith("file://"):
+        data_dir = data_dir[len("file://") :]
+    return f"{data_dir.rstrip('/')}/{name}"

@@ -1,0 +1,55 @@
+"""Shared fixtures: a fresh data directory, an open event log, and no actor left behind."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pykka
+import pytest
+
+from storage.event_log import EventLog
+from storage.snapshots import SnapshotStore
+from storage.tables import LogConfig
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak", action="store_true", default=False, help="run the long soak/fault rounds")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--soak"):
+        return
+    skip = pytest.mark.skip(reason="soak test: run with --soak")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _stop_all_actors() -> Iterator[None]:
+    yield
+    pykka.ActorRegistry.stop_all(timeout=10)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+#: Fast settings for tests: short flush, maintenance off unless a test turns it on.
+TEST_LOG_CONFIG = LogConfig(flush_ms=2.0, maintenance=False)
+
+
+@pytest.fixture
+def event_log(data_dir: Path) -> Iterator[EventLog]:
+    log = EventLog.open(data_dir, config=TEST_LOG_CONFIG)
+    yield log
+    log.close()
+
+
+@pytest.fixture
+def snapshot_store(data_dir: Path) -> SnapshotStore:
+    return SnapshotStore(str(data_dir))

@@ -1,0 +1,118 @@
+"""The event-sourced actor base: recovery, persist-before-effect, no commit wait per command."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import msgspec
+import pytest
+
+from actors.base import EventSourcedActor
+from actors.messaging import ask, ask_async, reject
+from events.base import Command, Event, Reply
+from storage.event_log import EventLog
+from storage.snapshots import SnapshotStore
+from tests.conftest import TEST_LOG_CONFIG
+
+
+class Bump(Command, tag="test.bump", frozen=True, kw_only=True):
+    by: int
+
+
+class Bumped(Event, tag="test.bumped", frozen=True, kw_only=True):
+    by: int
+
+
+class Total(Reply, tag="test.total", frozen=True, kw_only=True):
+    total: int
+    durable_seq: int
+
+
+class CounterState:
+    def __init__(self) -> None:
+        self.total = 0
+
+    def apply(self, event: Event) -> None:
+        assert isinstance(event, Bumped)
+        self.total += event.by
+
+    def dump(self) -> bytes:
+        return msgspec.json.encode({"total": self.total})
+
+    @classmethod
+    def load(cls, data: bytes) -> CounterState:
+        state = cls()
+        state.total = msgspec.json.decode(data)["total"]
+        return state
+
+
+class Counter(EventSourcedActor[CounterState]):
+    stream: ClassVar[str] = "counter"
+    state_type: ClassVar[type[Any]] = CounterState
+
+    def handle_command(self, command: Any) -> Any:
+        if command.by == 0:
+            raise reject(command, "invalid", "by must not be 0", field="by")
+        self.persist(Bumped(by=command.by))
+        seq = self.last_seq
+        return _LazyTotal(self, seq)
+
+
+class _LazyTotal:
+    """Reply evaluated when released, to observe what was durable at that moment."""
+
+    def __init__(self, actor: Counter, seq: int) -> None:
+        self.actor, self.seq = actor, seq
+
+
+def test_reply_only_after_event_is_durable(event_log: EventLog) -> None:
+    ref = Counter.start(event_log)
+    reply = ask(ref, Bump(by=3))
+    assert event_log.durable_seq >= reply.seq
+
+
+def test_bad_command_is_rejected_and_logs_nothing(event_log: EventLog) -> None:
+    from actors.messaging import CommandRejected
+
+    ref = Counter.start(event_log)
+    with pytest.raises(CommandRejected) as info:
+        ask(ref, Bump(by=0))
+    assert info.value.rejected.field == "by"
+    assert event_log.last_seq == 0
+
+
+def test_ten_thousand_commands_share_few_commits(event_log: EventLog) -> None:
+    ref = Counter.start(event_log)
+    futures = [ask_async(ref, Bump(by=1)) for _ in range(10_000)]
+    for future in futures:
+        future.get(timeout=60)
+    assert event_log.durable_seq == 10_000
+    assert event_log.commits < 1_000, event_log.commits
+
+
+def test_recovery_from_snapshot_and_replay(data_dir: Any) -> None:
+    log = EventLog.open(data_dir, config=TEST_LOG_CONFIG)
+    snaps = SnapshotStore(str(data_dir))
+    ref = Counter.start(log, snaps, snapshot_every=7)
+    for i in range(1, 31):
+        ask(ref, Bump(by=i))
+    ref.stop()
+    log.close()
+    log = EventLog.open(data_dir, config=TEST_LOG_CONFIG)
+    try:
+        proxy = Counter.start(log, snaps).proxy()
+        assert proxy.state.get().total == sum(range(1, 31))
+        assert proxy.recovered_from_seq.get() == 31  # clean stop wrote a final snapshot
+        # without snapshots the same state comes from replay alone
+        proxy2 = Counter.start(log, None).proxy()
+        assert proxy2.state.get().total == sum(range(1, 31))
+        assert proxy2.recovered_events.get() == 30
+    finally:
+        pykka_stop_all()
+        log.close()
+
+
+def pykka_stop_all() -> None:
+    import pykka
+
+    pykka.ActorRegistry.stop_all()
