@@ -345,10 +345,10 @@ class EventLog:
         return info
 
     def _check_open_locked(self) -> None:
-        if self._failed is not None:
-            raise self._failed
         if self._closed or self._closing:
             raise LogClosedError("the event log is closed")
+        if self._failed is not None:
+            raise self._failed
         while self._pending_rows >= self.config.max_pending and self._failed is None and not self._closing:
             self._room.wait(1.0)  # backpressure: the writer is behind
         if self._failed is not None:

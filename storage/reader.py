@@ -12,7 +12,7 @@ together and sorted, so order holds regardless.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -23,6 +23,8 @@ from deltalake import DeltaTable
 
 from events.base import Event
 from events.codec import decode_event
+
+_STATS_SLACK = timedelta(milliseconds=1)
 
 __all__ = ["StoredEvent", "open_table", "read_batches", "read_events", "table_exists", "to_utc"]
 
@@ -161,9 +163,10 @@ def _file_groups(
                 continue
             if to_seq is not None and lo > to_seq:
                 continue
-        if since is not None and t_hi is not None and _aware(t_hi) < since:
+        # Delta keeps timestamp statistics at millisecond precision: allow for it
+        if since is not None and t_hi is not None and _aware(t_hi) + _STATS_SLACK < since:
             continue
-        if until is not None and t_lo is not None and _aware(t_lo) > until:
+        if until is not None and t_lo is not None and _aware(t_lo) - _STATS_SLACK > until:
             continue
         files.append((lo if lo is not None else -1, hi if hi is not None else 2**63 - 1, path))
     files.sort()

@@ -1,0 +1,93 @@
+"""The Delta table ``positions``: one row per contract per flush, prices and valuation.
+
+Written only by :class:`actors.position_writer.PositionWriter`; read by anyone
+(DuckDB, Polars, Spark, ...) for analytics. It is a data table, not the event
+log: rows are derived from IB positions and market updates, so losing a flush
+loses a sample, never a decision. Appends only; ``ts`` is when the prices were
+observed, so "as of" questions filter on it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+import pyarrow as pa
+from deltalake import DeltaTable, write_deltalake
+
+from storage.tables import table_uri
+
+__all__ = ["POSITIONS_COLUMNS", "POSITIONS_SCHEMA", "PositionsConfig", "PositionsTable"]
+
+POSITIONS_SCHEMA = pa.schema(
+    [
+        pa.field("conid", pa.int64(), nullable=False),
+        pa.field("symbol", pa.string()),
+        pa.field("sec_type", pa.string()),
+        pa.field("account", pa.string()),
+        # null when IB has not (yet) reported a position for the contract
+        pa.field("position", pa.float64()),
+        pa.field("avg_cost", pa.float64()),
+        pa.field("bid", pa.float64()),
+        pa.field("ask", pa.float64()),
+        pa.field("last", pa.float64()),
+        pa.field("mark", pa.float64()),
+        pa.field("market_value", pa.float64()),
+        pa.field("unrealized_pnl", pa.float64()),
+        pa.field("iv", pa.float64()),
+        pa.field("delta", pa.float64()),
+        pa.field("gamma", pa.float64()),
+        pa.field("vega", pa.float64()),
+        pa.field("theta", pa.float64()),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("ts", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+
+POSITIONS_COLUMNS: tuple[str, ...] = tuple(POSITIONS_SCHEMA.names)
+
+
+class PositionsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Tuning of the positions writer (config file table ``[positions]``)."""
+
+    #: Rows are coalesced per contract and committed once per interval.
+    flush_interval_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 1.0
+    #: Retries of a failed commit within one flush; after them the rows wait for the next flush.
+    write_retries: Annotated[int, msgspec.Meta(ge=0, le=20)] = 3
+    #: First backoff between retries; doubled each time (0.05, 0.1, 0.2 s by default).
+    retry_backoff_s: Annotated[float, msgspec.Meta(ge=0, le=10)] = 0.05
+
+
+class PositionsTable:
+    """Appends Arrow tables to ``<data dir>/positions``, creating the table on first use."""
+
+    def __init__(self, data_dir: str, storage_options: dict[str, str] | None = None) -> None:
+        self.uri = table_uri(str(data_dir), "positions")
+        self.storage_options = storage_options
+        self._created = False
+
+    def ensure(self) -> None:
+        """Create the table if it does not exist (idempotent)."""
+        if self._created:
+            return
+        if not DeltaTable.is_deltatable(self.uri, storage_options=self.storage_options):
+            DeltaTable.create(
+                self.uri,
+                schema=POSITIONS_SCHEMA,
+                mode="ignore",
+                name="positions",
+                description="Slotwise positions with prices, greeks and valuation; one row per contract per flush",
+                configuration={"delta.appendOnly": "true"},
+                storage_options=self.storage_options,
+            )
+        self._created = True
+
+    def append(self, rows: pa.Table) -> None:
+        """One Delta commit holding ``rows`` (which must follow :data:`POSITIONS_SCHEMA`)."""
+        self.ensure()
+        write_deltalake(self.uri, rows, mode="append", storage_options=self.storage_options)
+
+    @staticmethod
+    def to_arrow(rows: list[dict[str, Any]]) -> pa.Table:
+        """Rows (dicts keyed by column) to an Arrow table of the positions schema."""
+        return pa.Table.from_pylist(rows, schema=POSITIONS_SCHEMA)

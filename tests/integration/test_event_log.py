@@ -1,0 +1,220 @@
+"""The Delta event log against a real Delta table: order, chain, group commit, idempotence, fencing, reads."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from deltalake import DeltaTable, write_deltalake
+
+import storage.event_log as event_log_module
+from events.queue import ItemEnqueued, ItemSucceeded
+from events.registry import LegAdded
+from storage.event_log import EventLog, LogClosedError, LogFailedError, LogFencedError
+from storage.lock import DataDirLocked
+from storage.maintenance import run_maintenance
+from storage.reader import read_batches, read_events
+from storage.tables import EVENTS_SCHEMA, LogConfig
+from storage.verify import verify_log
+from tests.conftest import TEST_LOG_CONFIG
+
+
+def enqueued(i: int, conid: int | None = None) -> ItemEnqueued:
+    return ItemEnqueued(item_id=i, conid=conid or i, priority=2, enqueued_us=i)
+
+
+def test_seq_starts_at_one_without_gaps_and_chain_verifies(event_log: EventLog) -> None:
+    receipts = [event_log.append(enqueued(i), stream="queue", key=str(i)) for i in range(1, 101)]
+    assert [r.seq for r in receipts] == list(range(1, 101))
+    receipts[-1].wait(10)
+    report = verify_log(event_log.uri)
+    assert report.ok, report
+    assert report.events == 100
+
+
+def test_reopen_continues_seq_and_chain(data_dir: Path) -> None:
+    with EventLog.open(data_dir, config=TEST_LOG_CONFIG) as log:
+        log.append(enqueued(1), stream="queue", key="1").wait(10)
+    with EventLog.open(data_dir, config=TEST_LOG_CONFIG) as log:
+        assert log.append(enqueued(2), stream="queue", key="2").wait(10) == 2
+    assert verify_log(str(data_dir / "events")).ok
+
+
+def test_group_commit_from_many_threads(event_log: EventLog) -> None:
+    per_thread = 5_000
+    seqs: list[list[int]] = [[] for _ in range(4)]
+
+    def produce(t: int) -> None:
+        receipts = [
+            event_log.append(enqueued(t * per_thread + i + 1), stream="queue", key="k") for i in range(per_thread)
+        ]
+        for r in receipts:
+            seqs[t].append(r.wait(30))
+
+    threads = [threading.Thread(target=produce, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    every = sorted(s for chunk in seqs for s in chunk)
+    assert every == list(range(1, 4 * per_thread + 1))
+    assert event_log.commits < 4 * per_thread / 10, f"{event_log.commits} commits for {4 * per_thread} events"
+    assert verify_log(event_log.uri).ok
+
+
+def test_receipt_callback_runs_when_durable(event_log: EventLog) -> None:
+    seen = threading.Event()
+    receipt = event_log.append(enqueued(1), stream="queue", key="1")
+    receipt.batch.add_done_callback(lambda batch: seen.set())
+    assert seen.wait(10)
+    assert receipt.durable
+
+
+def test_ambiguous_commit_failure_is_not_written_twice(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write = event_log_module.write_deltalake
+    calls = {"n": 0}
+
+    def commit_then_lose_the_answer(*args: Any, **kwargs: Any) -> None:
+        real_write(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError("connection reset after the commit landed")
+
+    monkeypatch.setattr(event_log_module, "write_deltalake", commit_then_lose_the_answer)
+    with EventLog.open(data_dir, config=TEST_LOG_CONFIG) as log:
+        log.append(enqueued(1), stream="queue", key="1").wait(10)
+        log.append(enqueued(2), stream="queue", key="2").wait(10)
+    rows = sum(b.num_rows for b in read_batches(str(data_dir / "events")))
+    assert rows == 2
+    assert verify_log(str(data_dir / "events")).ok
+
+
+def test_a_commit_that_keeps_failing_stops_the_log_and_loses_nothing_acknowledged(data_dir: Path) -> None:
+    failing = threading.Event()
+
+    def hook(batch_no: int) -> None:
+        if failing.is_set():
+            raise OSError("disk full")
+
+    config = LogConfig(flush_ms=1, maintenance=False, commit_retries=2, retry_backoff_s=0.01)
+    log = EventLog.open(data_dir, config=config, fault_hook=hook)
+    failures: list[LogFailedError] = []
+    log.add_failure_listener(failures.append)
+    acked = [log.append(enqueued(i), stream="queue", key=str(i)).wait(10) for i in range(1, 6)]
+    failing.set()
+    doomed = log.append(enqueued(6), stream="queue", key="6")
+    with pytest.raises(LogFailedError):
+        doomed.wait(10)
+    with pytest.raises(LogFailedError):
+        log.append(enqueued(7), stream="queue", key="7")
+    assert failures and "disk full" in repr(failures[0].__cause__)
+    log.close()
+    with EventLog.open(data_dir, config=TEST_LOG_CONFIG) as reopened:
+        assert reopened.last_seq == 5
+        assert [e.seq for e in reopened.read()] == acked
+    with pytest.raises(LogClosedError):
+        log.append(enqueued(8), stream="queue", key="8")
+
+
+def test_a_second_writer_on_the_table_fences_this_one(event_log: EventLog) -> None:
+    event_log.append(enqueued(1), stream="queue", key="1").wait(10)
+    intruder = pa.Table.from_pylist(
+        [
+            {
+                "seq": 2,
+                "ts": datetime.now(UTC),
+                "type": "x",
+                "stream": "x",
+                "key": "x",
+                "payload": "{}",
+                "v": 1,
+                "hash": "0",
+            }
+        ],
+        schema=EVENTS_SCHEMA,
+    )
+    write_deltalake(DeltaTable(event_log.uri), intruder, mode="append")
+    with pytest.raises(LogFencedError):
+        event_log.append(enqueued(2), stream="queue", key="2").wait(10)
+    with pytest.raises(LogFailedError):
+        event_log.append(enqueued(3), stream="queue", key="3")
+
+
+def test_second_opener_fails_at_once_naming_the_holder(event_log: EventLog, data_dir: Path) -> None:
+    with pytest.raises(DataDirLocked, match=r"pid \d+"):
+        EventLog.open(data_dir, config=TEST_LOG_CONFIG)
+    code = (
+        "import sys; sys.path.insert(0, '.');"
+        "from storage.event_log import EventLog; from storage.lock import DataDirLocked\n"
+        f"try:\n    EventLog.open({str(data_dir)!r})\nexcept DataDirLocked as e:\n    print(e); sys.exit(3)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 3, proc.stderr
+    assert "in use by another Slotwise process" in proc.stdout
+
+
+def test_reads_filter_by_seq_time_stream_key_type_and_version(event_log: EventLog) -> None:
+    event_log.append_many([(enqueued(i, conid=100 + i % 3), "queue", str(100 + i % 3)) for i in range(1, 31)])
+    event_log.flush()
+    version_after_30 = DeltaTable(event_log.uri).version()
+    cut = datetime.now(UTC)
+    event_log.append(LegAdded(conid=101, strategy="s"), stream="registry", key="101")
+    event_log.append(ItemSucceeded(item_id=1, conid=101), stream="queue", key="101")
+    event_log.flush()
+    uri = event_log.uri
+    assert [e.seq for e in read_events(uri, from_seq=5, to_seq=8)] == [5, 6, 7, 8]
+    assert {e.key for e in read_events(uri, keys=["101"])} == {"101"}
+    assert len(list(read_events(uri, keys=["101"]))) == 12
+    assert [e.type for e in read_events(uri, streams=["registry"])] == ["registry.leg_added"]
+    assert [e.seq for e in read_events(uri, types=["queue.item_succeeded"])] == [32]
+    assert [e.seq for e in read_events(uri, since=cut)] == [31, 32]
+    assert len(list(read_events(uri, until=cut))) == 30
+    assert len(list(read_events(uri, version=version_after_30))) == 30
+    seqs = [e.seq for e in read_events(uri)]
+    assert seqs == sorted(seqs) == list(range(1, 33))
+
+
+def test_reads_stream_in_arrow_batches(event_log: EventLog) -> None:
+    event_log.append_many([(enqueued(i), "queue", str(i)) for i in range(1, 2001)])
+    event_log.flush()
+    batches = list(read_batches(event_log.uri, batch_rows=500))
+    assert all(isinstance(b, pa.RecordBatch) and b.num_rows <= 500 for b in batches)
+    assert sum(b.num_rows for b in batches) == 2000
+
+
+def test_maintenance_never_removes_an_event(data_dir: Path) -> None:
+    config = LogConfig(flush_ms=1, maintenance=False, vacuum_retention_hours=0)
+    with EventLog.open(data_dir, config=config) as log:
+        for i in range(1, 121):
+            log.append(enqueued(i), stream="queue", key=str(i)).wait(10)
+        uri = log.uri
+        before = [e.seq for e in read_events(uri)]
+        files_before = len(DeltaTable(uri).file_uris())
+        result = run_maintenance(DeltaTable(uri), config, log.writer_id, vacuum=True)
+        # the writer keeps appending after maintenance moved the table under it
+        log.append(enqueued(121), stream="queue", key="121").wait(10)
+    after = [e.seq for e in read_events(uri)]
+    assert result["files_removed"] >= 100
+    assert result["vacuumed"] >= 100
+    assert len(DeltaTable(uri).file_uris()) < files_before
+    assert after == [*before, 121]
+    assert verify_log(uri).ok
+
+
+def test_background_maintenance_runs_while_appending(data_dir: Path) -> None:
+    config = LogConfig(flush_ms=1, compact_every_commits=20, vacuum_every_compactions=1, vacuum_retention_hours=0)
+    with EventLog.open(data_dir, config=config) as log:
+        for i in range(1, 201):
+            log.append(enqueued(i), stream="queue", key=str(i)).wait(10)
+        uri = log.uri
+        maintenance = log.stats()["maintenance"]
+    assert maintenance["rounds"] >= 1
+    assert maintenance["errors"] == 0
+    assert [e.seq for e in read_events(uri)] == list(range(1, 201))
+    assert verify_log(uri).ok
