@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import DeltaTable, write_deltalake
+from deltalake import ColumnProperties, DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError
 from deltalake.transaction import CommitProperties, PostCommitHookProperties, Transaction
 from loguru import logger
@@ -62,6 +62,15 @@ __all__ = [
 ]
 
 WRITER_META_KEY = "slotwise.writer"
+
+#: payload and hash are never filtered on and never repeat: dictionaries and
+#: min/max statistics for them are pure write cost (about 10% of a commit).
+_WRITER_PROPERTIES = WriterProperties(
+    column_properties={
+        "payload": ColumnProperties(dictionary_enabled=False, statistics_enabled="NONE"),
+        "hash": ColumnProperties(dictionary_enabled=False, statistics_enabled="NONE"),
+    }
+)
 
 
 class LogError(RuntimeError):
@@ -87,14 +96,38 @@ class CommitBatch:
     append to the log (tell an actor instead).
     """
 
-    __slots__ = ("_callbacks", "_done", "error", "last_seq", "rows")
+    __slots__ = (
+        "_callbacks",
+        "_done",
+        "error",
+        "hashes",
+        "keys",
+        "last_seq",
+        "payloads",
+        "seqs",
+        "streams",
+        "tags",
+        "tss",
+        "vs",
+    )
 
     def __init__(self) -> None:
-        self.rows: list[tuple[int, int, str, str, str, int, bytes]] = []
+        # columns, not row tuples: the writer hands them to Arrow as they are
+        self.seqs: list[int] = []
+        self.tss: list[int] = []
+        self.tags: list[str] = []
+        self.streams: list[str] = []
+        self.keys: list[str] = []
+        self.vs: list[int] = []
+        self.payloads: list[bytes] = []
+        self.hashes: list[str] = []
         self._done = threading.Event()
         self._callbacks: list[Callable[[CommitBatch], None]] = []
         self.error: BaseException | None = None
         self.last_seq = 0
+
+    def __len__(self) -> int:
+        return len(self.seqs)
 
     @property
     def done(self) -> bool:
@@ -187,13 +220,14 @@ class EventLog:
         self._dt: DeltaTable | None = None
         self._known_version = -1
         self._batch_no = 0
-        self._prev_hash = GENESIS_HASH
+        self._chain_hash = GENESIS_HASH
         self.durable_seq = 0
         self.commits = 0
         self.commit_latency_ms: deque[float] = deque(maxlen=1024)
         self._failure_listeners: list[Callable[[LogFailedError], None]] = []
         self._maintenance: Maintenance | None = None
         self._type_info: dict[type, tuple[str, int]] = {}
+        self._fast_append: Callable[[pa.Table, CommitProperties, PostCommitHookProperties], None] | None = None
 
     # ------------------------------------------------------------------ open / close
 
@@ -226,6 +260,7 @@ class EventLog:
                     commit_properties=CommitProperties(custom_metadata={WRITER_META_KEY: self.writer_id}),
                 )
             self._known_version = self._dt.version()
+            self._fast_append = self._make_fast_append()
         except BaseException:
             if self._lock_file is not None:
                 self._lock_file.release()
@@ -255,7 +290,7 @@ class EventLog:
             raise LogError(f"the events table says seq {max_seq} exists but it cannot be read")
         self._next_seq = int(last["seq"]) + 1
         self.durable_seq = int(last["seq"])
-        self._prev_hash = str(last["hash"])
+        self._chain_hash = str(last["hash"])
         ts = last["ts"]
         self._last_ts = int(ts.timestamp() * 1_000_000) if isinstance(ts, datetime) else 0
 
@@ -268,7 +303,7 @@ class EventLog:
         with self._mutex:
             if self._failed is not None:
                 raise self._failed
-            batch = self._seal_open_locked() if self._open_batch.rows else None
+            batch = self._seal_open_locked() if len(self._open_batch) else None
             if batch is None and self._sealed:
                 batch = self._sealed[-1]
             self._wake.notify_all()
@@ -361,12 +396,24 @@ class EventLog:
         if ts <= self._last_ts:  # ts never goes backwards along seq, so "as of" cuts are clean
             ts = self._last_ts
         self._last_ts = ts
+        # The chain is extended here, where seq order is decided, so the writer's
+        # critical path is only the Delta write (this is what keeps ack latency low).
+        digest = row_hash(self._chain_hash, seq, ts, tag, stream, key, v, payload)
+        self._chain_hash = digest
         batch = self._open_batch
-        batch.rows.append((seq, ts, tag, stream, key, v, payload))
+        batch.seqs.append(seq)
+        batch.tss.append(ts)
+        batch.tags.append(tag)
+        batch.streams.append(stream)
+        batch.keys.append(key)
+        batch.vs.append(v)
+        batch.payloads.append(payload)
+        batch.hashes.append(digest)
         self._pending_rows += 1
-        if len(batch.rows) == 1:
+        size = len(batch.seqs)
+        if size == 1:
             self._wake.notify()
-        elif len(batch.rows) >= self.config.max_batch:
+        elif size >= self.config.max_batch:
             self._seal_open_locked()
             self._wake.notify()
         return Receipt(seq, batch)
@@ -383,12 +430,12 @@ class EventLog:
         flush_s = self.config.flush_ms / 1000.0
         while True:
             with self._mutex:
-                while not self._sealed and not self._open_batch.rows and not self._closing:
+                while not self._sealed and not len(self._open_batch) and not self._closing:
                     self._wake.wait()
-                if not self._sealed and self._open_batch.rows and not self._closing:
+                if not self._sealed and len(self._open_batch) and not self._closing:
                     # let a lone event's companions arrive, but never longer than flush_ms
                     self._wake.wait(flush_s)
-                    if not self._sealed and self._open_batch.rows:
+                    if not self._sealed and len(self._open_batch):
                         self._seal_open_locked()
                 if not self._sealed:
                     if self._closing:
@@ -403,27 +450,20 @@ class EventLog:
             except BaseException as exc:  # noqa: BLE001 - whatever it is, the log must stop cleanly
                 self._give_up(batch, exc)
             with self._mutex:
-                self._pending_rows -= len(batch.rows)
+                self._pending_rows -= len(batch)
                 self._room.notify_all()
 
     def _commit_batch(self, batch: CommitBatch) -> None:
-        rows = batch.rows
-        prev = self._prev_hash
-        hashes = []
-        for seq, ts, tag, stream, key, v, payload in rows:
-            prev = row_hash(prev, seq, ts, tag, stream, key, v, payload)
-            hashes.append(prev)
-        seqs, tss, tags, streams, keys, vs, payloads = zip(*rows, strict=True)
         table = pa.Table.from_arrays(
             [
-                pa.array(seqs, pa.int64()),
-                pa.array(tss, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
-                pa.array(tags, pa.string()),
-                pa.array(streams, pa.string()),
-                pa.array(keys, pa.string()),
-                pa.array(payloads, pa.binary()).cast(pa.string()),
-                pa.array(vs, pa.int32()),
-                pa.array(hashes, pa.string()),
+                pa.array(batch.seqs, pa.int64()),
+                pa.array(batch.tss, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+                pa.array(batch.tags, pa.string()),
+                pa.array(batch.streams, pa.string()),
+                pa.array(batch.keys, pa.string()),
+                pa.array(batch.payloads, pa.binary()).cast(pa.string()),
+                pa.array(batch.vs, pa.int32()),
+                pa.array(batch.hashes, pa.string()),
             ],
             schema=EVENTS_SCHEMA,
         )
@@ -432,10 +472,9 @@ class EventLog:
         self._write_with_retries(table, self._batch_no)
         self.commit_latency_ms.append((time.perf_counter() - started) * 1000)
         self.commits += 1
-        self._prev_hash = prev
-        batch.last_seq = rows[-1][0]
+        batch.last_seq = batch.seqs[-1]
         self.durable_seq = batch.last_seq
-        batch._resolve(None)
+        batch._resolve(None)  # noqa: SLF001
         if self._maintenance is not None:
             self._maintenance.note_commit()
 
@@ -447,17 +486,7 @@ class EventLog:
             try:
                 if self._fault_hook is not None:
                     self._fault_hook(batch_no)
-                write_deltalake(
-                    self._dt,
-                    table,
-                    mode="append",
-                    commit_properties=CommitProperties(
-                        max_commit_retries=0,
-                        app_transactions=[Transaction(app_id=self.writer_id, version=batch_no)],
-                        custom_metadata={WRITER_META_KEY: self.writer_id},
-                    ),
-                    post_commithook_properties=PostCommitHookProperties(create_checkpoint=True),
-                )
+                self._append_table(table, batch_no)
                 self._known_version = self._dt.version()
                 return
             except Exception as exc:
@@ -482,6 +511,78 @@ class EventLog:
                 delay = min(self.config.retry_backoff_s * (2 ** (failures - 1)), 2.0)
                 logger.warning("commit of batch {} failed ({!r}); retry {} in {:.2f}s", batch_no, exc, failures, delay)
                 time.sleep(delay)
+
+    def _append_table(self, table: pa.Table, batch_no: int) -> None:
+        """One Delta append commit, as a compare-and-swap, with the batch's app transaction.
+
+        Checkpoints are left to the maintenance thread so no append pays for one.
+        """
+        assert self._dt is not None
+        commit = CommitProperties(
+            max_commit_retries=0,
+            app_transactions=[Transaction(app_id=self.writer_id, version=batch_no)],
+            custom_metadata={WRITER_META_KEY: self.writer_id},
+        )
+        # without the maintenance thread, the post-commit hook keeps checkpointing
+        own = not self.config.maintenance
+        hooks = PostCommitHookProperties(create_checkpoint=own, cleanup_expired_logs=own or None)
+        if self._fast_append is not None:
+            try:
+                self._fast_append(table, commit, hooks)
+                return
+            except (AttributeError, TypeError) as exc:  # the private API moved: use the public one from now on
+                logger.warning("fast Delta append unavailable ({!r}); using write_deltalake", exc)
+                self._fast_append = None
+        write_deltalake(
+            self._dt,
+            table,
+            mode="append",
+            writer_properties=_WRITER_PROPERTIES,
+            commit_properties=commit,
+            post_commithook_properties=hooks,
+        )
+
+    def _make_fast_append(self) -> Callable[[pa.Table, CommitProperties, PostCommitHookProperties], None] | None:
+        """``write_deltalake`` minus its per-call Python work (schema lookups and conversions).
+
+        Under a busy GIL that wrapper costs several ms per commit, most of the
+        writer's latency budget. This calls the same Rust entry point the
+        wrapper calls, with the schema converted once. It uses deltalake's
+        private API (pinned <2 in pyproject), so any mismatch falls back to
+        ``write_deltalake``; ``tests/integration/test_event_log.py`` checks
+        that the fast path is the one in use.
+        """
+        try:
+            from arro3.core import RecordBatchReader  # noqa: PLC0415 - deltalake's own Arrow layer
+            from deltalake.writer._conversion import _convert_arro3_schema_to_delta  # noqa: PLC0415
+
+            assert self._dt is not None
+            raw = self._dt._table  # noqa: SLF001
+            delta_schema = _convert_arro3_schema_to_delta(
+                RecordBatchReader.from_arrow(EVENTS_SCHEMA.empty_table()).schema, self._dt.schema().to_arrow()
+            )
+        except Exception as exc:  # noqa: BLE001 - any surprise means: use the public API
+            logger.info("fast Delta append not available ({!r}); using write_deltalake", exc)
+            return None
+
+        def append(table: pa.Table, commit: CommitProperties, hooks: PostCommitHookProperties) -> None:
+            raw.write(
+                data=RecordBatchReader.from_arrow(table),
+                batch_schema=delta_schema,
+                partition_by=None,
+                mode="append",
+                schema_mode=None,
+                predicate=None,
+                target_file_size=None,
+                name=None,
+                description=None,
+                configuration=None,
+                writer_properties=_WRITER_PROPERTIES,
+                commit_properties=commit,
+                post_commithook_properties=hooks,
+            )
+
+        return append
 
     def _already_committed(self, batch_no: int) -> bool:
         assert self._dt is not None
@@ -515,7 +616,7 @@ class EventLog:
             self._room.notify_all()
         batch._resolve(error)
         for other in pending:
-            if other.rows:
+            if len(other):
                 other._resolve(error)
         for fn in self._failure_listeners:
             try:

@@ -2,8 +2,9 @@
 
 A log that commits for days accumulates one small file and one JSON log
 entry per commit, and commit cost grows with both (DESIGN.md, delta-rs
-facts). The writer's post-commit hook checkpoints every
-``checkpoint_interval`` versions; this thread compacts small files every
+facts). The writer's appends skip the post-commit checkpoint (it
+would stall the commit it runs after); this thread checkpoints every
+``checkpoint_interval`` commits instead, compacts small files every
 ``compact_every_commits`` commits (or ``compact_every_s``), checkpoints right
 after, and now and then vacuums the files compaction replaced once they are
 older than the retention. Compaction rewrites rows without changing them
@@ -62,6 +63,8 @@ class Maintenance:
         self.writer_id = writer_id
         self.storage_options = storage_options
         self._commits_since = 0
+        self._commits_since_checkpoint = 0
+        self.checkpoints = 0
         self._last_run = time.monotonic()
         self._rounds = 0
         self._wake = threading.Condition()
@@ -83,13 +86,19 @@ class Maintenance:
         """Called by the writer after each commit (cheap: a counter and maybe a notify)."""
         with self._wake:
             self._commits_since += 1
-            if self._commits_since >= self.config.compact_every_commits:
+            self._commits_since_checkpoint += 1
+            if (
+                self._commits_since >= self.config.compact_every_commits
+                or self._commits_since_checkpoint >= self.config.checkpoint_interval
+            ):
                 self._wake.notify()
 
     def stats(self) -> dict[str, Any]:
-        return {"rounds": self._rounds, "errors": self.errors, "last": self.last}
+        return {"rounds": self._rounds, "checkpoints": self.checkpoints, "errors": self.errors, "last": self.last}
 
     def _due(self) -> bool:
+        if self._commits_since_checkpoint >= self.config.checkpoint_interval:
+            return True
         if self._commits_since >= self.config.compact_every_commits:
             return True
         return self._commits_since > 0 and time.monotonic() - self._last_run >= self.config.compact_every_s
@@ -102,11 +111,22 @@ class Maintenance:
                     self._wake.wait(timeout=min(self.config.compact_every_s, 5.0))
                 if self._stopping:
                     return
-                self._commits_since = 0
-            self._last_run = time.monotonic()
+                compact = self._commits_since >= self.config.compact_every_commits or (
+                    self._commits_since > 0 and time.monotonic() - self._last_run >= self.config.compact_every_s
+                )
+                if compact:
+                    self._commits_since = 0
+                self._commits_since_checkpoint = 0
             try:
                 if dt is None:
                     dt = DeltaTable(self.uri, storage_options=self.storage_options)
+                if not compact:
+                    # the writer's appends skip the post-commit checkpoint; it is taken here instead
+                    dt.update_incremental()
+                    dt.create_checkpoint()
+                    self.checkpoints += 1
+                    continue
+                self._last_run = time.monotonic()
                 vacuum = (self._rounds + 1) % self.config.vacuum_every_compactions == 0
                 self.last = run_maintenance(dt, self.config, self.writer_id, vacuum=vacuum)
                 self._rounds += 1

@@ -218,3 +218,11 @@ def test_background_maintenance_runs_while_appending(data_dir: Path) -> None:
     assert maintenance["errors"] == 0
     assert [e.seq for e in read_events(uri)] == list(range(1, 201))
     assert verify_log(uri).ok
+
+
+def test_the_fast_delta_append_path_is_in_use(event_log: EventLog) -> None:
+    """The writer calls deltalake's Rust writer directly; an upgrade that breaks it must be noticed."""
+    assert event_log._fast_append is not None  # noqa: SLF001
+    event_log.append(enqueued(1), stream="queue", key="1").wait(10)
+    assert event_log._fast_append is not None  # noqa: SLF001
+    assert DeltaTable(event_log.uri).transaction_version(event_log.writer_id) == 1
