@@ -4,7 +4,7 @@ ib_insync's mutable camelCase objects never leave the IB actor: they are
 turned into these frozen snake_case messages at its boundary.
 
 Handles: Connect, Disconnect, Subscribe, Unsubscribe, Snapshot, RequestPositions.
-Emits: PositionChanged, MarketUpdate, SnapshotFailed, ConnectionStateChanged,
+Emits: PositionChanged, PositionsComplete, MarketUpdate, SnapshotFailed, ConnectionStateChanged,
 IbError (with ``kind`` naming the mapped IB code).
 ConnectionStateChanged and IbError are also stored for audit.
 """
@@ -31,6 +31,7 @@ __all__ = [
     "IbStatsReply",
     "MarketUpdate",
     "PositionChanged",
+    "PositionsComplete",
     "RequestPositions",
     "Snapshot",
     "SnapshotFailed",
@@ -183,6 +184,15 @@ class PositionChanged(Message, tag="ib.position_changed", frozen=True, kw_only=T
     strike: float = 0.0
     expiry: str = ""
     multiplier: float = 1.0
+    ts_us: int = 0
+
+
+class PositionsComplete(Message, tag="ib.positions_complete", frozen=True, kw_only=True):
+    """IB's positionEnd: every position of the current reqPositions round has been sent.
+
+    Only after it may a missing position be read as "no position" (reconciliation).
+    """
+
     ts_us: int = 0
 
 

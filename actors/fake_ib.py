@@ -1,0 +1,452 @@
+"""An in-memory, deterministic stand-in for the IB actor, for actor tests, benchmarks and the demo.
+
+It answers the same messages as :class:`actors.ib.IbActor`, with the same
+constructor shape, and keeps IB's rules that the rest of the system depends
+on: a line limit answered with 101 (IbError MAX_TICKERS carrying the conid),
+open snapshots holding lines, typed failures while disconnected, 1101 and
+reconnects forgetting every stream and telling subscribers to resubscribe.
+Prices and greeks are functions of the conid and a tick counter, so two runs
+produce the same updates. Faults are injected by settings or by the
+``Inject*``/``Set*`` commands below; streaming ticks come on a timer
+(``tick_interval_s``) and on demand (``PushTicks``).
+
+Handles:
+    Connect, Disconnect, Subscribe, Unsubscribe, RequestPositions,
+    PushTicks, InjectDisconnect, InjectError, SetNeverAnswer,
+    SetSnapshotLatency, SetLineLimit (told);
+    Request(Snapshot) -> SnapshotResult; Request(IbStats) -> IbStatsReply;
+    AddSubscriber / RemoveSubscriber envelopes.
+Emits: PositionChanged, MarketUpdate(source="stream"), ConnectionStateChanged, IbError.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import pykka
+from loguru import logger
+
+from actors.fake_ib_demo import demo_positions
+from actors.ib_base import AddSubscriber, Publisher, RemoveSubscriber
+from actors.messaging import Request, reject
+from events.base import Command
+from events.ib import (
+    IB_NOT_CONNECTED,
+    Connect,
+    ConnectionState,
+    ConnectionStateChanged,
+    Disconnect,
+    IbError,
+    IbErrorKind,
+    IbStats,
+    IbStatsReply,
+    MarketUpdate,
+    PositionChanged,
+    RequestPositions,
+    Snapshot,
+    SnapshotFailed,
+    SnapshotResult,
+    Subscribe,
+    Unsubscribe,
+    classify_ib_code,
+)
+
+__all__ = [
+    "AddSubscriber",
+    "FakeIbActor",
+    "FakeIbSettings",
+    "InjectDisconnect",
+    "InjectError",
+    "PushTicks",
+    "RemoveSubscriber",
+    "SetLineLimit",
+    "SetNeverAnswer",
+    "SetSnapshotLatency",
+    "demo_positions",
+]
+
+_TERMINAL_CODES = frozenset({101, 200, 354, 10089, 10168, 10197})
+_CONNECTIVITY = {
+    1100: ConnectionState.CONNECTIVITY_LOST,
+    1101: ConnectionState.RESTORED_DATA_LOST,
+    1102: ConnectionState.RESTORED_DATA_KEPT,
+}
+
+
+class FakeIbSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """The fake account and its faults."""
+
+    positions: list[PositionChanged] = msgspec.field(default_factory=list)
+    #: Conids with a contract but no position (they can be streamed and snapshotted too).
+    extra_conids: list[int] = msgspec.field(default_factory=list)
+    line_limit: int = 100
+    #: Streaming ticks for every stream this often (0 = only on PushTicks).
+    tick_interval_s: float = 0.0
+    #: Delay before a snapshot answers.
+    snapshot_latency_s: float = 0.0
+    #: Snapshots of these conids never answer (they time out).
+    never_answer: list[int] = msgspec.field(default_factory=list)
+    #: conid -> IB error code answered to every Subscribe or Snapshot of it.
+    errors: dict[int, int] = msgspec.field(default_factory=dict)
+    #: After an injected disconnect, reconnect after this long.
+    reconnect_after_s: float = 0.0
+
+
+class PushTicks(Command, tag="fake_ib.push_ticks", frozen=True, kw_only=True):
+    """Emit ``n`` rounds of streaming updates for every open stream, now."""
+
+    n: int = 1
+
+
+class InjectDisconnect(Command, tag="fake_ib.inject_disconnect", frozen=True, kw_only=True):
+    """Drop the connection: DISCONNECTED, then CONNECTED with resubscribe=True (streams forgotten)."""
+
+
+class InjectError(Command, tag="fake_ib.inject_error", frozen=True, kw_only=True):
+    """Emit IB error ``code`` (1100/1101/1102 act on the connection); with a conid, it sticks to that conid."""
+
+    code: int
+    conid: int | None = None
+
+
+class SetNeverAnswer(Command, tag="fake_ib.set_never_answer", frozen=True, kw_only=True):
+    conid: int
+    never: bool = True
+
+
+class SetSnapshotLatency(Command, tag="fake_ib.set_snapshot_latency", frozen=True, kw_only=True):
+    seconds: float
+
+
+class SetLineLimit(Command, tag="fake_ib.set_line_limit", frozen=True, kw_only=True):
+    limit: int
+
+
+class _Due:
+    """Timer envelope: something scheduled is due (a snapshot answer, a timeout, a tick, a reconnect)."""
+
+    __slots__ = ("args", "what")
+
+    def __init__(self, what: str, *args: Any) -> None:
+        self.what = what
+        self.args = args
+
+
+@dataclass(eq=False)
+class _Batch:
+    conids: list[int]
+    reply: pykka.Future[Any]
+    answers: dict[int, MarketUpdate | SnapshotFailed] = field(default_factory=dict)
+    open: set[int] = field(default_factory=set)  # conids holding a line while in flight
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class FakeIbActor(pykka.ThreadingActor):
+    """The in-memory IB; see the module docstring."""
+
+    def __init__(self, settings: FakeIbSettings, subscribers: Sequence[pykka.ActorRef[Any]] = ()) -> None:
+        super().__init__()
+        self.settings = settings
+        self._publisher = Publisher(subscribers)
+        self._contracts: dict[int, PositionChanged | None] = {p.conid: p for p in settings.positions}
+        for conid in settings.extra_conids:
+            self._contracts.setdefault(conid, None)
+        self._line_limit = settings.line_limit
+        self._latency = settings.snapshot_latency_s
+        self._never = set(settings.never_answer)
+        self._errors = dict(settings.errors)
+        self._state = ConnectionState.DISCONNECTED
+        self._ever_connected = False
+        self._streams: set[int] = set()
+        self._batches: set[_Batch] = set()
+        self._tick = 0
+        self._peak = 0
+        self._requests = 0
+        self._generation = itertools.count()
+        self._timers: set[threading.Timer] = set()
+
+    # ------------------------------------------------------------- lifecycle
+    def on_start(self) -> None:
+        if self.settings.tick_interval_s > 0:
+            self._later(self.settings.tick_interval_s, _Due("tick"))
+
+    def on_stop(self) -> None:
+        for timer in list(self._timers):
+            timer.cancel()
+        self._timers.clear()
+
+    def _later(self, delay: float, due: _Due) -> None:
+        ref = self.actor_ref
+
+        def fire() -> None:
+            self._timers.discard(timer)
+            try:
+                ref.tell(due)
+            except pykka.ActorDeadError:
+                pass
+
+        timer = threading.Timer(delay, fire)
+        timer.daemon = True
+        self._timers.add(timer)
+        timer.start()
+
+    # -------------------------------------------------------------- helpers
+    @property
+    def _connected(self) -> bool:
+        return self._state not in (ConnectionState.DISCONNECTED, ConnectionState.CONNECTING)
+
+    def _lines(self) -> int:
+        return len(self._streams) + sum(len(b.open) for b in self._batches)
+
+    def _track(self) -> None:
+        self._peak = max(self._peak, self._lines())
+
+    def _set_state(self, state: ConnectionState, detail: str = "", resubscribe: bool = False) -> None:
+        self._state = state
+        self._publisher.publish(ConnectionStateChanged(state=state, detail=detail, resubscribe=resubscribe))
+
+    def _error(self, code: int, conid: int | None = None, message: str = "", kind: IbErrorKind | None = None) -> None:
+        kind = kind or classify_ib_code(code)
+        logger.warning("fake IB error {} {} (conid {})", code, kind, conid)
+        self._publisher.publish(IbError(code=code, kind=kind, conid=conid, message=message or f"fake error {code}"))
+
+    def _quote(self, conid: int, source: str) -> MarketUpdate:
+        """Deterministic prices: a function of the conid and the tick counter."""
+        self._tick += 1
+        base = 20.0 + (conid * 7919) % 400 + (conid % 100) / 100.0
+        bid = round(base + 0.01 * (self._tick % 7), 2)
+        pos = self._contracts.get(conid)
+        greeks: dict[str, float] = {}
+        if pos is not None and pos.sec_type in ("OPT", "FOP"):
+            sign = 1.0 if pos.right == "C" else -1.0
+            bid = round(1.0 + (conid % 50) / 10.0 + 0.01 * (self._tick % 7), 2)
+            greeks = {
+                "iv": 0.2 + (conid % 10) / 100.0,
+                "delta": sign * (0.3 + (conid % 40) / 100.0),
+                "gamma": 0.02,
+                "vega": 0.11,
+                "theta": -0.05,
+                "und_price": round(pos.strike * (1 + ((conid % 11) - 5) / 100.0), 2),
+            }
+        return MarketUpdate(
+            conid=conid,
+            source=source,
+            ts_us=_now_us(),
+            bid=bid,
+            ask=round(bid + 0.02, 2),  # type: ignore[arg-type]
+            last=round(bid + 0.01, 2),
+            close=round(bid - 0.5, 2),
+            bid_size=100.0,
+            ask_size=200.0,
+            **greeks,
+        )
+
+    # -------------------------------------------------------------- messages
+    def on_receive(self, message: Any) -> Any:
+        if self._publisher.handle(message):
+            return None
+        match message:
+            case Request(command=Snapshot(conids=conids, timeout_s=timeout_s), reply=reply):
+                self._snapshot(list(conids), timeout_s, reply)
+            case Request(command=IbStats(), reply=reply):
+                reply.set(self._stats())
+            case Request(command=command, reply=reply):
+                if isinstance(command, Command) and not isinstance(command, Snapshot | IbStats):
+                    self.on_receive(command)
+                    reply.set(None)
+                else:
+                    reply.set_exception(reject(type(command).__name__, "unsupported", "not an IB command"))
+            case Connect():
+                self._connect()
+            case Disconnect():
+                self._drop("disconnect requested")
+            case Subscribe(conid=conid):
+                self._subscribe(conid)
+            case Unsubscribe(conid=conid):
+                if conid in self._streams:
+                    self._requests += 1
+                    self._streams.discard(conid)
+            case RequestPositions():
+                if self._connected:
+                    self._requests += 1
+                    self._publish_positions()
+                else:
+                    self._error(IB_NOT_CONNECTED, kind=IbErrorKind.DISCONNECTED, message="not connected")
+            case PushTicks(n=n):
+                for _ in range(n):
+                    self._push_ticks()
+            case InjectDisconnect():
+                self._inject_disconnect()
+            case InjectError(code=code, conid=conid):
+                self._inject_error(code, conid)
+            case SetNeverAnswer(conid=conid, never=never):
+                (self._never.add if never else self._never.discard)(conid)
+            case SetSnapshotLatency(seconds=seconds):
+                self._latency = seconds
+            case SetLineLimit(limit=limit):
+                self._line_limit = limit
+            case _Due():
+                self._due(message)
+            case _:
+                logger.warning("FakeIbActor ignored {!r}", message)
+        return None
+
+    # ------------------------------------------------------------ connection
+    def _connect(self) -> None:
+        if self._connected:
+            return
+        self._set_state(ConnectionState.CONNECTED, "fake connected", resubscribe=self._ever_connected)
+        self._ever_connected = True
+        self._publish_positions()
+
+    def _publish_positions(self) -> None:
+        for pos in self.settings.positions:
+            self._publisher.publish(pos)
+
+    def _drop(self, detail: str) -> None:
+        if not self._connected:
+            return
+        self._streams.clear()
+        for batch in list(self._batches):
+            self._fail_rest(batch, IbErrorKind.DISCONNECTED, IB_NOT_CONNECTED, "disconnected from IB")
+        self._set_state(ConnectionState.DISCONNECTED, detail)
+
+    def _inject_disconnect(self) -> None:
+        self._drop("injected disconnect")
+        if self.settings.reconnect_after_s > 0:
+            self._later(self.settings.reconnect_after_s, _Due("reconnect"))
+        else:
+            self._connect()
+
+    def _inject_error(self, code: int, conid: int | None) -> None:
+        if code in _CONNECTIVITY:
+            self._error(code)
+            if code == 1101:
+                self._streams.clear()
+            self._set_state(_CONNECTIVITY[code], f"injected {code}", resubscribe=code == 1101)
+            return
+        if conid is None:
+            self._error(code)
+            return
+        self._errors[conid] = code
+        if conid in self._streams and code in _TERMINAL_CODES:
+            self._streams.discard(conid)
+            self._error(code, conid)
+
+    # --------------------------------------------------------------- streams
+    def _subscribe(self, conid: int) -> None:
+        if conid in self._streams:
+            return
+        if not self._connected:
+            self._error(IB_NOT_CONNECTED, conid, "not connected", kind=IbErrorKind.DISCONNECTED)
+            return
+        self._requests += 1
+        code = self._refusal(conid)
+        if code is None and self._lines() >= self._line_limit:
+            code = 101
+        if code is not None:
+            self._error(code, conid)
+            if code in _TERMINAL_CODES:
+                return
+        self._streams.add(conid)
+        self._track()
+        self._publisher.publish(self._quote(conid, "stream"))
+
+    def _refusal(self, conid: int) -> int | None:
+        if conid not in self._contracts:
+            return 200
+        return self._errors.get(conid)
+
+    def _push_ticks(self) -> None:
+        for conid in sorted(self._streams):
+            self._publisher.publish(self._quote(conid, "stream"))
+
+    # ------------------------------------------------------------- snapshots
+    def _snapshot(self, conids: list[int], timeout_s: float, reply: pykka.Future[Any]) -> None:
+        batch = _Batch(conids=list(dict.fromkeys(conids)), reply=reply)
+        if not self._connected:
+            self._fail_rest(batch, IbErrorKind.DISCONNECTED, IB_NOT_CONNECTED, "not connected")
+            return
+        self._batches.add(batch)
+        generation = next(self._generation)
+        for conid in batch.conids:
+            self._requests += 1
+            code = self._refusal(conid)
+            if code is None and self._lines() >= self._line_limit:
+                code = 101
+            if code is not None and code in _TERMINAL_CODES:
+                self._error(code, conid)
+                batch.answers[conid] = SnapshotFailed(conid=conid, kind=classify_ib_code(code), code=code)
+                continue
+            batch.open.add(conid)
+            self._track()
+            if conid in self._never:
+                continue
+            if self._latency > 0:
+                self._later(self._latency, _Due("answer", batch, conid, generation))
+            else:
+                self._answer(batch, conid)
+        self._later(timeout_s, _Due("timeout", batch))
+        self._maybe_reply(batch)
+
+    def _answer(self, batch: _Batch, conid: int) -> None:
+        if batch not in self._batches or conid in batch.answers:
+            return
+        batch.open.discard(conid)
+        batch.answers[conid] = self._quote(conid, "queue")
+        self._maybe_reply(batch)
+
+    def _maybe_reply(self, batch: _Batch) -> None:
+        if len(batch.answers) >= len(batch.conids):
+            self._reply(batch)
+
+    def _reply(self, batch: _Batch) -> None:
+        self._batches.discard(batch)
+        batch.open.clear()
+        answers = [batch.answers[c] for c in batch.conids]
+        batch.reply.set(
+            SnapshotResult(
+                updates=[a for a in answers if isinstance(a, MarketUpdate)],
+                failures=[a for a in answers if isinstance(a, SnapshotFailed)],
+            )
+        )
+
+    def _fail_rest(self, batch: _Batch, kind: IbErrorKind, code: int | None, message: str) -> None:
+        for conid in batch.conids:
+            batch.answers.setdefault(conid, SnapshotFailed(conid=conid, kind=kind, code=code, message=message))
+        self._reply(batch)
+
+    def _due(self, due: _Due) -> None:
+        match due.what:
+            case "tick":
+                self._push_ticks()
+                self._later(self.settings.tick_interval_s, _Due("tick"))
+            case "answer":
+                self._answer(due.args[0], due.args[1])
+            case "timeout":
+                batch = due.args[0]
+                if batch in self._batches:
+                    self._fail_rest(batch, IbErrorKind.TIMEOUT, None, "no complete quote within the timeout")
+            case "reconnect":
+                self._connect()
+
+    # ----------------------------------------------------------------- stats
+    def _stats(self) -> IbStatsReply:
+        return IbStatsReply(
+            connected=self._connected,
+            state=self._state,
+            streams=len(self._streams),
+            snapshots_in_flight=sum(len(b.open) for b in self._batches),
+            lines_in_use=self._lines(),
+            peak_lines=self._peak,
+            requests_sent=self._requests,
+        )

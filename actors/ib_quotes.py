@@ -1,0 +1,142 @@
+"""Pure pieces of the IB session: IB code sets, quote completeness, ticker -> MarketUpdate, request records.
+
+Kept apart from :mod:`actors.ib_session` so that module holds only the
+behaviour. Nothing here imports the client library: a ticker is read through
+the small :class:`TickerLike` protocol (ib_insync's Ticker and ib_async's
+both fit it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import pykka
+
+from actors.ib_pacing import PacedMessage
+from events.ib import MarketUpdate, SnapshotFailed
+
+__all__ = [
+    "LATE_TICKS_S",
+    "OPTION_TYPES",
+    "QUIET_CODES",
+    "SMART_TYPES",
+    "TERMINAL_MD_CODES",
+    "Batch",
+    "MdRequest",
+    "TickerLike",
+    "any_price",
+    "has_prices",
+    "now_us",
+    "to_update",
+]
+
+#: Codes after which a market data request is dead at IB (no line held, nothing more will come).
+TERMINAL_MD_CODES = frozenset({101, 200, 300, 321, 322, 354, 10089, 10168, 10197})
+#: Farm status notes: logged quietly, never emitted.
+QUIET_CODES = frozenset({2104, 2106, 2158, 2119, 2108})
+#: How long a cancelled request's ticker still absorbs late ticks.
+LATE_TICKS_S = 5.0
+#: Security types whose snapshot waits for model greeks.
+OPTION_TYPES = frozenset({"OPT", "FOP"})
+#: Security types IB routes through SMART when a position arrives without an exchange.
+SMART_TYPES = frozenset({"STK", "OPT", "WAR", "IOPT"})
+
+
+class GreeksLike(Protocol):
+    impliedVol: float | None  # noqa: N815  (ib_insync's names)
+    delta: float | None
+    gamma: float | None
+    vega: float | None
+    theta: float | None
+    undPrice: float | None  # noqa: N815
+
+
+class TickerLike(Protocol):
+    bid: float
+    ask: float
+    last: float
+    close: float
+    bidSize: float  # noqa: N815
+    askSize: float  # noqa: N815
+    impliedVolatility: float  # noqa: N815
+    modelGreeks: GreeksLike | None  # noqa: N815
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _num(value: float | None) -> float | None:
+    """IB's "no value" markers (nan, -1) become None."""
+    if value is None or math.isnan(value) or value == -1.0:
+        return None
+    return float(value)
+
+
+def has_prices(t: TickerLike) -> bool:
+    """A complete quote: bid and ask, or last."""
+    return (_num(t.bid) is not None and _num(t.ask) is not None) or _num(t.last) is not None
+
+
+def any_price(t: TickerLike) -> bool:
+    return any(_num(v) is not None for v in (t.bid, t.ask, t.last, t.close))
+
+
+def to_update(conid: int, t: TickerLike, source: str) -> MarketUpdate:
+    """The frozen message for a ticker's current state (greeks from the model computation, tick 13)."""
+    greeks = t.modelGreeks
+    iv = greeks.impliedVol if greeks is not None else t.impliedVolatility
+    return MarketUpdate(
+        conid=conid,
+        source=source,  # type: ignore[arg-type]
+        ts_us=now_us(),
+        bid=_num(t.bid),
+        ask=_num(t.ask),
+        last=_num(t.last),
+        close=_num(t.close),
+        bid_size=_num(t.bidSize),
+        ask_size=_num(t.askSize),
+        iv=_num(iv),
+        delta=_num(greeks.delta) if greeks else None,
+        gamma=_num(greeks.gamma) if greeks else None,
+        vega=_num(greeks.vega) if greeks else None,
+        theta=_num(greeks.theta) if greeks else None,
+        und_price=_num(greeks.undPrice) if greeks else None,
+    )
+
+
+@dataclass(eq=False)
+class MdRequest:
+    """One reqMktData at IB: a stream or a snapshot. ``contract``/``ticker`` are the client library's objects."""
+
+    conid: int
+    snapshot: bool
+    contract: Any = None
+    req_id: int = -1
+    ticker: Any = None
+    message: PacedMessage | None = None
+    sent_at: float | None = None
+    cancel_pending: bool = False
+    cancel_timer: asyncio.TimerHandle | None = None
+    handler: Callable[[Any], None] | None = None
+    batch: Batch | None = None
+    answered: bool = False
+    sec_type: str = ""
+
+
+@dataclass(eq=False)
+class Batch:
+    """One Snapshot command: answers collected per conid, replied once all are in."""
+
+    conids: list[int]
+    reply: pykka.Future[Any]
+    updates: dict[int, MarketUpdate] = field(default_factory=dict)
+    failures: dict[int, SnapshotFailed] = field(default_factory=dict)
+    requests: list[MdRequest] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None
+    replied: bool = False

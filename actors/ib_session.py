@@ -1,0 +1,588 @@
+"""The asyncio side of the IB actor: ib_insync's IB object and everything that touches it.
+
+This is the only module that imports the client library (switching to
+ib_async is the one import below). Everything here runs in the IB actor's
+loop thread; the pykka actor calls in with ``call_soon_threadsafe`` /
+``run_coroutine_threadsafe`` and gets messages back through ``publish``
+(which ``tell``s the actor) and through reply futures (pykka futures are
+thread-safe). ib_insync's mutable objects (Contract, Ticker, Position) stay
+here; only frozen messages from :mod:`events.ib` leave.
+
+Streams: one reqMktData per conid with its own Contract copy, so that
+ib_insync gives each request its own Ticker (it keys tickers by
+``id(contract)``) and a snapshot never mixes with a stream of the same conid.
+
+Snapshots take the FIRST COMPLETE quote: complete = bid and ask present, or
+last present; for options (OPT, FOP) also the model greeks (tick type 13).
+If the prices are complete but the greeks have not come when IB ends the
+snapshot (tickSnapshotEnd) or the batch times out, the prices are answered
+without greeks. A snapshot that ends with some price but no complete quote
+answers what it has; one that ends with nothing answers NO_DATA; one still
+open at the timeout answers TIMEOUT and is cancelled at IB (or withdrawn
+from the pacer if its request never left). An open snapshot counts as a
+line until IB ends it or we cancel it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import pykka
+from ib_insync import IB, Contract, Position, Ticker  # the one place the client library is imported
+from loguru import logger
+
+from actors.ib_pacing import PacedMessage, Pacer
+from actors.ib_quotes import (
+    LATE_TICKS_S,
+    OPTION_TYPES,
+    QUIET_CODES,
+    SMART_TYPES,
+    TERMINAL_MD_CODES,
+    Batch,
+    MdRequest,
+    any_price,
+    has_prices,
+    now_us,
+    to_update,
+)
+from events.base import Message
+from events.ib import (
+    IB_NOT_CONNECTED,
+    ConnectionState,
+    ConnectionStateChanged,
+    IbError,
+    IbErrorKind,
+    IbSettings,
+    IbStatsReply,
+    MarketUpdate,
+    PositionChanged,
+    SnapshotFailed,
+    SnapshotResult,
+    classify_ib_code,
+)
+
+__all__ = ["IbSession"]
+
+
+class IbSession:
+    """ib_insync's IB plus our streams, snapshots, contract cache, pacing and reconnects."""
+
+    def __init__(self, settings: IbSettings, publish: Callable[[Message], None]) -> None:
+        self.settings = settings
+        self._publish = publish
+        self._loop = asyncio.get_running_loop()
+        self.ib = IB()
+        self.pacer = Pacer(self._loop, self._write, settings.pacing_per_s, window_s=1.0 + settings.pacing_guard_s)
+        # Every framed message ib_insync sends goes through our pacer (see actors.ib_pacing).
+        self.ib.client.sendMsg = self._send_msg  # type: ignore[method-assign]
+        self._next_on_sent: Callable[[float], None] | None = None
+        self._last_message: PacedMessage | None = None
+        self.ib.positionEvent += self._on_position
+        self.ib.errorEvent += self._on_error
+        self.ib.disconnectedEvent += self._on_disconnected
+        original_end = self.ib.wrapper.tickSnapshotEnd
+
+        def snapshot_end(req_id: int) -> None:
+            original_end(req_id)
+            self._on_snapshot_end(req_id)
+
+        self.ib.wrapper.tickSnapshotEnd = snapshot_end  # type: ignore[method-assign]
+        self.state = ConnectionState.DISCONNECTED
+        self._up = False
+        self._ever_connected = False
+        self._want_connected = False
+        self._runner: asyncio.Task[None] | None = None
+        self._down = asyncio.Event()
+        self.contracts: dict[int, Contract] = {}
+        self._resolving: dict[int, asyncio.Future[Contract | None]] = {}
+        self.streams: dict[int, MdRequest] = {}
+        self._by_req: dict[int, MdRequest] = {}
+        self._batches: set[Batch] = set()
+        self.peak_lines = 0
+
+    # ------------------------------------------------------------------ wire
+    def _send_msg(self, msg: str | None) -> None:
+        if msg is None:  # ib_insync's own throttle timer; ours replaces it
+            self.pacer.drain()
+            return
+        on_sent, self._next_on_sent = self._next_on_sent, None
+        self._last_message = self.pacer.submit(msg.encode(), on_sent)
+
+    def _write(self, payload: bytes) -> None:
+        self.ib.client.conn.sendMsg(struct.pack(">I", len(payload)) + payload)
+
+    def _paced(self, send: Callable[[], None], on_sent: Callable[[float], None] | None = None) -> PacedMessage | None:
+        """Call one ib_insync request method and return the paced message it produced."""
+        self._next_on_sent = on_sent
+        self._last_message = None
+        try:
+            send()
+        finally:
+            self._next_on_sent = None
+        return self._last_message
+
+    @property
+    def connected(self) -> bool:
+        return self._up and self.ib.isConnected()
+
+    # ------------------------------------------------------------ connection
+    def connect(self) -> None:
+        self._want_connected = True
+        if self._runner is None or self._runner.done():
+            self._runner = self._loop.create_task(self._run_connection())
+
+    async def disconnect(self) -> None:
+        self._want_connected = False
+        if self._runner is not None:
+            self._runner.cancel()
+            self._runner = None
+        was_up = self._up
+        self.ib.disconnect()
+        if was_up and self._up:  # ib_insync emitted nothing: make sure we are down
+            self._on_disconnected()
+        if not was_up and self.state != ConnectionState.DISCONNECTED:
+            self._set_state(ConnectionState.DISCONNECTED, "disconnect requested")
+
+    async def close(self) -> None:
+        await self.disconnect()
+
+    async def _run_connection(self) -> None:
+        attempt = 0
+        s = self.settings
+        while self._want_connected:
+            self._set_state(ConnectionState.CONNECTING, f"{s.host}:{s.port} client {s.client_id}")
+            self._down.clear()
+            try:
+                await self.ib.connectAsync(
+                    s.host, s.port, s.client_id, timeout=s.connect_timeout_s, readonly=s.readonly, account=s.account
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001  (any failure to connect means: retry later)
+                self.pacer.clear()
+                detail = f"connect failed: {exc!r}"
+                logger.warning("IB {}", detail)
+                self._set_state(ConnectionState.DISCONNECTED, detail)
+            else:
+                attempt = 0
+                self._up = True
+                resubscribe = self._ever_connected
+                self._ever_connected = True
+                self._set_state(ConnectionState.CONNECTED, "connected", resubscribe=resubscribe)
+                await self._down.wait()
+                if not self._want_connected:
+                    return
+            delay = min(s.reconnect_max_s, s.reconnect_initial_s * 2**attempt)
+            delay = delay / 2 + random.uniform(0, delay / 2)  # equal jitter: never zero, never in lockstep
+            attempt += 1
+            logger.info("IB reconnect in {:.2f} s (attempt {})", delay, attempt)
+            await asyncio.sleep(delay)
+
+    def _set_state(self, state: ConnectionState, detail: str = "", resubscribe: bool = False) -> None:
+        self.state = state
+        self._publish(ConnectionStateChanged(state=state, detail=detail, resubscribe=resubscribe))
+
+    def _on_disconnected(self) -> None:
+        if not self._up:
+            return
+        self._up = False
+        self.pacer.clear()
+        self._forget_streams()
+        for batch in list(self._batches):
+            self._fail_open(batch, IbErrorKind.DISCONNECTED, IB_NOT_CONNECTED, "disconnected from IB")
+            self._close_batch_requests(batch, send_cancel=False)
+        self._set_state(ConnectionState.DISCONNECTED, "socket closed")
+        self._down.set()
+
+    # ------------------------------------------------------------- positions
+    def _on_position(self, pos: Position) -> None:
+        c = pos.contract
+        self._cache(c)
+        try:
+            multiplier = float(c.multiplier) if c.multiplier else 1.0
+        except ValueError:
+            multiplier = 1.0
+        self._publish(
+            PositionChanged(
+                account=pos.account,
+                conid=c.conId,
+                symbol=c.symbol,
+                sec_type=c.secType,
+                position=pos.position,
+                avg_cost=pos.avgCost,
+                currency=c.currency or "USD",
+                exchange=c.exchange or c.primaryExchange,
+                right=c.right,
+                strike=c.strike,
+                expiry=c.lastTradeDateOrContractMonth,
+                multiplier=multiplier,
+                ts_us=now_us(),
+            )
+        )
+
+    def request_positions(self) -> None:
+        if not self.connected:
+            self._publish(IbError(code=IB_NOT_CONNECTED, kind=IbErrorKind.DISCONNECTED, message="not connected"))
+            return
+        self._paced(self.ib.reqPositionsAsync)
+
+    # ------------------------------------------------------------- contracts
+    def _cache(self, c: Contract) -> None:
+        if not c.conId:
+            return
+        exchange = c.exchange or ("SMART" if c.secType in SMART_TYPES else "")
+        if not exchange:
+            return  # unknown routing: reqContractDetails will tell
+        self.contracts[c.conId] = Contract(
+            conId=c.conId,
+            symbol=c.symbol,
+            secType=c.secType,
+            lastTradeDateOrContractMonth=c.lastTradeDateOrContractMonth,
+            strike=c.strike,
+            right=c.right,
+            multiplier=c.multiplier,
+            exchange=exchange,
+            currency=c.currency,
+            localSymbol=c.localSymbol,
+            tradingClass=c.tradingClass,
+        )
+
+    async def _contract(self, conid: int) -> Contract | None:
+        """The contract of ``conid`` from the cache, or from one reqContractDetails shared by concurrent askers."""
+        cached = self.contracts.get(conid)
+        if cached is not None:
+            return cached
+        pending = self._resolving.get(conid)
+        if pending is None:
+            pending = self._loop.create_future()
+            self._resolving[conid] = pending
+            try:
+                request = self.ib.reqContractDetailsAsync(Contract(conId=conid))  # paced at the wire
+                details = await asyncio.wait_for(request, self.settings.snapshot_timeout_s)
+                if details:
+                    contract = details[0].contract
+                    if not contract.exchange:
+                        contract.exchange = contract.primaryExchange or "SMART"
+                    self._cache(contract)
+                pending.set_result(self.contracts.get(conid))
+            except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001  (disconnect, timeout: no contract now)
+                logger.debug("contract {} not resolved: {!r}", conid, exc)
+                pending.set_result(None)
+            finally:
+                self._resolving.pop(conid, None)
+        return await asyncio.shield(pending)
+
+    # --------------------------------------------------------- market data
+    def _new_request(self, conid: int, contract: Contract, snapshot: bool) -> MdRequest:
+        """Send one reqMktData (through the pacer) with its own Contract copy and Ticker."""
+        req = MdRequest(conid=conid, snapshot=snapshot, sec_type=contract.secType)
+        req.contract = Contract(
+            **{
+                k: getattr(contract, k)
+                for k in (
+                    "conId",
+                    "symbol",
+                    "secType",
+                    "lastTradeDateOrContractMonth",
+                    "strike",
+                    "right",
+                    "multiplier",
+                    "exchange",
+                    "currency",
+                    "localSymbol",
+                    "tradingClass",
+                )
+            }
+        )
+        req.req_id = self.ib.client.getReqId()
+        req.ticker = self.ib.wrapper.startTicker(req.req_id, req.contract, "mktData")
+        self._by_req[req.req_id] = req
+
+        def on_sent(at: float) -> None:
+            req.sent_at = at
+            if req.cancel_pending:
+                self._schedule_cancel(req)
+
+        generic = "" if snapshot else self.settings.generic_ticks  # IB refuses generic ticks on snapshots (321)
+        req.message = self._paced(
+            lambda: self.ib.client.reqMktData(req.req_id, req.contract, generic, snapshot, False, []), on_sent
+        )
+        req.handler = self._on_snapshot_tick if snapshot else self._on_stream_tick
+        req.ticker.updateEvent += req.handler
+        self._track_lines()
+        return req
+
+    def _drop_request(self, req: MdRequest, send_cancel: bool) -> None:
+        """Forget ``req`` here and in ib_insync; cancel it at IB if it is still open there."""
+        if self._by_req.pop(req.req_id, None) is None:
+            return
+        if req.cancel_timer is not None:
+            req.cancel_timer.cancel()
+        if req.message is not None and req.message.cancel():
+            send_cancel = False  # never left: nothing to cancel at IB
+        if send_cancel and self.connected:
+            self._paced(lambda: self.ib.client.cancelMktData(req.req_id))
+        w = self.ib.wrapper
+        if req.ticker is not None:
+            if req.handler is not None:
+                req.ticker.updateEvent -= req.handler
+            w.endTicker(req.ticker, "mktData")
+        if send_cancel:
+            # IB may still send a few ticks after our cancel: keep the ticker for them a while, so
+            # ib_insync does not log them as unknown, then let it go.
+            self._loop.call_later(LATE_TICKS_S, self._release_ticker, req)
+        else:
+            self._release_ticker(req)
+        batch = req.batch
+        if batch is not None and batch.replied and not any(r.req_id in self._by_req for r in batch.requests):
+            self._finish(batch)
+
+    def _release_ticker(self, req: MdRequest) -> None:
+        w = self.ib.wrapper
+        if w.reqId2Ticker.get(req.req_id) is req.ticker:
+            w.reqId2Ticker.pop(req.req_id, None)
+        if req.contract is not None and w.tickers.get(id(req.contract)) is req.ticker:
+            w.tickers.pop(id(req.contract), None)
+
+    def lines_in_use(self) -> int:
+        return len(self._by_req)
+
+    def _track_lines(self) -> None:
+        self.peak_lines = max(self.peak_lines, self.lines_in_use())
+
+    # --------------------------------------------------------------- streams
+    def subscribe(self, conid: int) -> None:
+        stream = self.streams.get(conid)
+        if stream is not None:
+            stream.cancel_pending = False  # a Subscribe after an Unsubscribe still waiting for its age: keep it
+            if stream.cancel_timer is not None:
+                stream.cancel_timer.cancel()
+                stream.cancel_timer = None
+            return
+        if not self.connected:
+            self._publish(
+                IbError(
+                    code=IB_NOT_CONNECTED,
+                    kind=IbErrorKind.DISCONNECTED,
+                    conid=conid,
+                    message="not connected: subscribe later (resubscribe follows the reconnect)",
+                )
+            )
+            return
+        contract = self.contracts.get(conid)
+        if contract is not None:
+            self.streams[conid] = self._new_request(conid, contract, snapshot=False)
+            return
+        placeholder = MdRequest(conid=conid, snapshot=False)
+        self.streams[conid] = placeholder
+        self._loop.create_task(self._subscribe_resolved(conid, placeholder))
+
+    async def _subscribe_resolved(self, conid: int, placeholder: MdRequest) -> None:
+        contract = await self._contract(conid)
+        if self.streams.get(conid) is not placeholder:
+            return  # forgotten (disconnect) meanwhile
+        if placeholder.cancel_pending or contract is None or not self.connected:
+            del self.streams[conid]  # an unknown conid was already reported: IB's 200 carries it
+            return
+        self.streams[conid] = self._new_request(conid, contract, snapshot=False)
+
+    def unsubscribe(self, conid: int) -> None:
+        stream = self.streams.get(conid)
+        if stream is None:
+            return
+        if stream.req_id < 0:  # still resolving its contract
+            stream.cancel_pending = True
+            return
+        stream.cancel_pending = True
+        if stream.sent_at is not None:
+            self._schedule_cancel(stream)
+        # else: on_sent schedules it, so the age counts from when IB got the request
+
+    def _schedule_cancel(self, stream: MdRequest) -> None:
+        assert stream.sent_at is not None
+        due = stream.sent_at + self.settings.min_stream_age_s
+        if stream.cancel_timer is not None:
+            stream.cancel_timer.cancel()
+        stream.cancel_timer = self._loop.call_at(max(due, self._loop.time()), self._cancel_stream, stream)
+
+    def _cancel_stream(self, stream: MdRequest) -> None:
+        stream.cancel_timer = None
+        if not stream.cancel_pending or self.streams.get(stream.conid) is not stream:
+            return
+        del self.streams[stream.conid]
+        self._drop_request(stream, send_cancel=True)
+
+    def _forget_streams(self) -> None:
+        """IB dropped every stream (socket lost, or 1101): forget them so resubmitted Subscribes are new."""
+        for stream in list(self.streams.values()):
+            if stream.req_id >= 0:
+                self._drop_request(stream, send_cancel=False)
+        self.streams.clear()
+
+    def _on_stream_tick(self, ticker: Ticker) -> None:
+        req_id = self.ib.wrapper.ticker2ReqId["mktData"].get(ticker)
+        req = self._by_req.get(req_id) if req_id is not None else None
+        if req is not None and any_price(ticker):
+            self._publish(to_update(req.conid, ticker, "stream"))
+
+    # ------------------------------------------------------------- snapshots
+    def snapshot(self, conids: list[int], timeout_s: float, reply: pykka.Future[Any]) -> None:
+        unique = list(dict.fromkeys(conids))
+        batch = Batch(conids=unique, reply=reply)
+        if not self.connected:
+            for conid in unique:
+                batch.failures[conid] = SnapshotFailed(
+                    conid=conid, kind=IbErrorKind.DISCONNECTED, code=IB_NOT_CONNECTED, message="not connected"
+                )
+            self._reply(batch)
+            return
+        self._batches.add(batch)
+        batch.timer = self._loop.call_later(timeout_s, self._expire, batch)
+        for conid in unique:
+            contract = self.contracts.get(conid)
+            if contract is not None:
+                self._start_snapshot(batch, conid, contract)
+            else:
+                self._loop.create_task(self._snapshot_resolved(batch, conid))
+        self._maybe_reply(batch)
+
+    async def _snapshot_resolved(self, batch: Batch, conid: int) -> None:
+        contract = await self._contract(conid)
+        if batch.replied or conid in batch.failures or conid in batch.updates:
+            return
+        if contract is None:
+            kind = IbErrorKind.NO_CONTRACT if self.connected else IbErrorKind.DISCONNECTED
+            batch.failures[conid] = SnapshotFailed(
+                conid=conid, kind=kind, code=200 if self.connected else 504, message="contract not resolved"
+            )
+            self._maybe_reply(batch)
+            return
+        self._start_snapshot(batch, conid, contract)
+
+    def _start_snapshot(self, batch: Batch, conid: int, contract: Contract) -> None:
+        req = self._new_request(conid, contract, snapshot=True)
+        req.batch = batch
+        batch.requests.append(req)
+
+    def _on_snapshot_tick(self, ticker: Ticker) -> None:
+        req_id = self.ib.wrapper.ticker2ReqId["mktData"].get(ticker)
+        req = self._by_req.get(req_id) if req_id is not None else None
+        if req is None or req.answered or req.batch is None or not has_prices(ticker):
+            return
+        if req.sec_type in OPTION_TYPES and ticker.modelGreeks is None:
+            return  # prices complete; wait for the model greeks until the end or the timeout
+        self._answer(req, to_update(req.conid, ticker, "queue"))
+
+    def _on_snapshot_end(self, req_id: int) -> None:
+        req = self._by_req.get(req_id)
+        if req is None or not req.snapshot:
+            return
+        ticker = req.ticker
+        if not req.answered and ticker is not None:
+            if any_price(ticker):
+                self._answer(req, to_update(req.conid, ticker, "queue"))
+            else:
+                self._answer(
+                    req,
+                    SnapshotFailed(conid=req.conid, kind=IbErrorKind.NO_DATA, message="snapshot ended without prices"),
+                )
+        self._drop_request(req, send_cancel=False)  # IB ended it: the line is free
+
+    def _answer(self, req: MdRequest, answer: MarketUpdate | SnapshotFailed) -> None:
+        req.answered = True
+        batch = req.batch
+        if batch is None or batch.replied:
+            return
+        if isinstance(answer, MarketUpdate):
+            batch.updates[req.conid] = answer
+        else:
+            batch.failures[req.conid] = answer
+        self._maybe_reply(batch)
+
+    def _maybe_reply(self, batch: Batch) -> None:
+        if not batch.replied and len(batch.updates) + len(batch.failures) >= len(batch.conids):
+            self._reply(batch)
+
+    def _reply(self, batch: Batch) -> None:
+        batch.replied = True
+        result = SnapshotResult(
+            updates=[batch.updates[c] for c in batch.conids if c in batch.updates],
+            failures=[batch.failures[c] for c in batch.conids if c in batch.failures],
+        )
+        batch.reply.set(result)
+        if not any(r.req_id in self._by_req for r in batch.requests):
+            self._finish(batch)
+
+    def _finish(self, batch: Batch) -> None:
+        if batch.timer is not None:
+            batch.timer.cancel()
+        self._batches.discard(batch)
+
+    def _expire(self, batch: Batch) -> None:
+        """The batch's time is up: answer what is complete, time out the rest, close what is still open."""
+        batch.timer = None
+        for req in batch.requests:
+            if not req.answered and req.ticker is not None and has_prices(req.ticker):
+                self._answer(req, to_update(req.conid, req.ticker, "queue"))  # prices without greeks
+        self._fail_open(batch, IbErrorKind.TIMEOUT, None, "no complete quote within the timeout")
+        self._close_batch_requests(batch, send_cancel=True)
+        self._finish(batch)
+
+    def _fail_open(self, batch: Batch, kind: IbErrorKind, code: int | None, message: str) -> None:
+        for conid in batch.conids:
+            if conid not in batch.updates and conid not in batch.failures:
+                batch.failures[conid] = SnapshotFailed(conid=conid, kind=kind, code=code, message=message)
+        for req in batch.requests:
+            req.answered = True
+        if not batch.replied:
+            self._reply(batch)
+
+    def _close_batch_requests(self, batch: Batch, send_cancel: bool) -> None:
+        for req in batch.requests:
+            self._drop_request(req, send_cancel=send_cancel)
+        self._finish(batch)
+
+    # ---------------------------------------------------------------- errors
+    def _on_error(self, req_id: int, code: int, text: str, contract: Contract | None) -> None:
+        kind = classify_ib_code(code)
+        req = self._by_req.get(req_id)
+        conid = req.conid if req is not None else (contract.conId if contract is not None and contract.conId else None)
+        if code in QUIET_CODES or (kind == IbErrorKind.INFO and code not in (2103, 2105)):
+            logger.debug("IB info {} (req {}): {}", code, req_id, text)
+            return
+        logger.warning("IB error {} {} (req {}, conid {}): {}", code, kind, req_id, conid, text)
+        self._publish(IbError(code=code, kind=kind, req_id=req_id, conid=conid, message=text))
+        if code == 1100:
+            self._set_state(ConnectionState.CONNECTIVITY_LOST, text)
+        elif code == 1101:
+            self._forget_streams()
+            self._set_state(ConnectionState.RESTORED_DATA_LOST, text, resubscribe=True)
+        elif code == 1102:
+            self._set_state(ConnectionState.RESTORED_DATA_KEPT, text)
+        if req is None or code not in TERMINAL_MD_CODES:
+            return
+        if req.snapshot:
+            if not req.answered:
+                self._answer(req, SnapshotFailed(conid=req.conid, kind=kind, code=code, message=text))
+            self._drop_request(req, send_cancel=False)
+        else:
+            if self.streams.get(req.conid) is req:
+                del self.streams[req.conid]  # refused by IB: holds no line (the router demotes on 101)
+            self._drop_request(req, send_cancel=False)
+
+    # ----------------------------------------------------------------- stats
+    def stats(self) -> IbStatsReply:
+        return IbStatsReply(
+            connected=self.connected,
+            state=self.state,
+            streams=sum(1 for s in self.streams.values() if s.req_id >= 0),
+            snapshots_in_flight=sum(1 for r in self._by_req.values() if r.snapshot),
+            lines_in_use=self.lines_in_use(),
+            peak_lines=self.peak_lines,
+            requests_sent=self.pacer.sent,
+            requests_queued=self.pacer.queued,
+        )

@@ -1,0 +1,1 @@
+"""Contract tests: one suite run against every implementation of an actor's messages."""

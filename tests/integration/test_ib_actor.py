@@ -1,0 +1,255 @@
+"""The real IbActor, through the real ib_insync client, against the TWS simulator.
+
+Each test waits on messages, replies or the simulator's counters with
+timeouts; nothing sleeps to synchronise.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pykka
+
+from actors.ib import IbActor
+from actors.messaging import ask, ask_async
+from events.ib import (
+    ConnectionState,
+    ConnectionStateChanged,
+    Disconnect,
+    IbError,
+    IbErrorKind,
+    IbStats,
+    IbStatsReply,
+    MarketUpdate,
+    PositionChanged,
+    Snapshot,
+    SnapshotResult,
+    Subscribe,
+    Unsubscribe,
+)
+from tests.integration.conftest import fast_settings, is_connected
+from tests.simulator import TwsSimulator
+from tests.support import Inbox, wait_until
+
+Start = Callable[..., tuple[pykka.ActorRef[Any], Inbox]]
+STOCKS = list(range(1001, 1301))
+CALL = 900001
+
+
+def stats(ref: pykka.ActorRef[Any]) -> IbStatsReply:
+    reply = ask(ref, IbStats())
+    assert isinstance(reply, IbStatsReply)
+    return reply
+
+
+def test_connect_reports_every_position(connect_ib: Start, sim: TwsSimulator) -> None:
+    ref, inbox = connect_ib()
+    positions = inbox.wait_for_count(lambda m: isinstance(m, PositionChanged), count=320)
+    by_conid = {p.conid: p for p in positions}
+    assert set(by_conid) == set(STOCKS) | set(range(900001, 900021))
+    call = by_conid[CALL]
+    assert (call.sec_type, call.right, call.strike, call.multiplier, call.expiry) == (
+        "OPT",
+        "C",
+        100.0,
+        100.0,
+        "20260116",
+    )
+    assert call.position == -1.0
+    assert by_conid[1001].account == "DU1234567"
+    assert stats(ref).connected
+
+
+def test_stream_of_an_option_carries_greeks(connect_ib: Start) -> None:
+    ref, inbox = connect_ib()
+    ref.tell(Subscribe(conid=CALL))
+    update = inbox.wait_for(
+        lambda m: isinstance(m, MarketUpdate) and m.conid == CALL and m.delta is not None and m.bid and m.ask
+    )
+    assert update.source == "stream"
+    assert update.bid is not None
+    assert update.ask is not None
+    assert update.gamma is not None
+    assert update.iv is not None
+    assert update.und_price is not None
+    # Streaming goes on: several updates arrive.
+    inbox.wait_for_count(lambda m: isinstance(m, MarketUpdate) and m.conid == CALL, count=3)
+    assert stats(ref).streams == 1
+
+
+def test_subscribe_twice_is_one_request(connect_ib: Start, sim: TwsSimulator) -> None:
+    ref, inbox = connect_ib()
+    ref.tell(Subscribe(conid=1001))
+    ref.tell(Subscribe(conid=1001))
+    inbox.wait_for(lambda m: isinstance(m, MarketUpdate) and m.conid == 1001)
+    assert stats(ref).streams == 1
+    assert sim.stats().by_msg_id.get(1) == 1
+
+
+def test_snapshot_batch_of_50(connect_ib: Start, sim: TwsSimulator) -> None:
+    ref, _ = connect_ib()
+    conids = STOCKS[:50]
+    result = ask(ref, Snapshot(conids=conids, timeout_s=5), timeout=10)
+    assert isinstance(result, SnapshotResult)
+    assert [u.conid for u in result.updates] == conids
+    assert not result.failures
+    assert all(u.source == "queue" and u.bid is not None and u.ask is not None for u in result.updates)
+    wait_until(lambda: stats(ref).snapshots_in_flight == 0)  # IB ended them all: no line held
+    assert sim.stats().max_in_window <= 50
+
+
+def test_snapshot_of_an_option_waits_for_greeks(connect_ib: Start) -> None:
+    ref, _ = connect_ib()
+    result = ask(ref, Snapshot(conids=[CALL, CALL + 1], timeout_s=5))
+    assert [u.conid for u in result.updates] == [CALL, CALL + 1]
+    assert all(u.delta is not None for u in result.updates)
+    assert result.updates[0].delta > 0 > result.updates[1].delta
+
+
+def test_line_limit_answers_101_with_the_conid(connect_ib: Start, sim: TwsSimulator) -> None:
+    sim.set_line_limit(3)
+    ref, inbox = connect_ib()
+    for conid in STOCKS[:4]:
+        ref.tell(Subscribe(conid=conid))
+    error = inbox.wait_for(lambda m: isinstance(m, IbError) and m.code == 101)
+    assert error.kind == IbErrorKind.MAX_TICKERS
+    assert error.conid == STOCKS[3]
+    wait_until(lambda: stats(ref).streams == 3)
+    assert stats(ref).lines_in_use == 3
+    # Not counted as a stream, so a later Subscribe (after a line frees) is sent again.
+    ref.tell(Unsubscribe(conid=STOCKS[0]))
+    wait_until(lambda: sim.stats().streams == 2)
+    ref.tell(Subscribe(conid=STOCKS[3]))
+    inbox.wait_for(lambda m: isinstance(m, MarketUpdate) and m.conid == STOCKS[3])
+
+
+def test_burst_of_500_requests_stays_within_pacing(connect_ib: Start, sim: TwsSimulator) -> None:
+    sim.set_line_limit(1000)  # this test is about pacing, not lines
+    ref, inbox = connect_ib(min_stream_age_s=0.05)
+    inbox.wait_for_count(lambda m: isinstance(m, PositionChanged), count=320)  # contracts cached
+    before = sim.stats().by_msg_id
+    conids = STOCKS[:250]
+    for conid in conids:
+        ref.tell(Subscribe(conid=conid))
+    for conid in conids:
+        ref.tell(Unsubscribe(conid=conid))
+
+    def all_arrived() -> bool:
+        counts = sim.stats().by_msg_id
+        return counts.get(1, 0) - before.get(1, 0) == 250 and counts.get(2, 0) - before.get(2, 0) == 250
+
+    wait_until(all_arrived, timeout=30, interval=0.1)
+    final = sim.stats()
+    assert final.max_in_window <= 50
+    assert final.pacing_violations == 0
+    assert final.streams == 0
+    assert not [m for m in inbox.messages(IbError) if m.code in (100, 300, 354)]
+    reply = stats(ref)
+    assert reply.streams == 0
+    assert reply.requests_queued == 0
+    assert reply.peak_lines >= 1
+
+
+def test_unsubscribe_waits_for_the_minimum_stream_age(connect_ib: Start, sim: TwsSimulator) -> None:
+    ref, inbox = connect_ib(min_stream_age_s=0.3)
+    inbox.wait_for_count(lambda m: isinstance(m, PositionChanged), count=320)
+    started = time.monotonic()
+    ref.tell(Subscribe(conid=1001))
+    ref.tell(Unsubscribe(conid=1001))
+    wait_until(lambda: sim.stats().by_msg_id.get(2, 0) == 1, timeout=5)
+    assert time.monotonic() - started >= 0.3
+    assert sim.stats().streams == 0
+
+
+def test_drop_reconnects_and_tells_to_resubscribe(connect_ib: Start, sim: TwsSimulator) -> None:
+    ref, inbox = connect_ib()
+    ref.tell(Subscribe(conid=1001))
+    inbox.wait_for(lambda m: isinstance(m, MarketUpdate) and m.conid == 1001)
+    sim.drop_connections()
+    inbox.wait_for(lambda m: isinstance(m, ConnectionStateChanged) and m.state == ConnectionState.DISCONNECTED)
+    inbox.wait_for(is_connected(resubscribe=True), timeout=10)
+    assert stats(ref).streams == 0  # the stream set was forgotten
+    inbox.clear()
+    ref.tell(Subscribe(conid=1001))  # resubmitted by the router: not a no-op
+    inbox.wait_for(lambda m: isinstance(m, MarketUpdate) and m.conid == 1001)
+    assert sim.stats().connections == 2
+
+
+def test_snapshot_that_never_answers_times_out(connect_ib: Start, sim: TwsSimulator) -> None:
+    ref, _ = connect_ib()
+    sim.set_never_answer(1002)
+    started = time.monotonic()
+    result = ask(ref, Snapshot(conids=[1001, 1002], timeout_s=0.5))
+    assert time.monotonic() - started < 3
+    assert [u.conid for u in result.updates] == [1001]
+    assert [(f.conid, f.kind) for f in result.failures] == [(1002, IbErrorKind.TIMEOUT)]
+    wait_until(lambda: sim.stats().open_snapshots == 0)  # cancelled at IB
+    assert stats(ref).snapshots_in_flight == 0
+
+
+def test_1101_tells_to_resubscribe(connect_ib: Start, sim: TwsSimulator) -> None:
+    ref, inbox = connect_ib()
+    ref.tell(Subscribe(conid=1001))
+    inbox.wait_for(lambda m: isinstance(m, MarketUpdate) and m.conid == 1001)
+    sim.send_error(1101)
+    changed = inbox.wait_for(lambda m: isinstance(m, ConnectionStateChanged) and m.resubscribe)
+    assert changed.state == ConnectionState.RESTORED_DATA_LOST
+    assert inbox.wait_for(lambda m: isinstance(m, IbError) and m.code == 1101).kind == IbErrorKind.RESTORED_DATA_LOST
+    assert stats(ref).streams == 0
+    requests_before = sim.stats().by_msg_id[1]
+    ref.tell(Subscribe(conid=1001))
+    wait_until(lambda: sim.stats().by_msg_id[1] == requests_before + 1)
+
+
+def test_1100_and_1102_are_reported_with_the_socket_up(connect_ib: Start, sim: TwsSimulator) -> None:
+    ref, inbox = connect_ib()
+    sim.send_error(1100)
+    lost = inbox.wait_for(
+        lambda m: isinstance(m, ConnectionStateChanged) and m.state == ConnectionState.CONNECTIVITY_LOST
+    )
+    assert not lost.resubscribe
+    assert stats(ref).connected
+    sim.send_error(1102)
+    kept = inbox.wait_for(
+        lambda m: isinstance(m, ConnectionStateChanged) and m.state == ConnectionState.RESTORED_DATA_KEPT
+    )
+    assert not kept.resubscribe
+    assert sim.stats().connections == 1
+    # Farm status notes (2104/2106/2158) at connect were not emitted.
+    assert not [m for m in inbox.messages(IbError) if m.code in (2104, 2106, 2158)]
+
+
+def test_disconnect_fails_snapshots_in_flight(connect_ib: Start, sim: TwsSimulator) -> None:
+    ref, inbox = connect_ib()
+    sim.set_never_answer(1001)
+    pending = ask_async(ref, Snapshot(conids=[1001], timeout_s=30))
+    wait_until(lambda: sim.stats().open_snapshots == 1)
+    ref.tell(Disconnect())
+    result = pending.get(timeout=3)
+    assert [(f.conid, f.kind) for f in result.failures] == [(1001, IbErrorKind.DISCONNECTED)]
+    inbox.wait_for(lambda m: isinstance(m, ConnectionStateChanged) and m.state == ConnectionState.DISCONNECTED)
+
+
+def test_commands_while_disconnected_answer_typed_failures(sim: TwsSimulator) -> None:
+    inbox = Inbox.start()
+    assert inbox.ref is not None
+    ref = IbActor.start(fast_settings(sim.port), [inbox.ref])
+    result = ask(ref, Snapshot(conids=[1001, 1002]), timeout=3)
+    assert {f.kind for f in result.failures} == {IbErrorKind.DISCONNECTED}
+    assert len(result.failures) == 2
+    ref.tell(Subscribe(conid=1001))
+    error = inbox.wait_for(lambda m: isinstance(m, IbError))
+    assert (error.kind, error.conid) == (IbErrorKind.DISCONNECTED, 1001)
+    assert not stats(ref).connected
+
+
+def test_unknown_conid_is_no_contract(connect_ib: Start) -> None:
+    ref, inbox = connect_ib()
+    result = ask(ref, Snapshot(conids=[77]))
+    assert [(f.conid, f.kind) for f in result.failures] == [(77, IbErrorKind.NO_CONTRACT)]
+    ref.tell(Subscribe(conid=78))
+    error = inbox.wait_for(lambda m: isinstance(m, IbError) and m.conid == 78)
+    assert (error.code, error.kind) == (200, IbErrorKind.NO_CONTRACT)
+    assert stats(ref).streams == 0

@@ -1,0 +1,657 @@
+"""A loopback TWS/IB Gateway stand-in that speaks the TWS socket protocol to a real client.
+
+It exists so the real IB actor can be tested through the real ib_insync
+client: handshake, the requests ib_insync sends while connecting, positions,
+contract details, streaming and snapshot market data, cancels, and IB's own
+refusals (101 past the line limit, 100 past the message rate, 200 for an
+unknown conid, 300 for an unknown cancel, 321 for a snapshot with generic
+ticks or a request without exchange, 322 for a duplicate ticker id, 326 for a
+client id already in use). Field layouts follow ib_insync's ``decoder.py`` at
+server version 176 (the highest ib_insync 0.9.86 asks for).
+
+Fault switches (thread-safe, callable from the test thread): drop every
+connection, send 1100/1101/1102 (or any code), never answer snapshots of
+chosen conids, change the line limit. Counters (``stats()``): messages
+received by id, the largest number of messages seen in any sliding window of
+``pacing_window_s``, lines in use and their peak, connections accepted.
+
+The server runs in its own thread with its own asyncio loop and binds
+127.0.0.1 only; ``start()`` returns the port (bound to port 0 unless given).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import struct
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+__all__ = ["SimConfig", "SimContract", "SimPosition", "SimStats", "TwsSimulator", "default_universe"]
+
+_T = TypeVar("_T")
+
+SERVER_VERSION = 176
+MIN_CLIENT_VERSION = 157
+
+# Incoming message ids (client -> TWS), from ib_insync's client.py.
+REQ_MKT_DATA = 1
+CANCEL_MKT_DATA = 2
+REQ_OPEN_ORDERS = 5
+REQ_ACCOUNT_UPDATES = 6
+REQ_EXECUTIONS = 7
+REQ_CONTRACT_DETAILS = 9
+REQ_CURRENT_TIME = 49
+REQ_MARKET_DATA_TYPE = 59
+REQ_POSITIONS = 61
+CANCEL_POSITIONS = 64
+START_API = 71
+REQ_ACCOUNT_UPDATES_MULTI = 76
+REQ_COMPLETED_ORDERS = 99
+
+# Outgoing message ids (TWS -> client), from ib_insync's decoder.py.
+TICK_PRICE = 1
+TICK_SIZE = 2
+ERR_MSG = 4
+NEXT_VALID_ID = 9
+CONTRACT_DATA = 10
+MANAGED_ACCTS = 15
+TICK_OPTION_COMPUTATION = 21
+CURRENT_TIME = 49
+CONTRACT_DATA_END = 52
+OPEN_ORDER_END = 53
+ACCT_DOWNLOAD_END = 54
+EXECUTION_DATA_END = 55
+TICK_SNAPSHOT_END = 57
+MARKET_DATA_TYPE = 58
+POSITION_DATA = 61
+POSITION_END = 62
+ACCOUNT_UPDATE_MULTI_END = 74
+TICK_REQ_PARAMS = 81
+COMPLETED_ORDERS_END = 102
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimContract:
+    """One instrument the simulated IB knows."""
+
+    conid: int
+    symbol: str
+    sec_type: str = "STK"
+    expiry: str = ""
+    strike: float = 0.0
+    right: str = ""
+    multiplier: str = ""
+    exchange: str = "SMART"
+    primary_exchange: str = "NASDAQ"
+    currency: str = "USD"
+    local_symbol: str = ""
+    trading_class: str = ""
+    min_tick: float = 0.01
+    under_conid: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimPosition:
+    conid: int
+    position: float
+    avg_cost: float
+
+
+@dataclass(kw_only=True)
+class SimConfig:
+    """What the simulated account holds and how strict the simulated IB is."""
+
+    account: str = "DU1234567"
+    contracts: dict[int, SimContract] = field(default_factory=dict)
+    positions: list[SimPosition] = field(default_factory=list)
+    line_limit: int = 100
+    #: IB's message rate: more than this many messages in any window answers error 100.
+    pacing_limit: int = 50
+    pacing_window_s: float = 1.0
+    #: Whether an open snapshot holds a line until its tickSnapshotEnd (IB does not say; we assume yes).
+    snapshots_use_lines: bool = True
+    #: Streaming ticks for every open stream this often (0 = only the initial quote).
+    tick_interval_s: float = 0.05
+    #: Delay between a snapshot's quote and its tickSnapshotEnd (IB: up to ~11 s).
+    snapshot_end_delay_s: float = 0.02
+    server_version: int = SERVER_VERSION
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimStats:
+    """Counters read by tests."""
+
+    connections: int
+    sessions: int
+    messages: int
+    by_msg_id: dict[int, int]
+    max_in_window: int
+    pacing_violations: int
+    lines_in_use: int
+    peak_lines: int
+    streams: int
+    open_snapshots: int
+
+
+def default_universe(n_stocks: int = 300, n_option_strikes: int = 10) -> SimConfig:
+    """A deterministic account: ``n_stocks`` stocks (conids 1001...), calls and puts on the first one.
+
+    Options get conids 900001...; every stock and every option is held.
+    """
+    contracts: dict[int, SimContract] = {}
+    positions: list[SimPosition] = []
+    for i in range(n_stocks):
+        conid = 1001 + i
+        symbol = f"S{i:03d}"
+        contracts[conid] = SimContract(conid=conid, symbol=symbol, local_symbol=symbol, trading_class="NMS")
+        positions.append(SimPosition(conid=conid, position=float(10 + i), avg_cost=50.0 + i))
+    for k in range(n_option_strikes):
+        for j, right in enumerate(("C", "P")):
+            conid = 900001 + 2 * k + j
+            strike = 100.0 + 5 * k
+            local = f"S000  260116{right}{int(strike * 1000):08d}"
+            contracts[conid] = SimContract(
+                conid=conid,
+                symbol="S000",
+                sec_type="OPT",
+                expiry="20260116",
+                strike=strike,
+                right=right,
+                multiplier="100",
+                local_symbol=local,
+                trading_class="S000",
+                primary_exchange="",
+                under_conid=1001,
+            )
+            positions.append(SimPosition(conid=conid, position=-1.0 if right == "C" else 2.0, avg_cost=250.0))
+    return SimConfig(contracts=contracts, positions=positions)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if value is None:
+        return ""
+    return str(value)
+
+
+def _frame(*fields: Any) -> bytes:
+    payload = "".join(_fmt(f) + "\0" for f in fields).encode()
+    return struct.pack(">I", len(payload)) + payload
+
+
+class _Session(asyncio.Protocol):
+    """One client connection: handshake, then framed requests."""
+
+    def __init__(self, sim: TwsSimulator) -> None:
+        self.sim = sim
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.handshaken = False
+        self.client_id: int | None = None
+        self.streams: dict[int, int] = {}  # reqId -> conid
+        self.snapshots: dict[int, int] = {}  # reqId -> conid, open until tickSnapshotEnd or cancel
+        self.tick_no = 0
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.sim._sessions.add(self)
+        self.sim._connections += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.sim._sessions.discard(self)
+        self.transport = None
+        self.streams.clear()
+        self.snapshots.clear()
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic()
+        self.buffer += data
+        if not self.handshaken:
+            if len(self.buffer) < 8:
+                return
+            if not self.buffer.startswith(b"API\0"):
+                self.close()
+                return
+            size = struct.unpack(">I", self.buffer[4:8])[0]
+            if len(self.buffer) < 8 + size:
+                return
+            versions = self.buffer[8 : 8 + size].decode()
+            self.buffer = self.buffer[8 + size :]
+            self.handshaken = True
+            max_version = int(versions.lstrip("v").split()[0].split("..")[-1])
+            version = min(max_version, self.sim.config.server_version)
+            if version < MIN_CLIENT_VERSION:
+                self.close()
+                return
+            self.write(_frame(version, time.strftime("%Y%m%d %H:%M:%S UTC", time.gmtime())))
+        while len(self.buffer) >= 4:
+            size = struct.unpack(">I", self.buffer[:4])[0]
+            if len(self.buffer) < 4 + size:
+                return
+            fields = self.buffer[4 : 4 + size].decode(errors="backslashreplace").split("\0")
+            self.buffer = self.buffer[4 + size :]
+            fields.pop()
+            if self.sim._count_message(now, int(fields[0])):
+                self.sim._on_message(self, fields)
+            else:
+                self.error(_req_id_of(fields), 100, "Max rate of messages per second has been exceeded:max=50 rec=51")
+
+    # -- output
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def send(self, *fields: Any) -> None:
+        self.write(_frame(*fields))
+
+    def error(self, req_id: int, code: int, message: str) -> None:
+        self.send(ERR_MSG, 2, req_id, code, message, "")
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _req_id_of(fields: list[str]) -> int:
+    """The request id of a message with a version field, for error replies; -1 when it has none."""
+    msg_id = int(fields[0])
+    if msg_id in (REQ_MKT_DATA, CANCEL_MKT_DATA, REQ_CONTRACT_DETAILS, REQ_EXECUTIONS, REQ_ACCOUNT_UPDATES_MULTI):
+        try:
+            return int(fields[2])
+        except (IndexError, ValueError):
+            return -1
+    return -1
+
+
+class TwsSimulator:
+    """The simulated gateway. ``start()`` -> port; ``stop()`` closes everything."""
+
+    def __init__(self, config: SimConfig | None = None) -> None:
+        self.config = config or default_universe()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.Server | None = None
+        self._sessions: set[_Session] = set()
+        self._connections = 0
+        self._lock = threading.Lock()
+        self._times: deque[float] = deque()
+        self._max_in_window = 0
+        self._violations = 0
+        self._by_msg_id: Counter[int] = Counter()
+        self._peak_lines = 0
+        self._never_answer: set[int] = set()
+        self._ticker: asyncio.Task[None] | None = None
+        self.port = 0
+
+    # -- lifecycle
+    def start(self, port: int = 0) -> int:
+        """Start the server thread and return the bound port."""
+        ready: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, args=(port, ready), name="tws-simulator", daemon=True)
+        self._thread.start()
+        self.port = ready.result(timeout=10)
+        return self.port
+
+    def _run(self, port: int, ready: concurrent.futures.Future[int]) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        try:
+            self._server = loop.run_until_complete(loop.create_server(lambda: _Session(self), "127.0.0.1", port))
+            if self.config.tick_interval_s > 0:
+                self._ticker = loop.create_task(self._tick_forever())
+            ready.set_result(self._server.sockets[0].getsockname()[1])
+            loop.run_forever()
+        except BaseException as exc:
+            if not ready.done():
+                ready.set_exception(exc)
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    def stop(self) -> None:
+        """Close every connection and the listening socket, and end the thread."""
+        if self._loop is None or self._thread is None:
+            return
+
+        async def shutdown() -> None:
+            if self._ticker is not None:
+                self._ticker.cancel()
+            if self._server is not None:
+                self._server.close()
+            for session in list(self._sessions):
+                if session.transport is not None:
+                    session.transport.abort()
+            if self._server is not None:
+                await self._server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop = None
+
+    def __enter__(self) -> TwsSimulator:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _call(self, fn: Callable[[], _T]) -> _T:
+        """Run ``fn`` in the server loop and wait for its result."""
+        assert self._loop is not None, "simulator not started"
+
+        async def run() -> _T:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout=10)
+
+    # -- fault switches and counters (any thread)
+    def drop_connections(self) -> None:
+        """Cut every client socket, as a gateway restart or a network failure would."""
+
+        def drop() -> None:
+            for session in list(self._sessions):
+                if session.transport is not None:
+                    session.transport.abort()
+
+        self._call(drop)
+
+    def send_error(self, code: int, message: str = "", req_id: int = -1) -> None:
+        """Send error ``code`` to every client. 1101 also forgets every stream, as IB does."""
+        texts = {
+            1100: "Connectivity between IB and Trader Workstation has been lost.",
+            1101: "Connectivity between IB and TWS has been restored- data lost.",
+            1102: "Connectivity between IB and TWS has been restored- data maintained.",
+        }
+
+        def send() -> None:
+            for session in list(self._sessions):
+                if code == 1101:
+                    session.streams.clear()
+                session.error(req_id, code, message or texts.get(code, f"simulated error {code}"))
+
+        self._call(send)
+
+    def set_never_answer(self, conid: int, never: bool = True) -> None:
+        """Snapshots of ``conid`` get no quote and no tickSnapshotEnd (until cancelled)."""
+
+        def switch() -> None:
+            if never:
+                self._never_answer.add(conid)
+            else:
+                self._never_answer.discard(conid)
+
+        self._call(switch)
+
+    def set_line_limit(self, limit: int) -> None:
+        def set_limit() -> None:
+            self.config.line_limit = limit
+
+        self._call(set_limit)
+
+    def stats(self) -> SimStats:
+        def read() -> SimStats:
+            with self._lock:
+                return SimStats(
+                    connections=self._connections,
+                    sessions=len(self._sessions),
+                    messages=sum(self._by_msg_id.values()),
+                    by_msg_id=dict(self._by_msg_id),
+                    max_in_window=self._max_in_window,
+                    pacing_violations=self._violations,
+                    lines_in_use=self._lines(),
+                    peak_lines=self._peak_lines,
+                    streams=sum(len(s.streams) for s in self._sessions),
+                    open_snapshots=sum(len(s.snapshots) for s in self._sessions),
+                )
+
+        return self._call(read)
+
+    # -- pacing
+    def _count_message(self, now: float, msg_id: int) -> bool:
+        """Record one incoming message; False when it broke the rate limit (and is refused)."""
+        with self._lock:
+            self._by_msg_id[msg_id] += 1
+            times = self._times
+            times.append(now)
+            while times and now - times[0] >= self.config.pacing_window_s:
+                times.popleft()
+            self._max_in_window = max(self._max_in_window, len(times))
+            if len(times) > self.config.pacing_limit:
+                self._violations += 1
+                return False
+            return True
+
+    # -- lines
+    def _lines(self) -> int:
+        total = 0
+        for session in self._sessions:
+            total += len(session.streams)
+            if self.config.snapshots_use_lines:
+                total += len(session.snapshots)
+        return total
+
+    # -- request handling (server loop)
+    def _on_message(self, session: _Session, fields: list[str]) -> None:
+        msg_id = int(fields[0])
+        handler = {
+            START_API: self._start_api,
+            REQ_POSITIONS: self._positions,
+            REQ_OPEN_ORDERS: lambda s, f: s.send(OPEN_ORDER_END, 1),
+            REQ_COMPLETED_ORDERS: lambda s, f: s.send(COMPLETED_ORDERS_END),
+            REQ_ACCOUNT_UPDATES: self._account_updates,
+            REQ_ACCOUNT_UPDATES_MULTI: lambda s, f: s.send(ACCOUNT_UPDATE_MULTI_END, 1, int(f[2])),
+            REQ_EXECUTIONS: lambda s, f: s.send(EXECUTION_DATA_END, 1, int(f[2])),
+            REQ_CONTRACT_DETAILS: self._contract_details,
+            REQ_MKT_DATA: self._mkt_data,
+            CANCEL_MKT_DATA: self._cancel_mkt_data,
+            REQ_CURRENT_TIME: lambda s, f: s.send(CURRENT_TIME, 1, int(time.time())),
+        }.get(msg_id)
+        if handler is not None:
+            handler(session, fields)
+        # Anything else (reqMarketDataType, cancelPositions, ...) needs no answer here.
+
+    def _start_api(self, session: _Session, fields: list[str]) -> None:
+        client_id = int(fields[2])
+        if any(s.client_id == client_id for s in self._sessions if s is not session):
+            session.error(-1, 326, "Unable to connect as the client id is already in use.")
+            session.close()
+            return
+        session.client_id = client_id
+        session.send(NEXT_VALID_ID, 1, 1)
+        session.send(MANAGED_ACCTS, 1, self.config.account)
+        for code, text in (
+            (2104, "Market data farm connection is OK:usfarm"),
+            (2106, "HMDS data farm connection is OK:ushmds"),
+            (2158, "Sec-def data farm connection is OK:secdefnj"),
+        ):
+            session.error(-1, code, text)
+
+    def _positions(self, session: _Session, fields: list[str]) -> None:
+        for pos in self.config.positions:
+            c = self.config.contracts[pos.conid]
+            # IB leaves the exchange of a position empty.
+            session.send(
+                POSITION_DATA,
+                3,
+                self.config.account,
+                c.conid,
+                c.symbol,
+                c.sec_type,
+                c.expiry,
+                c.strike,
+                c.right,
+                c.multiplier,
+                "",
+                c.currency,
+                c.local_symbol,
+                c.trading_class,
+                pos.position,
+                pos.avg_cost,
+            )
+        session.send(POSITION_END, 1)
+
+    def _account_updates(self, session: _Session, fields: list[str]) -> None:
+        if fields[2] == "1":
+            session.send(ACCT_DOWNLOAD_END, 1, fields[3] or self.config.account)
+
+    def _contract_details(self, session: _Session, fields: list[str]) -> None:
+        req_id, conid = int(fields[2]), int(fields[3] or 0)
+        c = self.config.contracts.get(conid)
+        if c is None:
+            session.error(req_id, 200, "No security definition has been found for the request")
+            return
+        under = self.config.contracts.get(c.under_conid)
+        session.send(
+            CONTRACT_DATA,
+            req_id,
+            c.symbol,
+            c.sec_type,
+            c.expiry,
+            c.strike,
+            c.right,
+            c.exchange,
+            c.currency,
+            c.local_symbol,
+            c.trading_class,
+            c.trading_class,
+            c.conid,
+            c.min_tick,
+            c.multiplier,
+            "ACTIVETIM,AD,LMT,MKT",
+            "SMART,NASDAQ,ARCA",
+            1,
+            c.under_conid,
+            f"{c.symbol} SIMULATED",
+            c.primary_exchange,
+            c.expiry[:6],
+            "",
+            "",
+            "",
+            "US/Eastern",
+            "",
+            "",
+            "",
+            "",
+            0,  # numSecIds
+            1,
+            under.symbol if under else "",
+            under.sec_type if under else "",
+            "26",
+            c.expiry,
+            "COMMON" if c.sec_type == "STK" else "",
+            1,
+            1,
+            1,
+        )
+        session.send(CONTRACT_DATA_END, 1, req_id)
+
+    def _mkt_data(self, session: _Session, fields: list[str]) -> None:
+        req_id, conid, sec_type, exchange = int(fields[2]), int(fields[3] or 0), fields[5], fields[10]
+        rest = fields[15:]
+        if sec_type == "BAG":
+            n_legs = int(rest[0])
+            rest = rest[1 + 4 * n_legs :]
+        rest = rest[4:] if rest[0] == "1" else rest[1:]
+        generic_ticks, snapshot = rest[0], rest[1] == "1"
+        if req_id in session.streams or req_id in session.snapshots:
+            session.error(req_id, 322, f"Error processing request.-'bW' : cause - Duplicate ticker id:{req_id}")
+            return
+        c = self.config.contracts.get(conid)
+        if c is None:
+            session.error(req_id, 200, "No security definition has been found for the request")
+            return
+        if not exchange:
+            session.error(req_id, 321, "Error validating request.-'bW' : cause - Please enter exchange")
+            return
+        if snapshot and generic_ticks:
+            session.error(
+                req_id,
+                321,
+                "Error validating request.-'bW' : cause - Snapshot market data subscription is not applicable "
+                "to generic ticks",
+            )
+            return
+        if ((snapshot and self.config.snapshots_use_lines) or not snapshot) and self._lines() >= self.config.line_limit:
+            session.error(req_id, 101, f"Max number of tickers has been reached:{self.config.line_limit}")
+            return
+        if snapshot:
+            session.snapshots[req_id] = conid
+        else:
+            session.streams[req_id] = conid
+        self._peak_lines = max(self._peak_lines, self._lines())
+        if snapshot and conid in self._never_answer:
+            return
+        session.send(TICK_REQ_PARAMS, req_id, c.min_tick, "9c0001", 3)
+        session.send(MARKET_DATA_TYPE, 1, req_id, 1)
+        self._quote(session, req_id, c, full=True)
+        if snapshot:
+            assert self._loop is not None
+            self._loop.call_later(self.config.snapshot_end_delay_s, self._end_snapshot, session, req_id)
+
+    def _end_snapshot(self, session: _Session, req_id: int) -> None:
+        if session.snapshots.pop(req_id, None) is not None:
+            session.send(TICK_SNAPSHOT_END, 1, req_id)
+
+    def _cancel_mkt_data(self, session: _Session, fields: list[str]) -> None:
+        req_id = int(fields[2])
+        if session.streams.pop(req_id, None) is None and session.snapshots.pop(req_id, None) is None:
+            session.error(req_id, 300, f"Can't find EId with tickerId:{req_id}")
+
+    def _quote(self, session: _Session, req_id: int, c: SimContract, full: bool) -> None:
+        """Deterministic prices from the conid and the session's tick counter."""
+        session.tick_no += 1
+        n = session.tick_no
+        if c.sec_type == "OPT":
+            under = self.config.contracts.get(c.under_conid)
+            und_price = _base_price(under.conid) if under else 100.0
+            base = max(0.05, round(abs(und_price - c.strike) * 0.5 + 2.0, 2))
+        else:
+            und_price, base = 0.0, _base_price(c.conid)
+        bid = round(base + 0.01 * (n % 7), 2)
+        ask = round(bid + 0.02, 2)
+        session.send(TICK_PRICE, 6, req_id, 1, bid, 100 + n % 50, 0)
+        session.send(TICK_PRICE, 6, req_id, 2, ask, 200 + n % 50, 0)
+        session.send(TICK_PRICE, 6, req_id, 4, round(bid + 0.01, 2), 5, 0)
+        if full:
+            session.send(TICK_PRICE, 6, req_id, 9, round(base - 0.5, 2), 0, 0)
+            session.send(TICK_SIZE, 6, req_id, 8, 1000 + n)
+        if c.sec_type == "OPT":
+            sign = 1.0 if c.right == "C" else -1.0
+            delta = sign * round(0.5 - (c.strike - und_price) / 200.0, 4)
+            tick_types = (10, 11, 12, 13) if full else (13,)
+            for tick_type in tick_types:
+                session.send(
+                    TICK_OPTION_COMPUTATION,
+                    req_id,
+                    tick_type,
+                    1,
+                    0.25 + 0.001 * (c.conid % 10),
+                    delta,
+                    bid,
+                    0.0,
+                    0.02,
+                    0.11,
+                    -0.05,
+                    und_price,
+                )
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.tick_interval_s)
+            for session in list(self._sessions):
+                for req_id, conid in list(session.streams.items()):
+                    self._quote(session, req_id, self.config.contracts[conid], full=False)
+
+
+def _base_price(conid: int) -> float:
+    return 20.0 + (conid * 7919) % 400 + (conid % 100) / 100.0
