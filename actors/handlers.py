@@ -1,0 +1,82 @@
+"""Fan-out of market updates (or any message) to the handler actors that subscribed.
+
+The router and the worker each publish every ``MarketUpdate`` to the same
+handlers (PositionWriter, Reconciliation, user handlers), so a handler never
+knows which path served a contract. Delivery is a pykka ``tell``: a handler
+that is slow or failing cannot block the publisher, and one that has died is
+dropped from the set with a warning while the others go on receiving.
+
+The set is safe to share between publishers on different threads: it holds
+refs only (no actor state) and publishes from an immutable copy of its list.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pykka
+from loguru import logger
+
+__all__ = ["HandlerSet"]
+
+
+class HandlerSet:
+    """ActorRefs that every published message is told to; ``add(ref)`` subscribes one.
+
+    ``accepts`` restricts a handler to some message types (e.g. the
+    reconciliation only wants ``PositionChanged``); by default it gets all.
+    """
+
+    def __init__(self, refs: tuple[pykka.ActorRef[Any], ...] | list[pykka.ActorRef[Any]] = ()) -> None:
+        self._lock = threading.Lock()
+        self._entries: tuple[tuple[pykka.ActorRef[Any], tuple[type, ...] | None], ...] = tuple(
+            (ref, None) for ref in refs
+        )
+        self.delivered = 0
+        self.dropped = 0
+
+    def add(self, ref: pykka.ActorRef[Any], accepts: tuple[type, ...] | None = None) -> None:
+        """Subscribe ``ref`` (again: its filter is replaced, it is not added twice)."""
+        with self._lock:
+            others = tuple(entry for entry in self._entries if entry[0] is not ref)
+            self._entries = (*others, (ref, accepts))
+
+    def remove(self, ref: pykka.ActorRef[Any]) -> bool:
+        """Unsubscribe ``ref``; False if it was not subscribed."""
+        with self._lock:
+            before = len(self._entries)
+            self._entries = tuple(entry for entry in self._entries if entry[0] is not ref)
+            return len(self._entries) != before
+
+    def publish(self, message: Any) -> int:
+        """Tell ``message`` to every handler that accepts it; returns how many were told."""
+        told = 0
+        for ref, accepts in self._entries:  # an immutable snapshot: add/remove may run meanwhile
+            if accepts is not None and not isinstance(message, accepts):
+                continue
+            try:
+                ref.tell(message)
+            except pykka.ActorDeadError:
+                if self.remove(ref):
+                    with self._lock:
+                        self.dropped += 1
+                    logger.warning("handler {} is dead: dropped from the handler set", ref)
+                continue
+            except Exception:  # noqa: BLE001 - one handler's failure must not stop the others
+                logger.exception("telling handler {} failed", ref)
+                continue
+            told += 1
+        with self._lock:
+            self.delivered += told
+        return told
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[pykka.ActorRef[Any]]:
+        return iter([ref for ref, _ in self._entries])
+
+    def __contains__(self, ref: object) -> bool:
+        return any(entry[0] is ref for entry in self._entries)
