@@ -152,7 +152,7 @@ class EventSourcedActor(pykka.ThreadingActor, Generic[S]):
         raise NotImplementedError(f"{type(self).__name__} takes no command {type(command).__name__}")
 
     def handle_message(self, message: Any) -> Any:
-        logger.warning("{} ignored unexpected message {!r}", type(self).__name__, message)
+        logger.debug("{} ignored {!r}", type(self).__name__, message)
         return None
 
     # ------------------------------------------------------------------ persistence

@@ -4,7 +4,10 @@ It answers the same messages as :class:`actors.ib.IbActor`, with the same
 constructor shape, and keeps IB's rules that the rest of the system depends
 on: a line limit answered with 101 (IbError MAX_TICKERS carrying the conid),
 open snapshots holding lines, typed failures while disconnected, 1101 and
-reconnects forgetting every stream and telling subscribers to resubscribe.
+reconnects forgetting every stream and telling subscribers to resubscribe,
+StreamEnded with the real actor's semantics (a cancel waits for
+``min_stream_age_s``; see :class:`events.ib.StreamEnded`), and every position
+then PositionsComplete before CONNECTED at each (re)connect.
 Prices and greeks are functions of the conid and a tick counter, so two runs
 produce the same updates. Faults are injected by settings or by the
 ``Inject*``/``Set*`` commands below; streaming ticks come on a timer
@@ -16,7 +19,8 @@ Handles:
     SetSnapshotLatency, SetLineLimit (told);
     Request(Snapshot) -> SnapshotResult; Request(IbStats) -> IbStatsReply;
     AddSubscriber / RemoveSubscriber envelopes.
-Emits: PositionChanged, MarketUpdate(source="stream"), ConnectionStateChanged, IbError.
+Emits: PositionChanged, PositionsComplete, MarketUpdate(source="stream"), StreamEnded,
+ConnectionStateChanged, IbError.
 """
 
 from __future__ import annotations
@@ -48,10 +52,13 @@ from events.ib import (
     IbStatsReply,
     MarketUpdate,
     PositionChanged,
+    PositionsComplete,
     RequestPositions,
     Snapshot,
     SnapshotFailed,
     SnapshotResult,
+    StreamEnded,
+    StreamEndReason,
     Subscribe,
     Unsubscribe,
     classify_ib_code,
@@ -96,6 +103,8 @@ class FakeIbSettings(msgspec.Struct, frozen=True, kw_only=True):
     errors: dict[int, int] = msgspec.field(default_factory=dict)
     #: After an injected disconnect, reconnect after this long.
     reconnect_after_s: float = 0.0
+    #: An Unsubscribe's cancel waits until the stream is this old (the real actor's setting of the same name).
+    min_stream_age_s: float = 0.0
 
 
 class PushTicks(Command, tag="fake_ib.push_ticks", frozen=True, kw_only=True):
@@ -139,6 +148,17 @@ class _Due:
 
 
 @dataclass(eq=False)
+class _Stream:
+    """One open stream; ``started`` on the monotonic clock."""
+
+    conid: int
+    started: float
+    cancel_pending: bool = False
+    #: A Subscribe came while the cancel was pending: subscribe anew once the cancel is out.
+    resubscribe: bool = False
+
+
+@dataclass(eq=False)
 class _Batch:
     conids: list[int]
     reply: pykka.Future[Any]
@@ -166,7 +186,7 @@ class FakeIbActor(pykka.ThreadingActor):
         self._errors = dict(settings.errors)
         self._state = ConnectionState.DISCONNECTED
         self._ever_connected = False
-        self._streams: set[int] = set()
+        self._streams: dict[int, _Stream] = {}
         self._batches: set[_Batch] = set()
         self._tick = 0
         self._peak = 0
@@ -272,9 +292,7 @@ class FakeIbActor(pykka.ThreadingActor):
             case Subscribe(conid=conid):
                 self._subscribe(conid)
             case Unsubscribe(conid=conid):
-                if conid in self._streams:
-                    self._requests += 1
-                    self._streams.discard(conid)
+                self._unsubscribe(conid)
             case RequestPositions():
                 if self._connected:
                     self._requests += 1
@@ -304,13 +322,15 @@ class FakeIbActor(pykka.ThreadingActor):
     def _connect(self) -> None:
         if self._connected:
             return
+        # As the real actor (ib_insync syncs positions inside connectAsync): positions first, then CONNECTED.
+        self._publish_positions()
         self._set_state(ConnectionState.CONNECTED, "fake connected", resubscribe=self._ever_connected)
         self._ever_connected = True
-        self._publish_positions()
 
     def _publish_positions(self) -> None:
         for pos in self.settings.positions:
             self._publisher.publish(pos)
+        self._publisher.publish(PositionsComplete(ts_us=_now_us()))
 
     def _drop(self, detail: str) -> None:
         if not self._connected:
@@ -339,12 +359,16 @@ class FakeIbActor(pykka.ThreadingActor):
             return
         self._errors[conid] = code
         if conid in self._streams and code in _TERMINAL_CODES:
-            self._streams.discard(conid)
+            del self._streams[conid]
             self._error(code, conid)
+            self._stream_ended(conid, "refused", code)
 
     # --------------------------------------------------------------- streams
     def _subscribe(self, conid: int) -> None:
-        if conid in self._streams:
+        stream = self._streams.get(conid)
+        if stream is not None:
+            if stream.cancel_pending:
+                stream.resubscribe = True  # the cancel goes out first, then a new stream (as the real actor)
             return
         if not self._connected:
             self._error(IB_NOT_CONNECTED, conid, "not connected", kind=IbErrorKind.DISCONNECTED)
@@ -356,10 +380,38 @@ class FakeIbActor(pykka.ThreadingActor):
         if code is not None:
             self._error(code, conid)
             if code in _TERMINAL_CODES:
+                self._stream_ended(conid, "refused", code)
                 return
-        self._streams.add(conid)
+        self._streams[conid] = _Stream(conid=conid, started=time.monotonic())
         self._track()
         self._publisher.publish(self._quote(conid, "stream"))
+
+    def _unsubscribe(self, conid: int) -> None:
+        stream = self._streams.get(conid)
+        if stream is None:  # nothing held
+            self._stream_ended(conid, "cancelled" if self._connected else "disconnected")
+            return
+        stream.resubscribe = False
+        if stream.cancel_pending:
+            return  # already on its way; its StreamEnded answers this Unsubscribe too
+        stream.cancel_pending = True
+        wait = stream.started + self.settings.min_stream_age_s - time.monotonic()
+        if wait > 0:
+            self._later(wait, _Due("cancel", stream))
+        else:
+            self._cancel(stream)
+
+    def _cancel(self, stream: _Stream) -> None:
+        if self._streams.get(stream.conid) is not stream or not stream.cancel_pending:
+            return  # gone with the connection, or refused, meanwhile
+        self._requests += 1
+        del self._streams[stream.conid]
+        self._stream_ended(stream.conid, "cancelled")
+        if stream.resubscribe:
+            self._subscribe(stream.conid)
+
+    def _stream_ended(self, conid: int, reason: StreamEndReason, code: int | None = None) -> None:
+        self._publisher.publish(StreamEnded(conid=conid, reason=reason, code=code, ts_us=_now_us()))
 
     def _refusal(self, conid: int) -> int | None:
         if conid not in self._contracts:
@@ -406,7 +458,8 @@ class FakeIbActor(pykka.ThreadingActor):
         self._maybe_reply(batch)
 
     def _maybe_reply(self, batch: _Batch) -> None:
-        if len(batch.answers) >= len(batch.conids):
+        # a batch whose last conid was answered inside _snapshot's loop has replied already
+        if batch in self._batches and len(batch.answers) >= len(batch.conids):
             self._reply(batch)
 
     def _reply(self, batch: _Batch) -> None:
@@ -438,6 +491,8 @@ class FakeIbActor(pykka.ThreadingActor):
                     self._fail_rest(batch, IbErrorKind.TIMEOUT, None, "no complete quote within the timeout")
             case "reconnect":
                 self._connect()
+            case "cancel":
+                self._cancel(due.args[0])
 
     # ----------------------------------------------------------------- stats
     def _stats(self) -> IbStatsReply:

@@ -14,9 +14,12 @@ Handles:
     (asked with actors.messaging.ask / ask_async);
     AddSubscriber / RemoveSubscriber envelopes (actors.ib_base).
 Emits (told to every subscriber):
-    PositionChanged, MarketUpdate(source="stream"), ConnectionStateChanged,
-    IbError. Snapshot answers (MarketUpdate(source="queue") and
-    SnapshotFailed) come back in the SnapshotResult reply.
+    PositionChanged, PositionsComplete (IB's positionEnd: at every
+    (re)connect, before CONNECTED, and after RequestPositions),
+    MarketUpdate(source="stream"), StreamEnded (a stream's line is free at
+    IB; see events.ib.StreamEnded), ConnectionStateChanged, IbError.
+    Snapshot answers (MarketUpdate(source="queue") and SnapshotFailed) come
+    back in the SnapshotResult reply.
 """
 
 from __future__ import annotations

@@ -122,6 +122,8 @@ class MdRequest:
     message: PacedMessage | None = None
     sent_at: float | None = None
     cancel_pending: bool = False
+    #: A Subscribe came while the cancel was pending: subscribe anew once the cancel is out.
+    resubscribe: bool = False
     cancel_timer: asyncio.TimerHandle | None = None
     handler: Callable[[Any], None] | None = None
     batch: Batch | None = None

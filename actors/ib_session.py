@@ -12,6 +12,14 @@ Streams: one reqMktData per conid with its own Contract copy, so that
 ib_insync gives each request its own Ticker (it keys tickers by
 ``id(contract)``) and a snapshot never mixes with a stream of the same conid.
 
+A stream's end is confirmed with StreamEnded (see events.ib.StreamEnded):
+after an Unsubscribe once its cancelMktData has left the pacer (a cancel
+first waits for ``min_stream_age_s``), after the IbError of a refusal, and at
+once for an Unsubscribe with nothing to cancel. Streams lost to a disconnect
+or 1101 are not confirmed (cancels still queued for them are withdrawn): the
+resubscribe covers them. A Subscribe during a pending cancel never revives the
+stream; a new request follows the cancel on the wire.
+
 Snapshots take the FIRST COMPLETE quote: complete = bid and ask present, or
 last present; for options (OPT, FOP) also the model greeks (tick type 13).
 If the prices are complete but the greeks have not come when IB ends the
@@ -60,8 +68,11 @@ from events.ib import (
     IbStatsReply,
     MarketUpdate,
     PositionChanged,
+    PositionsComplete,
     SnapshotFailed,
     SnapshotResult,
+    StreamEnded,
+    StreamEndReason,
     classify_ib_code,
 )
 
@@ -91,6 +102,14 @@ class IbSession:
             self._on_snapshot_end(req_id)
 
         self.ib.wrapper.tickSnapshotEnd = snapshot_end  # type: ignore[method-assign]
+        original_position_end = self.ib.wrapper.positionEnd
+
+        def position_end() -> None:
+            # IB's end of a reqPositions round: the one at every (re)connect (connectAsync asks) and ours.
+            original_position_end()
+            self._publish(PositionsComplete(ts_us=now_us()))
+
+        self.ib.wrapper.positionEnd = position_end  # type: ignore[method-assign]
         self.state = ConnectionState.DISCONNECTED
         self._up = False
         self._ever_connected = False
@@ -100,6 +119,8 @@ class IbSession:
         self.contracts: dict[int, Contract] = {}
         self._resolving: dict[int, asyncio.Future[Contract | None]] = {}
         self.streams: dict[int, MdRequest] = {}
+        #: req_id -> the cancelMktData of an unsubscribed stream, still waiting in the pacer.
+        self._cancels: dict[int, PacedMessage] = {}
         self._by_req: dict[int, MdRequest] = {}
         self._batches: set[Batch] = set()
         self.peak_lines = 0
@@ -191,6 +212,7 @@ class IbSession:
             return
         self._up = False
         self.pacer.clear()
+        self._cancels.clear()  # withdrawn with the pacer: moot, never confirmed (the resubscribe covers them)
         self._forget_streams()
         for batch in list(self._batches):
             self._fail_open(batch, IbErrorKind.DISCONNECTED, IB_NOT_CONNECTED, "disconnected from IB")
@@ -316,16 +338,24 @@ class IbSession:
         self._track_lines()
         return req
 
-    def _drop_request(self, req: MdRequest, send_cancel: bool) -> None:
-        """Forget ``req`` here and in ib_insync; cancel it at IB if it is still open there."""
+    def _drop_request(
+        self, req: MdRequest, send_cancel: bool, on_cancel_sent: Callable[[float], None] | None = None
+    ) -> PacedMessage | None:
+        """Forget ``req`` here and in ib_insync; cancel it at IB if it is still open there.
+
+        Returns the cancel handed to the pacer (``on_cancel_sent`` runs when it leaves), or None if none was.
+        """
         if self._by_req.pop(req.req_id, None) is None:
-            return
+            return None
         if req.cancel_timer is not None:
             req.cancel_timer.cancel()
         if req.message is not None and req.message.cancel():
             send_cancel = False  # never left: nothing to cancel at IB
+        cancel: PacedMessage | None = None
         if send_cancel and self.connected:
-            self._paced(lambda: self.ib.client.cancelMktData(req.req_id))
+            cancel = self._paced(lambda: self.ib.client.cancelMktData(req.req_id), on_cancel_sent)
+        else:
+            send_cancel = False
         w = self.ib.wrapper
         if req.ticker is not None:
             if req.handler is not None:
@@ -340,6 +370,7 @@ class IbSession:
         batch = req.batch
         if batch is not None and batch.replied and not any(r.req_id in self._by_req for r in batch.requests):
             self._finish(batch)
+        return cancel
 
     def _release_ticker(self, req: MdRequest) -> None:
         w = self.ib.wrapper
@@ -358,10 +389,10 @@ class IbSession:
     def subscribe(self, conid: int) -> None:
         stream = self.streams.get(conid)
         if stream is not None:
-            stream.cancel_pending = False  # a Subscribe after an Unsubscribe still waiting for its age: keep it
-            if stream.cancel_timer is not None:
-                stream.cancel_timer.cancel()
-                stream.cancel_timer = None
+            if stream.cancel_pending:
+                # Never revive a stream whose Unsubscribe is pending (the StreamEnded promised for it would be
+                # a lie): its cancel goes out first, then a new request (see _cancel_stream).
+                stream.resubscribe = True
             return
         if not self.connected:
             self._publish(
@@ -385,22 +416,35 @@ class IbSession:
         contract = await self._contract(conid)
         if self.streams.get(conid) is not placeholder:
             return  # forgotten (disconnect) meanwhile
-        if placeholder.cancel_pending or contract is None or not self.connected:
-            del self.streams[conid]  # an unknown conid was already reported: IB's 200 carries it
+        if contract is None or not self.connected:
+            del self.streams[conid]
+            # An unknown conid was already reported (IbError 200 with the conid); nothing was sent for the stream.
+            if self.connected:
+                self._ended(conid, "refused", 200)  # as a snapshot of it: no contract (NO_CONTRACT)
+            else:
+                self._ended(conid, "disconnected")
             return
         self.streams[conid] = self._new_request(conid, contract, snapshot=False)
 
     def unsubscribe(self, conid: int) -> None:
         stream = self.streams.get(conid)
-        if stream is None:
+        if stream is None:  # nothing held (never subscribed, refused, or gone with the connection)
+            self._ended(conid, "cancelled" if self.connected else "disconnected")
             return
-        if stream.req_id < 0:  # still resolving its contract
-            stream.cancel_pending = True
+        if stream.req_id < 0:  # still resolving its contract: no request has gone to IB
+            del self.streams[conid]
+            self._ended(conid, "cancelled")
             return
+        stream.resubscribe = False
+        if stream.cancel_pending:
+            return  # already on its way; its StreamEnded answers this Unsubscribe too
         stream.cancel_pending = True
         if stream.sent_at is not None:
             self._schedule_cancel(stream)
         # else: on_sent schedules it, so the age counts from when IB got the request
+
+    def _ended(self, conid: int, reason: StreamEndReason, code: int | None = None) -> None:
+        self._publish(StreamEnded(conid=conid, reason=reason, code=code, ts_us=now_us()))
 
     def _schedule_cancel(self, stream: MdRequest) -> None:
         assert stream.sent_at is not None
@@ -410,11 +454,30 @@ class IbSession:
         stream.cancel_timer = self._loop.call_at(max(due, self._loop.time()), self._cancel_stream, stream)
 
     def _cancel_stream(self, stream: MdRequest) -> None:
+        """The stream is old enough: hand its cancel to the pacer; StreamEnded follows once the cancel has left."""
         stream.cancel_timer = None
-        if not stream.cancel_pending or self.streams.get(stream.conid) is not stream:
+        conid = stream.conid
+        if not stream.cancel_pending or self.streams.get(conid) is not stream:
             return
-        del self.streams[stream.conid]
-        self._drop_request(stream, send_cancel=True)
+        del self.streams[conid]
+
+        def cancel_sent(_at: float) -> None:
+            self._cancels.pop(stream.req_id, None)
+            self._ended(conid, "cancelled")
+
+        cancel = self._drop_request(stream, send_cancel=True, on_cancel_sent=cancel_sent)
+        if cancel is None:  # nothing to send (the socket is going down with the stream)
+            self._ended(conid, "cancelled" if self.connected else "disconnected")
+        elif cancel.sent_at is None:  # waits in the pacer (it may also have left at once)
+            self._cancels[stream.req_id] = cancel
+        if stream.resubscribe:
+            self.subscribe(conid)  # queued behind the cancel: the wire order is cancel, then the new request
+
+    def _withdraw_cancels(self) -> None:
+        """IB dropped every stream (1101): cancels still queued would only earn a 300. Moot, never confirmed."""
+        for cancel in self._cancels.values():
+            cancel.cancel()
+        self._cancels.clear()
 
     def _forget_streams(self) -> None:
         """IB dropped every stream (socket lost, or 1101): forget them so resubmitted Subscribes are new."""
@@ -559,6 +622,7 @@ class IbSession:
         if code == 1100:
             self._set_state(ConnectionState.CONNECTIVITY_LOST, text)
         elif code == 1101:
+            self._withdraw_cancels()
             self._forget_streams()
             self._set_state(ConnectionState.RESTORED_DATA_LOST, text, resubscribe=True)
         elif code == 1102:
@@ -570,9 +634,12 @@ class IbSession:
                 self._answer(req, SnapshotFailed(conid=req.conid, kind=kind, code=code, message=text))
             self._drop_request(req, send_cancel=False)
         else:
-            if self.streams.get(req.conid) is req:
+            refused = self.streams.get(req.conid) is req
+            if refused:
                 del self.streams[req.conid]  # refused by IB: holds no line (the router demotes on 101)
             self._drop_request(req, send_cancel=False)
+            if refused:
+                self._ended(req.conid, "refused", code)  # after the IbError above; ends a pending cancel too
 
     # ----------------------------------------------------------------- stats
     def stats(self) -> IbStatsReply:

@@ -12,14 +12,17 @@ A refused command comes back to the caller as a raised
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 import pykka
+from loguru import logger
 
 from events.base import Command, Reply
 
-__all__ = ["CommandRejected", "Rejected", "Request", "ask", "ask_async", "reject"]
+__all__ = ["CommandRejected", "Rejected", "ReplyFuture", "Request", "ask", "ask_async", "reject"]
 
 
 class Rejected(Reply, tag="rejected", frozen=True, kw_only=True):
@@ -58,9 +61,50 @@ class Request:
         return f"Request({self.command!r})"
 
 
-def ask_async(ref: pykka.ActorRef[Any], command: Command | msgspec.Struct) -> pykka.Future[Any]:
+class ReplyFuture(pykka.ThreadingFuture[Any]):
+    """A pykka future that can also call back when settled.
+
+    An actor must never block its own thread waiting for another actor's
+    answer; with a callback it can have the answer told to itself instead.
+    Callbacks run on the thread that settles the future: keep them short
+    (typically one ``tell``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._callbacks: list[Callable[[ReplyFuture], None]] = []
+        self._settled = False
+        self._lock = threading.Lock()
+
+    def add_done_callback(self, fn: Callable[[ReplyFuture], None]) -> None:
+        with self._lock:
+            if not self._settled:
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def set(self, value: Any = None) -> None:
+        super().set(value)
+        self._run_callbacks()
+
+    def set_exception(self, exc_info: Any = None) -> None:
+        super().set_exception(exc_info)
+        self._run_callbacks()
+
+    def _run_callbacks(self) -> None:
+        with self._lock:
+            self._settled = True
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:  # noqa: BLE001 - one callback must not break the settling thread
+                logger.exception("reply callback failed")
+
+
+def ask_async(ref: pykka.ActorRef[Any], command: Command | msgspec.Struct) -> ReplyFuture:
     """Send ``command``; the returned future resolves to the reply or raises its error."""
-    future: pykka.Future[Any] = pykka.ThreadingFuture()
+    future = ReplyFuture()
     ref.tell(Request(command, future))
     return future
 

@@ -154,7 +154,7 @@ class PositionWriter(pykka.ThreadingActor):
                 exc = reject(type(command).__name__, "unknown_command", "the positions writer does not take it")
                 message.reply.set_exception(exc_info=(type(exc), exc, None))
             case _:
-                logger.warning("positions writer ignored unexpected message {!r}", message)
+                logger.debug("positions writer ignored {!r}", message)
         return None
 
     def stats(self) -> WriterStatsReply:

@@ -4,8 +4,8 @@ ib_insync's mutable camelCase objects never leave the IB actor: they are
 turned into these frozen snake_case messages at its boundary.
 
 Handles: Connect, Disconnect, Subscribe, Unsubscribe, Snapshot, RequestPositions.
-Emits: PositionChanged, PositionsComplete, MarketUpdate, SnapshotFailed, ConnectionStateChanged,
-IbError (with ``kind`` naming the mapped IB code).
+Emits: PositionChanged, PositionsComplete, MarketUpdate, StreamEnded, SnapshotFailed,
+ConnectionStateChanged, IbError (with ``kind`` naming the mapped IB code).
 ConnectionStateChanged and IbError are also stored for audit.
 """
 
@@ -36,6 +36,8 @@ __all__ = [
     "Snapshot",
     "SnapshotFailed",
     "SnapshotResult",
+    "StreamEndReason",
+    "StreamEnded",
     "Subscribe",
     "Unsubscribe",
     "classify_ib_code",
@@ -155,6 +157,8 @@ class Subscribe(Command, tag="ib.subscribe", frozen=True, kw_only=True):
 
 
 class Unsubscribe(Command, tag="ib.unsubscribe", frozen=True, kw_only=True):
+    """Stop streaming ``conid``; :class:`StreamEnded` tells when its line is free (and when it is not sent)."""
+
     conid: Conid
 
 
@@ -191,8 +195,58 @@ class PositionsComplete(Message, tag="ib.positions_complete", frozen=True, kw_on
     """IB's positionEnd: every position of the current reqPositions round has been sent.
 
     Only after it may a missing position be read as "no position" (reconciliation).
+    A round runs at every (re)connect -- its positions and this message come
+    before the ConnectionStateChanged(CONNECTED) of that connect -- and after
+    every RequestPositions.
     """
 
+    ts_us: int = 0
+
+
+#: Why a stream ended: our cancel left for IB; IB refused the stream; the socket was down.
+StreamEndReason = Literal["cancelled", "refused", "disconnected"]
+
+
+class StreamEnded(Message, tag="ib.stream_ended", frozen=True, kw_only=True):
+    """The market data line of ``conid`` is no longer held at IB from our side.
+
+    Guarantee: after this message, the IB actor will send nothing more for
+    that stream and the cancel precedes any later request in the wire order.
+    (For a refused stream there is no cancel: IB itself freed the line.) So a
+    Subscribe (for any contract) sent after receiving it can never find the
+    line still taken by this stream, not even transiently.
+
+    Sent exactly once per stream that ends, and only:
+
+    - ``"cancelled"``: after an Unsubscribe, when its cancelMktData has been
+      handed to the socket (it left the pacer; a cancel waits for the
+      stream's ``min_stream_age_s`` first). Also at once for an Unsubscribe
+      of a conid with no stream (nothing held), so that its sender never
+      waits forever. A second Unsubscribe while a cancel is pending is
+      answered by that cancel's StreamEnded.
+    - ``"refused"``: IB refused or killed the stream (101, 200, 354, 10089,
+      10168, ...; see actors.ib_quotes.TERMINAL_MD_CODES), or its contract
+      could not be resolved; sent right after the IbError that says so. A
+      refusal also answers a pending Unsubscribe and any Subscribe of that
+      conid still pending.
+    - ``"disconnected"``: an Unsubscribe arrived (or its delayed cancel fell
+      due) while the socket is down; the stream went with the connection.
+
+    NOT sent for streams lost with the connection or to 1101: those are
+    covered by ConnectionStateChanged(resubscribe=True), after which the
+    holder resubmits every stream it keeps; a cancel still waiting at that
+    moment is moot and is never confirmed. Nor for a Subscribe answered
+    IbError(DISCONNECTED): it never held a line.
+
+    A Subscribe arriving while a cancel of the same conid is still waiting
+    does not revive the old stream: the cancel goes out (and is confirmed by
+    this message), then a new request follows it.
+    """
+
+    conid: Conid
+    reason: StreamEndReason
+    #: IB's error code when ``reason == "refused"``.
+    code: int | None = None
     ts_us: int = 0
 
 

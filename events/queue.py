@@ -78,13 +78,19 @@ class Claim(Command, tag="queue.claim", frozen=True, kw_only=True, forbid_unknow
 
 
 class Succeed(Command, tag="queue.succeed", frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """End claimed items. ``leases`` (optional, same order as ``item_ids``) are the
+    ``lease_until_us`` values Claimed handed out: an ack under an older lease is stale and ignored."""
+
     item_ids: list[ItemId]
+    leases: list[Micros] = []
 
 
 class Fail(Command, tag="queue.fail", frozen=True, kw_only=True, forbid_unknown_fields=True):
     item_id: ItemId
     error: Reason = ""
     code: int | None = None
+    #: The lease Claimed handed out; when given, a Fail under an older lease is stale and ignored.
+    lease_until_us: Micros | None = None
 
 
 class Release(Command, tag="queue.release", frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -92,6 +98,7 @@ class Release(Command, tag="queue.release", frozen=True, kw_only=True, forbid_un
 
     item_ids: list[ItemId]
     reason: Reason = "released"
+    leases: list[Micros] = []
 
 
 class Cancel(Command, tag="queue.cancel", frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -202,6 +209,8 @@ class ItemReleased(Event, tag="queue.item_released", frozen=True, kw_only=True):
     item_id: ItemId
     conid: Conid
     reason: Literal["lease_expired", "disconnected", "restart", "released"] = "released"
+    #: Free text of the Release command that caused it, if any.
+    detail: Reason = ""
 
 
 class ItemCancelled(Event, tag="queue.item_cancelled", frozen=True, kw_only=True):
@@ -216,3 +225,5 @@ class ItemRequeued(Event, tag="queue.item_requeued", frozen=True, kw_only=True):
     item_id: ItemId
     conid: Conid
     reason: Reason = ""
+    #: When the operator requeued it; the item's not-before time from then on.
+    requeued_us: Micros = 0

@@ -1,6 +1,7 @@
 """Messages of the Registry actor: which contracts belong to active strategies.
 
-Handles: AddActive, RemoveActive (and their batch forms).
+Handles: AddActive, RemoveActive, their batch forms AddActiveMany and
+RemoveActiveMany, ListActive.
 Emits (stored): LegAdded, LegRemoved, ContractActivated, ContractDeactivated.
 A contract is active while at least one strategy holds it; activation and
 deactivation are stored as their own events so an audit can answer "when did
@@ -17,15 +18,18 @@ from events.base import Command, Conid, Event, Reply, StrategyName
 
 __all__ = [
     "AddActive",
+    "AddActiveMany",
     "ContractActivated",
     "ContractDeactivated",
     "ExpectedQuantity",
     "LegAdded",
     "LegRemoved",
     "ListActive",
+    "RegistryBatchChanged",
     "RegistryChanged",
     "RegistryListing",
     "RemoveActive",
+    "RemoveActiveMany",
     "Source",
 ]
 
@@ -52,6 +56,20 @@ class RemoveActive(Command, tag="registry.remove_active", frozen=True, kw_only=T
     source: Source = "api"
 
 
+class AddActiveMany(Command, tag="registry.add_active_many", frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Several AddActive at once: all valid or none applied; answered by RegistryBatchChanged."""
+
+    items: list[AddActive]
+
+
+class RemoveActiveMany(
+    Command, tag="registry.remove_active_many", frozen=True, kw_only=True, forbid_unknown_fields=True
+):
+    """Several RemoveActive at once: all valid or none applied; answered by RegistryBatchChanged."""
+
+    items: list[RemoveActive]
+
+
 class ListActive(Command, tag="registry.list", frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Ask for the whole registry."""
 
@@ -64,6 +82,12 @@ class RegistryChanged(Reply, tag="registry.changed", frozen=True, kw_only=True):
     changed: bool
     active: bool
     detail: str = ""
+
+
+class RegistryBatchChanged(Reply, tag="registry.batch_changed", frozen=True, kw_only=True):
+    """Answer to Add/RemoveActiveMany: one RegistryChanged per item, in order."""
+
+    results: list[RegistryChanged]
 
 
 class RegistryListing(Reply, tag="registry.listing", frozen=True, kw_only=True):

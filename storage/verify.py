@@ -9,6 +9,7 @@ read at all).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 from deltalake import DeltaTable
@@ -92,3 +93,58 @@ def _bad(report: VerifyReport, seq: int, problem: str) -> VerifyReport:
     report.first_bad_seq = seq
     report.problem = problem
     return report
+
+
+class DataDirReport(VerifyReport, kw_only=True):
+    detail: str = ""
+    snapshots_checked: int = 0
+
+
+def verify_data_dir(data_dir: str, storage_options: dict[str, str] | None = None) -> DataDirReport:
+    """Verify the events table, then that every snapshot equals a replay of the events it summarises.
+
+    A snapshot is compared right after the event it was taken at (its seq)
+    has been applied to a fresh replay of its stream.
+    """
+    from actors.queue_state import QueueState
+    from actors.reconciliation import ReconciliationState
+    from actors.registry import RegistryState
+    from storage.snapshots import SnapshotStore
+    from storage.tables import table_uri
+
+    state_types: dict[str, Any] = {"registry": RegistryState, "queue": QueueState, "reconciliation": ReconciliationState}
+    pending: dict[str, dict[int, Any]] = {}
+    for snap in SnapshotStore(data_dir, storage_options).all():
+        pending.setdefault(snap.stream, {})[snap.seq] = snap
+    states = {name: cls() for name, cls in state_types.items() if name in pending}
+    problem: list[tuple[int, str]] = []
+    checked = 0
+
+    def on_event(seq: int, stream: str, event: object) -> None:
+        nonlocal checked
+        state = states.get(stream)
+        if state is None:
+            return
+        state.apply(event)
+        snap = pending[stream].pop(seq, None)
+        if snap is not None:
+            checked += 1
+            if not problem and msgspec.json.decode(snap.state) != msgspec.json.decode(state.dump()):
+                problem.append((seq, f"the {stream} snapshot at seq {seq} differs from a replay of its events"))
+
+    report = verify_log(table_uri(data_dir, "events"), storage_options, on_event=on_event)
+    out = DataDirReport(**msgspec.structs.asdict(report))
+    out.snapshots_checked = checked
+    if not out.ok:
+        return out
+    if problem:
+        out.ok, out.first_bad_seq, out.problem = False, problem[0][0], problem[0][1]
+        return out
+    for stream, left in pending.items():
+        if left and stream in states:
+            seq = min(left)
+            out.ok, out.first_bad_seq = False, seq
+            out.problem = f"a {stream} snapshot claims seq {seq}, which is not one of that stream's events in the log"
+            return out
+    out.detail = f"; {checked} snapshots agree with the events" if checked else ""
+    return out

@@ -29,12 +29,17 @@ class IbHarness:
     """How a contract test drives one implementation."""
 
     name: str
-    start: Callable[[int], tuple[pykka.ActorRef[Any], Inbox]]  # line limit -> connected (ref, inbox)
+    #: (line limit, min_stream_age_s=0.05) -> connected (ref, inbox)
+    start: Callable[..., tuple[pykka.ActorRef[Any], Inbox]]
     drop: Callable[[pykka.ActorRef[Any]], None]  # lose the connection; the implementation reconnects
 
 
 def _universe() -> SimConfig:
     return default_universe(n_stocks=40, n_option_strikes=2)
+
+
+#: Every conid the account holds (both implementations report these positions).
+POSITION_CONIDS = frozenset(p.conid for p in _universe().positions)
 
 
 def _fake_positions(config: SimConfig) -> list[PositionChanged]:
@@ -67,10 +72,15 @@ def ib(request: pytest.FixtureRequest) -> Iterator[IbHarness]:
     config = _universe()
     if request.param == "fake":
 
-        def start_fake(line_limit: int) -> tuple[pykka.ActorRef[Any], Inbox]:
+        def start_fake(line_limit: int, min_stream_age_s: float = 0.05) -> tuple[pykka.ActorRef[Any], Inbox]:
             inbox = Inbox.start()
             assert inbox.ref is not None
-            settings = FakeIbSettings(positions=_fake_positions(config), line_limit=line_limit, tick_interval_s=0.02)
+            settings = FakeIbSettings(
+                positions=_fake_positions(config),
+                line_limit=line_limit,
+                tick_interval_s=0.02,
+                min_stream_age_s=min_stream_age_s,
+            )
             ref = FakeIbActor.start(settings, [inbox.ref])
             ref.tell(Connect())
             _wait_connected(inbox)
@@ -82,12 +92,16 @@ def ib(request: pytest.FixtureRequest) -> Iterator[IbHarness]:
     sim = TwsSimulator(config)
     sim.start()
 
-    def start_real(line_limit: int) -> tuple[pykka.ActorRef[Any], Inbox]:
+    def start_real(line_limit: int, min_stream_age_s: float = 0.05) -> tuple[pykka.ActorRef[Any], Inbox]:
         sim.set_line_limit(line_limit)
         inbox = Inbox.start()
         assert inbox.ref is not None
         settings = IbSettings(
-            port=sim.port, min_stream_age_s=0.05, reconnect_initial_s=0.05, reconnect_max_s=0.5, connect_timeout_s=5
+            port=sim.port,
+            min_stream_age_s=min_stream_age_s,
+            reconnect_initial_s=0.05,
+            reconnect_max_s=0.5,
+            connect_timeout_s=5,
         )
         ref = IbActor.start(settings, [inbox.ref])
         ref.tell(Connect())

@@ -24,8 +24,10 @@ from events.ib import (
     IbStatsReply,
     MarketUpdate,
     PositionChanged,
+    PositionsComplete,
     Snapshot,
     SnapshotResult,
+    StreamEnded,
     Subscribe,
     Unsubscribe,
 )
@@ -60,6 +62,7 @@ def test_connect_reports_every_position(connect_ib: Start, sim: TwsSimulator) ->
     assert call.position == -1.0
     assert by_conid[1001].account == "DU1234567"
     assert stats(ref).connected
+    assert len(inbox.messages(PositionsComplete)) == 1  # ib_insync's positionEnd, seen through its wrapper
 
 
 def test_stream_of_an_option_carries_greeks(connect_ib: Start) -> None:
@@ -146,6 +149,9 @@ def test_burst_of_500_requests_stays_within_pacing(connect_ib: Start, sim: TwsSi
     assert final.pacing_violations == 0
     assert final.streams == 0
     assert not [m for m in inbox.messages(IbError) if m.code in (100, 300, 354)]
+    inbox.wait_for_count(lambda m: isinstance(m, StreamEnded), count=250)
+    assert sorted(m.conid for m in inbox.messages(StreamEnded)) == conids
+    assert {m.reason for m in inbox.messages(StreamEnded)} == {"cancelled"}
     reply = stats(ref)
     assert reply.streams == 0
     assert reply.requests_queued == 0
@@ -253,3 +259,65 @@ def test_unknown_conid_is_no_contract(connect_ib: Start) -> None:
     error = inbox.wait_for(lambda m: isinstance(m, IbError) and m.conid == 78)
     assert (error.code, error.kind) == (200, IbErrorKind.NO_CONTRACT)
     assert stats(ref).streams == 0
+
+
+def test_stream_ended_waits_for_the_cancel_to_leave_the_pacer(connect_ib: Start, sim: TwsSimulator) -> None:
+    """A cancel queued behind other requests is confirmed only once it has left the pacer for the socket."""
+    ref, inbox = connect_ib(pacing_per_s=5)
+    inbox.wait_for(lambda m: isinstance(m, PositionsComplete))  # contracts cached: requests go out as they are
+    ref.tell(Subscribe(conid=1001))
+    inbox.wait_for(lambda m: isinstance(m, MarketUpdate) and m.conid == 1001)
+    started = time.monotonic()
+    for conid in STOCKS[1:11]:
+        ref.tell(Subscribe(conid=conid))  # 10 requests at 5/s: the cancel waits behind them
+    ref.tell(Unsubscribe(conid=1001))
+    end = inbox.wait_for(lambda m: isinstance(m, StreamEnded), timeout=10)
+    assert (end.conid, end.reason) == (1001, "cancelled")
+    assert time.monotonic() - started >= 1.0  # at least one full pacing window later
+    assert stats(ref).requests_queued == 0  # the cancel was the last one queued: it had left
+    wait_until(lambda: sim.stats().by_msg_id.get(2, 0) == 1)
+    assert sim.stats().by_msg_id[1] == 11
+    assert sim.stats().pacing_violations == 0
+
+
+def test_resubscribe_during_a_pending_cancel_goes_out_after_it(connect_ib: Start, sim: TwsSimulator) -> None:
+    sim.set_line_limit(1)
+    ref, inbox = connect_ib(min_stream_age_s=0.2)
+    inbox.wait_for(lambda m: isinstance(m, PositionsComplete))
+    ref.tell(Subscribe(conid=1001))
+    ref.tell(Unsubscribe(conid=1001))
+    ref.tell(Subscribe(conid=1001))
+    inbox.wait_for(lambda m: isinstance(m, StreamEnded) and m.conid == 1001)
+    wait_until(lambda: sim.stats().by_msg_id.get(1, 0) == 2 and sim.stats().streams == 1)
+    assert sim.stats().by_msg_id[2] == 1
+    assert not inbox.messages(IbError)  # the new request came after the cancel: no 101 on the single line
+    assert sim.stats().peak_lines == 1
+    assert stats(ref).streams == 1
+
+
+def test_1101_withdraws_pending_cancels_unconfirmed(connect_ib: Start, sim: TwsSimulator) -> None:
+    ref, inbox = connect_ib(min_stream_age_s=0.5)
+    inbox.wait_for(lambda m: isinstance(m, PositionsComplete))
+    ref.tell(Subscribe(conid=1001))
+    ref.tell(Unsubscribe(conid=1001))  # its cancel waits for the stream's age
+    inbox.wait_for(lambda m: isinstance(m, MarketUpdate) and m.conid == 1001)
+    sim.send_error(1101)
+    inbox.wait_for(lambda m: isinstance(m, ConnectionStateChanged) and m.resubscribe)
+    # 1002's cancel falls due after 1001's would have: once 1002 has ended, 1001's timer is past.
+    ref.tell(Subscribe(conid=1002))
+    ref.tell(Unsubscribe(conid=1002))
+    inbox.wait_for(lambda m: isinstance(m, StreamEnded) and m.conid == 1002)
+    assert [m.conid for m in inbox.messages(StreamEnded)] == [1002]  # 1001: lost to the 1101, never confirmed
+    wait_until(lambda: sim.stats().by_msg_id.get(2, 0) == 1)  # only 1002's cancel went out
+    assert not [m for m in inbox.messages(IbError) if m.code == 300]
+    assert stats(ref).streams == 0
+
+
+def test_reconnect_reports_positions_again(connect_ib: Start, sim: TwsSimulator) -> None:
+    _, inbox = connect_ib()
+    inbox.clear()
+    sim.drop_connections()
+    inbox.wait_for(is_connected(resubscribe=True), timeout=10)
+    assert len(inbox.messages(PositionChanged)) == 320
+    assert len(inbox.messages(PositionsComplete)) == 1
+    assert sim.stats().by_msg_id[61] == 2  # reqPositions at each connect

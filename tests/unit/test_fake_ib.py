@@ -31,7 +31,10 @@ from events.ib import (
     IbStatsReply,
     MarketUpdate,
     PositionChanged,
+    PositionsComplete,
+    RequestPositions,
     Snapshot,
+    StreamEnded,
     Subscribe,
     Unsubscribe,
 )
@@ -59,6 +62,56 @@ def test_connect_publishes_positions() -> None:
     _, inbox = start()
     got = inbox.wait_for_count(lambda m: isinstance(m, PositionChanged), count=len(POSITIONS))
     assert got == POSITIONS
+    kinds = [type(m) for m in inbox.messages()]
+    # every position, then PositionsComplete, then CONNECTED (the real actor's order)
+    assert kinds == [PositionChanged] * len(POSITIONS) + [PositionsComplete, ConnectionStateChanged]
+
+
+def test_request_positions_and_reconnect_publish_positions_then_complete() -> None:
+    ref, inbox = start()
+    inbox.clear()
+    ref.tell(RequestPositions())
+    inbox.wait_for(lambda m: isinstance(m, PositionsComplete))
+    assert inbox.messages() == [*POSITIONS, inbox.messages(PositionsComplete)[0]]
+    inbox.clear()
+    ref.tell(InjectDisconnect())
+    inbox.wait_for(lambda m: isinstance(m, ConnectionStateChanged) and m.resubscribe)
+    kinds = [type(m) for m in inbox.messages()]
+    assert kinds == [
+        ConnectionStateChanged,
+        *[PositionChanged] * len(POSITIONS),
+        PositionsComplete,
+        ConnectionStateChanged,
+    ]
+
+
+def test_unsubscribe_without_a_minimum_age_ends_at_once() -> None:
+    ref, inbox = start()
+    ref.tell(Subscribe(conid=STOCKS[0]))
+    ref.tell(Unsubscribe(conid=STOCKS[0]))
+    assert stats(ref).lines_in_use == 0  # asked after the Unsubscribe: already processed
+    end = inbox.wait_for(lambda m: isinstance(m, StreamEnded))
+    assert (end.conid, end.reason) == (STOCKS[0], "cancelled")
+    assert stats(ref).requests_sent == 2
+
+
+def test_stream_endings_refused_and_lost() -> None:
+    ref, inbox = start(errors={STOCKS[1]: 354})
+    ref.tell(Subscribe(conid=STOCKS[1]))  # refused at once
+    ref.tell(Subscribe(conid=STOCKS[0]))
+    ref.tell(InjectError(code=10168, conid=STOCKS[0]))  # killed while streaming
+    ref.tell(Subscribe(conid=STOCKS[2]))
+    ref.tell(InjectError(code=1101))  # lost: no StreamEnded, the resubscribe covers it
+    inbox.wait_for(lambda m: isinstance(m, ConnectionStateChanged) and m.resubscribe)
+    messages = [m for m in inbox.messages() if isinstance(m, IbError | StreamEnded)]
+    assert [(type(m).__name__, m.conid, m.code) for m in messages] == [
+        ("IbError", STOCKS[1], 354),
+        ("StreamEnded", STOCKS[1], 354),
+        ("IbError", STOCKS[0], 10168),
+        ("StreamEnded", STOCKS[0], 10168),
+        ("IbError", None, 1101),
+    ]
+    assert {m.reason for m in inbox.messages(StreamEnded)} == {"refused"}
 
 
 def test_demo_positions_are_deterministic_and_realistic() -> None:

@@ -1,0 +1,156 @@
+"""The runtime's settings: one TOML file decoded by msgspec into frozen structs.
+
+Precedence, lowest first: defaults here, the TOML file (``--config``),
+environment variables ``SLOTWISE_<SECTION>_<FIELD>`` (e.g.
+``SLOTWISE_IB_PORT=4002``, ``SLOTWISE_RUNTIME_MAX_LINES=200``; plus the
+shortcut ``SLOTWISE_DATA_DIR``), then command-line flags. Unknown keys are
+errors that name the key, so a typo never silently falls back to a default.
+``docs/operations.md`` lists every field; a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+
+from events.ib import IbSettings
+from storage.positions_table import PositionsConfig
+from storage.tables import LogConfig
+
+__all__ = ["Config", "ConfigError", "DemoSettings", "MetricsSettings", "RuntimeSettings", "load_config"]
+
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=86_400)]
+
+
+class RuntimeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The hybrid stream/queue policy (DESIGN.md sections 2 and 4)."""
+
+    #: Where the Delta tables live: a directory or a delta-rs URI (s3://, az://, gs://).
+    data_dir: str = "./data"
+    #: Market data lines of the account (100 by default at IB; more with booster packs).
+    max_lines: Annotated[int, msgspec.Meta(ge=2, le=100_000)] = 100
+    #: Lines kept free for in-flight snapshots; streams get max_lines - snapshot_reserve.
+    snapshot_reserve: Annotated[int, msgspec.Meta(ge=1, le=1_000)] = 10
+    #: The worker claims a batch this often...
+    poll_interval_s: Seconds = 5.0
+    #: ...of at most this many items.
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 50
+    #: Every non-active contract is re-enqueued this often.
+    refresh_interval_s: Seconds = 60.0
+    #: A claimed item returns to the queue if not acknowledged within this.
+    lease_s: Seconds = 60.0
+    #: Failed snapshots are retried with exponential backoff up to this many attempts, then dead-lettered.
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
+    retry_backoff_s: Seconds = 2.0
+    retry_backoff_cap_s: Seconds = 300.0
+    #: After IB refuses a stream with 101, no new stream is tried above the refused count for this long.
+    line_cap_hold_s: Seconds = 300.0
+    #: Events between snapshots of the registry and the queue.
+    snapshot_every: Annotated[int, msgspec.Meta(ge=100)] = 50_000
+    #: Status line period for --demo and the log.
+    status_interval_s: Seconds = 5.0
+    #: Verify the whole hash chain before appending (a broken chain refuses to start).
+    verify_on_start: bool = True
+
+
+class MetricsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Prometheus text endpoint; off by default, loopback only."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 9464
+
+
+class DemoSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The built-in simulated account of ``--demo``."""
+
+    stocks: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 240
+    option_strategies: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 60
+    #: How many of the option strategies are registered active (their legs stream).
+    active_strategies: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 50
+    seed: int = 7
+    tick_interval_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 0.5
+    #: Seconds a demo runs when --duration is not given (0 = until stopped).
+    default_duration_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    runtime: RuntimeSettings = RuntimeSettings()
+    ib: IbSettings = IbSettings()
+    log: LogConfig = LogConfig()
+    positions: PositionsConfig = PositionsConfig()
+    metrics: MetricsSettings = MetricsSettings()
+    demo: DemoSettings = DemoSettings()
+
+
+class ConfigError(ValueError):
+    """A config file, variable or flag that cannot be used; the message names it."""
+
+
+_SECTIONS: dict[str, Any] = {f.name: f.type for f in msgspec.structs.fields(Config)}
+_SHORTCUTS = {"SLOTWISE_DATA_DIR": ("runtime", "data_dir")}
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Defaults <- TOML file <- SLOTWISE_* environment <- ``overrides`` (the flags)."""
+    data: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        for section, values in raw.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"config file {path}: top-level key {section!r} must be a [table]")
+            data[section] = dict(values)
+    for name, value in (os.environ if environ is None else environ).items():
+        target = _env_target(name)
+        if target is not None:
+            data.setdefault(target[0], {})[target[1]] = _env_value(value)
+    for section, values in (overrides or {}).items():
+        for key, value in values.items():
+            if value is not None:
+                data.setdefault(section, {})[key] = value
+    for section, values in data.items():
+        if section not in _SECTIONS:
+            raise ConfigError(f"unknown config section [{section}] (known: {', '.join(_SECTIONS)})")
+        known = {f.encode_name for f in msgspec.structs.fields(_SECTIONS[section])}
+        for key in values:
+            if key not in known:
+                raise ConfigError(f"unknown config key {section}.{key} (known: {', '.join(sorted(known))})")
+    try:
+        return msgspec.convert(data, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
+
+
+def _env_target(name: str) -> tuple[str, str] | None:
+    if name in _SHORTCUTS:
+        return _SHORTCUTS[name]
+    if not name.startswith("SLOTWISE_"):
+        return None
+    rest = name[len("SLOTWISE_") :].lower()
+    for section in _SECTIONS:
+        if rest.startswith(section + "_"):
+            return section, rest[len(section) + 1 :]
+    raise ConfigError(f"environment variable {name}: unknown section (expected SLOTWISE_<{'|'.join(_SECTIONS).upper()}>_<FIELD>)")
+
+
+def _env_value(value: str) -> Any:
+    """Environment values are text; TOML scalars (numbers, true/false) are understood."""
+    try:
+        return tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value

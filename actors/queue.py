@@ -1,0 +1,346 @@
+"""The Queue: the persistent refresh queue of DESIGN.md section 4, as an event-sourced actor.
+
+The state (:class:`~actors.queue_state.QueueState`) is pure; this actor
+reads the clock, decides which events a command causes, persists them, and
+answers once they are durable. Times travel inside the events, so a replay
+is deterministic.
+
+Rules, including the ones section 4 leaves open:
+
+* **Coalescing.** At most one *waiting* (PENDING) item per contract. An
+  Enqueue for a contract already waiting is absorbed; a better (lower)
+  priority upgrades the waiting item (ItemReprioritized).
+* **Enqueue while processing.** A contract whose item is PROCESSING may get
+  one new waiting item (the refresh asked for after the claim must not be
+  lost). It is not handed out while the first is still processing.
+* **Back to waiting, with a waiting item already there.** When a PROCESSING
+  item would return to PENDING (release, lease expiry, restart, retry after
+  Fail) and its contract already has a waiting item, it is cancelled
+  instead, "merged into" the waiting item, which takes the better of the two
+  priorities. One refresh is owed, not two; the failure count of the merged
+  item is dropped with it.
+* **Claim order:** priority, then not-before time, then enqueue time (then
+  item id). Leases expire by ``ExpireLeases`` and before every Claim.
+* **Fail:** retry after ``min(backoff_base_s * 2**(attempt-1), backoff_cap_s)``
+  until ``max_attempts`` attempts have failed, then FAILED (dead letter).
+  Release and lease expiry do not count an attempt.
+* **Stale acks** (Succeed/Fail/Release of an item that is not PROCESSING, or
+  under an older lease when ``leases``/``lease_until_us`` is given) change
+  nothing and are listed in ``QueueAck.ignored`` (item id -> why).
+* **Cancel** drops the contract's waiting *and* processing item (it streams
+  now); the in-flight snapshot's ack is then reported stale.
+* **Requeue** puts the newest dead letter of the contract back to PENDING
+  with its attempts reset; older dead letters of the same contract, or all of
+  them when the contract is already waiting, are cancelled as merged.
+* **Restart:** every PROCESSING item is released (reason ``restart``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from loguru import logger
+
+from actors.base import EventSourcedActor
+from actors.messaging import CommandRejected, reject
+from actors.queue_state import PROCESSING, QueueItem, QueueState
+from events.commands import CommandError, validate_command
+from events.queue import (
+    Cancel,
+    Claim,
+    Claimed,
+    ClaimedItem,
+    Enqueue,
+    EnqueueMany,
+    ExpireLeases,
+    Fail,
+    ItemCancelled,
+    ItemClaimed,
+    ItemDeadLettered,
+    ItemEnqueued,
+    ItemReleased,
+    ItemReprioritized,
+    ItemRequeued,
+    ItemRetryScheduled,
+    ItemSucceeded,
+    QueueAck,
+    QueueStats,
+    QueueStatsReply,
+    Release,
+    Requeue,
+    Succeed,
+)
+from events.registry import ContractActivated
+from storage.event_log import EventLog
+from storage.snapshots import SnapshotStore
+
+__all__ = ["QueueActor", "QueueState"]
+
+_COMMANDS = (Enqueue, EnqueueMany, Claim, Succeed, Fail, Release, Cancel, Requeue, ExpireLeases, QueueStats)
+_RELEASE_REASONS = frozenset({"lease_expired", "disconnected", "restart", "released"})
+
+
+def wall_clock_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+class QueueActor(EventSourcedActor[QueueState]):
+    """Owns the refresh queue; stream ``queue``.
+
+    Handles (asked, in a Request): Enqueue, EnqueueMany, Succeed, Fail,
+    Release, Cancel, Requeue, ExpireLeases -> QueueAck; Claim -> Claimed;
+    QueueStats -> QueueStatsReply. Told: the same commands (a refusal is
+    logged), and the registry's ContractActivated (cancels the contract's items).
+    Emits (stored): ItemEnqueued, ItemReprioritized, ItemClaimed, ItemSucceeded,
+    ItemRetryScheduled, ItemDeadLettered, ItemReleased, ItemCancelled, ItemRequeued.
+    Proxy queries: ``stats()``, ``summary(items)``.
+    """
+
+    stream: ClassVar[str] = "queue"
+    state_type: ClassVar[type[Any]] = QueueState
+
+    def __init__(
+        self,
+        log: EventLog,
+        snapshots: SnapshotStore | None = None,
+        *,
+        clock: Callable[[], int] = wall_clock_us,
+        max_attempts: int = 5,
+        backoff_base_s: float = 1.0,
+        backoff_cap_s: float = 300.0,
+        snapshot_every: int | None = None,
+    ) -> None:
+        super().__init__(log, snapshots, snapshot_every=snapshot_every)
+        if max_attempts < 1 or backoff_base_s < 0 or backoff_cap_s < backoff_base_s:
+            raise ValueError("need max_attempts >= 1 and 0 <= backoff_base_s <= backoff_cap_s")
+        self.clock = clock
+        self.max_attempts = max_attempts
+        self.backoff_base_us = int(backoff_base_s * 1_000_000)
+        self.backoff_cap_us = int(backoff_cap_s * 1_000_000)
+
+    def on_recovered(self) -> None:
+        items = self.state.processing_items()
+        for item in items:
+            self._return(item, "restart", "")
+        if items:
+            logger.info("queue: {} items in flight at the last stop went back to PENDING", len(items))
+
+    # ------------------------------------------------------------------ queries (proxy)
+
+    def stats(self) -> QueueStatsReply:
+        pending, processing, failed = self.state.counts()
+        by_priority = {str(p): n for p, n in self.state.pending_by_priority().items()}
+        return QueueStatsReply(pending=pending, processing=processing, failed=failed, by_priority=by_priority)
+
+    def summary(self, items: bool = False) -> dict[str, Any]:
+        return self.state.summary(items)
+
+    # ------------------------------------------------------------------ commands
+
+    def handle_command(self, command: Any) -> Any:
+        if not isinstance(command, _COMMANDS):
+            config = getattr(type(command), "__struct_config__", None)
+            raise reject(str(getattr(config, "tag", type(command).__name__)), "unknown_command", "not a queue command")
+        try:
+            command = validate_command(command)
+        except CommandError as exc:
+            raise reject(command, "invalid", exc.message, exc.field) from None
+        if isinstance(command, Succeed | Release) and command.leases and len(command.leases) != len(command.item_ids):
+            raise reject(command, "invalid", "leases must match item_ids one to one", "leases")
+        now = self.clock()
+        ignored: dict[str, str] = {}
+        match command:
+            case Enqueue():
+                return QueueAck(changed=self._enqueue(command, now, ignored), ignored=ignored)
+            case EnqueueMany(items=items):
+                return QueueAck(changed=sum(self._enqueue(item, now, ignored) for item in items), ignored=ignored)
+            case Claim():
+                return self._claim(command, now)
+            case Succeed(item_ids=ids, leases=leases):
+                changed = 0
+                for i, item_id in enumerate(ids):
+                    item = self._live(item_id, leases[i] if leases else None, ignored)
+                    if item is not None:
+                        self.persist(ItemSucceeded(item_id=item_id, conid=item.conid))
+                        changed += 1
+                return QueueAck(changed=changed, ignored=ignored)
+            case Fail():
+                item = self._live(command.item_id, command.lease_until_us, ignored)
+                if item is not None:
+                    self._fail(item, command, now)
+                return QueueAck(changed=0 if ignored else 1, ignored=ignored)
+            case Release(item_ids=ids, leases=leases, reason=reason):
+                kind = reason if reason in _RELEASE_REASONS else "released"
+                changed = 0
+                for i, item_id in enumerate(ids):
+                    item = self._live(item_id, leases[i] if leases else None, ignored)
+                    if item is not None:
+                        self._return(item, kind, reason)
+                        changed += 1
+                return QueueAck(changed=changed, ignored=ignored)
+            case Cancel():
+                return QueueAck(changed=self._cancel(command.conid, command.reason, ignored), ignored=ignored)
+            case Requeue():
+                return QueueAck(changed=self._requeue(command, now, ignored), ignored=ignored)
+            case ExpireLeases():
+                return QueueAck(changed=self._expire(now))
+            case QueueStats():
+                return self.stats()
+        raise AssertionError(command)  # unreachable: _COMMANDS is matched above
+
+    def handle_message(self, message: Any) -> Any:
+        if isinstance(message, ContractActivated):
+            self._cancel(message.conid, "activated", {})
+            return None
+        if isinstance(message, _COMMANDS):
+            try:
+                self.handle_command(message)
+            except CommandRejected as exc:
+                logger.warning("queue refused a told command: {}", exc)
+            return None
+        return super().handle_message(message)
+
+    # ------------------------------------------------------------------ decisions
+
+    def _enqueue(self, command: Enqueue, now: int, ignored: dict[str, str]) -> int:
+        waiting = self.state.waiting_item(command.conid)
+        if waiting is None:
+            self.persist(
+                ItemEnqueued(
+                    item_id=self.state.next_item_id,
+                    conid=command.conid,
+                    priority=command.priority,
+                    reason=command.reason,
+                    enqueued_us=now,
+                )
+            )
+            return 1
+        if command.priority < waiting.priority:
+            self.persist(
+                ItemReprioritized(
+                    item_id=waiting.item_id, conid=command.conid, priority=command.priority, reason=command.reason
+                )
+            )
+            return 1
+        ignored[str(command.conid)] = f"coalesced into waiting item {waiting.item_id}"
+        return 0
+
+    def _claim(self, command: Claim, now: int) -> Claimed:
+        self._expire(now)
+        lease_until = now + int(command.lease_s * 1_000_000)
+        claimed = []
+        for item in self.state.take_ready(now, command.n):
+            attempt = item.failures + 1
+            self.persist(
+                ItemClaimed(
+                    item_id=item.item_id,
+                    conid=item.conid,
+                    attempt=attempt,
+                    lease_until_us=lease_until,
+                    worker=command.worker,
+                )
+            )
+            claimed.append(
+                ClaimedItem(
+                    item_id=item.item_id,
+                    conid=item.conid,
+                    priority=item.priority,
+                    attempt=attempt,
+                    lease_until_us=lease_until,
+                )
+            )
+        return Claimed(items=claimed)
+
+    def _live(self, item_id: int, lease: int | None, ignored: dict[str, str]) -> QueueItem | None:
+        """The PROCESSING item an ack is about, or None (and why, in ``ignored``) if the ack is stale."""
+        item = self.state.items.get(item_id)
+        if item is None:
+            ignored[str(item_id)] = "unknown item (finished, cancelled or never enqueued)"
+        elif item.status != PROCESSING:
+            ignored[str(item_id)] = f"not processing (status {item.status})"
+        elif lease is not None and lease != item.lease_until_us:
+            ignored[str(item_id)] = f"stale lease {lease}: item was claimed again (lease {item.lease_until_us})"
+        else:
+            return item
+        return None
+
+    def _fail(self, item: QueueItem, command: Fail, now: int) -> None:
+        attempt = item.attempt
+        if attempt >= self.max_attempts:
+            self.persist(
+                ItemDeadLettered(
+                    item_id=item.item_id, conid=item.conid, attempt=attempt, error=command.error, code=command.code
+                )
+            )
+            return
+        waiting = self.state.waiting_item(item.conid)
+        if waiting is not None:
+            self._merge(item, waiting, f"failed, retry merged into waiting item {waiting.item_id}: {command.error}")
+            return
+        delay = min(self.backoff_base_us * 2 ** (attempt - 1), self.backoff_cap_us)
+        self.persist(
+            ItemRetryScheduled(
+                item_id=item.item_id,
+                conid=item.conid,
+                attempt=attempt,
+                not_before_us=now + delay,
+                error=command.error,
+                code=command.code,
+            )
+        )
+
+    def _return(self, item: QueueItem, kind: str, detail: str) -> None:
+        """A PROCESSING item goes back to waiting, or merges into the contract's waiting item."""
+        waiting = self.state.waiting_item(item.conid)
+        if waiting is None:
+            self.persist(ItemReleased(item_id=item.item_id, conid=item.conid, reason=kind, detail=detail))  # type: ignore[arg-type]
+        else:
+            self._merge(item, waiting, f"{kind}: merged into waiting item {waiting.item_id}")
+
+    def _merge(self, item: QueueItem, waiting: QueueItem, why: str) -> None:
+        priority, reason = item.priority, item.reason
+        self.persist(ItemCancelled(item_id=item.item_id, conid=item.conid, reason=_cut(why)))
+        if priority < waiting.priority:
+            self.persist(
+                ItemReprioritized(item_id=waiting.item_id, conid=waiting.conid, priority=priority, reason=reason)
+            )
+
+    def _expire(self, now: int) -> int:
+        expired = self.state.expired(now)
+        for item in expired:
+            self._return(item, "lease_expired", "")
+        return len(expired)
+
+    def _cancel(self, conid: int, reason: str, ignored: dict[str, str]) -> int:
+        items = [it for it in (self.state.waiting_item(conid), self.state.processing_item(conid)) if it is not None]
+        for item in items:
+            self.persist(ItemCancelled(item_id=item.item_id, conid=conid, reason=reason))
+        if not items:
+            ignored[str(conid)] = "nothing waiting or processing"
+        return len(items)
+
+    def _requeue(self, command: Requeue, now: int, ignored: dict[str, str]) -> int:
+        dead = self.state.dead_letters(command.conid)
+        if not dead:
+            ignored[str(command.conid)] = "no dead-lettered item"
+            return 0
+        waiting = self.state.waiting_item(command.conid)
+        if waiting is None:
+            newest = dead.pop()
+            self.persist(
+                ItemRequeued(item_id=newest.item_id, conid=newest.conid, reason=command.reason, requeued_us=now)
+            )
+            target = newest.item_id
+        else:
+            target = waiting.item_id
+        for item in dead:
+            self.persist(
+                ItemCancelled(item_id=item.item_id, conid=item.conid, reason=f"requeue: merged into item {target}")
+            )
+        return 1

@@ -1,0 +1,364 @@
+"""The StreamRouter: which contracts stream, which wait in the queue, and the slot budget.
+
+Active contracts (held by a strategy in the registry) stream on a market
+data line; every other known contract is refreshed through the queue. The
+router is the only actor that decides this, so the line count has one owner.
+
+The budget. ``max_lines - snapshot_reserve`` lines are for streams; the
+worker keeps at most ``snapshot_reserve`` snapshots in flight. Streams are
+counted from the moment the router decides to subscribe until the IB actor
+confirms with ``StreamEnded`` that the cancel has left for IB (the IB actor
+delays a cancel until the stream is old enough -- IB answers 354/300 to a
+cancel a few ms after the request -- and sends in order). A freed line is
+reused only after that confirmation, so lines in use never exceed
+``max_lines``, not even between an unsubscribe and the subscribe it makes
+room for.
+
+Overflow. Active contracts beyond the budget are served by the queue at
+priority 1 and promoted, oldest first, when a line frees. A 101 from IB
+("max tickers": other clients of the account use lines too) demotes the
+contract the same way and caps new streams at what IB accepted, for
+``line_cap_hold_s``.
+
+Persist before effect: each decision is a stored event (StreamStarted,
+StreamStopped, OverflowQueued, StreamPromoted, StreamDemoted); the IB
+request and the queue command it causes go out once that event is durable.
+The router does not rebuild its streams from the log on restart: IB
+forgets every stream with the connection, so it starts from the registry
+and the positions IB reports.
+
+Handles: ContractActivated, ContractDeactivated, LegAdded, LegRemoved (from
+the registry); PositionChanged, MarketUpdate, IbError, ConnectionStateChanged
+StreamEnded (from IB); RefreshAll, RouterStatus (ask).
+Emits: StreamStarted, StreamStopped, OverflowQueued, StreamPromoted,
+StreamDemoted (stored); Subscribe / Unsubscribe to IB; Enqueue / EnqueueMany
+/ Cancel to the queue; MarketUpdate to the handlers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import msgspec
+import pykka
+from loguru import logger
+
+from actors.base import EventSourcedActor
+from actors.handlers import HandlerSet
+from actors.ticker import Ticker
+from events.base import Command, Event, Reply
+from events.ib import (
+    ConnectionStateChanged,
+    IbError,
+    IbErrorKind,
+    MarketUpdate,
+    PositionChanged,
+    StreamEnded,
+    Subscribe,
+    Unsubscribe,
+)
+from events.queue import Cancel, Enqueue, EnqueueMany, Priority
+from events.registry import ContractActivated, ContractDeactivated
+from events.router import OverflowQueued, StreamDemoted, StreamPromoted, StreamStarted, StreamStopped
+from storage.event_log import EventLog
+
+__all__ = ["RefreshAll", "RouterSettings", "RouterState", "RouterStatus", "RouterStatusReply", "StreamRouter"]
+
+
+class RouterSettings(msgspec.Struct, frozen=True, kw_only=True):
+    max_lines: int = 100
+    snapshot_reserve: int = 10
+    refresh_interval_s: float = 60.0
+    line_cap_hold_s: float = 300.0
+
+    @property
+    def stream_budget(self) -> int:
+        return max(0, self.max_lines - self.snapshot_reserve)
+
+
+class RefreshAll(Command, tag="router.refresh_all", frozen=True, kw_only=True):
+    """Enqueue every known non-streaming contract (the periodic refresh)."""
+
+
+class RouterStatus(Command, tag="router.status", frozen=True, kw_only=True):
+    pass
+
+
+class RouterStatusReply(Reply, tag="router.status_reply", frozen=True, kw_only=True):
+    streams: int
+    cancelling: int
+    overflow: int
+    active: int
+    known: int
+    budget: int
+    line_cap: int | None = None
+
+
+class RouterState:
+    """Which contracts stream or wait for a line; changed only by apply(event)."""
+
+    def __init__(self) -> None:
+        self.streams: set[int] = set()
+        self.overflow: OrderedDict[int, None] = OrderedDict()
+
+    def apply(self, event: Event) -> None:
+        match event:
+            case StreamStarted(conid=c) | StreamPromoted(conid=c):
+                self.streams.add(c)
+                self.overflow.pop(c, None)
+            case StreamStopped(conid=c):
+                self.streams.discard(c)
+                self.overflow.pop(c, None)
+            case OverflowQueued(conid=c):
+                self.overflow[c] = None
+            case StreamDemoted(conid=c):
+                self.streams.discard(c)
+                self.overflow[c] = None
+            case _:
+                pass
+
+    def dump(self) -> bytes:
+        return msgspec.json.encode({"streams": sorted(self.streams), "overflow": list(self.overflow)})
+
+    @classmethod
+    def load(cls, data: bytes) -> RouterState:
+        raw = msgspec.json.decode(data)
+        state = cls()
+        state.streams = set(raw["streams"])
+        state.overflow = OrderedDict((c, None) for c in raw["overflow"])
+        return state
+
+
+class StreamRouter(EventSourcedActor[RouterState]):
+    """The hybrid decision and the slot budget (see the module docstring)."""
+
+    stream: ClassVar[str] = "router"
+    state_type: ClassVar[type[Any]] = RouterState
+
+    def __init__(
+        self,
+        log: EventLog,
+        settings: RouterSettings,
+        *,
+        ib: pykka.ActorRef[Any],
+        queue: pykka.ActorRef[Any],
+        handlers: HandlerSet,
+        initially_active: Iterable[int] = (),
+    ) -> None:
+        super().__init__(log, None)
+        self.settings = settings
+        self.ib = ib
+        self.queue = queue
+        self.handlers = handlers
+        self.active: set[int] = set(initially_active)
+        self.positions: dict[int, float] = {}
+        self.subscribed_at: dict[int, float] = {}
+        #: Streams decided off but whose cancel has not reached the IB actor yet: they still hold a line.
+        self.cancelling: set[int] = set()
+        self.line_cap: int | None = None
+        self._cap_until = 0.0
+        self._ticker: Ticker | None = None
+        self.ticks_forwarded = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def recover(self) -> None:
+        """Streams do not survive a restart (IB drops them with the connection): start empty."""
+
+    def on_recovered(self) -> None:
+        for conid in sorted(self.active):
+            self._activate(conid, "active at start")
+        self._ticker = Ticker(self.actor_ref, RefreshAll(), self.settings.refresh_interval_s, name="router-refresh").start()
+
+    def on_stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.stop()
+        for conid in sorted(self.state.streams | self.cancelling):
+            self._tell_ib(Unsubscribe(conid=conid))
+        super().on_stop()
+
+    # ------------------------------------------------------------------ messages
+
+    def handle_command(self, command: Any) -> Any:
+        match command:
+            case RouterStatus():
+                return self.status()
+            case RefreshAll():
+                return self._refresh_all()
+        raise TypeError(f"router takes no command {type(command).__name__}")
+
+    def handle_message(self, message: Any) -> Any:
+        match message:
+            case MarketUpdate():
+                self.ticks_forwarded += 1
+                self.handlers.publish(message)
+            case ContractActivated(conid=conid):
+                if conid not in self.active:
+                    self.active.add(conid)
+                    self._activate(conid, "activated")
+            case ContractDeactivated(conid=conid):
+                if conid in self.active:
+                    self.active.discard(conid)
+                    self._deactivate(conid)
+            case PositionChanged():
+                self._position(message)
+            case IbError(kind=IbErrorKind.MAX_TICKERS, conid=conid) if conid is not None:
+                self._demote(conid, message)
+            case ConnectionStateChanged(resubscribe=True):
+                self._resubscribe_all(message)
+            case StreamEnded(conid=conid):
+                self._line_freed(conid)
+            case RefreshAll():
+                self._refresh_all()
+            case _:
+                pass
+        return None
+
+    # ------------------------------------------------------------------ decisions
+
+    def lines_held(self) -> int:
+        return len(self.state.streams) + len(self.cancelling)
+
+    def _limit(self) -> int:
+        limit = self.settings.stream_budget
+        if self.line_cap is not None:
+            if time.monotonic() >= self._cap_until:
+                logger.info("router: line cap of {} after IB's 101 lifted", self.line_cap)
+                self.line_cap = None
+            else:
+                limit = min(limit, self.line_cap)
+        return limit
+
+    def _has_free_line(self) -> bool:
+        return self.lines_held() < self._limit()
+
+    def _activate(self, conid: int, reason: str) -> None:
+        if conid in self.state.streams or conid in self.state.overflow:
+            return
+        if self._has_free_line():
+            self.persist(
+                StreamStarted(conid=conid, reason=reason, lines_in_use=self.lines_held() + 1, budget=self._limit())
+            )
+            self._start_stream_after_durable(conid)
+        else:
+            self.persist(OverflowQueued(conid=conid, lines_in_use=self.lines_held(), budget=self._limit()))
+            logger.info("router: no free line for active {}; served by the queue at top priority", conid)
+            self.after_durable(
+                lambda: self._tell_queue(Enqueue(conid=conid, priority=Priority.ACTIVE_OVERFLOW, reason="overflow"))
+            )
+
+    def _start_stream_after_durable(self, conid: int) -> None:
+        def effect() -> None:
+            self.subscribed_at[conid] = time.monotonic()
+            self._tell_queue(Cancel(conid=conid, reason="streaming"))
+            self._tell_ib(Subscribe(conid=conid))
+
+        self.after_durable(effect)
+
+    def _deactivate(self, conid: int) -> None:
+        if conid in self.state.overflow:
+            self.persist(StreamStopped(conid=conid, reason="deactivated while waiting for a line"))
+            self.after_durable(lambda: self._tell_queue(Enqueue(conid=conid, reason="deactivated")))
+            return
+        if conid not in self.state.streams:
+            return
+        self.persist(StreamStopped(conid=conid, reason="deactivated"))
+        self.cancelling.add(conid)  # holds its line until the IB actor says the cancel is out
+        self._cancel_after_durable(conid)
+
+    def _cancel_after_durable(self, conid: int) -> None:
+        def effect() -> None:
+            self._tell_queue(Enqueue(conid=conid, reason="deactivated"))
+            self._tell_ib(Unsubscribe(conid=conid))
+
+        self.after_durable(effect)
+
+    def _line_freed(self, conid: int) -> None:
+        if conid in self.cancelling:
+            self.cancelling.discard(conid)
+            self.subscribed_at.pop(conid, None)
+            self._promote()
+
+    def _promote(self) -> None:
+        while self.state.overflow and self._has_free_line():
+            conid = next(iter(self.state.overflow))
+            self.persist(StreamPromoted(conid=conid))
+            logger.info("router: line free, {} promoted from the queue to a stream", conid)
+            self._start_stream_after_durable(conid)
+
+    def _demote(self, conid: int, error: IbError) -> None:
+        if conid not in self.state.streams:
+            return
+        accepted = max(0, len(self.state.streams) - 1 + len(self.cancelling))
+        self.line_cap = accepted
+        self._cap_until = time.monotonic() + self.settings.line_cap_hold_s
+        self.persist(StreamDemoted(conid=conid, code=error.code, reason=error.message[:200]))
+        logger.warning(
+            "router: IB refused a stream for {} ({}); demoted to the queue, streams capped at {} for {:.0f}s",
+            conid,
+            error.code,
+            accepted,
+            self.settings.line_cap_hold_s,
+        )
+        self.subscribed_at.pop(conid, None)
+        self.after_durable(
+            lambda: self._tell_queue(Enqueue(conid=conid, priority=Priority.ACTIVE_OVERFLOW, reason="demoted"))
+        )
+
+    def _resubscribe_all(self, change: ConnectionStateChanged) -> None:
+        streams = sorted(self.state.streams)
+        logger.info("router: IB lost its subscriptions ({}); resubmitting {} streams", change.state, len(streams))
+        now = time.monotonic()
+        for conid in streams:
+            self.subscribed_at[conid] = now
+            self._tell_ib(Subscribe(conid=conid))
+        # cancels that were waiting are moot: IB forgot those streams too
+        for conid in list(self.cancelling):
+            self.cancelling.discard(conid)
+        self._promote()
+
+    def _position(self, change: PositionChanged) -> None:
+        previous = self.positions.get(change.conid)
+        self.positions[change.conid] = change.position
+        if change.conid in self.active or previous == change.position:
+            return
+        reason = "new position" if previous is None else "position changed"
+        self._tell_queue(Enqueue(conid=change.conid, reason=reason))
+
+    def _refresh_all(self) -> Reply | None:
+        due = [c for c in self.positions if c not in self.active and c not in self.state.streams]
+        for start in range(0, len(due), 1000):
+            chunk = due[start : start + 1000]
+            self._tell_queue(EnqueueMany(items=[Enqueue(conid=c, reason="refresh") for c in chunk]))
+        if self.line_cap is not None:
+            self._promote()
+        return self.status()
+
+    # ------------------------------------------------------------------ outside world
+
+    def status(self) -> RouterStatusReply:
+        return RouterStatusReply(
+            streams=len(self.state.streams),
+            cancelling=len(self.cancelling),
+            overflow=len(self.state.overflow),
+            active=len(self.active),
+            known=len(self.positions),
+            budget=self.settings.stream_budget,
+            line_cap=self.line_cap,
+        )
+
+    def _tell_ib(self, message: Any) -> None:
+        try:
+            self.ib.tell(message)
+        except pykka.ActorDeadError:
+            logger.error("router: the IB actor is gone; {} not sent", message)
+
+    def _tell_queue(self, message: Any) -> None:
+        try:
+            self.queue.tell(message)
+        except pykka.ActorDeadError:
+            logger.error("router: the queue actor is gone; {} not sent", message)
+

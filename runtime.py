@@ -1,0 +1,679 @@
+#!/usr/bin/env python3
+"""Slotwise: the composition root and the command line.
+
+    python runtime.py [run] [--config FILE] [--data-dir DIR] [--demo] [--duration S]
+                      [--ib-host H] [--ib-port P] [--client-id N]
+    python runtime.py registry add|remove CONID [CONID ...] --strategy NAME [--data-dir DIR]
+    python runtime.py registry list [--data-dir DIR] [--json]
+    python runtime.py status  [--data-dir DIR] [--json]
+    python runtime.py replay  [--data-dir DIR] [--as-of ISO-TIME | --seq N] [--json]
+    python runtime.py audit   [--data-dir DIR] [--conid C] [--type T] [--since ISO] [--until ISO]
+                              [--format table|jsonl|csv]
+    python runtime.py verify  [--data-dir DIR]
+
+``run`` builds the actor graph (DESIGN.md section 2) and runs until SIGINT or
+SIGTERM (or ``--duration``), then stops it in order: no new work, streams
+cancelled, writers flushed, snapshots written, log closed; exit 0. This is
+the only module that configures logging.
+
+Exit codes: 0 success; 1 a refused or failed command (broken log, no
+runtime, bad input); 2 usage errors; 3 the event log failed while running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pykka
+from loguru import logger
+
+from actors.config import Config, ConfigError, load_config
+from actors.control import ControlServer, ControlUnavailable, request
+from actors.handlers import HandlerSet
+from actors.messaging import CommandRejected, ask
+from events.commands import CommandError, decode_command
+from events.log import RuntimeStarted, RuntimeStopped
+from events.queue import QueueStats, Requeue
+from events.registry import AddActive, AddActiveMany, ListActive, RemoveActive, RemoveActiveMany
+from storage.event_log import EventLog, LogFailedError
+from storage.lock import DataDirLocked
+from storage.snapshots import SnapshotStore
+from storage.tables import is_local, table_uri
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOG_FAILED = 0, 1, 2, 3
+COMMANDS = ("run", "registry", "status", "replay", "audit", "verify")
+
+
+# ---------------------------------------------------------------------- logging
+
+
+class _InterceptHandler(logging.Handler):
+    """Route the stdlib logging of pykka, ib_insync and asyncio into loguru."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(depth=6, exception=record.exc_info).log(level, record.getMessage())
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logger.remove()
+    logger.add(sys.stderr, level=level, backtrace=False, diagnose=False, format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level:<7} | {name}: {message}")
+    logging.basicConfig(handlers=[_InterceptHandler()], level=logging.WARNING, force=True)
+    for name in ("pykka", "ib_insync", "asyncio"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="runtime.py",
+        description="Slotwise keeps every IB position and its market data in sync within IB's market data lines.",
+        epilog="With no command, 'run' is assumed. Exit codes: 0 ok, 1 failed, 2 usage, 3 event log failed.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{run,registry,status,replay,audit,verify}")
+
+    def data_dir_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-dir", help="data directory or delta-rs URI (default ./data, or $SLOTWISE_DATA_DIR)")
+        p.add_argument("--config", help="TOML config file (its [runtime] data_dir is used when --data-dir is absent)")
+
+    run = sub.add_parser("run", help="run the runtime (default)")
+    data_dir_arg(run)
+    run.add_argument("--demo", action="store_true", help="run against the built-in simulated IB account")
+    run.add_argument("--duration", type=float, help="stop cleanly after S seconds (demo default: [demo] default_duration_s)")
+    run.add_argument("--ib-host")
+    run.add_argument("--ib-port", type=int)
+    run.add_argument("--client-id", type=int)
+    run.add_argument("--allow-broken-log", action="store_true", help="start even if verify finds a broken hash chain")
+    run.add_argument("--log-level", default=os.environ.get("SLOTWISE_LOG_LEVEL", "INFO"))
+
+    registry = sub.add_parser("registry", help="change or list the active strategies of the running runtime")
+    reg_sub = registry.add_subparsers(dest="registry_command", required=True)
+    for name in ("add", "remove"):
+        p = reg_sub.add_parser(name, help=f"{name} contracts {'to' if name == 'add' else 'from'} a strategy")
+        p.add_argument("conids", nargs="+", type=int, metavar="CONID")
+        p.add_argument("--strategy", required=True)
+        p.add_argument("--expected-quantity", type=float, help="(add) expected position, for reconciliation")
+        data_dir_arg(p)
+    listing = reg_sub.add_parser("list", help="list active contracts and their strategies")
+    listing.add_argument("--json", action="store_true")
+    data_dir_arg(listing)
+
+    status = sub.add_parser("status", help="status of the running runtime")
+    status.add_argument("--json", action="store_true")
+    data_dir_arg(status)
+
+    replay = sub.add_parser("replay", help="rebuild registry and queue from the log")
+    target = replay.add_mutually_exclusive_group()
+    target.add_argument("--as-of", help="state after the last event at or before this ISO-8601 time (UTC if no zone)")
+    target.add_argument("--seq", type=int, help="state after event N")
+    replay.add_argument("--json", action="store_true")
+    data_dir_arg(replay)
+
+    audit = sub.add_parser("audit", help="print the event timeline")
+    audit.add_argument("--conid", type=int, action="append", help="only this contract's events (repeatable)")
+    audit.add_argument("--type", action="append", dest="types", help="only events of this type (repeatable)")
+    audit.add_argument("--since", help="ISO-8601 time, inclusive")
+    audit.add_argument("--until", help="ISO-8601 time, inclusive")
+    audit.add_argument("--format", choices=("table", "jsonl", "csv"), default="table")
+    data_dir_arg(audit)
+
+    verify = sub.add_parser("verify", help="check seq continuity, the hash chain, payloads and snapshots")
+    data_dir_arg(verify)
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv = ["run", *argv]
+    return parser.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    overrides: dict[str, dict[str, Any]] = {"runtime": {"data_dir": getattr(args, "data_dir", None)}}
+    if getattr(args, "command", None) == "run":
+        overrides["ib"] = {"host": args.ib_host, "port": args.ib_port, "client_id": args.client_id}
+    return load_config(getattr(args, "config", None), overrides=overrides)
+
+
+# ---------------------------------------------------------------------- the runtime
+
+
+def control_socket_path(data_dir: str) -> Path:
+    """The control socket lives in the data directory (a local runtime dir for object-store URIs)."""
+    if is_local(data_dir):
+        return Path(data_dir.removeprefix("file://")) / "slotwise.sock"
+    digest = abs(hash(data_dir)) % 10**8
+    return Path(os.environ.get("XDG_RUNTIME_DIR", "/tmp")) / f"slotwise-{digest}.sock"
+
+
+#: Commands the control socket passes on; claims and acks stay with the worker.
+_REGISTRY_COMMANDS = (AddActive, RemoveActive, AddActiveMany, RemoveActiveMany, ListActive)
+_QUEUE_COMMANDS = (Requeue, QueueStats)
+
+
+class Runtime:
+    """Builds the actor graph, runs it, and stops it in order."""
+
+    def __init__(self, config: Config, *, demo: bool = False, allow_broken_log: bool = False) -> None:
+        self.config = config
+        self.demo = demo
+        self.allow_broken_log = allow_broken_log
+        self.data_dir = config.runtime.data_dir
+        self.stop_requested = threading.Event()
+        self.stop_reason = "stopped"
+        self.log_failure: LogFailedError | None = None
+        self.started_at = time.monotonic()
+        self.log: EventLog | None = None
+        self.refs: dict[str, pykka.ActorRef[Any]] = {}
+        self.handlers = HandlerSet()
+        self.control: ControlServer | None = None
+        self.metrics: Any = None
+        self._rate = (time.monotonic(), 0)
+        self.events_per_s = 0.0
+
+    # ---------------------------------------------------------------- start
+
+    def start(self) -> None:
+        from actors.fake_ib import FakeIbActor, FakeIbSettings
+        from actors.fake_ib_demo import demo_positions
+        from actors.ib import IbActor
+        from actors.ib_base import AddSubscriber
+        from actors.position_writer import PositionWriter
+        from actors.queue import QueueActor
+        from actors.reconciliation import Reconciliation
+        from actors.registry import RegistryActor
+        from actors.router import RouterSettings, StreamRouter
+        from actors.worker import QueueWorker, WorkerSettings
+        from events.ib import Connect, MarketUpdate, PositionChanged, PositionsComplete
+
+        rt = self.config.runtime
+        self.log = EventLog.open(self.data_dir, config=self.config.log)
+        self.log.add_failure_listener(self._on_log_failure)
+        self._verify_on_start()
+        snapshots = SnapshotStore(self.data_dir)
+        self.log.append(
+            RuntimeStarted(
+                writer_id=self.log.writer_id,
+                pid=os.getpid(),
+                host=socket.gethostname(),
+                mode="demo" if self.demo else "run",
+                max_lines=rt.max_lines,
+            ),
+            stream="runtime",
+            key="runtime",
+        )
+        registry = RegistryActor.start(self.log, snapshots, snapshot_every=rt.snapshot_every)
+        queue = QueueActor.start(
+            self.log,
+            snapshots,
+            max_attempts=rt.max_attempts,
+            backoff_base_s=rt.retry_backoff_s,
+            backoff_cap_s=rt.retry_backoff_cap_s,
+            snapshot_every=rt.snapshot_every,
+        )
+        writer = PositionWriter.start(self.data_dir, self.config.positions)
+        reconciliation = Reconciliation.start(self.log, snapshots)
+        self.refs.update(registry=registry, queue=queue, positions=writer, reconciliation=reconciliation)
+        if self.demo:
+            self._seed_demo_registry(registry, demo_positions)
+            demo = self.config.demo
+            positions = demo_positions(demo.stocks, demo.option_strategies, demo.seed)
+            ib = FakeIbActor.start(
+                FakeIbSettings(positions=positions, line_limit=rt.max_lines, tick_interval_s=demo.tick_interval_s)
+            )
+        else:
+            ib = IbActor.start(self.config.ib)
+        self.refs["ib"] = ib
+        self.handlers.add(writer, accepts=(MarketUpdate, PositionChanged))
+        router_settings = RouterSettings(
+            max_lines=rt.max_lines,
+            snapshot_reserve=rt.snapshot_reserve,
+            refresh_interval_s=rt.refresh_interval_s,
+            line_cap_hold_s=rt.line_cap_hold_s,
+        )
+        # subscribe first, then read the registry: an activation may arrive twice, never not at all
+        registry_proxy = registry.proxy()
+        router = StreamRouter.start(
+            self.log,
+            router_settings,
+            ib=ib,
+            queue=queue,
+            handlers=self.handlers,
+            initially_active=(),
+        )
+        registry_proxy.add_subscriber(router).get(timeout=10)
+        registry_proxy.add_subscriber(reconciliation).get(timeout=10)
+        for conid in sorted(registry_proxy.all_active().get(timeout=10)):
+            router.tell(_activation(conid))
+        worker = QueueWorker.start(
+            WorkerSettings(
+                poll_interval_s=rt.poll_interval_s,
+                batch_size=rt.batch_size,
+                snapshot_reserve=rt.snapshot_reserve,
+                lease_s=rt.lease_s,
+                snapshot_timeout_s=self.config.ib.snapshot_timeout_s,
+            ),
+            queue=queue,
+            ib=ib,
+            handlers=self.handlers,
+        )
+        self.refs.update(router=router, worker=worker)
+        for ref in (router, worker, writer, reconciliation):
+            ib.tell(AddSubscriber(ref))
+        _ = PositionsComplete
+        ib.tell(Connect())
+        self.control = ControlServer(control_socket_path(self.data_dir), self._handle_control).start()
+        if self.config.metrics.enabled:
+            from actors.metrics import MetricsServer
+
+            self.metrics = MetricsServer(self.config.metrics.host, self.config.metrics.port, self.metrics_snapshot).start()
+        logger.info(
+            "slotwise running ({}; data {}, {} lines, {} reserved for snapshots)",
+            "demo" if self.demo else f"IB {self.config.ib.host}:{self.config.ib.port}",
+            self.data_dir,
+            rt.max_lines,
+            rt.snapshot_reserve,
+        )
+
+    def _verify_on_start(self) -> None:
+        from storage.verify import verify_log
+
+        if not self.config.runtime.verify_on_start:
+            return
+        report = verify_log(table_uri(self.data_dir, "events"))
+        if report.ok:
+            return
+        message = f"the event log is broken at seq {report.first_bad_seq}: {report.problem}"
+        if not self.allow_broken_log:
+            raise BrokenLogError(f"{message}. Run 'python runtime.py verify' for details; --allow-broken-log starts anyway.")
+        logger.error("{}; starting anyway (--allow-broken-log)", message)
+
+    def _seed_demo_registry(self, registry: pykka.ActorRef[Any], demo_positions: Any) -> None:
+        """First demo run: register the legs of the first option strategies as active."""
+        if registry.proxy().all_active().get(timeout=10):
+            return
+        demo = self.config.demo
+        legs = [p for p in demo_positions(demo.stocks, demo.option_strategies, demo.seed) if p.sec_type == "OPT"]
+        groups: list[list[Any]] = []
+        for leg in legs:  # strategies are built leg after leg, sharing symbol and expiry
+            if groups and (groups[-1][0].symbol, groups[-1][0].expiry) == (leg.symbol, leg.expiry):
+                groups[-1].append(leg)
+            else:
+                groups.append([leg])
+        items = []
+        for k, group in enumerate(groups[: demo.active_strategies]):
+            name = f"{group[0].symbol.replace(' ', '')}-{group[0].expiry}-{k}"
+            items.extend(
+                AddActive(conid=leg.conid, strategy=name, source="demo", expected_quantity=leg.position) for leg in group
+            )
+        if items:
+            ask(registry, AddActiveMany(items=items), timeout=30)
+            logger.info("demo: {} option legs of {} strategies registered active", len(items), min(len(groups), demo.active_strategies))
+
+    # ---------------------------------------------------------------- run and stop
+
+    def _on_log_failure(self, error: LogFailedError) -> None:
+        self.log_failure = error
+        self.stop_reason = "event log failed"
+        self.stop_requested.set()
+
+    def run(self, duration: float | None, status_every: float | None) -> None:
+        deadline = None if not duration else time.monotonic() + duration
+        next_status = time.monotonic() + (status_every or 0)
+        while not self.stop_requested.is_set():
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                self.stop_reason = f"--duration {duration:g}s elapsed"
+                break
+            wait = 0.5 if deadline is None else max(0.0, min(0.5, deadline - now))
+            self.stop_requested.wait(wait)
+            if status_every and time.monotonic() >= next_status:
+                next_status += status_every
+                print(self.status_line(), flush=True)
+
+    def stop(self) -> None:
+        """Stop in order: no new work, streams cancelled, writers flushed, snapshots, log closed."""
+        logger.info("stopping: {}", self.stop_reason)
+        if self.control is not None:
+            self.control.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
+        for name in ("worker", "router", "ib", "reconciliation", "positions", "queue", "registry"):
+            ref = self.refs.get(name)
+            if ref is None:
+                continue
+            try:
+                ref.stop(timeout=30)
+            except pykka.Timeout:
+                logger.error("{} did not stop within 30 s", name)
+            except pykka.ActorDeadError:
+                pass
+        pykka.ActorRegistry.stop_all(timeout=10)
+        if self.log is not None:
+            if self.log.failed is None:
+                try:
+                    self.log.append(RuntimeStopped(reason=self.stop_reason[:200]), stream="runtime", key="runtime")
+                except LogFailedError:
+                    pass
+            self.log.close()
+
+    # ---------------------------------------------------------------- status and control
+
+    def status(self) -> dict[str, Any]:
+        from actors.router import RouterStatus
+        from actors.worker import WorkerStatus
+        from events.ib import IbStats
+
+        assert self.log is not None
+        out: dict[str, Any] = {"uptime_s": round(time.monotonic() - self.started_at, 1), "mode": "demo" if self.demo else "run"}
+        out["max_lines"] = self.config.runtime.max_lines
+        out["snapshot_reserve"] = self.config.runtime.snapshot_reserve
+        try:
+            ib = ask(self.refs["ib"], IbStats(), timeout=5)
+            out["ib"] = {"connected": ib.connected, "state": str(ib.state), "requests_sent": ib.requests_sent}
+            out["lines_in_use"] = ib.lines_in_use
+            out["peak_lines"] = ib.peak_lines
+            out["snapshots_in_flight"] = ib.snapshots_in_flight
+        except Exception as exc:  # noqa: BLE001 - status must answer even if a part does not
+            out["ib"] = {"connected": False, "state": f"unknown ({exc!r})"}
+        try:
+            router = ask(self.refs["router"], RouterStatus(), timeout=5)
+            out["streams"] = router.streams
+            out["overflow"] = router.overflow
+            out["active"] = router.active
+            out["known_contracts"] = router.known
+            out["stream_budget"] = router.budget
+            out["line_cap"] = router.line_cap
+        except Exception as exc:  # noqa: BLE001
+            out["router_error"] = repr(exc)
+        try:
+            stats = ask(self.refs["queue"], QueueStats(), timeout=5)
+            out["queue"] = {"pending": stats.pending, "processing": stats.processing, "failed": stats.failed}
+            out["dead_letters"] = stats.failed
+        except Exception as exc:  # noqa: BLE001
+            out["queue_error"] = repr(exc)
+        try:
+            worker = ask(self.refs["worker"], WorkerStatus(), timeout=5)
+            out["worker"] = msgspec.to_builtins(worker)
+        except Exception as exc:  # noqa: BLE001
+            out["worker_error"] = repr(exc)
+        try:
+            from events.positions import WriterStats
+
+            writer = ask(self.refs["positions"], WriterStats(), timeout=5)
+            out["positions_rows_written"] = writer.rows_written
+        except Exception as exc:  # noqa: BLE001
+            out["positions_error"] = repr(exc)
+        now, seq = time.monotonic(), self.log.last_seq
+        then, before = self._rate
+        if now - then >= 1.0:
+            self.events_per_s = (seq - before) / (now - then)
+            self._rate = (now, seq)
+        out["last_seq"] = seq
+        out["durable_seq"] = self.log.durable_seq
+        out["events_per_s"] = round(self.events_per_s, 1)
+        out["log"] = {k: v for k, v in self.log.stats().items() if k in ("commits", "commit_ms_p50", "commit_ms_max", "failed")}
+        return out
+
+    def status_line(self) -> str:
+        s = self.status()
+        q = s.get("queue", {})
+        return (
+            f"lines {s.get('lines_in_use', '?')}/{s['max_lines']} (streams {s.get('streams', '?')}, "
+            f"overflow {s.get('overflow', '?')}) | queue pending {q.get('pending', '?')} processing "
+            f"{q.get('processing', '?')} failed {q.get('failed', '?')} | positions rows {s.get('positions_rows_written', '?')}"
+            f" | events {s['last_seq']} ({s['events_per_s']}/s) | IB {s['ib'].get('state')}"
+        )
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        return self.status()
+
+    def _handle_control(self, line: bytes) -> dict[str, Any]:
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as exc:
+            return _control_error("invalid", f"not JSON: {exc.msg} at column {exc.colno}")
+        if not isinstance(raw, dict):
+            return _control_error("invalid", "a request is a JSON object with a 'type'")
+        if raw.get("type") == "status":
+            if set(raw) - {"type"}:
+                return _control_error("invalid", "status takes no fields", field=sorted(set(raw) - {"type"})[0])
+            return {"ok": True, "reply": self.status()}
+        try:
+            command = decode_command(line)
+        except CommandError as exc:
+            return _control_error("invalid", str(exc), field=exc.field)
+        if isinstance(command, _REGISTRY_COMMANDS):
+            target = self.refs["registry"]
+        elif isinstance(command, _QUEUE_COMMANDS):
+            target = self.refs["queue"]
+        else:
+            return _control_error("forbidden", f"{raw.get('type')} is not accepted on the control socket")
+        try:
+            reply = ask(target, command, timeout=30)
+        except CommandRejected as exc:
+            r = exc.rejected
+            return _control_error(r.code, r.message, field=r.field)
+        except LogFailedError as exc:
+            return _control_error("log_failed", str(exc))
+        return {"ok": True, "reply": msgspec.to_builtins(reply)}
+
+
+class BrokenLogError(RuntimeError):
+    """``run`` refused to append to a log whose hash chain is broken."""
+
+
+def _control_error(code: str, message: str, field: str | None = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if field:
+        error["field"] = field
+    return {"ok": False, "error": error}
+
+
+def _activation(conid: int) -> Any:
+    from events.registry import ContractActivated
+
+    return ContractActivated(conid=conid, strategy="(active at start)")
+
+
+def run_runtime(config: Config, *, demo: bool, duration: float | None, allow_broken_log: bool) -> int:
+    if demo and duration is None:
+        duration = config.demo.default_duration_s or None
+    runtime = Runtime(config, demo=demo, allow_broken_log=allow_broken_log)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        runtime.stop_reason = signal.Signals(signum).name
+        runtime.stop_requested.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        runtime.start()
+    except DataDirLocked as exc:
+        logger.error("{}", exc)
+        return EXIT_FAILED
+    except BrokenLogError as exc:
+        logger.error("{}", exc)
+        runtime.stop()
+        return EXIT_FAILED
+    except LogFailedError as exc:
+        logger.error("the event log failed while starting: {}", exc)
+        runtime.stop()
+        return EXIT_LOG_FAILED
+    except BaseException:
+        logger.exception("the runtime failed to start")
+        runtime.stop()  # actor threads would otherwise keep the process alive
+        return EXIT_FAILED
+    try:
+        runtime.run(duration, config.runtime.status_interval_s if demo else None)
+    finally:
+        if demo:
+            print(runtime.status_line(), flush=True)
+        runtime.stop()
+    if runtime.log_failure is not None:
+        logger.error(
+            "stopped because the event log failed: {}. Everything acknowledged before is in the log; "
+            "fix the storage and start again.",
+            runtime.log_failure,
+        )
+        return EXIT_LOG_FAILED
+    logger.info("stopped cleanly")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------- client commands
+
+
+def _call_runtime(data_dir: str, payload: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        return request(control_socket_path(data_dir), payload)
+    except ControlUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
+def cmd_registry(args: argparse.Namespace, config: Config) -> int:
+    data_dir = config.runtime.data_dir
+    if args.registry_command == "list":
+        answer = _call_runtime(data_dir, {"type": "registry.list"})
+        if answer is None:
+            return EXIT_FAILED
+        if not answer["ok"]:
+            print(f"error: {answer['error']['message']}", file=sys.stderr)
+            return EXIT_FAILED
+        registry = answer["reply"]["registry"]
+        if args.json:
+            print(json.dumps(registry, sort_keys=True))
+        else:
+            for conid in sorted(registry, key=int):
+                print(f"{conid:>12}  {', '.join(registry[conid])}")
+            print(f"{len(registry)} active contracts")
+        return EXIT_OK
+    if args.registry_command == "add":
+        items = [{"conid": c, "strategy": args.strategy, "source": "cli", "expected_quantity": args.expected_quantity} for c in args.conids]
+        payload: dict[str, Any] = {"type": "registry.add_active_many", "items": items}
+    else:
+        items = [{"conid": c, "strategy": args.strategy, "source": "cli"} for c in args.conids]
+        payload = {"type": "registry.remove_active_many", "items": items}
+    answer = _call_runtime(data_dir, payload)
+    if answer is None:
+        return EXIT_FAILED
+    if not answer["ok"]:
+        err = answer["error"]
+        where = f" (field {err['field']})" if err.get("field") else ""
+        print(f"error: {err['message']}{where}; nothing was changed", file=sys.stderr)
+        return EXIT_FAILED
+    for result in answer["reply"]["results"]:
+        verb = "changed" if result["changed"] else "unchanged"
+        state = "active" if result["active"] else "not active"
+        detail = f" ({result['detail']})" if result.get("detail") else ""
+        print(f"{result['conid']} {args.strategy}: {verb}, now {state}{detail}")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    answer = _call_runtime(config.runtime.data_dir, {"type": "status"})
+    if answer is None:
+        return EXIT_FAILED
+    if not answer["ok"]:
+        print(f"error: {answer['error']['message']}", file=sys.stderr)
+        return EXIT_FAILED
+    status = answer["reply"]
+    if args.json:
+        print(json.dumps(status, sort_keys=True))
+        return EXIT_OK
+    q = status.get("queue", {})
+    print(f"uptime          {status['uptime_s']} s ({status['mode']})")
+    print(f"IB              {status['ib'].get('state')}")
+    print(f"lines in use    {status.get('lines_in_use')} / {status['max_lines']} (streams {status.get('streams')}, snapshots {status.get('snapshots_in_flight')})")
+    print(f"active          {status.get('active')} (overflow waiting for a line: {status.get('overflow')})")
+    print(f"queue           pending {q.get('pending')}, processing {q.get('processing')}, dead letters {q.get('failed')}")
+    print(f"event log       last seq {status['last_seq']}, {status['events_per_s']} events/s")
+    return EXIT_OK
+
+
+def cmd_replay(args: argparse.Namespace, config: Config) -> int:
+    from storage.replay import ReplayError, replay
+
+    try:
+        result = replay(config.runtime.data_dir, seq=args.seq, as_of=args.as_of)
+    except ReplayError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    data = result.to_json(items=True)
+    if args.json:
+        print(json.dumps(data, sort_keys=True))
+        return EXIT_OK
+    q = data["queue"]
+    print(f"state after seq {data['seq']} ({data['ts'] or 'empty log'})")
+    print(f"registry: {len(data['registry'])} active contracts")
+    for conid in sorted(data["registry"], key=int)[:50]:
+        print(f"  {conid:>12}  {', '.join(data['registry'][conid])}")
+    if len(data["registry"]) > 50:
+        print(f"  ... and {len(data['registry']) - 50} more (use --json)")
+    print(f"queue: pending {q['pending']}, processing {q['processing']}, failed {q['failed']}")
+    for item in [i for i in q["items"] if i["status"] == "FAILED"][:20]:
+        print(f"  dead letter {item['conid']}: {item['last_error']}")
+    return EXIT_OK
+
+
+def cmd_audit(args: argparse.Namespace, config: Config) -> int:
+    from storage.audit import audit_events, write_audit
+
+    try:
+        events = audit_events(config.runtime.data_dir, conid=args.conid, types=args.types, since=args.since, until=args.until)
+        write_audit(events, args.format, sys.stdout)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace, config: Config) -> int:
+    from storage.verify import verify_data_dir
+
+    report = verify_data_dir(config.runtime.data_dir)
+    if report.ok:
+        print(f"ok: {report.events} events, seq 1..{report.last_seq}, hash chain intact, every payload decodes{report.detail}")
+        return EXIT_OK
+    print(f"BROKEN at seq {report.first_bad_seq}: {report.problem}")
+    return EXIT_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = resolve_config(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "run":
+        configure_logging(args.log_level)
+        return run_runtime(config, demo=args.demo, duration=args.duration, allow_broken_log=args.allow_broken_log)
+    configure_logging(os.environ.get("SLOTWISE_LOG_LEVEL", "WARNING"))
+    handler = {"registry": cmd_registry, "status": cmd_status, "replay": cmd_replay, "audit": cmd_audit, "verify": cmd_verify}
+    return handler[args.command](args, config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""The Queue actor: every rule of DESIGN.md section 4, restart, and QueueState invariants (hypothesis)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pykka
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from actors.messaging import CommandRejected, ask
+from actors.queue import QueueActor, QueueState
+from actors.queue_state import PENDING
+from events.base import Event
+from events.queue import (
+    Cancel,
+    Claim,
+    Enqueue,
+    EnqueueMany,
+    ExpireLeases,
+    Fail,
+    ItemReleased,
+    QueueStats,
+    Release,
+    Requeue,
+    Succeed,
+)
+from events.registry import ContractActivated
+from storage.event_log import EventLog
+from storage.snapshots import SnapshotStore
+from tests.conftest import TEST_LOG_CONFIG
+
+S = 1_000_000  # one second in microseconds
+
+
+class Clock:
+    """A settable clock in microseconds, read by the actor."""
+
+    def __init__(self, now: int = 1_700_000_000 * S) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def types(log: EventLog) -> list[str]:
+    log.flush()
+    return [s.type.removeprefix("queue.") for s in log.read(streams=["queue"])]
+
+
+def start(log: EventLog, clock: Clock, **kwargs: Any) -> pykka.ActorRef[Any]:
+    return QueueActor.start(log, clock=clock, **kwargs)
+
+
+def test_enqueue_coalesces_and_better_priority_wins(event_log: EventLog) -> None:
+    ref = start(event_log, Clock())
+    assert ask(ref, Enqueue(conid=5, priority=2)).changed == 1
+    same = ask(ref, Enqueue(conid=5, priority=2))
+    assert same.changed == 0
+    assert same.ignored == {"5": "coalesced into waiting item 1"}
+    assert ask(ref, Enqueue(conid=5, priority=1, reason="overflow")).changed == 1
+    assert ask(ref, Enqueue(conid=5, priority=2)).changed == 0
+    assert types(event_log) == ["item_enqueued", "item_reprioritized"]
+    stats = ask(ref, QueueStats())
+    assert (stats.pending, stats.by_priority) == (1, {"1": 1})
+
+
+def test_claim_order_is_priority_then_not_before_then_enqueue_time(event_log: EventLog) -> None:
+    clock = Clock()
+    ref = start(event_log, clock, backoff_base_s=1.0)
+    for conid, prio in [(1, 2), (2, 2), (3, 1), (4, 2)]:
+        clock.now += 1
+        ask(ref, Enqueue(conid=conid, priority=prio))
+    first = ask(ref, Claim(n=1)).items[0]
+    assert first.conid == 3  # priority 1 first
+    ask(ref, Fail(item_id=first.item_id, error="x"))  # retry after 1 s, priority stays 1
+    got = [c.conid for c in ask(ref, Claim(n=10)).items]
+    assert got == [1, 2, 4]  # conid 3 waits out its backoff
+    clock.now += S
+    assert [c.conid for c in ask(ref, Claim(n=10)).items] == [3]
+
+
+def test_fail_backs_off_exponentially_then_dead_letters_and_requeue_revives(event_log: EventLog) -> None:
+    clock = Clock()
+    ref = start(event_log, clock, max_attempts=3, backoff_base_s=2.0, backoff_cap_s=3.0)
+    ask(ref, Enqueue(conid=8))
+    waits = []
+    for attempt in (1, 2, 3):
+        claimed = ask(ref, Claim(n=5)).items
+        assert [(c.conid, c.attempt) for c in claimed] == [(8, attempt)]
+        ask(ref, Fail(item_id=claimed[0].item_id, error=f"boom {attempt}", code=354))
+        if attempt < 3:
+            summary = ref.proxy().summary(True).get(timeout=5)
+            assert summary["items"][0]["last_error"] == f"boom {attempt}"
+            wait = 0
+            while not ask(ref, Claim(n=1, lease_s=0.001)).items:  # not claimable until the backoff passed
+                clock.now += S // 2
+                wait += S // 2
+            waits.append(wait)
+            clock.now += 1000  # let that probe lease expire: it returns without counting an attempt
+            ask(ref, ExpireLeases())
+    assert waits == [2 * S, 3 * S]  # 2 s, then 4 s capped at 3 s
+    stats = ask(ref, QueueStats())
+    assert (stats.pending, stats.processing, stats.failed) == (0, 0, 1)
+    assert "item_dead_lettered" in types(event_log)
+    assert ask(ref, Requeue(conid=8)).changed == 1
+    again = ask(ref, Claim(n=1)).items
+    assert [(c.conid, c.attempt) for c in again] == [(8, 1)]
+    assert ask(ref, Requeue(conid=8)).ignored == {"8": "no dead-lettered item"}
+
+
+def test_lease_expiry_returns_items_and_stale_acks_are_ignored(event_log: EventLog) -> None:
+    clock = Clock()
+    ref = start(event_log, clock)
+    ask(ref, EnqueueMany(items=[Enqueue(conid=1), Enqueue(conid=2)]))
+    first = ask(ref, Claim(n=2, lease_s=10)).items
+    clock.now += 10 * S
+    assert ask(ref, ExpireLeases()).changed == 2
+    second = ask(ref, Claim(n=1, lease_s=10)).items  # conid 1 again, under a new lease
+    assert second[0].item_id == first[0].item_id
+    assert second[0].attempt == 1  # a lost lease is not an attempt
+    stale = ask(ref, Succeed(item_ids=[first[0].item_id], leases=[first[0].lease_until_us]))
+    assert stale.changed == 0
+    assert "stale lease" in stale.ignored[str(first[0].item_id)]
+    clock.now += 10 * S  # claim expires conid 1's lease by itself before handing out work
+    third = ask(ref, Claim(n=5)).items
+    assert sorted(c.conid for c in third) == [1, 2]
+    ok = ask(ref, Succeed(item_ids=[c.item_id for c in third] + [999]))
+    assert ok.changed == 2
+    assert ok.ignored == {"999": "unknown item (finished, cancelled or never enqueued)"}
+    assert ask(ref, Fail(item_id=third[0].item_id)).ignored  # already done: stale
+    assert "item_released" in types(event_log)
+
+
+def test_release_counts_no_attempt_and_cancel_drops_waiting_and_processing(event_log: EventLog) -> None:
+    ref = start(event_log, Clock())
+    ask(ref, EnqueueMany(items=[Enqueue(conid=c) for c in (1, 2, 3)]))
+    claimed = ask(ref, Claim(n=2)).items
+    assert ask(ref, Release(item_ids=[claimed[0].item_id], reason="disconnected")).changed == 1
+    assert ask(ref, Claim(n=1)).items[0].attempt == 1
+    ask(ref, Enqueue(conid=claimed[1].conid))  # a new waiting item beside the processing one
+    assert ask(ref, Cancel(conid=claimed[1].conid)).changed == 2
+    assert ask(ref, Cancel(conid=99)).ignored == {"99": "nothing waiting or processing"}
+    ref.tell(ContractActivated(conid=3, strategy="s"))  # the registry's event cancels too
+    stats = ask(ref, QueueStats())
+    assert (stats.pending, stats.processing) == (0, 1)
+    released = [s.event for s in event_log.read(streams=["queue"], types=["queue.item_released"])]
+    assert isinstance(released[0], ItemReleased)
+    assert (released[0].reason, released[0].detail) == ("disconnected", "disconnected")
+
+
+def test_enqueue_while_processing_keeps_one_waiting_item_not_claimed_concurrently(event_log: EventLog) -> None:
+    ref = start(event_log, Clock())
+    ask(ref, Enqueue(conid=4, priority=2))
+    running = ask(ref, Claim(n=1)).items[0]
+    ask(ref, Enqueue(conid=4, priority=2))
+    assert ask(ref, Enqueue(conid=4)).changed == 0  # still one waiting item
+    assert ask(ref, Claim(n=5)).items == []  # not while the first is processing
+    ask(ref, Enqueue(conid=4, priority=1))  # upgrade the waiting one
+    assert ask(ref, Release(item_ids=[running.item_id])).changed == 1  # merges into the waiting item
+    stats = ask(ref, QueueStats())
+    assert (stats.pending, stats.processing) == (1, 0)
+    nxt = ask(ref, Claim(n=5)).items
+    assert [(c.conid, c.priority) for c in nxt] == [(4, 1)]
+    assert nxt[0].item_id != running.item_id
+
+
+def test_bad_commands_are_refused_and_log_nothing(event_log: EventLog) -> None:
+    ref = start(event_log, Clock())
+    for command, field in [
+        (Enqueue(conid=-1), "conid"),
+        (Enqueue(conid=1, priority=0), "priority"),
+        (Claim(n=0), "n"),
+        (Succeed(item_ids=[1, 2], leases=[5]), "leases"),
+        (EnqueueMany(items=[Enqueue(conid=1), Enqueue(conid=0)]), "items[1].conid"),
+    ]:
+        with pytest.raises(CommandRejected) as info:
+            ask(ref, command)
+        assert info.value.rejected.field == field
+    assert event_log.last_seq == 0
+
+
+def test_restart_returns_processing_items_and_rebuilds_the_same_state(data_dir: Path) -> None:
+    clock = Clock()
+    log = EventLog.open(data_dir, config=TEST_LOG_CONFIG)
+    snaps = SnapshotStore(str(data_dir))
+    ref = QueueActor.start(log, snaps, clock=clock, snapshot_every=10)
+    ask(ref, EnqueueMany(items=[Enqueue(conid=c, priority=1 + c % 2) for c in range(1, 41)]))
+    claimed = ask(ref, Claim(n=15)).items
+    ask(ref, Succeed(item_ids=[c.item_id for c in claimed[:5]]))
+    ask(ref, Fail(item_id=claimed[5].item_id, error="no data"))
+    before = ref.proxy().state.get(timeout=5)
+    before_dump, in_flight = before.dump(), {it.item_id for it in before.processing_items()}
+    assert len(in_flight) == 9
+    pykka.ActorRegistry.stop_all(timeout=10)
+    log.close()
+    log = EventLog.open(data_dir, config=TEST_LOG_CONFIG)
+    try:
+        replayed = QueueState()
+        for stored in log.read(streams=["queue"]):
+            replayed.apply(stored.event)
+        assert replayed.dump() == before_dump  # pure replay: exactly the durable state
+        proxy = QueueActor.start(log, snaps, clock=clock).proxy()
+        after = proxy.state.get(timeout=10)
+        after.check_invariants()
+        assert after.processing_items() == []
+        assert {i for i in in_flight if after.items[i].status == PENDING} == in_flight
+        assert after.summary()["pending"] == 40 - 5 - 0  # 35 waiting: 25 never claimed, 9 back, 1 retrying
+        log.flush()
+        released = [s.event for s in log.read(streams=["queue"], types=["queue.item_released"])]
+        assert {e.item_id for e in released} == in_flight
+        assert {e.reason for e in released} == {"restart"}
+    finally:
+        pykka.ActorRegistry.stop_all(timeout=10)
+        log.close()
+
+
+# ---------------------------------------------------------------------- property test
+
+
+class _Direct:
+    """The QueueActor's decision code without a thread or a log: persist applies and records."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.events: list[Event] = []
+        self.actor = QueueActor(_NoLog(), clock=clock, max_attempts=3, backoff_base_s=1.0, backoff_cap_s=4.0)  # type: ignore[arg-type]
+        self.actor.persist = self._persist  # type: ignore[method-assign]
+
+    def _persist(self, event: Event) -> None:
+        self.actor.state.apply(event)
+        self.events.append(event)
+
+    def __call__(self, command: Any) -> Any:
+        return self.actor.handle_command(command)
+
+
+class _NoLog:
+    pass
+
+
+CONIDS = st.integers(min_value=1, max_value=6)
+
+
+class QueueMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = Clock()
+        self.q = _Direct(self.clock)
+        self.leases: dict[int, int] = {}  # item id -> lease handed out (kept after acks, to send stale ones)
+
+    @property
+    def state(self) -> QueueState:
+        return self.q.actor.state
+
+    @rule(conid=CONIDS, priority=st.sampled_from([1, 2]))
+    def enqueue(self, conid: int, priority: int) -> None:
+        self.q(Enqueue(conid=conid, priority=priority))
+
+    @rule(n=st.integers(min_value=1, max_value=4), lease_s=st.sampled_from([1.0, 5.0]))
+    def claim(self, n: int, lease_s: float) -> None:
+        self.q(ExpireLeases())
+        now = self.clock.now
+        busy = {it.conid for it in self.state.processing_items()}
+        eligible = sorted(
+            (it.priority, it.not_before_us, it.enqueued_us, it.item_id)
+            for it in self.state.items.values()
+            if it.status == PENDING and it.not_before_us <= now and it.conid not in busy
+        )
+        got = self.q(Claim(n=n, lease_s=lease_s)).items
+        assert [c.item_id for c in got] == [key[3] for key in eligible[:n]]
+        self.leases.update({c.item_id: c.lease_until_us for c in got})
+
+    @precondition(lambda self: self.leases)
+    @rule(data=st.data(), stale=st.booleans())
+    def succeed(self, data: st.DataObject, stale: bool) -> None:
+        item_id = data.draw(st.sampled_from(sorted(self.leases)))
+        lease = self.leases[item_id] - (1 if stale else 0)
+        before = self.state.dump()
+        ack = self.q(Succeed(item_ids=[item_id], leases=[lease]))
+        if ack.ignored:
+            assert self.state.dump() == before  # a stale ack changes nothing
+
+    @precondition(lambda self: self.leases)
+    @rule(data=st.data())
+    def fail(self, data: st.DataObject) -> None:
+        item_id = data.draw(st.sampled_from(sorted(self.leases)))
+        self.q(Fail(item_id=item_id, error="e", lease_until_us=self.leases[item_id]))
+
+    @precondition(lambda self: self.leases)
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        self.q(Release(item_ids=[data.draw(st.sampled_from(sorted(self.leases)))], reason="disconnected"))
+
+    @rule(conid=CONIDS)
+    def cancel(self, conid: int) -> None:
+        self.q(Cancel(conid=conid))
+
+    @rule(conid=CONIDS)
+    def requeue(self, conid: int) -> None:
+        self.q(Requeue(conid=conid))
+
+    @rule(seconds=st.sampled_from([0.5, 1, 3, 10]))
+    def advance(self, seconds: float) -> None:
+        self.clock.now += int(seconds * S)
+
+    @rule()
+    def restart(self) -> None:
+        """A restart: rebuild from the snapshot (dump) and release what was in flight."""
+        state = QueueState.load(self.state.dump())
+        assert state.dump() == self.state.dump()
+        self.q.actor.state = state
+        self.q.actor.on_recovered()
+        assert state.processing_items() == []
+
+    @invariant()
+    def indexes_agree_and_one_waiting_item_per_contract(self) -> None:
+        self.state.check_invariants()
+        waiting = [it.conid for it in self.state.items.values() if it.status == PENDING]
+        assert len(waiting) == len(set(waiting))
+
+    @invariant()
+    def replay_of_the_log_equals_live_state(self) -> None:
+        replayed = QueueState()
+        for event in self.q.events:
+            replayed.apply(event)
+        assert replayed.dump() == self.state.dump()
+
+
+TestQueueStateMachine = QueueMachine.TestCase
+TestQueueStateMachine.settings = settings(
+    max_examples=60, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
