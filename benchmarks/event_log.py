@@ -34,16 +34,16 @@ import threading
 import time
 from typing import Any
 
-import pyarrow as pa  # noqa: E402
-from deltalake import write_deltalake  # noqa: E402
-from loguru import logger  # noqa: E402
+import pyarrow as pa
+from deltalake import write_deltalake
+from loguru import logger
 
-from events.codec import encode_event  # noqa: E402
-from events.queue import ItemEnqueued  # noqa: E402
-from storage.event_log import CommitBatch, EventLog  # noqa: E402
-from storage.hashing import GENESIS_HASH, row_hash  # noqa: E402
-from storage.tables import EVENTS_SCHEMA, LogConfig  # noqa: E402
-from storage.verify import verify_log  # noqa: E402
+from events.codec import encode_event
+from events.queue import ItemEnqueued
+from storage.event_log import CommitBatch, EventLog
+from storage.hashing import GENESIS_HASH, row_hash
+from storage.tables import EVENTS_SCHEMA, LogConfig
+from storage.verify import verify_log
 
 PRODUCERS = 4
 

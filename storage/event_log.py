@@ -474,7 +474,7 @@ class EventLog:
         self.commits += 1
         batch.last_seq = batch.seqs[-1]
         self.durable_seq = batch.last_seq
-        batch._resolve(None)  # noqa: SLF001
+        batch._resolve(None)
         if self._maintenance is not None:
             self._maintenance.note_commit()
 
@@ -553,11 +553,11 @@ class EventLog:
         that the fast path is the one in use.
         """
         try:
-            from arro3.core import RecordBatchReader  # noqa: PLC0415 - deltalake's own Arrow layer
-            from deltalake.writer._conversion import _convert_arro3_schema_to_delta  # noqa: PLC0415
+            from arro3.core import RecordBatchReader
+            from deltalake.writer._conversion import _convert_arro3_schema_to_delta
 
             assert self._dt is not None
-            raw = self._dt._table  # noqa: SLF001
+            raw = self._dt._table
             delta_schema = _convert_arro3_schema_to_delta(
                 RecordBatchReader.from_arrow(EVENTS_SCHEMA.empty_table()).schema, self._dt.schema().to_arrow()
             )

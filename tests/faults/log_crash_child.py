@@ -13,9 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from storage.event_log import EventLog  # noqa: E402
-from storage.tables import LogConfig  # noqa: E402
-from tests.faults.crash_probe import CrashProbe  # noqa: E402
+from storage.event_log import EventLog
+from storage.tables import LogConfig
+from tests.faults.crash_probe import CrashProbe
 
 _print_lock = threading.Lock()
 

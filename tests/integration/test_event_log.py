@@ -113,7 +113,8 @@ def test_a_commit_that_keeps_failing_stops_the_log_and_loses_nothing_acknowledge
         doomed.wait(10)
     with pytest.raises(LogFailedError):
         log.append(enqueued(7), stream="queue", key="7")
-    assert failures and "disk full" in repr(failures[0].__cause__)
+    assert failures
+    assert "disk full" in repr(failures[0].__cause__)
     log.close()
     with EventLog.open(data_dir, config=TEST_LOG_CONFIG) as reopened:
         assert reopened.last_seq == 5
@@ -222,7 +223,7 @@ def test_background_maintenance_runs_while_appending(data_dir: Path) -> None:
 
 def test_the_fast_delta_append_path_is_in_use(event_log: EventLog) -> None:
     """The writer calls deltalake's Rust writer directly; an upgrade that breaks it must be noticed."""
-    assert event_log._fast_append is not None  # noqa: SLF001
+    assert event_log._fast_append is not None
     event_log.append(enqueued(1), stream="queue", key="1").wait(10)
-    assert event_log._fast_append is not None  # noqa: SLF001
+    assert event_log._fast_append is not None
     assert DeltaTable(event_log.uri).transaction_version(event_log.writer_id) == 1

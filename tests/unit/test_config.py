@@ -1,0 +1,72 @@
+"""Config: decoding, precedence, errors that name the key, and docs/operations.md kept in step."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from actors.config import Config, ConfigError, load_config
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
+
+
+def _default(field: msgspec.structs.FieldInfo) -> object:
+    if field.default is not msgspec.NODEFAULT:
+        return msgspec.to_builtins(field.default)
+    return msgspec.to_builtins(field.default_factory())
+
+
+def test_operations_doc_lists_every_config_field_with_its_default() -> None:
+    rows = dict(re.findall(r"^\| `([a-z_]+\.[a-z_0-9]+)` \| `([^`]*)` \|", DOC.read_text(), flags=re.MULTILINE))
+    expected = {
+        f"{section.name}.{field.name}": _default(field)
+        for section in msgspec.structs.fields(Config)
+        for field in msgspec.structs.fields(section.type)
+    }
+    assert set(rows) == set(expected), f"missing in doc: {set(expected) - set(rows)}; stale in doc: {set(rows) - set(expected)}"
+    for key, default in expected.items():
+        assert json.loads(rows[key]) == default, f"{key}: doc says {rows[key]}, code says {default!r}"
+
+
+def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[runtime]\nmax_lines = 50\ndata_dir = "/from/file"\n[ib]\nport = 4001\n')
+    config = load_config(path, environ={"SLOTWISE_IB_PORT": "4002", "SLOTWISE_DATA_DIR": "/from/env"}, overrides={"ib": {"port": 7496}})
+    assert config.runtime.max_lines == 50
+    assert config.runtime.data_dir == "/from/env"
+    assert config.ib.port == 7496
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "message"),
+    [
+        ("[runtime]\nmax_line = 5\n", {}, "runtime.max_line"),
+        ("[runtim]\n", {}, "[runtim]"),
+        ("[runtime]\nmax_lines = 1\n", {}, "max_lines"),
+        ("[runtime]\nmax_lines = 'many'\n", {}, "max_lines"),
+        ("", {"SLOTWISE_NOPE_X": "1"}, "SLOTWISE_NOPE_X"),
+        ("", {"SLOTWISE_IB_PORT": "99999"}, "ib.port"),
+        ("not toml = = =", {}, "not valid TOML"),
+    ],
+)
+def test_bad_configuration_is_refused_naming_the_key(tmp_path: Path, text: str, environ: dict[str, str], message: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(path, environ=environ)
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml", environ={})
+
+
+def test_defaults_match_the_design() -> None:
+    config = load_config(environ={})
+    assert (config.ib.host, config.ib.port, config.ib.client_id) == ("127.0.0.1", 7497, 1)
+    assert (config.runtime.data_dir, config.runtime.max_lines) == ("./data", 100)
+    assert (config.runtime.poll_interval_s, config.runtime.batch_size) == (5.0, 50)
