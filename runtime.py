@@ -179,6 +179,7 @@ class Runtime:
         self.stop_requested = threading.Event()
         self.stop_reason = "stopped"
         self.log_failure: LogFailedError | None = None
+        self.actor_failure: str | None = None
         self.started_at = time.monotonic()
         self.log: EventLog | None = None
         self.refs: dict[str, pykka.ActorRef[Any]] = {}
@@ -344,6 +345,13 @@ class Runtime:
                 break
             wait = 0.5 if deadline is None else max(0.0, min(0.5, deadline - now))
             self.stop_requested.wait(wait)
+            dead = [name for name, ref in self.refs.items() if not ref.is_alive()]
+            if dead and not self.stop_requested.is_set():
+                # pykka stops an actor whose told message raised; running on without it would be silent damage
+                self.actor_failure = f"the {', '.join(dead)} actor stopped unexpectedly (its error is in the log above)"
+                self.stop_reason = self.actor_failure
+                logger.error("{}; stopping the runtime", self.actor_failure)
+                break
             if status_every and time.monotonic() >= next_status:
                 next_status += status_every
                 print(self.status_line(), flush=True)
@@ -534,6 +542,8 @@ def run_runtime(config: Config, *, demo: bool, duration: float | None, allow_bro
             runtime.log_failure,
         )
         return EXIT_LOG_FAILED
+    if runtime.actor_failure is not None:
+        return EXIT_FAILED
     logger.info("stopped cleanly")
     return EXIT_OK
 
