@@ -132,6 +132,8 @@ class Reconciliation(EventSourcedActor[ReconciliationState]):
         #: conid -> account -> quantity, as IB last reported it.
         self.positions: dict[int, dict[str, float]] = {}
         self.positions_complete = False
+        #: conids IB mentioned since the last PositionsComplete (a full round ends with one)
+        self._seen_this_round: set[int] = set()
         self._ticker: Ticker | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -166,8 +168,7 @@ class Reconciliation(EventSourcedActor[ReconciliationState]):
             case PositionChanged():
                 self._on_position(message)
             case PositionsComplete():
-                self.positions_complete = True
-                self._check_all()
+                self._end_of_round()
             case LegAdded() | LegRemoved() | ContractActivated() | ContractDeactivated():
                 self._apply_registry(message)
                 self._check(message.conid)
@@ -209,8 +210,25 @@ class Reconciliation(EventSourcedActor[ReconciliationState]):
             case ContractDeactivated(conid=conid):
                 self.legs.pop(conid, None)
 
+    def _end_of_round(self) -> None:
+        """IB finished a full positions round (at every connect and reconnect).
+
+        A position closed while we were disconnected is simply not sent
+        again, so whatever this round did not mention is no longer held:
+        it is dropped (an active contract then shows as "no position").
+        """
+        if self.positions_complete:
+            for conid in [c for c in self.positions if c not in self._seen_this_round]:
+                accounts = self.positions.pop(conid)
+                logger.info("reconciliation: {} not in IB's latest positions (was {}); treated as closed", conid, accounts)
+                self._check(conid)
+        self._seen_this_round = set()
+        self.positions_complete = True
+        self._check_all()
+
     def _on_position(self, message: PositionChanged) -> None:
         conid = message.conid
+        self._seen_this_round.add(conid)
         before = self._actual(conid)
         self.positions.setdefault(conid, {})[message.account] = message.position
         after = self._actual(conid)

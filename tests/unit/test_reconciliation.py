@@ -254,3 +254,18 @@ def test_state_round_trips_through_a_snapshot() -> None:
     loaded = ReconciliationState.load(state.dump())
     assert loaded.open == state.open
     assert list(loaded.open) == [(2, QUANTITY)]
+
+
+def test_a_position_closed_while_disconnected_is_dropped_at_the_next_full_round(event_log: EventLog) -> None:
+    """IB does not re-send a position that was closed while we were away: its absence from a round says so."""
+    ref = start(event_log)
+    activate(ref, 1, expected=5.0)
+    ref.tell(pos(1, 5))
+    ref.tell(pos(2, 3))
+    ref.tell(PositionsComplete())
+    assert settle(ref).open == []
+    # reconnect: IB's new round mentions only contract 2; contract 1 was closed meanwhile
+    ref.tell(pos(2, 3))
+    ref.tell(PositionsComplete())
+    report = settle(ref)
+    assert [(m.conid, m.kind, m.actual) for m in report.open] == [(1, NO_POSITION, 0.0)]
