@@ -599,6 +599,7 @@ def cmd_registry(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    """Ask the running runtime (control socket) for its status; DESIGN.md section 5."""
     answer = _call_runtime(config.runtime.data_dir, {"type": "status"})
     if answer is None:
         return EXIT_FAILED
@@ -610,58 +611,131 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
         print(json.dumps(status, sort_keys=True))
         return EXIT_OK
     q = status.get("queue", {})
+    log = status.get("log", {})
+    ib = status.get("ib", {})
     print(f"uptime          {status['uptime_s']} s ({status['mode']})")
-    print(f"IB              {status['ib'].get('state')}")
-    print(f"lines in use    {status.get('lines_in_use')} / {status['max_lines']} (streams {status.get('streams')}, snapshots {status.get('snapshots_in_flight')})")
+    print(f"IB              {ib.get('state')}{'' if ib.get('connected') else ' (not connected)'}")
+    print(
+        f"lines in use    {status.get('lines_in_use')} / {status['max_lines']} "
+        f"(streams {status.get('streams')} of a stream budget of {status.get('stream_budget')}, "
+        f"snapshots in flight {status.get('snapshots_in_flight')})"
+    )
     print(f"active          {status.get('active')} (overflow waiting for a line: {status.get('overflow')})")
-    print(f"queue           pending {q.get('pending')}, processing {q.get('processing')}, dead letters {q.get('failed')}")
-    print(f"event log       last seq {status['last_seq']}, {status['events_per_s']} events/s")
+    print(f"queue           pending {q.get('pending')}, processing {q.get('processing')}, failed {q.get('failed')}")
+    print(f"dead letters    {status.get('dead_letters')}")
+    print(f"positions       {status.get('positions_rows_written')} rows written")
+    print(
+        f"event log       last seq {status['last_seq']} (durable {status.get('durable_seq')}), "
+        f"{status['events_per_s']} events/s, commit p50 {_ms(log.get('commit_ms_p50'))}, max {_ms(log.get('commit_ms_max'))}"
+    )
+    problems = {k: v for k, v in status.items() if k.endswith("_error")}
+    for name, error in sorted(problems.items()):
+        print(f"unanswered      {name.removesuffix('_error')}: {error}")
+    return EXIT_OK
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} ms"
+
+
+def _events_table_missing(data_dir: str) -> bool:
+    """True (and says so) when ``data_dir`` has no event log: a mistyped --data-dir must not read as empty."""
+    from storage.reader import table_exists
+
+    uri = table_uri(data_dir, "events")
+    if table_exists(uri):
+        return False
+    print(f"error: no event log at {uri}", file=sys.stderr)
+    return True
+
+
+def _unreadable(exc: BaseException) -> int:
+    print(f"error: the event log cannot be read: {str(exc).rstrip('.')}. Run 'python runtime.py verify' for the first bad seq.", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _stdout_closed() -> int:
+    """The reader of our output went away (``| head``): not an error, and no traceback at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
     return EXIT_OK
 
 
 def cmd_replay(args: argparse.Namespace, config: Config) -> int:
+    """Rebuild registry and queue from the log as of now, ``--seq N`` or ``--as-of TIME``."""
+    from storage.reader import to_utc
     from storage.replay import ReplayError, replay
 
+    data_dir = config.runtime.data_dir
     try:
-        result = replay(config.runtime.data_dir, seq=args.seq, as_of=args.as_of)
+        as_of = to_utc(args.as_of) if args.as_of is not None else None
+    except ValueError as exc:
+        print(f"error: --as-of {args.as_of!r} is not an ISO-8601 time: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if _events_table_missing(data_dir):
+        return EXIT_FAILED
+    try:
+        result = replay(data_dir, seq=args.seq, as_of=as_of)
     except ReplayError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:  # noqa: BLE001 - a damaged file surfaces as Arrow, OS or decode errors alike
+        return _unreadable(exc)
+    data = result.to_json(items=True)
+    try:
+        if args.json:
+            print(json.dumps(data, sort_keys=True))
+            return EXIT_OK
+        q = data["queue"]
+        print(f"state after seq {data['seq']} ({data['ts'] or 'no event at or before that point'})")
+        print(f"registry: {len(data['registry'])} active contracts")
+        for conid in sorted(data["registry"], key=int)[:50]:
+            print(f"  {conid:>12}  {', '.join(data['registry'][conid])}")
+        if len(data["registry"]) > 50:
+            print(f"  ... and {len(data['registry']) - 50} more (use --json)")
+        print(f"queue: pending {q['pending']}, processing {q['processing']}, failed {q['failed']}")
+        if q["processing"]:
+            print("  (processing: claimed by the worker at that seq; a restart or an expired lease returns them)")
+        failed = [i for i in q["items"] if i["status"] == "FAILED"]
+        for item in failed[:20]:
+            code = f" (IB {item['code']})" if item.get("code") is not None else ""
+            print(f"  dead letter {item['conid']} item {item['item_id']}: failed {item['failures']} times, last: {item['last_error']}{code}")
+        if len(failed) > 20:
+            print(f"  ... and {len(failed) - 20} more dead letters (use --json)")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return _stdout_closed()
+    return EXIT_OK
+
+
+def cmd_audit(args: argparse.Namespace, config: Config) -> int:
+    """Print the timeline; filters go into the Delta scan (storage.reader.read_batches)."""
+    from storage.audit import NoEventLog, audit_events, write_audit
+
+    try:
+        events = audit_events(config.runtime.data_dir, conid=args.conid, types=args.types, since=args.since, until=args.until)
+    except NoEventLog as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    data = result.to_json(items=True)
-    if args.json:
-        print(json.dumps(data, sort_keys=True))
-        return EXIT_OK
-    q = data["queue"]
-    print(f"state after seq {data['seq']} ({data['ts'] or 'empty log'})")
-    print(f"registry: {len(data['registry'])} active contracts")
-    for conid in sorted(data["registry"], key=int)[:50]:
-        print(f"  {conid:>12}  {', '.join(data['registry'][conid])}")
-    if len(data["registry"]) > 50:
-        print(f"  ... and {len(data['registry']) - 50} more (use --json)")
-    print(f"queue: pending {q['pending']}, processing {q['processing']}, failed {q['failed']}")
-    for item in [i for i in q["items"] if i["status"] == "FAILED"][:20]:
-        print(f"  dead letter {item['conid']}: {item['last_error']}")
-    return EXIT_OK
-
-
-def cmd_audit(args: argparse.Namespace, config: Config) -> int:
-    from storage.audit import audit_events, write_audit
-
     try:
-        events = audit_events(config.runtime.data_dir, conid=args.conid, types=args.types, since=args.since, until=args.until)
         write_audit(events, args.format, sys.stdout)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return _stdout_closed()
+    except Exception as exc:  # noqa: BLE001 - a damaged file surfaces as Arrow, OS or decode errors alike
+        return _unreadable(exc)
     return EXIT_OK
 
 
 def cmd_verify(args: argparse.Namespace, config: Config) -> int:
+    """Seq continuity, hash chain, payloads, snapshots; exit 0 intact, 1 naming the first bad seq."""
     from storage.verify import verify_data_dir
 
+    if _events_table_missing(config.runtime.data_dir):
+        return EXIT_FAILED
     report = verify_data_dir(config.runtime.data_dir)
     if report.ok:
         print(f"ok: {report.events} events, seq 1..{report.last_seq}, hash chain intact, every payload decodes{report.detail}")
@@ -685,5 +759,24 @@ def main(argv: list[str] | None = None) -> int:
     return handler[args.command](args, config)
 
 
+def _exit(code: int) -> None:
+    """Leave without running interpreter teardown.
+
+    Every command has finished its work by here (the run command has closed
+    the log: everything is durable). Arrow's and delta-rs's native thread
+    pools can still be winding down, and tearing the interpreter down under
+    them aborts the process now and then ("terminate called without an active
+    exception", SIGABRT) -- which would turn a clean exit 0 into a crash. So
+    flush what we printed and exit directly.
+    """
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (BrokenPipeError, ValueError):
+        pass
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

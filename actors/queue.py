@@ -275,7 +275,7 @@ class QueueActor(EventSourcedActor[QueueState]):
         if attempt >= self.max_attempts:
             self.persist(
                 ItemDeadLettered(
-                    item_id=item.item_id, conid=item.conid, attempt=attempt, error=command.error, code=command.code
+                    item_id=item.item_id, conid=item.conid, failures=attempt, error=command.error, code=command.code
                 )
             )
             return
@@ -288,7 +288,7 @@ class QueueActor(EventSourcedActor[QueueState]):
             ItemRetryScheduled(
                 item_id=item.item_id,
                 conid=item.conid,
-                attempt=attempt,
+                failures=attempt,
                 not_before_us=now + delay,
                 error=command.error,
                 code=command.code,

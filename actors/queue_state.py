@@ -329,13 +329,13 @@ class QueueState:
             case ItemRetryScheduled():
                 item = self._get(event)
                 self._leave(item)
-                item.failures, item.not_before_us = event.attempt, event.not_before_us
+                item.failures, item.not_before_us = event.failures, event.not_before_us
                 item.last_error, item.code, item.delayed = event.error, event.code, True
                 self._enter(item, PENDING)
             case ItemDeadLettered():
                 item = self._get(event)
                 self._leave(item)
-                item.failures, item.last_error, item.code = event.attempt, event.error, event.code
+                item.failures, item.last_error, item.code = event.failures, event.error, event.code
                 self._enter(item, FAILED)
             case ItemReleased():
                 item = self._get(event)

@@ -128,3 +128,9 @@ def _upcast(tag: str, version: int, target: int, data: dict[str, Any]) -> dict[s
         data = step(dict(data))
     data["type"] = tag
     return data
+
+
+# ---------------------------------------------------------------------- upcasters of stored events
+# One line per breaking change, oldest first; the function lives next to the event it upcasts.
+register_upcaster("queue.item_retry_scheduled", 1, queue.failures_from_attempt)
+register_upcaster("queue.item_dead_lettered", 1, queue.failures_from_attempt)

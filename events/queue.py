@@ -11,7 +11,7 @@ tells a contract's whole story.
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 
@@ -42,6 +42,7 @@ __all__ = [
     "Release",
     "Requeue",
     "Succeed",
+    "failures_from_attempt",
 ]
 
 
@@ -184,20 +185,32 @@ class ItemSucceeded(Event, tag="queue.item_succeeded", frozen=True, kw_only=True
 
 
 class ItemRetryScheduled(Event, tag="queue.item_retry_scheduled", frozen=True, kw_only=True):
-    version: ClassVar[int] = 1
+    """A snapshot failed; the item waits until ``not_before_us``, then may be claimed again.
+
+    v2 renamed v1's ``attempt`` to ``failures`` (see :func:`failures_from_attempt`).
+    """
+
+    version: ClassVar[int] = 2
     item_id: ItemId
     conid: Conid
-    attempt: int
+    #: Failed attempts of this item so far, this one included.
+    failures: Annotated[int, msgspec.Meta(ge=1)]
     not_before_us: Micros
     error: Reason = ""
     code: int | None = None
 
 
 class ItemDeadLettered(Event, tag="queue.item_dead_lettered", frozen=True, kw_only=True):
-    version: ClassVar[int] = 1
+    """The item failed ``failures`` times (``max_attempts``): FAILED until an operator requeues it.
+
+    v2 renamed v1's ``attempt`` to ``failures`` (see :func:`failures_from_attempt`).
+    """
+
+    version: ClassVar[int] = 2
     item_id: ItemId
     conid: Conid
-    attempt: int
+    #: Failed attempts of this item, the last one included.
+    failures: Annotated[int, msgspec.Meta(ge=1)]
     error: Reason = ""
     code: int | None = None
 
@@ -227,3 +240,17 @@ class ItemRequeued(Event, tag="queue.item_requeued", frozen=True, kw_only=True):
     reason: Reason = ""
     #: When the operator requeued it; the item's not-before time from then on.
     requeued_us: Micros = 0
+
+
+def failures_from_attempt(data: dict[str, Any]) -> dict[str, Any]:
+    """Upcaster v1 -> v2 of ItemRetryScheduled and ItemDeadLettered: ``attempt`` became ``failures``.
+
+    In v1 the field was called ``attempt``, the same name ItemClaimed uses for
+    "the n-th claim of this item". The two count different things (a lost
+    lease or a disconnect is a claim but not a failure), so an audit line
+    ``attempt=3`` on a dead letter read as "the third try" when it meant "failed
+    three times". The value is unchanged: v1 stored the failure count.
+    Registered in :mod:`events.codec`.
+    """
+    data["failures"] = data.pop("attempt")
+    return data

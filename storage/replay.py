@@ -9,7 +9,7 @@ that stream are applied.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow.compute as pc
@@ -30,6 +30,8 @@ class ReplayError(ValueError):
 
 
 class ReplayResult:
+    """Registry and queue state after event ``seq`` (``ts_us``: that event's time, None for an empty log)."""
+
     def __init__(self, seq: int, states: dict[str, Any], ts_us: int | None) -> None:
         self.seq = seq
         self.states = states
@@ -44,18 +46,25 @@ class ReplayResult:
         return self.states["queue"]
 
     def to_json(self, items: bool = True) -> dict[str, Any]:
-        return {
-            "seq": self.seq,
-            "ts": _iso(self.ts_us),
-            "registry": self.registry.to_json(),
-            "queue": self.queue.summary(items=items),
-        }
+        """What ``replay --json`` prints: ``seq``, ``ts``, ``registry`` and ``queue`` (counts and items).
+
+        Items carry, besides the queue's own summary, how often they failed
+        and IB's error code, so "which items failed and why" needs no second
+        command. PROCESSING items stay PROCESSING: that is what the log says
+        at this seq (a restart, or an expired lease, would return them).
+        """
+        queue = self.queue.summary(items=items)
+        for row in queue["items"]:
+            item = self.queue.items[row["item_id"]]
+            row["failures"] = item.failures
+            row["code"] = item.code
+        return {"seq": self.seq, "ts": _iso(self.ts_us), "registry": self.registry.to_json(), "queue": queue}
 
 
 def _iso(ts_us: int | None) -> str | None:
     if ts_us is None:
         return None
-    return datetime.fromtimestamp(ts_us / 1_000_000, tz=to_utc("1970-01-01").tzinfo).isoformat()
+    return datetime.fromtimestamp(ts_us / 1_000_000, tz=UTC).isoformat(timespec="microseconds")
 
 
 def last_seq(data_dir: str, storage_options: dict[str, str] | None = None) -> int:
@@ -120,7 +129,9 @@ def replay(
             ):
                 if stored.seq > start_after[stored.stream]:
                     states[stored.stream].apply(stored.event)
-        for batch in read_batches(uri, from_seq=target, to_seq=target, columns=["seq", "ts"], storage_options=storage_options):
+        for batch in read_batches(
+            uri, from_seq=target, to_seq=target, columns=["seq", "ts"], storage_options=storage_options
+        ):
             if batch.num_rows:
                 ts_us = batch.column("ts").cast("int64")[0].as_py()
     return ReplayResult(target, states, ts_us)
