@@ -136,7 +136,13 @@ def load_config(
         raise ConfigError(f"invalid configuration: {exc}") from None
 
 
+#: SLOTWISE_* variables that are not config keys (read elsewhere).
+_NOT_CONFIG = frozenset({"SLOTWISE_LOG_LEVEL"})
+
+
 def _env_target(name: str) -> tuple[str, str] | None:
+    if name in _NOT_CONFIG:
+        return None
     if name in _SHORTCUTS:
         return _SHORTCUTS[name]
     if not name.startswith("SLOTWISE_"):

@@ -37,6 +37,7 @@ from loguru import logger
 
 from actors.base import EventSourcedActor
 from actors.messaging import reject
+from actors.registry import RegistryState
 from actors.ticker import Ticker
 from events.base import Event
 from events.ib import MarketUpdate, PositionChanged, PositionsComplete
@@ -140,9 +141,7 @@ class Reconciliation(EventSourcedActor[ReconciliationState]):
 
     def on_recovered(self) -> None:
         if self.config.registry_stream is not None:
-            for stored in self.log.read(streams=[self.config.registry_stream]):
-                if isinstance(stored.event, RegistryEvent):
-                    self._apply_registry(stored.event)
+            self.legs = self._registry_from_log(self.config.registry_stream)
         # contracts deactivated while we were down: their open conditions are over
         for conid in {conid for conid, _ in self.state.open}:
             if not self._active(conid):
@@ -151,6 +150,23 @@ class Reconciliation(EventSourcedActor[ReconciliationState]):
             self._ticker = Ticker(
                 self.actor_ref, Reconcile(), self.config.reconcile_interval_s, name="reconcile"
             ).start()
+
+    def _registry_from_log(self, stream: str) -> dict[int, dict[str, float | None]]:
+        """The registry's legs, as the registry itself recovers them: its newest snapshot, then later events.
+
+        Reading the registry's whole stream from seq 1 would grow with the
+        log forever (and stop at any unreadable old file).
+        """
+        registry = RegistryState()
+        from_seq = 1
+        snap = self.snapshots.latest(stream) if self.snapshots is not None else None
+        if snap is not None:
+            registry = RegistryState.load(snap.state)
+            from_seq = snap.seq + 1
+        for stored in self.log.read(streams=[stream], from_seq=from_seq):
+            if isinstance(stored.event, RegistryEvent):
+                registry.apply(stored.event)
+        return registry.legs()
 
     def on_stop(self) -> None:
         if self._ticker is not None:

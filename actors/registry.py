@@ -85,6 +85,10 @@ class RegistryState:
     def has_leg(self, conid: int, strategy: str) -> bool:
         return strategy in self._legs.get(conid, ())
 
+    def legs(self) -> dict[int, dict[str, float | None]]:
+        """A copy of conid -> {strategy: expected quantity}."""
+        return {conid: dict(legs) for conid, legs in self._legs.items()}
+
     def to_json(self) -> dict[str, list[str]]:
         """conid as string -> sorted strategy names (what ``replay --json`` prints)."""
         return {str(conid): sorted(self._legs[conid]) for conid in sorted(self._legs)}

@@ -70,3 +70,7 @@ def test_defaults_match_the_design() -> None:
     assert (config.ib.host, config.ib.port, config.ib.client_id) == ("127.0.0.1", 7497, 1)
     assert (config.runtime.data_dir, config.runtime.max_lines) == ("./data", 100)
     assert (config.runtime.poll_interval_s, config.runtime.batch_size) == (5.0, 50)
+
+
+def test_the_log_level_variable_is_not_a_config_key() -> None:
+    assert load_config(environ={"SLOTWISE_LOG_LEVEL": "DEBUG"}) == load_config(environ={})

@@ -1,0 +1,138 @@
+"""Helpers of the fault tests: the real runtime as a subprocess, and checks of a log after a fault.
+
+The runtime runs as ``python runtime.py --demo ...`` exactly as a user would
+start it, so a SIGKILL hits the real process with all its threads. Its
+stdout and stderr go to files (a pipe nobody reads would block it), and
+tests talk to it only through the control socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from actors.control import ControlClient, ControlUnavailable, request
+from actors.queue import QueueActor
+from actors.queue_state import QueueState
+from events.base import Event
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNTIME = ROOT / "runtime.py"
+
+#: A demo that does a lot in a few seconds: fast worker polls and refreshes,
+#: snapshots every 200 events of a stream, quick ticks.
+FAST_ENV = {
+    "SLOTWISE_RUNTIME_POLL_INTERVAL_S": "0.3",
+    "SLOTWISE_RUNTIME_REFRESH_INTERVAL_S": "3",
+    "SLOTWISE_RUNTIME_SNAPSHOT_EVERY": "200",
+    "SLOTWISE_RUNTIME_LEASE_S": "30",
+    "SLOTWISE_DEMO_TICK_INTERVAL_S": "0.2",
+}
+
+
+class RuntimeProcess:
+    """One ``runtime.py run`` subprocess on a data directory."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        name: str = "runtime",
+        log_dir: Path | None = None,
+    ) -> None:
+        self.data_dir = data_dir
+        self.socket = data_dir / "slotwise.sock"
+        log_dir = log_dir or data_dir.parent  # elsewhere when the data's filesystem is to be filled
+        self.stdout_path = log_dir / f"{name}.stdout"
+        self.stderr_path = log_dir / f"{name}.stderr"
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLOTWISE_")}
+        full_env.update(FAST_ENV)
+        full_env.update(env or {})
+        full_env["PYTHONPATH"] = str(ROOT)
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(RUNTIME), "run", "--data-dir", str(data_dir), "--log-level", "WARNING", *args],
+                cwd=ROOT,
+                stdout=out,
+                stderr=err,
+                env=full_env,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 60.0) -> bool:
+        """Wait until the control socket answers ``status``; False if the process died first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            try:
+                if request(self.socket, {"type": "status"}, timeout=5)["ok"]:
+                    return True
+            except (ControlUnavailable, OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"runtime not ready after {timeout} s:\n{self.stderr()[-3000:]}")
+
+    def call(self, payload: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+        return request(self.socket, payload, timeout=timeout)
+
+    def client(self, timeout: float = 30.0) -> ControlClient:
+        return ControlClient(self.socket, timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: no handler runs, no flush, no snapshot."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        """SIGTERM and wait: the graceful stop path."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        return self.proc.wait(timeout)
+
+    def cleanup(self) -> None:
+        if self.proc.poll() is None:
+            self.kill()
+
+
+def registry_listing(proc: RuntimeProcess) -> dict[str, list[str]]:
+    answer = proc.call({"type": "registry.list"})
+    assert answer["ok"], answer
+    return {k: sorted(v) for k, v in answer["reply"]["registry"].items()}
+
+
+def expected_queue_after_restart(dump: bytes) -> QueueState:
+    """The durable queue with the restart rule applied by the QueueActor's own decision code.
+
+    The actor is never started (no thread, no log): its ``persist`` only
+    applies, so this is exactly what a recovering actor decides.
+    """
+    actor = QueueActor(object())  # type: ignore[arg-type]
+    actor.state = QueueState.load(dump)
+
+    def persist(event: Event) -> None:
+        actor.state.apply(event)
+
+    actor.persist = persist  # type: ignore[method-assign]
+    actor.on_recovered()
+    return actor.state
+
+
+def queue_rows(state: QueueState) -> list[list[Any]]:
+    return [state.items[i].row() for i in sorted(state.items)]
