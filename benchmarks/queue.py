@@ -26,21 +26,21 @@ import sys
 # before anything imports ``queue``, and import from the checkout instead.
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
+import argparse
+import json
+import tempfile
+import threading
+import time
 
-import pykka  # noqa: E402
-from loguru import logger  # noqa: E402
+import pykka
+from loguru import logger
 
-from actors.messaging import ask, ask_async  # noqa: E402
-from actors.queue import QueueActor  # noqa: E402
-from events.queue import Claim, Enqueue, EnqueueMany, QueueStats, Succeed  # noqa: E402
-from storage.event_log import EventLog  # noqa: E402
-from storage.snapshots import SnapshotStore  # noqa: E402
-from storage.tables import LogConfig  # noqa: E402
+from actors.messaging import ask, ask_async
+from actors.queue import QueueActor
+from events.queue import Claim, Enqueue, EnqueueMany, QueueStats, Succeed
+from storage.event_log import EventLog
+from storage.snapshots import SnapshotStore
+from storage.tables import LogConfig
 
 
 def run(items: int, workers: int, chunk: int) -> dict[str, object]:

@@ -32,17 +32,17 @@ import sys
 # benchmarks/ holds a ``queue.py``: keep it from shadowing the stdlib module.
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import random  # noqa: E402
-import resource  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import json
+import random
+import resource
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
 
-from loguru import logger  # noqa: E402
+from loguru import logger
 
 SEED = 20240601
 
@@ -177,6 +177,16 @@ def build(data_dir: str, total: int, contracts: int) -> dict[str, Any]:
 
 def child(data_dir: str, with_snapshots: bool) -> None:
     """Runs in a fresh process: time the rebuild exactly as the runtime does it."""
+    logger.remove()
+    try:
+        _timed_rebuild(data_dir, with_snapshots)
+    except BaseException as exc:  # noqa: BLE001 - pykka's threads would keep a failed child alive forever
+        print(f"rebuild failed: {exc!r}", file=sys.stderr, flush=True)
+        os._exit(1)
+    os._exit(0)
+
+
+def _timed_rebuild(data_dir: str, with_snapshots: bool) -> None:
     from actors.messaging import ask
     from actors.queue import QueueActor
     from actors.registry import RegistryActor
@@ -186,7 +196,6 @@ def child(data_dir: str, with_snapshots: bool) -> None:
     from storage.snapshots import SnapshotStore
     from storage.tables import LogConfig
 
-    logger.remove()
     started = time.perf_counter()
     log = EventLog.open(data_dir, config=LogConfig(maintenance=False))
     snaps = SnapshotStore(data_dir) if with_snapshots else None
@@ -210,7 +219,6 @@ def child(data_dir: str, with_snapshots: bool) -> None:
         ),
         flush=True,
     )
-    os._exit(0)
 
 
 def _run_child(data_dir: str, with_snapshots: bool) -> dict[str, Any]:
