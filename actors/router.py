@@ -171,7 +171,9 @@ class StreamRouter(EventSourcedActor[RouterState]):
     def on_recovered(self) -> None:
         for conid in sorted(self.active):
             self._activate(conid, "active at start")
-        self._ticker = Ticker(self.actor_ref, RefreshAll(), self.settings.refresh_interval_s, name="router-refresh").start()
+        self._ticker = Ticker(
+            self.actor_ref, RefreshAll(), self.settings.refresh_interval_s, name="router-refresh"
+        ).start()
 
     def on_stop(self) -> None:
         if self._ticker is not None:
@@ -181,6 +183,15 @@ class StreamRouter(EventSourcedActor[RouterState]):
         super().on_stop()
 
     # ------------------------------------------------------------------ messages
+
+    def on_receive(self, message: Any) -> Any:
+        # The streaming hot path: every tick of every stream passes here, so it skips the base
+        # class's envelope checks and the match below (benchmarks/ticks.py).
+        if type(message) is MarketUpdate:
+            self.ticks_forwarded += 1
+            self.handlers.publish(message)
+            return None
+        return super().on_receive(message)
 
     def handle_command(self, command: Any) -> Any:
         match command:
@@ -311,10 +322,16 @@ class StreamRouter(EventSourcedActor[RouterState]):
     def _resubscribe_all(self, change: ConnectionStateChanged) -> None:
         streams = sorted(self.state.streams)
         logger.info("router: IB lost its subscriptions ({}); resubmitting {} streams", change.state, len(streams))
-        now = time.monotonic()
-        for conid in streams:
-            self.subscribed_at[conid] = now
-            self._tell_ib(Subscribe(conid=conid))
+
+        def resubscribe() -> None:
+            # after_durable keeps these behind the Subscribes of StreamStarted/StreamPromoted events that are
+            # not durable yet (persist before effect), and in order with the Unsubscribes already queued
+            now = time.monotonic()
+            for conid in streams:
+                self.subscribed_at[conid] = now
+                self._tell_ib(Subscribe(conid=conid))
+
+        self.after_durable(resubscribe)
         # cancels that were waiting are moot: IB forgot those streams too
         for conid in list(self.cancelling):
             self.cancelling.discard(conid)
@@ -329,10 +346,14 @@ class StreamRouter(EventSourcedActor[RouterState]):
         self._tell_queue(Enqueue(conid=change.conid, reason=reason))
 
     def _refresh_all(self) -> Reply | None:
-        due = [c for c in self.positions if c not in self.active and c not in self.state.streams]
+        due = [Enqueue(conid=c, reason="refresh") for c in self.positions if c not in self.active]
+        # Active contracts waiting for a line are owed refreshes too, at top priority: without this an
+        # overflowed contract got one snapshot and then nothing until a line freed.
+        due += [
+            Enqueue(conid=c, priority=Priority.ACTIVE_OVERFLOW, reason="overflow refresh") for c in self.state.overflow
+        ]
         for start in range(0, len(due), 1000):
-            chunk = due[start : start + 1000]
-            self._tell_queue(EnqueueMany(items=[Enqueue(conid=c, reason="refresh") for c in chunk]))
+            self._tell_queue(EnqueueMany(items=due[start : start + 1000]))
         if self.line_cap is not None:
             self._promote()
         return self.status()
@@ -361,4 +382,3 @@ class StreamRouter(EventSourcedActor[RouterState]):
             self.queue.tell(message)
         except pykka.ActorDeadError:
             logger.error("router: the queue actor is gone; {} not sent", message)
-

@@ -187,7 +187,9 @@ class QueueWorker(pykka.ThreadingActor):
         self.busy = True
         self.cycles += 1
         claim = Claim(n=self.settings.batch_size, lease_s=self.settings.lease_s, worker="worker")
-        self._pipe(ask_async(self.queue, claim), lambda r: _Claimed(items=r.items), lambda e: _Claimed(items=[], error=e))
+        self._pipe(
+            ask_async(self.queue, claim), lambda r: _Claimed(items=r.items), lambda e: _Claimed(items=[], error=e)
+        )
 
     def _claimed(self, message: _Claimed) -> None:
         if message.error:
@@ -292,4 +294,3 @@ class QueueWorker(pykka.ThreadingActor):
             self._tell_self(message)
 
         future.add_done_callback(done)
-

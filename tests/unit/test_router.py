@@ -1,0 +1,466 @@
+"""The StreamRouter with real actors: registry and queue on a real log, the fake IB, the worker.
+
+Each test builds the same small graph the runtime builds (minus the Delta
+position writer), drives the registry, and reads the outcome where it is
+observable: the router's events in the log, the queue's items, and the fake
+IB's own line counters. The line invariant is checked against the fake's
+``peak_lines`` with the fake's limit set far above ``max_lines``, so that a
+router that overspends is measured instead of being masked by a 101.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pykka
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from actors.fake_ib import (
+    FakeIbActor,
+    FakeIbSettings,
+    InjectDisconnect,
+    InjectError,
+    SetLineLimit,
+    SetSnapshotLatency,
+    demo_positions,
+)
+from actors.handlers import HandlerSet
+from actors.ib_base import AddSubscriber
+from actors.messaging import ask
+from actors.queue import QueueActor
+from actors.registry import RegistryActor
+from actors.router import RefreshAll, RouterSettings, RouterStatus, RouterStatusReply, StreamRouter
+from actors.worker import QueueWorker, WorkerSettings, WorkerStatus
+from events.ib import (
+    Connect,
+    ConnectionState,
+    ConnectionStateChanged,
+    IbStats,
+    IbStatsReply,
+    MarketUpdate,
+    PositionChanged,
+)
+from events.queue import Priority
+from events.registry import AddActive, RemoveActive
+from storage.event_log import EventLog
+from tests.conftest import TEST_LOG_CONFIG
+from tests.support import Inbox, wait_until
+
+POSITIONS = demo_positions(30, 6, seed=7)
+STOCKS = [p.conid for p in POSITIONS if p.sec_type == "STK"]
+OPTIONS = [p.conid for p in POSITIONS if p.sec_type == "OPT"]
+ALL = [p.conid for p in POSITIONS]
+#: High enough that the fake never refuses: an overspending router shows up in peak_lines.
+UNLIMITED = 10_000
+
+
+class Rig:
+    """One graph: registry -> router -> (fake IB, queue) <- worker; handlers feed ``inbox``."""
+
+    def __init__(
+        self,
+        log: EventLog,
+        *,
+        max_lines: int = 12,
+        reserve: int = 3,
+        line_limit: int = UNLIMITED,
+        min_stream_age_s: float = 0.0,
+        worker: bool = False,
+        snapshot_latency_s: float = 0.0,
+        line_cap_hold_s: float = 300.0,
+    ) -> None:
+        self.log = log
+        self.max_lines = max_lines
+        self.inbox = Inbox.start()
+        assert self.inbox.ref is not None
+        self.handlers = HandlerSet([self.inbox.ref])
+        self.registry = RegistryActor.start(log)
+        self.queue = QueueActor.start(log, max_attempts=3, backoff_base_s=0.01, backoff_cap_s=0.05)
+        self.ib = FakeIbActor.start(
+            FakeIbSettings(
+                positions=POSITIONS,
+                line_limit=line_limit,
+                min_stream_age_s=min_stream_age_s,
+                snapshot_latency_s=snapshot_latency_s,
+            ),
+            [self.inbox.ref],
+        )
+        self.router = StreamRouter.start(
+            log,
+            RouterSettings(
+                max_lines=max_lines,
+                snapshot_reserve=reserve,
+                refresh_interval_s=3600,
+                line_cap_hold_s=line_cap_hold_s,
+            ),
+            ib=self.ib,
+            queue=self.queue,
+            handlers=self.handlers,
+        )
+        self.registry.proxy().add_subscriber(self.router).get(timeout=5)
+        self.ib.tell(AddSubscriber(self.router))
+        self.worker: pykka.ActorRef[Any] | None = None
+        if worker:
+            self.worker = QueueWorker.start(
+                WorkerSettings(poll_interval_s=0.02, batch_size=50, snapshot_reserve=reserve, snapshot_timeout_s=2.0),
+                queue=self.queue,
+                ib=self.ib,
+                handlers=self.handlers,
+            )
+            self.ib.tell(AddSubscriber(self.worker))
+        self.ib.tell(Connect())
+        self.inbox.wait_for(connected, timeout=5)
+        # every position reached the router (PositionChanged precedes CONNECTED)
+        wait_until(lambda: self.status().known == len(POSITIONS), timeout=5)
+
+    # ---------------------------------------------------------------- driving
+
+    def activate(self, *conids: int, strategy: str = "s1") -> None:
+        for conid in conids:
+            ask(self.registry, AddActive(conid=conid, strategy=strategy))
+
+    def deactivate(self, *conids: int, strategy: str = "s1") -> None:
+        for conid in conids:
+            ask(self.registry, RemoveActive(conid=conid, strategy=strategy))
+
+    # ---------------------------------------------------------------- observing
+
+    def status(self) -> RouterStatusReply:
+        return ask(self.router, RouterStatus(), timeout=5)
+
+    def ib_stats(self) -> IbStatsReply:
+        return ask(self.ib, IbStats(), timeout=5)
+
+    def settle(self, timeout: float = 10.0) -> RouterStatusReply:
+        """Wait until every cancel is confirmed and the fake holds exactly the router's streams."""
+
+        def settled() -> bool:
+            status = self.status()
+            return status.cancelling == 0 and self.ib_stats().streams == status.streams
+
+        wait_until(settled, timeout=timeout)
+        return self.status()
+
+    def router_events(self) -> list[tuple[str, int]]:
+        """(type without prefix, conid) of every stored router event, in seq order.
+
+        Asking the router's status first makes sure it has handled what the registry told it before.
+        """
+        self.status()
+        self.log.flush()
+        return [(s.type.removeprefix("router."), s.event.conid) for s in self.log.read(streams=["router"])]  # type: ignore[attr-defined]
+
+    def queue_items(self) -> dict[int, dict[str, Any]]:
+        """Live (waiting or processing) queue items by conid."""
+        summary = self.queue.proxy().summary(True).get(timeout=5)
+        return {i["conid"]: i for i in summary["items"] if i["status"] in ("PENDING", "PROCESSING")}
+
+    def assert_peak_within_budget(self) -> None:
+        peak = self.ib_stats().peak_lines
+        assert peak <= self.max_lines, f"peak {peak} lines > max_lines {self.max_lines}"
+
+
+def connected(message: Any) -> bool:
+    return isinstance(message, ConnectionStateChanged) and message.state == ConnectionState.CONNECTED
+
+
+@pytest.fixture
+def rig_factory(data_dir: Path) -> Iterator[Any]:
+    logs: list[EventLog] = []
+
+    def make(**kwargs: Any) -> Rig:
+        log = EventLog.open(data_dir, config=TEST_LOG_CONFIG)
+        logs.append(log)
+        return Rig(log, **kwargs)
+
+    yield make
+    pykka.ActorRegistry.stop_all(timeout=10)
+    for log in logs:
+        log.close()
+
+
+# ---------------------------------------------------------------------- the hybrid decision
+
+
+def test_active_streams_and_the_rest_is_queued(rig_factory: Any) -> None:
+    rig = rig_factory()
+    rig.activate(*OPTIONS[:4])
+    status = rig.settle()
+    assert status.streams == 4
+    assert status.overflow == 0
+    items = rig.queue_items()
+    # every non-active position waits in the queue at monitoring priority; no active one does
+    assert set(items) == set(ALL) - set(OPTIONS[:4])
+    assert {i["priority"] for i in items.values()} == {Priority.MONITORING}
+    assert [e for e in rig.router_events() if e[0] == "stream_started"] == [("stream_started", c) for c in OPTIONS[:4]]
+    # streaming ticks reach the handlers through the router
+    rig.inbox.wait_for(lambda m: isinstance(m, MarketUpdate) and m.source == "stream" and m.conid == OPTIONS[0])
+
+
+def test_registry_changes_move_contracts_between_paths(rig_factory: Any) -> None:
+    rig = rig_factory()
+    conid = STOCKS[0]
+    assert conid in rig.queue_items()
+    rig.activate(conid)
+    rig.settle()
+    assert conid not in rig.queue_items()  # its waiting item was cancelled: it streams now
+    assert rig.ib_stats().streams == 1
+    rig.deactivate(conid)
+    status = rig.settle()
+    assert status.streams == 0
+    assert rig.ib_stats().streams == 0
+    assert rig.queue_items()[conid]["priority"] == Priority.MONITORING
+    assert [e for e in rig.router_events() if e[1] == conid] == [("stream_started", conid), ("stream_stopped", conid)]
+
+
+def test_two_strategies_keep_a_contract_streaming_until_both_let_go(rig_factory: Any) -> None:
+    rig = rig_factory()
+    conid = OPTIONS[0]
+    rig.activate(conid, strategy="a")
+    rig.activate(conid, strategy="b")
+    rig.deactivate(conid, strategy="a")
+    assert rig.settle().streams == 1
+    rig.deactivate(conid, strategy="b")
+    assert rig.settle().streams == 0
+
+
+# ---------------------------------------------------------------------- overflow and promotion
+
+
+def test_overflow_goes_to_the_queue_at_top_priority_and_is_promoted_when_a_line_frees(rig_factory: Any) -> None:
+    rig = rig_factory(max_lines=6, reserve=2)  # budget 4
+    rig.activate(*OPTIONS[:6])
+    status = rig.settle()
+    assert (status.streams, status.overflow) == (4, 2)
+    items = rig.queue_items()
+    for conid in OPTIONS[4:6]:
+        assert items[conid]["priority"] == Priority.ACTIVE_OVERFLOW
+    rig.deactivate(OPTIONS[0])
+    status = rig.settle()
+    assert (status.streams, status.overflow) == (4, 1)
+    assert OPTIONS[4] not in rig.queue_items()  # promoted: its queue item is cancelled
+    events = rig.router_events()
+    assert ("overflow_queued", OPTIONS[4]) in events
+    assert ("overflow_queued", OPTIONS[5]) in events
+    # the promotion waited for the freed line: StreamStopped(0) before StreamPromoted(4)
+    assert events.index(("stream_stopped", OPTIONS[0])) < events.index(("stream_promoted", OPTIONS[4]))
+    # deactivating a contract that waits for a line leaves it at monitoring priority in the queue
+    rig.deactivate(OPTIONS[5])
+    status = rig.settle()
+    assert (status.streams, status.overflow) == (4, 0)
+    assert OPTIONS[5] in rig.queue_items()
+    rig.assert_peak_within_budget()
+
+
+def test_a_101_demotes_the_contract_and_caps_new_streams(rig_factory: Any) -> None:
+    rig = rig_factory(max_lines=12, reserve=3, line_limit=5)  # budget 9, but IB takes only 5
+    rig.activate(*OPTIONS[:7])
+    wait_until(lambda: rig.status().overflow == 2, timeout=5)
+    status = rig.settle()
+    assert status.streams == 5
+    assert status.line_cap is not None
+    assert status.line_cap <= 5
+    events = rig.router_events()
+    # the 6th is refused (101) and demoted; the 7th too, unless the cap from the first 101 was in
+    # place before its activation arrived, which overflows it without asking IB
+    demoted = [c for t, c in events if t == "stream_demoted"]
+    assert demoted[0] == OPTIONS[5]
+    waiting = demoted + [c for t, c in events if t == "overflow_queued"]
+    assert sorted(waiting) == OPTIONS[5:7]
+    items = rig.queue_items()
+    assert all(items[c]["priority"] == Priority.ACTIVE_OVERFLOW for c in waiting)
+    # capped: a new activation does not even try IB, it overflows at once
+    rig.activate(OPTIONS[7])
+    assert ("overflow_queued", OPTIONS[7]) in rig.router_events()
+    assert rig.ib_stats().peak_lines <= 5
+    # a freed line promotes the oldest demoted contract
+    rig.deactivate(OPTIONS[0])
+    rig.settle()
+    assert ("stream_promoted", demoted[0]) in rig.router_events()
+
+
+def test_set_line_limit_later_demotes_only_what_does_not_fit(rig_factory: Any) -> None:
+    rig = rig_factory(max_lines=12, reserve=3)
+    rig.activate(*OPTIONS[:3])
+    rig.settle()
+    rig.ib.tell(SetLineLimit(limit=4))  # another client of the account took lines
+    rig.activate(*OPTIONS[3:6])
+    wait_until(lambda: rig.status().overflow == 2, timeout=5)
+    assert rig.settle().streams == 4
+
+
+# ---------------------------------------------------------------------- reconnects
+
+
+@pytest.mark.parametrize("how", ["reconnect", "1101"])
+def test_every_stream_is_resubmitted_after_ib_forgets_them(rig_factory: Any, how: str) -> None:
+    rig = rig_factory()
+    rig.activate(*OPTIONS[:5])
+    rig.settle()
+    assert rig.ib_stats().streams == 5
+    rig.inbox.clear()
+    rig.ib.tell(InjectDisconnect() if how == "reconnect" else InjectError(code=1101))
+    rig.inbox.wait_for(lambda m: isinstance(m, ConnectionStateChanged) and m.resubscribe)
+    wait_until(lambda: rig.ib_stats().streams == 5, timeout=5)
+    # and they tick again
+    rig.inbox.wait_for_count(lambda m: isinstance(m, MarketUpdate) and m.source == "stream", 5)
+    assert rig.status().streams == 5
+
+
+def test_data_kept_1102_resubmits_nothing(rig_factory: Any) -> None:
+    rig = rig_factory()
+    rig.activate(*OPTIONS[:3])
+    rig.settle()
+    before = rig.ib_stats().requests_sent
+    rig.ib.tell(InjectError(code=1102))
+    rig.inbox.wait_for(
+        lambda m: isinstance(m, ConnectionStateChanged) and m.state == ConnectionState.RESTORED_DATA_KEPT
+    )
+    rig.status()  # the router has seen it
+    assert rig.ib_stats().requests_sent == before
+
+
+# ---------------------------------------------------------------------- the line invariant
+
+
+def test_lines_never_exceed_max_lines_with_snapshots_overflow_and_reconnects(rig_factory: Any) -> None:
+    rig = rig_factory(max_lines=12, reserve=3, worker=True, snapshot_latency_s=0.005)
+    assert rig.worker is not None
+    rig.activate(*OPTIONS[:12])  # budget 9: three overflow
+    rig.settle()
+    for round_ in range(3):
+        rig.deactivate(*OPTIONS[round_ * 3 : round_ * 3 + 3])
+        rig.activate(*STOCKS[round_ * 4 : round_ * 4 + 4])
+        if round_ == 1:
+            rig.ib.tell(InjectDisconnect())
+        rig.router.tell(RefreshAll())
+        rig.settle()
+        rig.assert_peak_within_budget()
+    # the worker really did run snapshots meanwhile
+    wait_until(lambda: ask(rig.worker, WorkerStatus()).succeeded > 0, timeout=10)
+    assert rig.ib_stats().peak_lines >= 9
+    rig.assert_peak_within_budget()
+
+
+def test_delayed_cancels_and_rapid_churn_stay_within_max_lines(rig_factory: Any) -> None:
+    """With cancels delayed by the fake, a line is reused only after StreamEnded confirms it."""
+    rig = rig_factory(max_lines=12, reserve=3, worker=True, min_stream_age_s=0.05, snapshot_latency_s=0.005)
+    rig.activate(*OPTIONS[:9])  # the whole stream budget
+    for _ in range(4):
+        rig.deactivate(*OPTIONS[:4])
+        rig.activate(*STOCKS[:4])  # would need the lines the cancels still hold
+        rig.activate(*OPTIONS[:4])
+        rig.deactivate(*STOCKS[:4])
+        rig.assert_peak_within_budget()
+    status = rig.settle()
+    assert status.streams == 9
+    assert status.overflow == 0
+    assert rig.ib_stats().streams == 9
+    rig.assert_peak_within_budget()
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    steps=st.lists(
+        st.one_of(
+            st.tuples(st.just("on"), st.integers(0, 15)),
+            st.tuples(st.just("off"), st.integers(0, 15)),
+            st.tuples(st.just("drop"), st.just(0)),
+            st.tuples(st.just("1101"), st.just(0)),
+        ),
+        min_size=5,
+        max_size=40,
+    )
+)
+def test_random_activity_never_exceeds_max_lines(tmp_path_factory: pytest.TempPathFactory, steps: list[Any]) -> None:
+    data_dir = tmp_path_factory.mktemp("router-prop")
+    log = EventLog.open(data_dir, config=TEST_LOG_CONFIG)
+    try:
+        rig = Rig(log, max_lines=8, reserve=2, worker=True, min_stream_age_s=0.01, snapshot_latency_s=0.002)
+        active: set[int] = set()
+        universe = (OPTIONS + STOCKS)[:16]
+        for kind, index in steps:
+            conid = universe[index]
+            if kind == "on":
+                rig.activate(conid)
+                active.add(conid)
+            elif kind == "off":
+                rig.deactivate(conid)
+                active.discard(conid)
+            elif kind == "drop":
+                rig.ib.tell(InjectDisconnect())
+            else:
+                rig.ib.tell(InjectError(code=1101))
+        status = rig.settle()
+        assert status.streams + status.overflow == len(active)
+        assert status.streams == min(len(active), 6)
+        assert rig.ib_stats().streams == status.streams
+        rig.assert_peak_within_budget()
+    finally:
+        pykka.ActorRegistry.stop_all(timeout=10)
+        log.close()
+
+
+# ---------------------------------------------------------------------- positions and refresh
+
+
+def test_position_changes_and_refresh_enqueue_only_non_active_contracts(rig_factory: Any) -> None:
+    rig = rig_factory()
+    rig.activate(OPTIONS[0])
+    rig.settle()
+    # drain the queue so that new enqueues are visible
+    from events.queue import Cancel
+
+    for conid in ALL:
+        ask(rig.queue, Cancel(conid=conid, reason="test"))
+    assert rig.queue_items() == {}
+    moved = next(p for p in POSITIONS if p.conid == STOCKS[3])
+    rig.router.tell(PositionChanged(**{**_fields(moved), "position": moved.position + 1}))
+    rig.router.tell(PositionChanged(**{**_fields(moved), "position": moved.position + 1}))  # unchanged: no enqueue
+    active_leg = next(p for p in POSITIONS if p.conid == OPTIONS[0])
+    rig.router.tell(PositionChanged(**{**_fields(active_leg), "position": active_leg.position + 1}))
+    rig.status()
+    wait_until(lambda: set(rig.queue_items()) == {STOCKS[3]}, timeout=5)
+    rig.router.tell(RefreshAll())
+    wait_until(lambda: set(rig.queue_items()) == set(ALL) - {OPTIONS[0]}, timeout=5)
+
+
+def _fields(position: PositionChanged) -> dict[str, Any]:
+    return {f: getattr(position, f) for f in position.__struct_fields__}
+
+
+def test_snapshot_latency_can_be_changed_under_load(rig_factory: Any) -> None:
+    """The worker keeps lines within the reserve even when snapshots suddenly hold lines longer."""
+    rig = rig_factory(max_lines=12, reserve=3, worker=True)
+    rig.activate(*OPTIONS[:9])
+    rig.settle()
+    rig.ib.tell(SetSnapshotLatency(seconds=0.02))
+    rig.router.tell(RefreshAll())
+    wait_until(lambda: ask(rig.worker, WorkerStatus()).succeeded >= len(ALL) - 9, timeout=15)
+    rig.assert_peak_within_budget()
+
+
+def test_refresh_re_enqueues_overflowed_active_contracts_at_top_priority(rig_factory: Any) -> None:
+    """An active contract waiting for a line is refreshed by the queue every refresh, not once."""
+    from events.queue import Claim, Succeed
+
+    rig = rig_factory(max_lines=6, reserve=2)  # budget 4
+    rig.activate(*OPTIONS[:6])
+    rig.settle()
+    # the worker's part, by hand: every waiting item is served
+    claimed = ask(rig.queue, Claim(n=1000)).items
+    ask(rig.queue, Succeed(item_ids=[i.item_id for i in claimed]))
+    assert rig.queue_items() == {}
+    rig.router.tell(RefreshAll())
+    wait_until(lambda: len(rig.queue_items()) == len(ALL) - 4, timeout=5)
+    items = rig.queue_items()
+    assert {c for c, i in items.items() if i["priority"] == Priority.ACTIVE_OVERFLOW} == set(OPTIONS[4:6])
+    assert not set(OPTIONS[:4]) & set(items)  # streaming contracts are not queued
