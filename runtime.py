@@ -149,9 +149,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
     overrides: dict[str, dict[str, Any]] = {"runtime": {"data_dir": getattr(args, "data_dir", None)}}
     if getattr(args, "command", None) == "run":
         overrides["ib"] = {"host": args.ib_host, "port": args.ib_port, "client_id": args.client_id}
-    # SLOTWISE_LOG_LEVEL is this command line's log level, not the [log] section's "level" key
-    environ = {k: v for k, v in os.environ.items() if k != "SLOTWISE_LOG_LEVEL"}
-    return load_config(getattr(args, "config", None), environ=environ, overrides=overrides)
+    return load_config(getattr(args, "config", None), overrides=overrides)  # SLOTWISE_LOG_LEVEL is skipped there
 
 
 # ---------------------------------------------------------------------- the runtime
