@@ -342,11 +342,13 @@ class StreamRouter(EventSourcedActor[RouterState]):
         self.positions[change.conid] = change.position
         if change.conid in self.active or previous == change.position:
             return
+        if change.position == 0:
+            return  # closed: nothing left to price (it is refreshed again if it reopens)
         reason = "new position" if previous is None else "position changed"
         self._tell_queue(Enqueue(conid=change.conid, reason=reason))
 
     def _refresh_all(self) -> Reply | None:
-        due = [Enqueue(conid=c, reason="refresh") for c in self.positions if c not in self.active]
+        due = [Enqueue(conid=c, reason="refresh") for c, qty in self.positions.items() if qty != 0 and c not in self.active]
         # Active contracts waiting for a line are owed refreshes too, at top priority: without this an
         # overflowed contract got one snapshot and then nothing until a line freed.
         due += [

@@ -256,12 +256,12 @@ class QueueWorker(pykka.ThreadingActor):
             for item in items:
                 self.failed += 1
                 error = f"{failure.kind}: {failure.message}"[:200]
-                self.queue.tell(Fail(item_id=item.item_id, error=error, code=failure.code))
+                self._tell_queue(Fail(item_id=item.item_id, error=error, code=failure.code))
         for items in items_by_conid.values():  # the IB actor answered nothing for these
             release.extend(items)
         if done:
             self.succeeded += len(done)
-            self.queue.tell(Succeed(item_ids=done))
+            self._tell_queue(Succeed(item_ids=done))
         if release:
             self._release(release, "disconnected")
         self._next_chunk()
@@ -276,6 +276,12 @@ class QueueWorker(pykka.ThreadingActor):
             self.queue.tell(Release(item_ids=[i.item_id for i in items], reason=reason))
         except pykka.ActorDeadError:
             logger.warning("worker: queue gone; {} claimed items return at lease expiry", len(items))
+
+    def _tell_queue(self, message: Any) -> None:
+        try:
+            self.queue.tell(message)
+        except pykka.ActorDeadError:  # only while shutting down: the leases bring the items back
+            logger.warning("worker: queue gone; {} not sent, the lease returns the items", type(message).__name__)
 
     def _tell_self(self, message: Any) -> None:
         try:

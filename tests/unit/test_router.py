@@ -464,3 +464,17 @@ def test_refresh_re_enqueues_overflowed_active_contracts_at_top_priority(rig_fac
     items = rig.queue_items()
     assert {c for c, i in items.items() if i["priority"] == Priority.ACTIVE_OVERFLOW} == set(OPTIONS[4:6])
     assert not set(OPTIONS[:4]) & set(items)  # streaming contracts are not queued
+
+
+def test_a_closed_position_is_no_longer_refreshed(rig_factory: Any) -> None:
+    rig = rig_factory()
+    rig.settle()
+    from events.queue import Cancel
+
+    for conid in ALL:
+        ask(rig.queue, Cancel(conid=conid, reason="test"))
+    closed = next(p for p in POSITIONS if p.conid == STOCKS[2])
+    rig.router.tell(PositionChanged(**{**_fields(closed), "position": 0.0}))
+    rig.router.tell(RefreshAll())
+    wait_until(lambda: set(rig.queue_items()) == set(ALL) - {STOCKS[2]}, timeout=5)
+    assert STOCKS[2] not in rig.queue_items()
