@@ -242,7 +242,7 @@ class Runtime:
         else:
             ib = IbActor.start(self.config.ib)
         self.refs["ib"] = ib
-        self.handlers.add(writer, accepts=(MarketUpdate, PositionChanged))
+        self.handlers.add(writer, accepts=(MarketUpdate, PositionChanged), batches=True)
         router_settings = RouterSettings(
             max_lines=rt.max_lines,
             snapshot_reserve=rt.snapshot_reserve,
@@ -525,7 +525,7 @@ def run_runtime(config: Config, *, demo: bool, duration: float | None, allow_bro
         logger.error("the event log failed while starting: {}", exc)
         runtime.stop()
         return EXIT_LOG_FAILED
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - whatever failed, the started actors must be stopped
         logger.exception("the runtime failed to start")
         runtime.stop()  # actor threads would otherwise keep the process alive
         return EXIT_FAILED

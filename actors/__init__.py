@@ -36,7 +36,31 @@ _EXPORTS = {
     "load_config": "actors.config",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "CommandRejected",
+    "Config",
+    "EventSourcedActor",
+    "FakeIbActor",
+    "FakeIbSettings",
+    "HandlerSet",
+    "IbActor",
+    "PositionWriter",
+    "QueueActor",
+    "QueueState",
+    "QueueWorker",
+    "Reconciliation",
+    "RegistryActor",
+    "RegistryState",
+    "Rejected",
+    "Request",
+    "RouterSettings",
+    "StreamRouter",
+    "WorkerSettings",
+    "ask",
+    "ask_async",
+    "demo_positions",
+    "load_config",
+]
 
 
 def __getattr__(name: str) -> Any:

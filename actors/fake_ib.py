@@ -51,6 +51,7 @@ from events.ib import (
     IbStats,
     IbStatsReply,
     MarketUpdate,
+    MarketUpdates,
     PositionChanged,
     PositionsComplete,
     RequestPositions,
@@ -430,8 +431,12 @@ class FakeIbActor(pykka.ThreadingActor):
         return self._errors.get(conid)
 
     def _push_ticks(self) -> None:
-        for conid in sorted(self._streams):
-            self._publisher.publish(self._quote(conid, "stream"))
+        # one message per round, as the real actor sends one per socket read
+        updates = [self._quote(conid, "stream") for conid in sorted(self._streams)]
+        if len(updates) == 1:
+            self._publisher.publish(updates[0])
+        elif updates:
+            self._publisher.publish(MarketUpdates(updates=updates))
 
     # ------------------------------------------------------------- snapshots
     def _snapshot(self, conids: list[int], timeout_s: float, reply: pykka.Future[Any]) -> None:

@@ -19,6 +19,8 @@ from typing import Any
 import pykka
 from loguru import logger
 
+from events.ib import MarketUpdate, MarketUpdates
+
 __all__ = ["HandlerSet"]
 
 
@@ -31,17 +33,21 @@ class HandlerSet:
 
     def __init__(self, refs: tuple[pykka.ActorRef[Any], ...] | list[pykka.ActorRef[Any]] = ()) -> None:
         self._lock = threading.Lock()
-        self._entries: tuple[tuple[pykka.ActorRef[Any], tuple[type, ...] | None], ...] = tuple(
-            (ref, None) for ref in refs
+        self._entries: tuple[tuple[pykka.ActorRef[Any], tuple[type, ...] | None, bool], ...] = tuple(
+            (ref, None, False) for ref in refs
         )
         self.delivered = 0
         self.dropped = 0
 
-    def add(self, ref: pykka.ActorRef[Any], accepts: tuple[type, ...] | None = None) -> None:
-        """Subscribe ``ref`` (again: its filter is replaced, it is not added twice)."""
+    def add(self, ref: pykka.ActorRef[Any], accepts: tuple[type, ...] | None = None, *, batches: bool = False) -> None:
+        """Subscribe ``ref`` (again: its filter is replaced, it is not added twice).
+
+        ``batches``: the handler understands ``MarketUpdates`` and gets a burst
+        of ticks as one message; otherwise it is told each ``MarketUpdate``.
+        """
         with self._lock:
             others = tuple(entry for entry in self._entries if entry[0] is not ref)
-            self._entries = (*others, (ref, accepts))
+            self._entries = (*others, (ref, accepts, batches))
 
     def remove(self, ref: pykka.ActorRef[Any]) -> bool:
         """Unsubscribe ``ref``; False if it was not subscribed."""
@@ -53,30 +59,43 @@ class HandlerSet:
     def publish(self, message: Any) -> int:
         """Tell ``message`` to every handler that accepts it; returns how many were told."""
         told = 0
-        for ref, accepts in self._entries:  # an immutable snapshot: add/remove may run meanwhile
-            if accepts is not None and not isinstance(message, accepts):
+        batch = type(message) is MarketUpdates
+        for ref, accepts, batches in self._entries:  # an immutable snapshot: add/remove may run meanwhile
+            if batch:
+                if accepts is not None and MarketUpdate not in accepts and MarketUpdates not in accepts:
+                    continue
+                parts = [message] if batches else message.updates
+            elif accepts is not None and not isinstance(message, accepts):
                 continue
-            try:
-                ref.tell(message)
-            except pykka.ActorDeadError:
-                if self.remove(ref):
-                    with self._lock:
-                        self.dropped += 1
-                    logger.warning("handler {} is dead: dropped from the handler set", ref)
-                continue
-            except Exception:  # noqa: BLE001 - one handler's failure must not stop the others
-                logger.exception("telling handler {} failed", ref)
-                continue
-            told += 1
+            else:
+                parts = [message]
+            for part in parts:
+                if not self._tell(ref, part):
+                    break
+                told += 1
         with self._lock:
             self.delivered += told
         return told
+
+    def _tell(self, ref: pykka.ActorRef[Any], message: Any) -> bool:
+        try:
+            ref.tell(message)
+        except pykka.ActorDeadError:
+            if self.remove(ref):
+                with self._lock:
+                    self.dropped += 1
+                logger.warning("handler {} is dead: dropped from the handler set", ref)
+            return False
+        except Exception:  # noqa: BLE001 - one handler's failure must not stop the others
+            logger.exception("telling handler {} failed", ref)
+            return False
+        return True
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def __iter__(self) -> Iterator[pykka.ActorRef[Any]]:
-        return iter([ref for ref, _ in self._entries])
+        return iter([ref for ref, _, _ in self._entries])
 
     def __contains__(self, ref: object) -> bool:
         return any(entry[0] is ref for entry in self._entries)

@@ -67,6 +67,7 @@ from events.ib import (
     IbSettings,
     IbStatsReply,
     MarketUpdate,
+    MarketUpdates,
     PositionChanged,
     PositionsComplete,
     SnapshotFailed,
@@ -85,6 +86,7 @@ class IbSession:
     def __init__(self, settings: IbSettings, publish: Callable[[Message], None]) -> None:
         self.settings = settings
         self._publish = publish
+        self._tick_buffer: list[MarketUpdate] = []
         self._loop = asyncio.get_running_loop()
         self.ib = IB()
         self.pacer = Pacer(self._loop, self._write, settings.pacing_per_s, window_s=1.0 + settings.pacing_guard_s)
@@ -490,7 +492,17 @@ class IbSession:
         req_id = self.ib.wrapper.ticker2ReqId["mktData"].get(ticker)
         req = self._by_req.get(req_id) if req_id is not None else None
         if req is not None and any_price(ticker):
-            self._publish(to_update(req.conid, ticker, "stream"))
+            self._tick_buffer.append(to_update(req.conid, ticker, "stream"))
+            if len(self._tick_buffer) == 1:
+                # runs once the current socket read is decoded: its ticks travel as one message
+                asyncio.get_running_loop().call_soon(self._flush_ticks)
+
+    def _flush_ticks(self) -> None:
+        updates, self._tick_buffer = self._tick_buffer, []
+        if len(updates) == 1:
+            self._publish(updates[0])
+        elif updates:
+            self._publish(MarketUpdates(updates=updates))
 
     # ------------------------------------------------------------- snapshots
     def snapshot(self, conids: list[int], timeout_s: float, reply: pykka.Future[Any]) -> None:

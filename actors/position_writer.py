@@ -41,7 +41,7 @@ from loguru import logger
 
 from actors.messaging import Request, reject
 from actors.ticker import Ticker
-from events.ib import MarketUpdate, PositionChanged
+from events.ib import MarketUpdate, MarketUpdates, PositionChanged
 from events.positions import Flush, Flushed, WriterStats, WriterStatsReply
 from storage.positions_table import PositionsConfig, PositionsTable
 
@@ -141,6 +141,11 @@ class PositionWriter(pykka.ThreadingActor):
             case MarketUpdate(conid=conid):
                 self.updates_received += 1
                 self._pending[conid] = message
+            case MarketUpdates(updates=updates):
+                self.updates_received += len(updates)
+                pending = self._pending
+                for update in updates:  # the newest of each contract wins, as one by one
+                    pending[update.conid] = update
             case PositionChanged(conid=conid):
                 self.positions_received += 1
                 self._positions[conid] = message

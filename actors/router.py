@@ -55,6 +55,7 @@ from events.ib import (
     IbError,
     IbErrorKind,
     MarketUpdate,
+    MarketUpdates,
     PositionChanged,
     StreamEnded,
     Subscribe,
@@ -187,7 +188,12 @@ class StreamRouter(EventSourcedActor[RouterState]):
     def on_receive(self, message: Any) -> Any:
         # The streaming hot path: every tick of every stream passes here, so it skips the base
         # class's envelope checks and the match below (benchmarks/ticks.py).
-        if type(message) is MarketUpdate:
+        kind = type(message)
+        if kind is MarketUpdates:
+            self.ticks_forwarded += len(message.updates)
+            self.handlers.publish(message)
+            return None
+        if kind is MarketUpdate:
             self.ticks_forwarded += 1
             self.handlers.publish(message)
             return None

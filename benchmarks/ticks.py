@@ -54,7 +54,7 @@ from actors.messaging import ask
 from actors.position_writer import PositionWriter
 from actors.queue import QueueActor
 from actors.router import RouterSettings, RouterStatus, StreamRouter
-from events.ib import Connect, IbStats, MarketUpdate, PositionChanged
+from events.ib import Connect, IbStats, MarketUpdate, MarketUpdates, PositionChanged
 from events.positions import WriterStats
 from events.registry import ContractActivated
 from storage.event_log import EventLog
@@ -71,6 +71,11 @@ class LatencyProbe(pykka.ThreadingActor):
         self.recording = False
 
     def on_receive(self, message: Any) -> Any:
+        if type(message) is MarketUpdates:
+            if self.recording:
+                now = time.time_ns() // 1000
+                self.samples.extend(now - update.ts_us for update in message.updates)
+            return None
         if type(message) is MarketUpdate:
             if self.recording:
                 self.samples.append(time.time_ns() // 1000 - message.ts_us)
@@ -146,7 +151,7 @@ def run(streams: int, ticks: int, offered: int, latency_s: float) -> dict[str, A
             writer = PositionWriter.start(tmp, PositionsConfig(flush_interval_s=1.0))
             probe = LatencyProbe.start()
             handlers = HandlerSet()
-            handlers.add(writer, accepts=(MarketUpdate, PositionChanged))
+            handlers.add(writer, accepts=(MarketUpdate, PositionChanged), batches=True)  # as runtime.py wires it
             settings = RouterSettings(max_lines=streams + 10, snapshot_reserve=10, refresh_interval_s=3600)
             router = StreamRouter.start(log, settings, ib=ib, queue=queue, handlers=handlers)
             ib.tell(AddSubscriber(router))
@@ -168,7 +173,7 @@ def run(streams: int, ticks: int, offered: int, latency_s: float) -> dict[str, A
 
             # 2. latency at the offered rate: one round of `streams` ticks every streams/offered seconds;
             # the probe joins the handlers only now, so the throughput run is the production path alone
-            handlers.add(probe, accepts=(MarketUpdate,))
+            handlers.add(probe, accepts=(MarketUpdate,), batches=True)
             period = streams / offered
             probe.tell("start")
             base = ask(writer, WriterStats()).updates_received

@@ -30,6 +30,7 @@ __all__ = [
     "IbStats",
     "IbStatsReply",
     "MarketUpdate",
+    "MarketUpdates",
     "PositionChanged",
     "PositionsComplete",
     "RequestPositions",
@@ -272,6 +273,17 @@ class MarketUpdate(Message, tag="ib.market_update", frozen=True, kw_only=True):
     vega: float | None = None
     theta: float | None = None
     und_price: float | None = None
+
+
+class MarketUpdates(Message, tag="ib.market_updates", frozen=True, kw_only=True):
+    """Streaming updates that arrived together (one read from IB's socket), carried as one message.
+
+    Ticks come in bursts; one actor message per tick would make the
+    mailboxes, not the work, the limit. Handlers that opt in get the batch;
+    the others get each MarketUpdate on its own (``actors.handlers``).
+    """
+
+    updates: list[MarketUpdate]
 
 
 class SnapshotFailed(Message, tag="ib.snapshot_failed", frozen=True, kw_only=True):

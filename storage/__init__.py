@@ -24,7 +24,24 @@ _EXPORTS = {
     "audit_events": "storage.audit",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "DataDirLocked",
+    "EventLog",
+    "LogClosedError",
+    "LogConfig",
+    "LogError",
+    "LogFailedError",
+    "LogFencedError",
+    "Receipt",
+    "SnapshotStore",
+    "StoredEvent",
+    "audit_events",
+    "read_batches",
+    "read_events",
+    "replay",
+    "verify_data_dir",
+    "verify_log",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -306,3 +306,20 @@ def test_a_malformed_update_is_dropped_without_killing_the_writer(data_dir: Path
     ref.tell(update(2, last=1.0))
     assert flush(ref) == Flushed(rows=1)
     assert sorted(rows(data_dir)) == [2]
+
+
+def test_a_burst_reaches_batch_handlers_whole_and_the_others_one_by_one(data_dir: Path) -> None:
+    """MarketUpdates (one IB socket read) is one message to the writer, single updates to the rest."""
+    from events.ib import MarketUpdates  # noqa: PLC0415
+
+    writer = PositionWriter.start(str(data_dir), QUIET)
+    recorder = Recorder.start(expect=3)
+    handlers = HandlerSet()
+    handlers.add(writer, accepts=(MarketUpdate, PositionChanged), batches=True)
+    handlers.add(recorder)
+    told = handlers.publish(MarketUpdates(updates=[update(1, last=1.0), update(2, last=2.0), update(1, last=3.0)]))
+    assert told == 4  # one batch to the writer, three single updates to the recorder
+    assert recorder.proxy().done.get().wait(timeout=10)
+    assert [type(m).__name__ for m in recorder.proxy().seen.get()] == ["MarketUpdate"] * 3
+    assert stats(writer).updates_received == 3
+    assert flush(writer).rows == 2  # the newest of each contract, as if they came one by one
