@@ -310,7 +310,7 @@ def test_a_malformed_update_is_dropped_without_killing_the_writer(data_dir: Path
 
 def test_a_burst_reaches_batch_handlers_whole_and_the_others_one_by_one(data_dir: Path) -> None:
     """MarketUpdates (one IB socket read) is one message to the writer, single updates to the rest."""
-    from events.ib import MarketUpdates  # noqa: PLC0415
+    from events.ib import MarketUpdates
 
     writer = PositionWriter.start(str(data_dir), QUIET)
     recorder = Recorder.start(expect=3)
