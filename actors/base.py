@@ -32,6 +32,7 @@ from loguru import logger
 from actors.messaging import CommandRejected, Request
 from events.base import Event
 from storage.event_log import CommitBatch, EventLog, LogFailedError
+from storage.reader import read_seq_events
 from storage.snapshots import SnapshotStore
 
 __all__ = ["Durable", "EventSourcedActor", "EventSourcedState"]
@@ -107,10 +108,14 @@ class EventSourcedActor(pykka.ThreadingActor, Generic[S]):
                 from_seq = snap.seq + 1
         self.recovered_from_seq = from_seq
         count = 0
-        for stored in self.log.read(streams=[self.stream], from_seq=from_seq):
-            self.state.apply(stored.event)
-            self.last_seq = stored.seq
+        apply = self.state.apply
+        seq = self.last_seq
+        for seq, event in read_seq_events(  # noqa: B007 - the last seq is kept after the loop
+            self.log.uri, storage_options=self.log.storage_options, streams=[self.stream], from_seq=from_seq
+        ):
+            apply(event)
             count += 1
+        self.last_seq = seq
         self.recovered_events = count
         logger.info("{} recovered: snapshot up to seq {}, {} events replayed", self.stream, from_seq - 1, count)
 

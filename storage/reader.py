@@ -28,7 +28,7 @@ from events.codec import EVENT_TYPES, decode_event
 
 _STATS_SLACK = timedelta(milliseconds=1)
 
-__all__ = ["StoredEvent", "open_table", "read_batches", "read_events", "table_exists", "to_utc"]
+__all__ = ["StoredEvent", "open_table", "read_batches", "read_events", "read_seq_events", "table_exists", "to_utc"]
 
 
 class StoredEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -194,6 +194,27 @@ def read_events(uri: DeltaTable | str, **filters: Any) -> Iterator[StoredEvent]:
     """Decoded events in seq order (decode errors raise, naming the seq)."""
     for batch in read_batches(uri, **filters):
         yield from stored_events(batch)
+
+
+def read_seq_events(uri: DeltaTable | str, **filters: Any) -> Iterator[tuple[int, Event]]:
+    """``(seq, event)`` in seq order: what recovery needs, and nothing else.
+
+    Recovery reads every event of a stream once and keeps none of the row
+    around it, so it asks the scan for four columns instead of eight and
+    skips building a StoredEvent per row (a million rows: about a second).
+    """
+    for batch in read_batches(uri, columns=["seq", "type", "v", "payload"], **filters):
+        seqs = batch.column("seq").to_pylist()
+        types = batch.column("type").to_pylist()
+        vs = batch.column("v").to_pylist()
+        payloads = batch.column("payload").to_pylist()
+        events = _decode_current(types, vs, payloads)
+        if events is None:
+            events = [
+                decode_event(tag, v, payload, seq=seq)
+                for tag, v, payload, seq in zip(types, vs, payloads, seqs, strict=True)
+            ]
+        yield from zip(seqs, events, strict=True)
 
 
 def stored_events(batch: pa.RecordBatch) -> Iterator[StoredEvent]:
