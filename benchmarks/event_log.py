@@ -34,6 +34,7 @@ import threading
 import time
 from typing import Any
 
+import msgspec
 import pyarrow as pa
 from deltalake import write_deltalake
 from loguru import logger
@@ -187,6 +188,7 @@ def main() -> None:
     parser.add_argument("--latency-s", type=float, default=8.0)
     parser.add_argument("--baseline-writes", type=int, default=300)
     parser.add_argument("--runs", type=int, default=1, help="repeat throughput/latency; report medians")
+    parser.add_argument("--flush-ms", type=float, help="override LogConfig.flush_ms (default: the production value)")
     args = parser.parse_args()
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
@@ -194,6 +196,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="slotwise-bench-") as tmp:
         directory = Path(tmp)
         config = LogConfig()  # production settings: maintenance on
+        if args.flush_ms is not None:
+            config = msgspec.structs.replace(config, flush_ms=args.flush_ms)
         log = EventLog.open(directory / "data", config=config)
         warm_s = warm_up(log, args.warm_commits)
         runs = [(throughput(log, args.events), latency(log, args.offered, args.latency_s)) for _ in range(args.runs)]
@@ -223,6 +227,7 @@ def main() -> None:
         "baseline_events_per_s": round(base["events_per_s"], 1),
         "ratio_vs_per_event_commit": round(events_per_s / base["events_per_s"], 1),
         "runs": args.runs,
+        "flush_ms": config.flush_ms,
     }
     if not args.json:
         for key, value in result.items():

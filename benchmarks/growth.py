@@ -55,8 +55,10 @@ def _counts(text: str) -> list[int]:
 # ---------------------------------------------------------------------- 1. the log after N commits
 
 
-def log_growth(checkpoints: list[int], probe: int, burst: int) -> list[dict[str, Any]]:
+def log_growth(checkpoints: list[int], probe: int, burst: int, retention_minutes: float) -> list[dict[str, Any]]:
     """Small commits up to each checkpoint, then a latency probe and a throughput burst."""
+    import msgspec
+
     from events.queue import ItemEnqueued
     from storage.event_log import EventLog
     from storage.tables import LogConfig
@@ -66,7 +68,10 @@ def log_growth(checkpoints: list[int], probe: int, burst: int) -> list[dict[str,
 
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="slotwise-growth-") as tmp:
-        log = EventLog.open(Path(tmp) / "data", config=LogConfig())
+        # production settings, but for how long commit files are kept: with the default 10 minutes the
+        # directory's steady state is reached only after 10 minutes of commits, longer than this run
+        config = msgspec.structs.replace(LogConfig(), log_retention_minutes=retention_minutes)
+        log = EventLog.open(Path(tmp) / "data", config=config)
         n = 0
         commits = 0
         started = time.perf_counter()
@@ -235,6 +240,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--commits", default="1000,10000", help="measure the log after these many commits")
+    parser.add_argument(
+        "--log-retention-minutes", type=float, default=1.0, help="LogConfig.log_retention_minutes (production: 10)"
+    )
     parser.add_argument("--probe", type=int, default=200, help="lone commits timed at each point")
     parser.add_argument("--burst", type=int, default=200_000, help="events in each throughput burst")
     parser.add_argument("--recovery-events", default="10000,100000,1000000")
@@ -250,7 +258,7 @@ def main() -> None:
         result["memory"] = memory(args.memory_n)
         print(f"memory: {result['memory']}", file=sys.stderr, flush=True)
     if "log" not in skip:
-        result["log"] = log_growth(_counts(args.commits), args.probe, args.burst)
+        result["log"] = log_growth(_counts(args.commits), args.probe, args.burst, args.log_retention_minutes)
     if "recovery" not in skip:
         result["recovery"] = recovery_growth(_counts(args.recovery_events))
     result["seconds"] = round(time.perf_counter() - started, 1)

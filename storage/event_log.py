@@ -49,7 +49,7 @@ from storage.hashing import GENESIS_HASH, row_hash
 from storage.lock import DirectoryLock
 from storage.maintenance import Maintenance
 from storage.reader import StoredEvent, read_batches, read_events, table_exists
-from storage.tables import EVENTS_SCHEMA, LogConfig, is_local, table_uri
+from storage.tables import EVENTS_SCHEMA, LogConfig, is_local, table_properties, table_uri
 
 __all__ = [
     "CommitBatch",
@@ -245,6 +245,7 @@ class EventLog:
             if table_exists(self.uri, self.storage_options):
                 self._dt = DeltaTable(self.uri, storage_options=self.storage_options)
                 self._recover_tail()
+                self._apply_table_properties()
             else:
                 self._dt = DeltaTable.create(
                     self.uri,
@@ -252,10 +253,7 @@ class EventLog:
                     mode="error",
                     name="events",
                     description="Slotwise event log (append-only, hash-chained)",
-                    configuration={
-                        "delta.checkpointInterval": str(self.config.checkpoint_interval),
-                        "delta.appendOnly": "true",
-                    },
+                    configuration=table_properties(self.config),
                     storage_options=self.storage_options,
                     commit_properties=CommitProperties(custom_metadata={WRITER_META_KEY: self.writer_id}),
                 )
@@ -293,6 +291,18 @@ class EventLog:
         self._chain_hash = str(last["hash"])
         ts = last["ts"]
         self._last_ts = int(ts.timestamp() * 1_000_000) if isinstance(ts, datetime) else 0
+
+    def _apply_table_properties(self) -> None:
+        """Bring the table's retention and checkpoint settings to this config (a commit only if they differ)."""
+        assert self._dt is not None
+        wanted = table_properties(self.config)
+        current = self._dt.metadata().configuration
+        changed = {k: v for k, v in wanted.items() if current.get(k) != v}
+        if changed:
+            self._dt.alter.set_table_properties(
+                changed, commit_properties=CommitProperties(custom_metadata={WRITER_META_KEY: self.writer_id})
+            )
+            logger.info("event log table properties set: {}", changed)
 
     def add_failure_listener(self, fn: Callable[[LogFailedError], None]) -> None:
         """``fn(error)`` runs once, on the writer thread, when the log gives up."""

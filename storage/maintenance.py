@@ -124,6 +124,7 @@ class Maintenance:
                     # the writer's appends skip the post-commit checkpoint; it is taken here instead
                     dt.update_incremental()
                     dt.create_checkpoint()
+                    dt.cleanup_metadata()  # drops commit files past the retention: what keeps commits cheap
                     self.checkpoints += 1
                     continue
                 self._last_run = time.monotonic()

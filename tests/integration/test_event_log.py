@@ -227,3 +227,19 @@ def test_the_fast_delta_append_path_is_in_use(event_log: EventLog) -> None:
     event_log.append(enqueued(1), stream="queue", key="1").wait(10)
     assert event_log._fast_append is not None
     assert DeltaTable(event_log.uri).transaction_version(event_log.writer_id) == 1
+
+
+def test_old_commit_files_are_cleaned_so_commits_stay_cheap(data_dir: Path) -> None:
+    """Each commit lists the log directory: maintenance keeps it short, and never loses an event."""
+    config = LogConfig(flush_ms=0, checkpoint_interval=20, compact_every_commits=50, log_retention_minutes=0.01)
+    with EventLog.open(data_dir, config=config) as log:
+        for i in range(1, 301):
+            log.append(enqueued(i), stream="queue", key=str(i)).wait(10)
+        uri = log.uri
+        checkpoints = log.stats()["maintenance"]["checkpoints"]
+    commit_files = [p for p in (data_dir / "events" / "_delta_log").iterdir() if p.suffix == ".json"]
+    assert checkpoints >= 5
+    assert len(commit_files) < 150, f"{len(commit_files)} commit files kept for 300+ commits"
+    assert DeltaTable(uri).metadata().configuration["delta.logRetentionDuration"] == "interval 1 seconds"
+    assert [e.seq for e in read_events(uri)] == list(range(1, 301))
+    assert verify_log(uri).ok
