@@ -51,6 +51,7 @@ from actors.handlers import HandlerSet
 from actors.ticker import Ticker
 from events.base import Command, Event, Reply
 from events.ib import (
+    ConnectionState,
     ConnectionStateChanged,
     IbError,
     IbErrorKind,
@@ -224,7 +225,9 @@ class StreamRouter(EventSourcedActor[RouterState]):
                 self._position(message)
             case IbError(kind=IbErrorKind.MAX_TICKERS, conid=conid) if conid is not None:
                 self._demote(conid, message)
-            case ConnectionStateChanged(resubscribe=True):
+            case ConnectionStateChanged(resubscribe=True) | ConnectionStateChanged(state=ConnectionState.CONNECTED):
+                # also on the first connect: subscribes sent while IB was still connecting were refused
+                # (the IB actor ignores a Subscribe for a stream it already has)
                 self._resubscribe_all(message)
             case StreamEnded(conid=conid):
                 self._line_freed(conid)
@@ -327,7 +330,7 @@ class StreamRouter(EventSourcedActor[RouterState]):
 
     def _resubscribe_all(self, change: ConnectionStateChanged) -> None:
         streams = sorted(self.state.streams)
-        logger.info("router: IB lost its subscriptions ({}); resubmitting {} streams", change.state, len(streams))
+        logger.info("router: IB {}; (re)submitting {} streams", change.state, len(streams))
 
         def resubscribe() -> None:
             # after_durable keeps these behind the Subscribes of StreamStarted/StreamPromoted events that are

@@ -39,6 +39,8 @@ from events.ib import (
     Connect,
     ConnectionState,
     ConnectionStateChanged,
+    IbError,
+    IbErrorKind,
     IbStats,
     IbStatsReply,
     MarketUpdate,
@@ -72,6 +74,7 @@ class Rig:
         worker: bool = False,
         snapshot_latency_s: float = 0.0,
         line_cap_hold_s: float = 300.0,
+        connect: bool = True,
     ) -> None:
         self.log = log
         self.max_lines = max_lines
@@ -112,6 +115,10 @@ class Rig:
                 handlers=self.handlers,
             )
             self.ib.tell(AddSubscriber(self.worker))
+        if connect:
+            self.connect()
+
+    def connect(self) -> None:
         self.ib.tell(Connect())
         self.inbox.wait_for(connected, timeout=5)
         # every position reached the router (PositionChanged precedes CONNECTED)
@@ -478,3 +485,19 @@ def test_a_closed_position_is_no_longer_refreshed(rig_factory: Any) -> None:
     rig.router.tell(RefreshAll())
     wait_until(lambda: set(rig.queue_items()) == set(ALL) - {STOCKS[2]}, timeout=5)
     assert STOCKS[2] not in rig.queue_items()
+
+
+def test_streams_decided_before_ib_first_connects_are_sent_once_it_does(rig_factory: Any) -> None:
+    """At start the router activates recovered contracts at once; IB may still be connecting.
+
+    The IB actor refuses those subscribes (not connected); the first CONNECTED
+    carries no resubscribe flag (nothing was lost from IB's side), so the router
+    must resubmit on every transition to connected, not only after a loss.
+    """
+    rig = rig_factory(connect=False)
+    rig.activate(*OPTIONS[:3])
+    rig.inbox.wait_for(lambda m: isinstance(m, IbError) and m.kind == IbErrorKind.DISCONNECTED, timeout=5)
+    assert rig.ib_stats().streams == 0
+    rig.connect()
+    wait_until(lambda: rig.ib_stats().streams == 3, timeout=5)
+    assert rig.settle().streams == 3
