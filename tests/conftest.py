@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pykka
@@ -48,6 +48,22 @@ def event_log(data_dir: Path) -> Iterator[EventLog]:
     log = EventLog.open(data_dir, config=TEST_LOG_CONFIG)
     yield log
     log.close()
+
+
+@pytest.fixture
+def log_factory(data_dir: Path) -> Iterator[Callable[[], EventLog]]:
+    """Opens the test's event log (again, if a test closed it); all are closed after the actors have stopped."""
+    logs: list[EventLog] = []
+
+    def open_log() -> EventLog:
+        log = EventLog.open(data_dir, config=TEST_LOG_CONFIG)
+        logs.append(log)
+        return log
+
+    yield open_log
+    pykka.ActorRegistry.stop_all(timeout=10)
+    for log in logs:
+        log.close()
 
 
 @pytest.fixture

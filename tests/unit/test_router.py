@@ -10,8 +10,7 @@ router that overspends is measured instead of being masked by a 101.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pykka
@@ -176,18 +175,8 @@ def connected(message: Any) -> bool:
 
 
 @pytest.fixture
-def rig_factory(data_dir: Path) -> Iterator[Any]:
-    logs: list[EventLog] = []
-
-    def make(**kwargs: Any) -> Rig:
-        log = EventLog.open(data_dir, config=TEST_LOG_CONFIG)
-        logs.append(log)
-        return Rig(log, **kwargs)
-
-    yield make
-    pykka.ActorRegistry.stop_all(timeout=10)
-    for log in logs:
-        log.close()
+def rig_factory(log_factory: Callable[[], EventLog]) -> Callable[..., Rig]:
+    return lambda **kwargs: Rig(log_factory(), **kwargs)
 
 
 # ---------------------------------------------------------------------- the hybrid decision

@@ -9,11 +9,9 @@ in the log, the fake IB's counters, and the handler inbox.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import pykka
 import pytest
 
 from actors.fake_ib import FakeIbActor, FakeIbSettings, SetNeverAnswer, SetSnapshotLatency, demo_positions
@@ -33,7 +31,6 @@ from events.ib import (
 from events.queue import Enqueue, EnqueueMany, QueueStats, QueueStatsReply
 from storage.event_log import EventLog
 from storage.reader import StoredEvent
-from tests.conftest import TEST_LOG_CONFIG
 from tests.support import Inbox, wait_until
 
 POSITIONS = demo_positions(30, 6, seed=7)
@@ -91,18 +88,8 @@ def is_state(state: ConnectionState) -> Any:
 
 
 @pytest.fixture
-def rig_factory(data_dir: Path) -> Iterator[Any]:
-    logs: list[EventLog] = []
-
-    def make(**kwargs: Any) -> Rig:
-        log = EventLog.open(data_dir, config=TEST_LOG_CONFIG)
-        logs.append(log)
-        return Rig(log, **kwargs)
-
-    yield make
-    pykka.ActorRegistry.stop_all(timeout=10)
-    for log in logs:
-        log.close()
+def rig_factory(log_factory: Callable[[], EventLog]) -> Callable[..., Rig]:
+    return lambda **kwargs: Rig(log_factory(), **kwargs)
 
 
 def test_one_cycle_claims_at_most_batch_size_publishes_and_succeeds(rig_factory: Any) -> None:
