@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from actors.control import ControlClient, ControlUnavailable, request
 from actors.queue import QueueActor
 from actors.queue_state import QueueState
 from events.base import Event
+from tests.support.collector import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = ROOT / "runtime.py"
@@ -34,6 +34,14 @@ FAST_ENV = {
     "SLOTWISE_RUNTIME_LEASE_S": "30",
     "SLOTWISE_DEMO_TICK_INTERVAL_S": "0.2",
 }
+
+
+def serves_status(sock: Path) -> bool:
+    """True once a runtime answers ``status`` on ``sock``."""
+    try:
+        return bool(request(sock, {"type": "status"}, timeout=5)["ok"])
+    except (ControlUnavailable, OSError, ValueError):
+        return False
 
 
 class RuntimeProcess:
@@ -74,17 +82,12 @@ class RuntimeProcess:
 
     def wait_ready(self, timeout: float = 60.0) -> bool:
         """Wait until the control socket answers ``status``; False if the process died first."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False
-            try:
-                if request(self.socket, {"type": "status"}, timeout=5)["ok"]:
-                    return True
-            except (ControlUnavailable, OSError, ValueError):
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"runtime not ready after {timeout} s:\n{self.stderr()[-3000:]}")
+
+        def ready_or_dead() -> bool:
+            return self.proc.poll() is not None or serves_status(self.socket)
+
+        wait_until(ready_or_dead, timeout, 0.05, what=f"the runtime to serve status:\n{self.stderr()[-3000:]}")
+        return self.proc.poll() is None
 
     def call(self, payload: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
         return request(self.socket, payload, timeout=timeout)

@@ -25,7 +25,6 @@ import shutil
 import signal
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,7 +40,8 @@ from storage.event_log import EventLog
 from storage.replay import replay
 from storage.tables import LogConfig
 from storage.verify import verify_data_dir
-from tests.faults.runtime_proc import RuntimeProcess, registry_listing
+from tests.faults.runtime_proc import RuntimeProcess, registry_listing, serves_status
+from tests.support.collector import wait_until
 
 EXIT_OK, EXIT_LOG_FAILED = 0, 3
 STRATEGY = "before-failure"
@@ -71,13 +71,8 @@ class Acks:
 
 
 def _wait_socket(sock: Path, alive: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and alive():
-        with contextlib.suppress(ControlUnavailable, OSError, ValueError):
-            if request(sock, {"type": "status"}, timeout=5)["ok"]:
-                return
-        time.sleep(0.05)
-    raise AssertionError("the runtime never served its control socket")
+    wait_until(lambda: not alive() or serves_status(sock), timeout, 0.05, what="the runtime's control socket")
+    assert serves_status(sock), "the runtime never served its control socket"
 
 
 def _check_recovered(data_dir: Path, acked: list[int]) -> None:

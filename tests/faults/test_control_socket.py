@@ -11,7 +11,6 @@ import contextlib
 import json
 import socket
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 from actors.control import MAX_CLIENTS
 from storage.verify import verify_data_dir
 from tests.faults.runtime_proc import RuntimeProcess, registry_listing
+from tests.support.collector import CollectorTimeout, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +51,15 @@ def healthy(runtime: RuntimeProcess) -> Iterator[RuntimeProcess]:
 
 def _status_when_free(runtime: RuntimeProcess, timeout: float = 10.0) -> dict[str, Any]:
     """``status``, retried while a test's clients still hold every slot ("busy")."""
-    deadline = time.monotonic() + timeout
-    while True:
-        answer = runtime.call({"type": "status"})
-        if answer["ok"] or answer["error"]["code"] != "busy" or time.monotonic() > deadline:
-            return answer
-        time.sleep(0.05)
+    answers: list[dict[str, Any]] = []
+
+    def not_busy() -> bool:
+        answers.append(runtime.call({"type": "status"}))
+        return answers[-1]["ok"] or answers[-1]["error"]["code"] != "busy"
+
+    with contextlib.suppress(CollectorTimeout):
+        wait_until(not_busy, timeout, 0.05, what="a free control slot")
+    return answers[-1]
 
 
 def _raw(path: Path, data: bytes, timeout: float = 10.0) -> list[dict[str, Any]]:

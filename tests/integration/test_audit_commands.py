@@ -11,6 +11,7 @@ failure events, which ``replay`` and ``audit`` must show in today's shape.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -18,7 +19,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ from events.queue import ItemClaimed, ItemEnqueued
 from events.registry import ContractActivated, LegAdded
 from storage.hashing import GENESIS_HASH, row_hash
 from storage.tables import EVENTS_SCHEMA
+from tests.support.collector import CollectorTimeout, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Stocks of the demo account the fake IB answers with an error: they retry, then dead-letter.
@@ -119,16 +120,17 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
         text=True,
     )
     try:
-        deadline = time.monotonic() + 30
         status: dict[str, Any] = {}
-        while time.monotonic() < deadline:
+
+        def dead_lettered() -> bool:
             if (data_dir / "slotwise.sock").exists():
                 answer = cli("status", "--json", data_dir=data_dir)
                 if answer.returncode == 0:
-                    status = json.loads(answer.stdout)
-                    if status.get("dead_letters") == len(REFUSED):
-                        break
-            time.sleep(0.3)
+                    status.update(json.loads(answer.stdout))
+            return status.get("dead_letters") == len(REFUSED)
+
+        with contextlib.suppress(CollectorTimeout):
+            wait_until(dead_lettered, 30, 0.3, what="the refused contracts to be dead-lettered")
         assert status.get("dead_letters") == len(REFUSED), status
         status_text = cli("status", data_dir=data_dir).stdout
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:

@@ -24,6 +24,7 @@ import pytest
 from deltalake import DeltaTable
 
 from actors.fake_ib_demo import demo_positions
+from tests.support.collector import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = str(ROOT / "runtime.py")
@@ -78,14 +79,7 @@ def cli(*args: str, timeout: float = 60.0, env: dict[str, str] | None = None) ->
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
     """Poll ``condition`` until it returns something truthy (returned), or fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
+    return wait_until(condition, timeout, interval, what=what)
 
 
 class RuntimeProc:

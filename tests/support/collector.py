@@ -98,10 +98,19 @@ class Collector(pykka.ThreadingActor):
         return None
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> None:
-    """Poll ``condition`` (for state only readable by asking, e.g. stats) until true, or raise after ``timeout``."""
+def wait_until(
+    condition: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01, what: str = "condition"
+) -> Any:
+    """Poll ``condition`` until it returns something truthy, and return that; raise after ``timeout``.
+
+    For state only readable by asking (actor stats, a subprocess's socket, a
+    Delta table): where there is an event or a future to wait on, wait on it.
+    """
     deadline = time.monotonic() + timeout
-    while not condition():
+    while True:
+        result = condition()
+        if result:
+            return result
         if time.monotonic() > deadline:
-            raise CollectorTimeout(f"condition not met within {timeout} s")
+            raise CollectorTimeout(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
