@@ -34,47 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import msgspec
-import pykka
-from loguru import logger
-
-from actors.config import Config, ConfigError, load_config
-from actors.control import ControlServer, ControlUnavailable, request
-from actors.handlers import HandlerSet
-from actors.messaging import CommandRejected, ask
-from events.commands import CommandError, decode_command
-from events.log import RuntimeStarted, RuntimeStopped
-from events.queue import QueueStats, Requeue
-from events.registry import AddActive, AddActiveMany, ListActive, RemoveActive, RemoveActiveMany
-from storage.event_log import EventLog, LogFailedError
-from storage.lock import DataDirLocked
-from storage.snapshots import SnapshotStore
-from storage.tables import is_local, table_uri
-
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOG_FAILED = 0, 1, 2, 3
 COMMANDS = ("run", "registry", "status", "replay", "audit", "verify")
-
-
-# ---------------------------------------------------------------------- logging
-
-
-class _InterceptHandler(logging.Handler):
-    """Route the stdlib logging of pykka, ib_insync and asyncio into loguru."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            level: str | int = logger.level(record.levelname).name
-        except ValueError:
-            level = record.levelno
-        logger.opt(depth=6, exception=record.exc_info).log(level, record.getMessage())
-
-
-def configure_logging(level: str = "INFO") -> None:
-    logger.remove()
-    logger.add(sys.stderr, level=level, backtrace=False, diagnose=False, format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level:<7} | {name}: {message}")
-    logging.basicConfig(handlers=[_InterceptHandler()], level=logging.WARNING, force=True)
-    for name in ("pykka", "ib_insync", "asyncio"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 # ---------------------------------------------------------------------- command line
@@ -143,6 +104,56 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["run", *argv]
     return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    # Usage errors and --help need nothing but the standard library: answer them
+    # before importing the dependencies, which may not be installed yet.
+    parse_args(sys.argv[1:])
+
+try:
+    import msgspec
+    import pykka
+    from loguru import logger
+
+    from actors.config import Config, ConfigError, load_config
+    from actors.control import ControlServer, ControlUnavailable, request
+    from actors.handlers import HandlerSet
+    from actors.messaging import CommandRejected, ask
+    from events.commands import CommandError, decode_command
+    from events.log import RuntimeStarted, RuntimeStopped
+    from events.queue import QueueStats, Requeue
+    from events.registry import AddActive, AddActiveMany, ListActive, RemoveActive, RemoveActiveMany
+    from storage.event_log import EventLog, LogFailedError
+    from storage.lock import DataDirLocked
+    from storage.snapshots import SnapshotStore
+    from storage.tables import is_local, table_uri
+except ModuleNotFoundError as _missing:
+    if __name__ != "__main__":
+        raise
+    sys.exit(f"error: {_missing.name} is not installed: run `pip install .` in the checkout first")
+
+# ---------------------------------------------------------------------- logging
+
+
+class _InterceptHandler(logging.Handler):
+    """Route the stdlib logging of pykka, ib_insync and asyncio into loguru."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(depth=6, exception=record.exc_info).log(level, record.getMessage())
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logger.remove()
+    logger.add(sys.stderr, level=level, backtrace=False, diagnose=False, format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level:<7} | {name}: {message}")
+    logging.basicConfig(handlers=[_InterceptHandler()], level=logging.WARNING, force=True)
+    for name in ("pykka", "ib_insync", "asyncio"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
 
 
 def resolve_config(args: argparse.Namespace) -> Config:

@@ -7,6 +7,8 @@ second); each test reads it through the same commands an operator types.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,3 +88,22 @@ def test_sigterm_stops_cleanly_with_exit_0(tmp_path: Path) -> None:
         assert cli("verify", "--data-dir", str(tmp_path / "data")).returncode == 0
     finally:
         rt.close()
+
+
+def test_help_needs_no_dependency_and_a_missing_one_is_named() -> None:
+    """``-S`` hides site-packages: what a fresh machine looks like before ``pip install .``."""
+    runtime_py = str(Path(__file__).resolve().parents[2] / "runtime.py")
+    helped = subprocess.run(
+        [sys.executable, "-S", runtime_py, "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert helped.returncode == 0, helped.stderr
+    assert "{run,registry,status,replay,audit,verify}" in helped.stdout
+    bad = subprocess.run(
+        [sys.executable, "-S", runtime_py, "--bogus"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert bad.returncode == 2
+    needs = subprocess.run(
+        [sys.executable, "-S", runtime_py, "verify"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert needs.returncode == 1
+    assert "is not installed: run `pip install .`" in needs.stderr
