@@ -23,6 +23,7 @@ runtime, bad input); 2 usage errors; 3 the event log failed while running.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -170,7 +171,8 @@ def control_socket_path(data_dir: str) -> Path:
     """The control socket lives in the data directory (a local runtime dir for object-store URIs)."""
     if is_local(data_dir):
         return Path(data_dir.removeprefix("file://")) / "slotwise.sock"
-    digest = abs(hash(data_dir)) % 10**8
+    # the CLI and the runtime are different processes: the name must not depend on hash() (randomised per process)
+    digest = hashlib.sha256(data_dir.encode()).hexdigest()[:12]
     return Path(os.environ.get("XDG_RUNTIME_DIR", "/tmp")) / f"slotwise-{digest}.sock"
 
 

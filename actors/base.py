@@ -193,6 +193,14 @@ class EventSourcedActor(pykka.ThreadingActor, Generic[S]):
             self._waiting_batches.add(id(batch))
             batch.add_done_callback(self._notify_durable)
 
+    def announce(self, level: str, message: str, *args: Any) -> None:
+        """Log an operator-facing line about what was just persisted, once it is durable.
+
+        A warning is an effect like any other: someone may act on it, so it
+        must not report an event a crash could still lose.
+        """
+        self.after_durable(lambda: logger.log(level, message, *args))
+
     def _notify_durable(self, batch: CommitBatch) -> None:
         try:
             self.actor_ref.tell(Durable(batch))

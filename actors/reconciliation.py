@@ -236,7 +236,9 @@ class Reconciliation(EventSourcedActor[ReconciliationState]):
         if self.positions_complete:
             for conid in [c for c in self.positions if c not in self._seen_this_round]:
                 accounts = self.positions.pop(conid)
-                logger.info("reconciliation: {} not in IB's latest positions (was {}); treated as closed", conid, accounts)
+                logger.info(
+                    "reconciliation: {} not in IB's latest positions (was {}); treated as closed", conid, accounts
+                )
                 self._check(conid)
         self._seen_this_round = set()
         self.positions_complete = True
@@ -322,11 +324,12 @@ class Reconciliation(EventSourcedActor[ReconciliationState]):
         for kind in kinds:
             if (conid, kind) in self.state.open:
                 self.persist(ReconciliationResolved(conid=conid, kind=kind, actual=actual, detail=detail))
-                logger.info("reconciliation: {} on {} resolved: {}", kind.value, conid, detail)
+                self.announce("INFO", "reconciliation: {} on {} resolved: {}", kind.value, conid, detail)
 
     def _record(self, mismatch: ReconciliationMismatch) -> None:
         self.persist(mismatch)
-        logger.warning(
+        self.announce(
+            "WARNING",
             "reconciliation: {} on {} (strategies {}): expected {}, actual {}: {}",
             mismatch.kind.value,
             mismatch.conid,

@@ -265,7 +265,7 @@ class StreamRouter(EventSourcedActor[RouterState]):
             self._start_stream_after_durable(conid)
         else:
             self.persist(OverflowQueued(conid=conid, lines_in_use=self.lines_held(), budget=self._limit()))
-            logger.info("router: no free line for active {}; served by the queue at top priority", conid)
+            self.announce("INFO", "router: no free line for active {}; served by the queue at top priority", conid)
             self.after_durable(
                 lambda: self._tell_queue(Enqueue(conid=conid, priority=Priority.ACTIVE_OVERFLOW, reason="overflow"))
             )
@@ -306,7 +306,7 @@ class StreamRouter(EventSourcedActor[RouterState]):
         while self.state.overflow and self._has_free_line():
             conid = next(iter(self.state.overflow))
             self.persist(StreamPromoted(conid=conid))
-            logger.info("router: line free, {} promoted from the queue to a stream", conid)
+            self.announce("INFO", "router: line free, {} promoted from the queue to a stream", conid)
             self._start_stream_after_durable(conid)
 
     def _demote(self, conid: int, error: IbError) -> None:
@@ -316,7 +316,8 @@ class StreamRouter(EventSourcedActor[RouterState]):
         self.line_cap = accepted
         self._cap_until = time.monotonic() + self.settings.line_cap_hold_s
         self.persist(StreamDemoted(conid=conid, code=error.code, reason=error.message[:200]))
-        logger.warning(
+        self.announce(
+            "WARNING",
             "router: IB refused a stream for {} ({}); demoted to the queue, streams capped at {} for {:.0f}s",
             conid,
             error.code,
@@ -357,7 +358,9 @@ class StreamRouter(EventSourcedActor[RouterState]):
         self._tell_queue(Enqueue(conid=change.conid, reason=reason))
 
     def _refresh_all(self) -> Reply | None:
-        due = [Enqueue(conid=c, reason="refresh") for c, qty in self.positions.items() if qty != 0 and c not in self.active]
+        due = [
+            Enqueue(conid=c, reason="refresh") for c, qty in self.positions.items() if qty != 0 and c not in self.active
+        ]
         # Active contracts waiting for a line are owed refreshes too, at top priority: without this an
         # overflowed contract got one snapshot and then nothing until a line freed.
         due += [

@@ -7,6 +7,7 @@ second); each test reads it through the same commands an operator types.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -107,3 +108,21 @@ def test_help_needs_no_dependency_and_a_missing_one_is_named() -> None:
     )
     assert needs.returncode == 1
     assert "is not installed: run `pip install .`" in needs.stderr
+
+
+def test_the_socket_of_an_object_store_data_dir_is_found_from_another_process() -> None:
+    """The CLI and the runtime must agree on the path, so it cannot depend on per-process hashing."""
+    runtime_py = str(Path(__file__).resolve().parents[2] / "runtime.py")
+    code = f"import runpy; m = runpy.run_path({runtime_py!r}); print(m['control_socket_path']('s3://bucket/slotwise'))"
+    paths = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout.strip()
+        for seed in ("1", "2")
+    }
+    assert len(paths) == 1, paths

@@ -116,3 +116,39 @@ def pykka_stop_all() -> None:
     import pykka
 
     pykka.ActorRegistry.stop_all()
+
+
+class Announcing(Counter):
+    def handle_command(self, command: Any) -> Any:
+        self.persist(Bumped(by=command.by))
+        self.announce("WARNING", "bumped by {}", command.by)
+        return None
+
+
+def test_announcements_wait_for_durability(data_dir: Any) -> None:
+    import threading
+
+    from loguru import logger
+
+    gate = threading.Event()
+    log = EventLog.open(data_dir, config=TEST_LOG_CONFIG, fault_hook=lambda _batch: gate.wait(10))
+    lines: list[str] = []
+    seen = threading.Event()
+    sink = logger.add(
+        lambda m: (lines.append(m.record["message"]), seen.set()),
+        level="WARNING",
+        filter=lambda r: "bumped" in r["message"],
+    )
+    try:
+        reply = ask_async(Announcing.start(log), Bump(by=7))
+        assert not seen.wait(0.3)  # the commit is held: nothing may be announced yet
+        assert lines == []
+        gate.set()
+        reply.get(timeout=10)
+        assert seen.wait(10)
+        assert lines == ["bumped by 7"]
+    finally:
+        gate.set()
+        logger.remove(sink)
+        pykka_stop_all()
+        log.close()
