@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from deltalake import ColumnProperties, DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError
 from deltalake.transaction import CommitProperties, PostCommitHookProperties, Transaction
@@ -48,7 +47,7 @@ from events.codec import encode_event
 from storage.hashing import GENESIS_HASH, row_hash
 from storage.lock import DirectoryLock
 from storage.maintenance import Maintenance
-from storage.reader import StoredEvent, read_batches, read_events, table_exists
+from storage.reader import StoredEvent, max_seq, read_batches, read_events, table_exists
 from storage.tables import EVENTS_SCHEMA, LogConfig, is_local, table_properties, table_uri
 
 __all__ = [
@@ -274,18 +273,15 @@ class EventLog:
     def _recover_tail(self) -> None:
         """Find the last durable seq and hash: appends continue the chain from there."""
         assert self._dt is not None
-        adds = pa.table(self._dt.get_add_actions(flatten=True))
-        if adds.num_rows == 0:
-            return
-        max_seq = pc.max(adds.column("max.seq")).as_py()
-        if max_seq is None:
+        last_seq = max_seq(self._dt)
+        if last_seq == 0:
             return
         last = None
-        for batch in read_batches(self._dt, from_seq=max_seq, to_seq=max_seq, columns=["seq", "ts", "hash"]):
+        for batch in read_batches(self._dt, from_seq=last_seq, to_seq=last_seq, columns=["seq", "ts", "hash"]):
             if batch.num_rows:
                 last = batch.to_pylist()[-1]
         if last is None:
-            raise LogError(f"the events table says seq {max_seq} exists but it cannot be read")
+            raise LogError(f"the events table says seq {last_seq} exists but it cannot be read")
         self._next_seq = int(last["seq"]) + 1
         self.durable_seq = int(last["seq"])
         self._chain_hash = str(last["hash"])

@@ -28,7 +28,7 @@ from events.codec import EVENT_TYPES, decode_event
 
 _STATS_SLACK = timedelta(milliseconds=1)
 
-__all__ = ["StoredEvent", "open_table", "read_batches", "read_events", "read_seq_events", "table_exists", "to_utc"]
+__all__ = ["StoredEvent", "max_seq", "open_table", "read_batches", "read_events", "read_seq_events", "table_exists", "to_utc"]
 
 
 class StoredEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -188,6 +188,24 @@ def _aware(value: Any) -> datetime:
     if isinstance(value, datetime):
         return value if value.tzinfo else value.replace(tzinfo=UTC)
     return to_utc(str(value))
+
+
+def max_seq(dt: DeltaTable) -> int:
+    """The highest seq in the table (0 if empty), from Delta's file statistics.
+
+    Every file the writer or compaction writes has statistics on ``seq``;
+    only if one does not are the seq columns read.
+    """
+    adds = pa.table(dt.get_add_actions(flatten=True))
+    if adds.num_rows == 0:
+        return 0
+    if "max.seq" in adds.column_names and adds.column("max.seq").null_count == 0:
+        return int(pc.max(adds.column("max.seq")).as_py())
+    best = 0
+    for batch in read_batches(dt, columns=["seq"]):
+        if batch.num_rows:
+            best = max(best, pc.max(batch.column("seq")).as_py())
+    return best
 
 
 def read_events(uri: DeltaTable | str, **filters: Any) -> Iterator[StoredEvent]:

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from actors.queue_state import QueueState
 from actors.registry import RegistryState
-from storage.reader import read_batches, read_events, table_exists, to_utc
+from storage.reader import max_seq, open_table, read_batches, read_events, table_exists, to_utc
 from storage.snapshots import SnapshotStore
 from storage.tables import table_uri
 
@@ -71,11 +71,7 @@ def last_seq(data_dir: str, storage_options: dict[str, str] | None = None) -> in
     uri = table_uri(data_dir, "events")
     if not table_exists(uri, storage_options):
         return 0
-    best = 0
-    for batch in read_batches(uri, columns=["seq"], storage_options=storage_options):
-        if batch.num_rows:
-            best = max(best, pc.max(batch.column("seq")).as_py())
-    return best
+    return max_seq(open_table(uri, storage_options))
 
 
 def seq_at(data_dir: str, as_of: datetime | str, storage_options: dict[str, str] | None = None) -> int:

@@ -47,46 +47,61 @@ class SnapshotStore:
 
     def save(self, stream: str, seq: int, state: bytes, v: int = 1) -> None:
         """Store ``state`` as the state of ``stream`` after event ``seq`` (which must be durable)."""
-        row = pa.Table.from_pylist(
+        row = pa.Table.from_arrays(
             [
-                {
-                    "stream": stream,
-                    "seq": seq,
-                    "ts": time.time_ns() // 1000,
-                    "v": v,
-                    "state": state,
-                    "sha256": hashlib.sha256(state).hexdigest(),
-                }
+                pa.array([stream], pa.string()),
+                pa.array([seq], pa.int64()),
+                pa.array([time.time_ns() // 1000], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+                pa.array([v], pa.int32()),
+                pa.array([state], pa.binary()),
+                pa.array([hashlib.sha256(state).hexdigest()], pa.string()),
             ],
-            schema=pa.schema(
-                [f if f.name != "ts" else pa.field("ts", pa.int64(), nullable=False) for f in SNAPSHOTS_SCHEMA]
-            ),
+            schema=SNAPSHOTS_SCHEMA,
         )
-        row = row.set_column(2, "ts", row.column("ts").cast(pa.timestamp("us", tz="UTC")))
-        row = row.cast(SNAPSHOTS_SCHEMA)
         with self._lock:
             write_deltalake(self.uri, row, mode="append", storage_options=self.storage_options)
             self.saved += 1
         logger.debug("snapshot of {} at seq {} ({} bytes)", stream, seq, len(state))
 
     def latest(self, stream: str, at_or_before: int | None = None) -> StoredSnapshot | None:
-        """The newest snapshot of ``stream`` (optionally not after seq ``at_or_before``)."""
-        best: StoredSnapshot | None = None
-        for snap in self.all(stream, at_or_before):
-            if best is None or snap.seq > best.seq:
-                best = snap
-        return best
+        """The newest intact snapshot of ``stream`` (optionally not after seq ``at_or_before``).
+
+        Reads the ``seq`` column to choose, then only that snapshot's state:
+        recovery must not read every state ever saved.
+        """
+        dt = self._table()
+        if dt is None:
+            return None
+        expr = self._filter(stream, at_or_before)
+        seqs = dt.to_pyarrow_dataset().to_table(filter=expr, columns=["seq"]).column("seq").to_pylist()
+        for seq in sorted(set(seqs), reverse=True):
+            for snap in self._read(dt, expr & (pc.field("seq") == seq)):
+                return snap  # the newest intact one; a corrupt one was skipped with a warning
+        return None
 
     def all(self, stream: str | None = None, at_or_before: int | None = None) -> Iterator[StoredSnapshot]:
+        """Every intact snapshot (verify compares each with the events)."""
+        dt = self._table()
+        if dt is None:
+            return iter(())
+        return self._read(dt, self._filter(stream, at_or_before))
+
+    def _table(self) -> DeltaTable | None:
         if not DeltaTable.is_deltatable(self.uri, storage_options=self.storage_options):
-            return
-        dt = DeltaTable(self.uri, storage_options=self.storage_options)
-        expr = None
+            return None
+        return DeltaTable(self.uri, storage_options=self.storage_options)
+
+    @staticmethod
+    def _filter(stream: str | None, at_or_before: int | None) -> pc.Expression:
+        expr = pc.scalar(True)
         if stream is not None:
-            expr = pc.field("stream") == stream
+            expr = expr & (pc.field("stream") == stream)
         if at_or_before is not None:
-            cond = pc.field("seq") <= at_or_before
-            expr = cond if expr is None else expr & cond
+            expr = expr & (pc.field("seq") <= at_or_before)
+        return expr
+
+    @staticmethod
+    def _read(dt: DeltaTable, expr: pc.Expression) -> Iterator[StoredSnapshot]:
         table = dt.to_pyarrow_dataset().to_table(filter=expr)
         table = table.set_column(2, "ts", table.column("ts").cast(pa.int64()))
         for row in table.to_pylist():
