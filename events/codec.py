@@ -28,6 +28,7 @@ __all__ = [
     "EventDecodeError",
     "Upcaster",
     "decode_event",
+    "decode_events",
     "encode_event",
     "register_upcaster",
     "version_of",
@@ -35,6 +36,9 @@ __all__ = [
 
 EVENT_TYPES: dict[str, type[Event]] = {}
 _decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(Any)
+#: The same union, for a JSON array of payloads: a whole batch in one call.
+_batch_decoder: msgspec.json.Decoder[list[Any]] = msgspec.json.Decoder(list[Any])
+_TAG_OF: dict[type, str] = {}
 
 
 def _rebuild() -> None:
@@ -43,11 +47,14 @@ def _rebuild() -> None:
     Built once at import; rebuilt only if an event class is defined later (a
     plugin's or a test's) and a payload of it shows up.
     """
-    global _decoder
+    global _decoder, _batch_decoder
     EVENT_TYPES.clear()
     EVENT_TYPES.update(event_types())
+    _TAG_OF.clear()
+    _TAG_OF.update({cls: tag for tag, cls in EVENT_TYPES.items()})
     union: Any = functools.reduce(operator.or_, EVENT_TYPES.values())
     _decoder = msgspec.json.Decoder(union)
+    _batch_decoder = msgspec.json.Decoder(list[union])
 
 
 _encoder = msgspec.json.Encoder()
@@ -118,6 +125,30 @@ def decode_event(tag: str, version: int, payload: bytes | str, *, seq: int | Non
 
 
 _rebuild()
+
+
+def decode_events(types: list[str], vs: list[int], payloads: list[str], seqs: list[int]) -> list[Event]:
+    """Decode a batch of stored rows (columns of equal length) into today's events.
+
+    Replay is bound by per-row Python work, and one decode of ``[p1,p2,...]``
+    costs about half of a :func:`decode_event` per row. That is the path when
+    every row is of today's schema and each payload's tag matches its row;
+    on any doubt (an older version, an unknown tag, a bad payload) the batch
+    is decoded row by row, which upcasts and names the seq of an error.
+    """
+    if not payloads:
+        return []
+    current = all(tag in EVENT_TYPES and EVENT_TYPES[tag].version == v for tag, v in set(zip(types, vs, strict=True)))
+    if current:
+        try:
+            events = _batch_decoder.decode("[" + ",".join(payloads) + "]")
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            events = None
+        if events is not None and [_TAG_OF[type(event)] for event in events] == types:
+            return events
+    return [
+        decode_event(tag, v, payload, seq=seq) for tag, v, payload, seq in zip(types, vs, payloads, seqs, strict=True)
+    ]
 
 
 def _upcast(tag: str, version: int, target: int, data: dict[str, Any]) -> dict[str, Any]:

@@ -11,8 +11,6 @@ together and sorted, so order holds regardless.
 
 from __future__ import annotations
 
-import functools
-import operator
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,11 +22,20 @@ import pyarrow.dataset as pads
 from deltalake import DeltaTable
 
 from events.base import Event
-from events.codec import EVENT_TYPES, decode_event
+from events.codec import decode_events
 
 _STATS_SLACK = timedelta(milliseconds=1)
 
-__all__ = ["StoredEvent", "max_seq", "open_table", "read_batches", "read_events", "read_seq_events", "table_exists", "to_utc"]
+__all__ = [
+    "StoredEvent",
+    "max_seq",
+    "open_table",
+    "read_batches",
+    "read_events",
+    "read_seq_events",
+    "table_exists",
+    "to_utc",
+]
 
 
 class StoredEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -226,13 +233,7 @@ def read_seq_events(uri: DeltaTable | str, **filters: Any) -> Iterator[tuple[int
         types = batch.column("type").to_pylist()
         vs = batch.column("v").to_pylist()
         payloads = batch.column("payload").to_pylist()
-        events = _decode_current(types, vs, payloads)
-        if events is None:
-            events = [
-                decode_event(tag, v, payload, seq=seq)
-                for tag, v, payload, seq in zip(types, vs, payloads, seqs, strict=True)
-            ]
-        yield from zip(seqs, events, strict=True)
+        yield from zip(seqs, decode_events(types, vs, payloads, seqs), strict=True)
 
 
 def stored_events(batch: pa.RecordBatch) -> Iterator[StoredEvent]:
@@ -244,59 +245,8 @@ def stored_events(batch: pa.RecordBatch) -> Iterator[StoredEvent]:
     payloads = batch.column("payload").to_pylist()
     vs = batch.column("v").to_pylist()
     hashes = batch.column("hash").to_pylist()
-    events = _decode_current(types, vs, payloads)
-    if events is None:  # an old version, an unknown type or a bad payload: row by row, errors name the seq
-        events = [
-            decode_event(tag, v, payload, seq=seq)
-            for tag, v, payload, seq in zip(types, vs, payloads, seqs, strict=True)
-        ]
+    events = decode_events(types, vs, payloads, seqs)
     for seq, ts, tag, stream, key, v, hash_, event in zip(
         seqs, tss, types, streams, keys, vs, hashes, events, strict=True
     ):
         yield StoredEvent(seq=seq, ts_us=ts, type=tag, stream=stream, key=key, v=v, hash=hash_, event=event)
-
-
-class _BulkDecoder:
-    """Decodes a whole batch of payloads in one msgspec call when every row is of today's schema.
-
-    Replay is bound by per-row Python work; one ``decode`` of ``[p1,p2,...]``
-    costs about half of a ``decode_event`` call per row. Any doubt (an older
-    version, an unknown tag, a payload that fails) sends the batch back to
-    the row-by-row path, which upcasts and reports errors exactly as before.
-    """
-
-    def __init__(self) -> None:
-        self._known = -1
-        self._decoder: msgspec.json.Decoder[list[Any]] | None = None
-        self._tag_of: dict[type, str] = {}
-        self._version_of: dict[str, int] = {}
-
-    def decode(self, types: list[str], vs: list[int], payloads: list[str]) -> list[Any] | None:
-        if len(EVENT_TYPES) != self._known:
-            self._rebuild()
-        version_of = self._version_of
-        if any(version_of.get(tag) != v for tag, v in set(zip(types, vs, strict=True))):
-            return None
-        assert self._decoder is not None
-        try:
-            events = self._decoder.decode("[" + ",".join(payloads) + "]")
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            return None
-        tag_of = self._tag_of
-        if [tag_of[type(event)] for event in events] != types:
-            return None
-        return events
-
-    def _rebuild(self) -> None:
-        self._known = len(EVENT_TYPES)
-        self._tag_of = {cls: tag for tag, cls in EVENT_TYPES.items()}
-        self._version_of = {tag: cls.version for tag, cls in EVENT_TYPES.items()}
-        union: Any = functools.reduce(operator.or_, EVENT_TYPES.values())
-        self._decoder = msgspec.json.Decoder(list[union])
-
-
-_bulk = _BulkDecoder()
-
-
-def _decode_current(types: list[str], vs: list[int], payloads: list[str]) -> list[Any] | None:
-    return _bulk.decode(types, vs, payloads) if payloads else []
