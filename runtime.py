@@ -213,7 +213,7 @@ class Runtime:
         from actors.queue import QueueActor
         from actors.reconciliation import Reconciliation
         from actors.registry import RegistryActor
-        from actors.router import RouterSettings, StreamRouter
+        from actors.router import ActiveAtStart, RouterSettings, StreamRouter
         from actors.worker import QueueWorker, WorkerSettings
         from events.ib import Connect, MarketUpdate, PositionChanged, PositionsComplete
 
@@ -270,12 +270,10 @@ class Runtime:
             ib=ib,
             queue=queue,
             handlers=self.handlers,
-            initially_active=(),
         )
         registry_proxy.add_subscriber(router).get(timeout=10)
         registry_proxy.add_subscriber(reconciliation).get(timeout=10)
-        for conid in sorted(registry_proxy.all_active().get(timeout=10)):
-            router.tell(_activation(conid))
+        router.tell(ActiveAtStart(conids=sorted(registry_proxy.all_active().get(timeout=10))))
         worker = QueueWorker.start(
             WorkerSettings(
                 poll_interval_s=rt.poll_interval_s,
@@ -506,12 +504,6 @@ def _control_error(code: str, message: str, field: str | None = None) -> dict[st
     if field:
         error["field"] = field
     return {"ok": False, "error": error}
-
-
-def _activation(conid: int) -> Any:
-    from events.registry import ContractActivated
-
-    return ContractActivated(conid=conid, strategy="(active at start)")
 
 
 def run_runtime(config: Config, *, demo: bool, duration: float | None, allow_broken_log: bool) -> int:

@@ -29,7 +29,7 @@ and the positions IB reports.
 
 Handles: ContractActivated, ContractDeactivated, LegAdded, LegRemoved (from
 the registry); PositionChanged, MarketUpdate, IbError, ConnectionStateChanged
-StreamEnded (from IB); RefreshAll, RouterStatus (ask).
+StreamEnded (from IB); ActiveAtStart (from the runtime); RefreshAll, RouterStatus (ask).
 Emits: StreamStarted, StreamStopped, OverflowQueued, StreamPromoted,
 StreamDemoted (stored); Subscribe / Unsubscribe to IB; Enqueue / EnqueueMany
 / Cancel to the queue; MarketUpdate to the handlers.
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import msgspec
@@ -67,7 +66,15 @@ from events.registry import ContractActivated, ContractDeactivated
 from events.router import OverflowQueued, StreamDemoted, StreamPromoted, StreamStarted, StreamStopped
 from storage.event_log import EventLog
 
-__all__ = ["RefreshAll", "RouterSettings", "RouterState", "RouterStatus", "RouterStatusReply", "StreamRouter"]
+__all__ = [
+    "ActiveAtStart",
+    "RefreshAll",
+    "RouterSettings",
+    "RouterState",
+    "RouterStatus",
+    "RouterStatusReply",
+    "StreamRouter",
+]
 
 
 class RouterSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -87,6 +94,12 @@ class RefreshAll(Command, tag="router.refresh_all", frozen=True, kw_only=True):
 
 class RouterStatus(Command, tag="router.status", frozen=True, kw_only=True):
     pass
+
+
+class ActiveAtStart(Command, tag="router.active_at_start", frozen=True, kw_only=True):
+    """What the registry holds when the runtime starts (told after subscribing to it, so nothing is missed)."""
+
+    conids: list[int]
 
 
 class RouterStatusReply(Reply, tag="router.status_reply", frozen=True, kw_only=True):
@@ -148,14 +161,13 @@ class StreamRouter(EventSourcedActor[RouterState]):
         ib: pykka.ActorRef[Any],
         queue: pykka.ActorRef[Any],
         handlers: HandlerSet,
-        initially_active: Iterable[int] = (),
     ) -> None:
         super().__init__(log, None)
         self.settings = settings
         self.ib = ib
         self.queue = queue
         self.handlers = handlers
-        self.active: set[int] = set(initially_active)
+        self.active: set[int] = set()
         self.positions: dict[int, float] = {}
         self.subscribed_at: dict[int, float] = {}
         #: Streams decided off but whose cancel has not reached the IB actor yet: they still hold a line.
@@ -171,8 +183,6 @@ class StreamRouter(EventSourcedActor[RouterState]):
         """Streams do not survive a restart (IB drops them with the connection): start empty."""
 
     def on_recovered(self) -> None:
-        for conid in sorted(self.active):
-            self._activate(conid, "active at start")
         self._ticker = Ticker(
             self.actor_ref, RefreshAll(), self.settings.refresh_interval_s, name="router-refresh"
         ).start()
@@ -217,6 +227,11 @@ class StreamRouter(EventSourcedActor[RouterState]):
                 if conid not in self.active:
                     self.active.add(conid)
                     self._activate(conid, "activated")
+            case ActiveAtStart(conids=conids):
+                for conid in conids:  # an activation told meanwhile by the registry is not repeated
+                    if conid not in self.active:
+                        self.active.add(conid)
+                        self._activate(conid, "active at start")
             case ContractDeactivated(conid=conid):
                 if conid in self.active:
                     self.active.discard(conid)
