@@ -22,6 +22,7 @@ stream (the seq filter prunes files by their statistics).
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
@@ -257,6 +258,4 @@ class EventSourcedActor(pykka.ThreadingActor, Generic[S]):
 
 
 def _background(fn: Callable[[], None]) -> None:
-    import threading
-
     threading.Thread(target=fn, name="snapshot-writer", daemon=True).start()
