@@ -529,9 +529,7 @@ class EventLog:
             app_transactions=[Transaction(app_id=self.writer_id, version=batch_no)],
             custom_metadata={WRITER_META_KEY: self.writer_id},
         )
-        # without the maintenance thread, the post-commit hook keeps checkpointing
-        own = not self.config.maintenance
-        hooks = PostCommitHookProperties(create_checkpoint=own, cleanup_expired_logs=own or None)
+        hooks = self._post_commit_hooks()
         if self._fast_append is not None:
             try:
                 self._fast_append(table, commit, hooks)
@@ -547,6 +545,24 @@ class EventLog:
             commit_properties=commit,
             post_commithook_properties=hooks,
         )
+
+    def _post_commit_hooks(self) -> PostCommitHookProperties:
+        """What delta-rs does after an append: checkpoint and log cleanup only if nobody else does.
+
+        With maintenance on, its thread checkpoints and cleans, so the append
+        does neither. Left at ``None``, delta-rs would clean expired log files
+        after *every* commit: a full listing of ``_delta_log`` per append, and a
+        reload of the whole table state whenever a file had just expired.
+        Without maintenance the append checkpoints at Delta's interval, and
+        cleans only with that checkpoint (cleaning stops below the newest one
+        anyway).
+        """
+        if self.config.maintenance:
+            return PostCommitHookProperties(create_checkpoint=False, cleanup_expired_logs=False)
+        assert self._dt is not None
+        committing = self._dt.version() + 1  # appends are compare-and-swap: this version or a conflict
+        due = (committing + 1) % self.config.checkpoint_interval == 0  # delta-rs's own test for a checkpoint
+        return PostCommitHookProperties(create_checkpoint=True, cleanup_expired_logs=due)
 
     def _make_fast_append(self) -> Callable[[pa.Table, CommitProperties, PostCommitHookProperties], None] | None:
         """``write_deltalake`` minus its per-call Python work (schema lookups and conversions).

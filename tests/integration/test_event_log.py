@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -242,4 +243,42 @@ def test_old_commit_files_are_cleaned_so_commits_stay_cheap(data_dir: Path) -> N
     assert len(commit_files) < 150, f"{len(commit_files)} commit files kept for 300+ commits"
     assert DeltaTable(uri).metadata().configuration["delta.logRetentionDuration"] == "interval 1 seconds"
     assert [e.seq for e in read_events(uri)] == list(range(1, 301))
+    assert verify_log(uri).ok
+
+
+def _commit_versions(data_dir: Path) -> set[int]:
+    return {int(p.stem) for p in (data_dir / "events" / "_delta_log").iterdir() if p.suffix == ".json"}
+
+
+def test_appends_leave_log_cleanup_to_maintenance(data_dir: Path) -> None:
+    """With maintenance on, an append must not list and clean ``_delta_log`` (delta-rs's default does, per commit)."""
+    config = LogConfig(flush_ms=0, checkpoint_interval=10_000, compact_every_commits=10_000, log_retention_minutes=0.01)
+    with EventLog.open(data_dir, config=config) as log:
+        for i in range(1, 21):
+            log.append(enqueued(i), stream="queue", key=str(i)).wait(10)
+        DeltaTable(log.uri).create_checkpoint()  # a checkpoint to clean below, as maintenance would leave
+        expired = _commit_versions(data_dir)
+        time.sleep(1.5)  # let every file so far pass the 1 s retention
+        for i in range(21, 41):
+            log.append(enqueued(i), stream="queue", key=str(i)).wait(10)
+        uri = log.uri
+    assert expired <= _commit_versions(data_dir), "an append cleaned expired commit files"
+    assert [e.seq for e in read_events(uri)] == list(range(1, 41))
+
+
+def test_without_maintenance_appends_checkpoint_and_clean_at_the_interval(data_dir: Path) -> None:
+    config = LogConfig(flush_ms=0, maintenance=False, checkpoint_interval=10, log_retention_minutes=0.01)
+    with EventLog.open(data_dir, config=config) as log:
+        for i in range(1, 16):
+            log.append(enqueued(i), stream="queue", key=str(i)).wait(10)
+        first = _commit_versions(data_dir)
+        time.sleep(1.5)  # let every file so far pass the 1 s retention
+        for i in range(16, 41):
+            log.append(enqueued(i), stream="queue", key=str(i)).wait(10)
+        uri = log.uri
+    log_dir = data_dir / "events" / "_delta_log"
+    checkpoints = sorted(int(p.name.split(".")[0]) for p in log_dir.glob("*.checkpoint.parquet"))
+    assert checkpoints and all((v + 1) % 10 == 0 for v in checkpoints), checkpoints
+    assert not first <= _commit_versions(data_dir), "no commit file was ever cleaned"
+    assert [e.seq for e in read_events(uri)] == list(range(1, 41))
     assert verify_log(uri).ok
