@@ -11,6 +11,7 @@ together and sorted, so order holds regardless.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -55,8 +56,27 @@ def table_exists(uri: str, storage_options: dict[str, str] | None = None) -> boo
     return DeltaTable.is_deltatable(uri, storage_options=storage_options)
 
 
+_OPEN_ATTEMPTS = 3
+
+
 def open_table(uri: str, storage_options: dict[str, str] | None = None, version: int | None = None) -> DeltaTable:
-    return DeltaTable(uri, version=version, storage_options=storage_options)
+    """The table, read while a runtime may be writing and maintaining it.
+
+    A running runtime deletes commit files once they are past
+    ``log.log_retention_minutes`` and below its newest checkpoint. A reader
+    that listed ``_delta_log`` just before such a cleanup finds a file gone
+    (``FileNotFoundError``); listing again finds the newer checkpoint, so that
+    is retried before it counts as an error.
+    """
+    attempt = 1
+    while True:
+        try:
+            return DeltaTable(uri, version=version, storage_options=storage_options)
+        except FileNotFoundError:
+            if attempt >= _OPEN_ATTEMPTS:
+                raise
+        time.sleep(0.05 * attempt)
+        attempt += 1
 
 
 def to_utc(value: datetime | str) -> datetime:
@@ -119,7 +139,7 @@ def read_batches(
     """
     dt = source if isinstance(source, DeltaTable) else open_table(source, storage_options, version)
     if isinstance(source, DeltaTable) and version is not None:
-        dt = DeltaTable(source.table_uri, version=version, storage_options=storage_options)
+        dt = open_table(source.table_uri, storage_options, version)
     since_dt = to_utc(since) if since is not None else None
     until_dt = to_utc(until) if until is not None else None
     expr = _filter(from_seq, to_seq, since_dt, until_dt, streams, keys, types)

@@ -29,7 +29,7 @@ from deltalake.fs import DeltaStorageHandler
 
 from events.codec import EventDecodeError, decode_event
 from storage.hashing import GENESIS_HASH, row_hash
-from storage.reader import read_batches, table_exists
+from storage.reader import open_table, read_batches, table_exists
 
 __all__ = ["DataDirReport", "VerifyReport", "verify_data_dir", "verify_log"]
 
@@ -113,7 +113,7 @@ def verify_log(
         return report
     chain = _Chain(report, on_event)
     try:
-        dt = DeltaTable(uri, storage_options=storage_options)
+        dt = open_table(uri, storage_options)
     except Exception as exc:  # noqa: BLE001 - a damaged Delta log shows up as many error types
         return _bad(report, 1, f"the Delta log of the events table cannot be read: {exc}")
     try:

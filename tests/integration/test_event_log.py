@@ -282,3 +282,28 @@ def test_without_maintenance_appends_checkpoint_and_clean_at_the_interval(data_d
     assert not first <= _commit_versions(data_dir), "no commit file was ever cleaned"
     assert [e.seq for e in read_events(uri)] == list(range(1, 41))
     assert verify_log(uri).ok
+
+
+def test_a_reader_retries_a_commit_file_cleaned_under_it(event_log: EventLog, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CLI reading while the runtime's maintenance deletes expired commit files lists again."""
+    import storage.reader as reader
+
+    for i in range(1, 4):
+        event_log.append(enqueued(i), stream="queue", key=str(i)).wait(10)
+    real_init = DeltaTable.__init__
+    calls: list[int] = []
+
+    def vanishing(self: DeltaTable, uri: str, *args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        if len(calls) <= failures:
+            raise FileNotFoundError(f"Object at location {uri}/_delta_log/00000000000000000001.json not found")
+        real_init(self, uri, *args, **kwargs)
+
+    monkeypatch.setattr(DeltaTable, "__init__", vanishing)
+    failures = 2
+    assert [e.seq for e in read_events(event_log.uri)] == [1, 2, 3]
+    assert len(calls) == 3
+    calls.clear()
+    failures = 3
+    with pytest.raises(FileNotFoundError):
+        reader.open_table(event_log.uri)
