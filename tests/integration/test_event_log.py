@@ -278,7 +278,8 @@ def test_without_maintenance_appends_checkpoint_and_clean_at_the_interval(data_d
         uri = log.uri
     log_dir = data_dir / "events" / "_delta_log"
     checkpoints = sorted(int(p.name.split(".")[0]) for p in log_dir.glob("*.checkpoint.parquet"))
-    assert checkpoints and all((v + 1) % 10 == 0 for v in checkpoints), checkpoints
+    assert checkpoints
+    assert all((v + 1) % 10 == 0 for v in checkpoints), checkpoints
     assert not first <= _commit_versions(data_dir), "no commit file was ever cleaned"
     assert [e.seq for e in read_events(uri)] == list(range(1, 41))
     assert verify_log(uri).ok
