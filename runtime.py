@@ -23,6 +23,7 @@ runtime, bad input); 2 usage errors; 3 the event log failed while running.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,6 +33,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -365,7 +367,7 @@ class Runtime:
                 break
             if status_every and time.monotonic() >= next_status:
                 next_status += status_every
-                print(self.status_line(), flush=True)
+                _print_status(self.status_line())
 
     def stop(self) -> None:
         """Stop in order: no new work, streams cancelled, writers flushed, snapshots, log closed."""
@@ -506,6 +508,19 @@ def _control_error(code: str, message: str, field: str | None = None) -> dict[st
     return {"ok": False, "error": error}
 
 
+def _print_status(line: str) -> None:
+    """A status line on stdout, if stdout can take it.
+
+    stdout may sit on the same full disk that just stopped the log, or be a
+    closed pipe; an informational line must never keep the runtime from
+    stopping cleanly.
+    """
+    try:
+        print(line, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
 def run_runtime(config: Config, *, demo: bool, duration: float | None, allow_broken_log: bool) -> int:
     if demo and duration is None:
         duration = config.demo.default_duration_s or None
@@ -538,7 +553,7 @@ def run_runtime(config: Config, *, demo: bool, duration: float | None, allow_bro
         runtime.run(duration, config.runtime.status_interval_s if demo else None)
     finally:
         if demo:
-            print(runtime.status_line(), flush=True)
+            _print_status(runtime.status_line())
         runtime.stop()
     if runtime.log_failure is not None:
         logger.error(
@@ -777,11 +792,33 @@ def _exit(code: int) -> None:
     try:
         sys.stdout.flush()
         sys.stderr.flush()
-    except (BrokenPipeError, ValueError):
+    except (OSError, ValueError):  # a closed pipe, a full disk: nothing more can be said there
         pass
     logging.shutdown()
     os._exit(code)
 
 
+def _main_or_fail() -> int:
+    """``main()``, with anything that escapes it turned into exit 1.
+
+    An exception leaving ``main`` would otherwise end in interpreter
+    shutdown, which waits forever for the actors' (non-daemon) threads: the
+    runtime would hang instead of exiting. Everything acknowledged is already
+    durable, so leaving through :func:`_exit` loses nothing.
+    """
+    try:
+        return main()
+    except SystemExit as exc:  # argparse's --help and usage errors, sys.exit()
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        with contextlib.suppress(Exception):
+            print(exc.code, file=sys.stderr)
+        return EXIT_FAILED
+    except BaseException:  # noqa: BLE001 - the last line of defence; the traceback goes to stderr if it can
+        with contextlib.suppress(Exception):
+            traceback.print_exc()
+        return EXIT_FAILED
+
+
 if __name__ == "__main__":
-    _exit(main())
+    _exit(_main_or_fail())

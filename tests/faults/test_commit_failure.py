@@ -249,3 +249,32 @@ def test_full_disk_stops_with_exit_3_and_restart_recovers(tiny_fs: Path, tmp_pat
     finally:
         again.cleanup()
     _check_recovered(data_dir, acks.acked)
+
+
+def test_full_disk_that_also_holds_stdout_and_stderr_still_stops(tiny_fs: Path, tmp_path: Path) -> None:
+    """The runtime's own output on the full disk: it cannot say why, but it must still stop with exit 3.
+
+    Once, a status line that could not be written escaped the runtime's stop
+    path, and the process hung in interpreter shutdown behind its actors.
+    """
+    data_dir = tiny_fs / "data"
+    data_dir.mkdir()
+    proc = RuntimeProcess(
+        data_dir, "--demo", "--duration", "120", env={"SLOTWISE_LOG_COMMIT_RETRIES": "2"}, name="full", log_dir=tiny_fs
+    )
+    acks = Acks(proc.socket, base=9_000_000)
+    try:
+        assert proc.wait_ready(60), proc.stderr()[-3000:]
+        with proc.client() as client:
+            for n in range(1, 31):
+                assert acks.add(client, n)
+            _fill(tiny_fs / "filler")
+            n = 31
+            while acks.add(client, n) and n < 5000:
+                n += 1
+        code = proc.wait(90)
+    finally:
+        proc.cleanup()
+    assert code == EXIT_LOG_FAILED, proc.stderr()[-3000:]
+    (tiny_fs / "filler").unlink()
+    _check_recovered(data_dir, acks.acked)
