@@ -55,7 +55,9 @@ def _counts(text: str) -> list[int]:
 # ---------------------------------------------------------------------- 1. the log after N commits
 
 
-def log_growth(checkpoints: list[int], probe: int, burst: int, retention_minutes: float) -> list[dict[str, Any]]:
+def log_growth(
+    checkpoints: list[int], probe: int, burst: int, retention_minutes: float | None
+) -> list[dict[str, Any]]:
     """Small commits up to each checkpoint, then a latency probe and a throughput burst."""
     import msgspec
 
@@ -68,9 +70,11 @@ def log_growth(checkpoints: list[int], probe: int, burst: int, retention_minutes
 
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="slotwise-growth-") as tmp:
-        # production settings, but for how long commit files are kept: with the default 10 minutes the
-        # directory's steady state is reached only after 10 minutes of commits, longer than this run
-        config = msgspec.structs.replace(LogConfig(), log_retention_minutes=retention_minutes)
+        # production settings; the directory of commit files reaches its steady state once the
+        # run is longer than the retention (a minute by default)
+        config = LogConfig()
+        if retention_minutes is not None:
+            config = msgspec.structs.replace(config, log_retention_minutes=retention_minutes)
         log = EventLog.open(Path(tmp) / "data", config=config)
         n = 0
         commits = 0
@@ -124,6 +128,7 @@ def log_growth(checkpoints: list[int], probe: int, burst: int, retention_minutes
                 "events_per_s": round(per * PRODUCERS / seconds),
                 "table_version": log._dt.version() if log._dt is not None else None,
                 "data_files": len(log._dt.file_uris()) if log._dt is not None else None,
+                "delta_log_files": sum(1 for _ in (Path(tmp) / "data" / "events" / "_delta_log").iterdir()),
                 "maintenance_rounds": maint.get("rounds", 0),
                 "checkpoints": maint.get("checkpoints", 0),
                 "elapsed_s": round(time.perf_counter() - started, 1),
@@ -241,7 +246,10 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--commits", default="1000,10000", help="measure the log after these many commits")
     parser.add_argument(
-        "--log-retention-minutes", type=float, default=1.0, help="LogConfig.log_retention_minutes (production: 10)"
+        "--log-retention-minutes",
+        type=float,
+        default=None,
+        help="LogConfig.log_retention_minutes (default: the production value)",
     )
     parser.add_argument("--probe", type=int, default=200, help="lone commits timed at each point")
     parser.add_argument("--burst", type=int, default=200_000, help="events in each throughput burst")

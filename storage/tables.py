@@ -68,9 +68,11 @@ class LogConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     vacuum_retention_hours: Annotated[float, msgspec.Meta(ge=0)] = 24.0
     #: Delta commit files older than this (and older than the newest checkpoint) are deleted.
     #: Every commit lists the log directory, so its cost grows with the files kept: 30 days of
-    #: small commits (Delta's default) made a commit three times slower within hours. Time
-    #: travel by version reaches back only this far; audits use the ``ts`` column instead.
-    log_retention_minutes: Annotated[float, msgspec.Meta(ge=0.01)] = 10.0
+    #: small commits (Delta's default) made a commit three times slower within hours, and a
+    #: busy log keeps about (commits a second x this) files. One minute is far longer than a
+    #: reader needs between listing the log and reading it. Time travel by version reaches
+    #: back only this far; audits use the ``ts`` column instead.
+    log_retention_minutes: Annotated[float, msgspec.Meta(ge=0.01)] = 1.0
 
 
 def table_properties(config: LogConfig) -> dict[str, str]:
