@@ -214,11 +214,17 @@ def _fill(path: Path) -> None:
                 out.write(b"\0" * 4096)
 
 
-def test_full_disk_stops_with_exit_3_and_restart_recovers(tiny_fs: Path, tmp_path: Path) -> None:
+def _run_until_the_disk_fills(tiny_fs: Path, output_dir: Path) -> tuple[int, RuntimeProcess, Acks]:
+    """A demo runtime on ``tiny_fs``: 30 acknowledged adds, then the disk fills while adds go on.
+
+    Returns the runtime's exit code, the process (for its stderr) and the
+    acknowledged adds; a runtime still alive 90 s later fails the test
+    (``subprocess.TimeoutExpired``). ``output_dir`` takes its stdout/stderr.
+    """
     data_dir = tiny_fs / "data"
     data_dir.mkdir()
     proc = RuntimeProcess(
-        data_dir, "--demo", "--duration", "120", env={"SLOTWISE_LOG_COMMIT_RETRIES": "2"}, name="full", log_dir=tmp_path
+        data_dir, "--demo", "--duration", "120", env={"SLOTWISE_LOG_COMMIT_RETRIES": "2"}, name="full", log_dir=output_dir
     )
     acks = Acks(proc.socket, base=9_000_000)
     try:
@@ -233,12 +239,18 @@ def test_full_disk_stops_with_exit_3_and_restart_recovers(tiny_fs: Path, tmp_pat
         code = proc.wait(90)
     finally:
         proc.cleanup()
+    (tiny_fs / "filler").unlink()
+    return code, proc, acks
+
+
+def test_full_disk_stops_with_exit_3_and_restart_recovers(tiny_fs: Path, tmp_path: Path) -> None:
+    code, proc, acks = _run_until_the_disk_fills(tiny_fs, output_dir=tmp_path)
     stderr = proc.stderr()
     assert code == EXIT_LOG_FAILED, stderr[-3000:]
     assert "stopped because the event log failed" in stderr, stderr[-3000:]
     assert "Everything acknowledged before is in the log" in stderr
 
-    (tiny_fs / "filler").unlink()
+    data_dir = tiny_fs / "data"
     _check_recovered(data_dir, acks.acked)
     again = RuntimeProcess(data_dir, "--demo", "--duration", "120", name="again", log_dir=tmp_path)
     try:
@@ -251,30 +263,12 @@ def test_full_disk_stops_with_exit_3_and_restart_recovers(tiny_fs: Path, tmp_pat
     _check_recovered(data_dir, acks.acked)
 
 
-def test_full_disk_that_also_holds_stdout_and_stderr_still_stops(tiny_fs: Path, tmp_path: Path) -> None:
+def test_full_disk_that_also_holds_stdout_and_stderr_still_stops(tiny_fs: Path) -> None:
     """The runtime's own output on the full disk: it cannot say why, but it must still stop with exit 3.
 
     Once, a status line that could not be written escaped the runtime's stop
     path, and the process hung in interpreter shutdown behind its actors.
     """
-    data_dir = tiny_fs / "data"
-    data_dir.mkdir()
-    proc = RuntimeProcess(
-        data_dir, "--demo", "--duration", "120", env={"SLOTWISE_LOG_COMMIT_RETRIES": "2"}, name="full", log_dir=tiny_fs
-    )
-    acks = Acks(proc.socket, base=9_000_000)
-    try:
-        assert proc.wait_ready(60), proc.stderr()[-3000:]
-        with proc.client() as client:
-            for n in range(1, 31):
-                assert acks.add(client, n)
-            _fill(tiny_fs / "filler")
-            n = 31
-            while acks.add(client, n) and n < 5000:
-                n += 1
-        code = proc.wait(90)
-    finally:
-        proc.cleanup()
+    code, proc, acks = _run_until_the_disk_fills(tiny_fs, output_dir=tiny_fs)
     assert code == EXIT_LOG_FAILED, proc.stderr()[-3000:]
-    (tiny_fs / "filler").unlink()
-    _check_recovered(data_dir, acks.acked)
+    _check_recovered(tiny_fs / "data", acks.acked)
