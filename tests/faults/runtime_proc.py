@@ -137,5 +137,5 @@ def expected_queue_after_restart(dump: bytes) -> QueueState:
     return actor.state
 
 
-def queue_rows(state: QueueState) -> list[list[Any]]:
+def queue_rows(state: QueueState) -> list[tuple[Any, ...]]:
     return [state.items[i].row() for i in sorted(state.items)]
