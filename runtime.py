@@ -244,7 +244,7 @@ class Runtime:
             backoff_cap_s=rt.retry_backoff_cap_s,
             snapshot_every=rt.snapshot_every,
         )
-        writer = PositionWriter.start(self.data_dir, self.config.positions)
+        writer = PositionWriter.start(self.data_dir, self.config.positions, table_maintenance=self.config.log)
         reconciliation = Reconciliation.start(self.log, snapshots)
         self.refs.update(registry=registry, queue=queue, positions=writer, reconciliation=reconciliation)
         if self.demo:

@@ -44,6 +44,7 @@ from actors.ticker import Ticker
 from events.ib import MarketUpdate, MarketUpdates, PositionChanged
 from events.positions import Flush, Flushed, WriterStats, WriterStatsReply
 from storage.positions_table import PositionsConfig, PositionsTable
+from storage.tables import LogConfig
 
 __all__ = ["PositionWriter", "mark_price", "valuation"]
 
@@ -102,10 +103,11 @@ class PositionWriter(pykka.ThreadingActor):
         *,
         storage_options: dict[str, str] | None = None,
         table_writer: Callable[[pa.Table], None] | None = None,
+        table_maintenance: LogConfig | None = None,
     ) -> None:
         super().__init__()
         self.config = config or PositionsConfig()
-        self.table = PositionsTable(str(data_dir), storage_options)
+        self.table = PositionsTable(str(data_dir), storage_options, maintenance=table_maintenance)
         self._write = table_writer or self.table.append
         self._pending: dict[int, MarketUpdate] = {}
         self._positions: dict[int, PositionChanged] = {}
@@ -127,12 +129,14 @@ class PositionWriter(pykka.ThreadingActor):
         if self._ticker is not None:
             self._ticker.stop()
         result = self._flush()
+        self.table.close()
         if not result.ok:
             logger.error("positions writer stopped with {} rows unwritten: {}", result.pending, result.error)
 
     def on_failure(self, *_: object) -> None:
         if self._ticker is not None:
             self._ticker.stop()
+        self.table.close()
 
     # ------------------------------------------------------------------ messages
 

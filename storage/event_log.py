@@ -46,7 +46,7 @@ from events.base import Event
 from events.codec import encode_event
 from storage.hashing import GENESIS_HASH, row_hash
 from storage.lock import DirectoryLock
-from storage.maintenance import Maintenance
+from storage.maintenance import WRITER_KEY, Maintenance, append_hooks, keep_table_properties
 from storage.reader import StoredEvent, max_seq, read_batches, read_events, table_exists
 from storage.tables import EVENTS_SCHEMA, LogConfig, is_local, table_properties, table_uri
 
@@ -60,7 +60,7 @@ __all__ = [
     "Receipt",
 ]
 
-WRITER_META_KEY = "slotwise.writer"
+WRITER_META_KEY = WRITER_KEY
 
 #: payload and hash are never filtered on and never repeat: dictionaries and
 #: min/max statistics for them are pure write cost (about 10% of a commit).
@@ -291,13 +291,8 @@ class EventLog:
     def _apply_table_properties(self) -> None:
         """Bring the table's retention and checkpoint settings to this config (a commit only if they differ)."""
         assert self._dt is not None
-        wanted = table_properties(self.config)
-        current = self._dt.metadata().configuration
-        changed = {k: v for k, v in wanted.items() if current.get(k) != v}
+        changed = keep_table_properties(self._dt, self.config, self.writer_id)
         if changed:
-            self._dt.alter.set_table_properties(
-                changed, commit_properties=CommitProperties(custom_metadata={WRITER_META_KEY: self.writer_id})
-            )
             logger.info("event log table properties set: {}", changed)
 
     def add_failure_listener(self, fn: Callable[[LogFailedError], None]) -> None:
@@ -529,7 +524,7 @@ class EventLog:
             app_transactions=[Transaction(app_id=self.writer_id, version=batch_no)],
             custom_metadata={WRITER_META_KEY: self.writer_id},
         )
-        hooks = self._post_commit_hooks()
+        hooks = append_hooks(self.config, self._dt)
         if self._fast_append is not None:
             try:
                 self._fast_append(table, commit, hooks)
@@ -545,24 +540,6 @@ class EventLog:
             commit_properties=commit,
             post_commithook_properties=hooks,
         )
-
-    def _post_commit_hooks(self) -> PostCommitHookProperties:
-        """What delta-rs does after an append: checkpoint and log cleanup only if nobody else does.
-
-        With maintenance on, its thread checkpoints and cleans, so the append
-        does neither. Left at ``None``, delta-rs would clean expired log files
-        after *every* commit: a full listing of ``_delta_log`` per append, and a
-        reload of the whole table state whenever a file had just expired.
-        Without maintenance the append checkpoints at Delta's interval, and
-        cleans only with that checkpoint (cleaning stops below the newest one
-        anyway).
-        """
-        if self.config.maintenance:
-            return PostCommitHookProperties(create_checkpoint=False, cleanup_expired_logs=False)
-        assert self._dt is not None
-        committing = self._dt.version() + 1  # appends are compare-and-swap: this version or a conflict
-        due = (committing + 1) % self.config.checkpoint_interval == 0  # delta-rs's own test for a checkpoint
-        return PostCommitHookProperties(create_checkpoint=True, cleanup_expired_logs=due)
 
     def _make_fast_append(self) -> Callable[[pa.Table, CommitProperties, PostCommitHookProperties], None] | None:
         """``write_deltalake`` minus its per-call Python work (schema lookups and conversions).

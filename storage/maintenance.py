@@ -1,4 +1,4 @@
-"""Background maintenance of the events table: compaction, checkpoints, vacuum.
+"""Background maintenance of an append-only table (events, positions): compaction, checkpoints, vacuum.
 
 A log that commits for days accumulates one small file and one JSON log
 entry per commit, and commit cost grows with both (DESIGN.md, delta-rs
@@ -9,7 +9,7 @@ would stall the commit it runs after); this thread checkpoints every
 after, and now and then vacuums the files compaction replaced once they are
 older than the retention. Compaction rewrites rows without changing them
 (``dataChange=false``) and vacuum only deletes files no version newer than
-the retention needs, so maintenance never removes an event.
+the retention needs, so maintenance never removes a row.
 
 Its commits are tagged with the writer's id, so the writer recognises them
 as its own when its compare-and-swap commit finds the table moved.
@@ -22,17 +22,52 @@ import time
 from typing import Any
 
 from deltalake import DeltaTable
-from deltalake.transaction import CommitProperties
+from deltalake.transaction import CommitProperties, PostCommitHookProperties
 from loguru import logger
 
-from storage.tables import LogConfig
+from storage.tables import LogConfig, table_properties
 
-__all__ = ["Maintenance", "run_maintenance"]
+#: Commit metadata key naming the writer; the event log's fencing reads it.
+WRITER_KEY = "slotwise.writer"
+
+__all__ = ["WRITER_KEY", "Maintenance", "append_hooks", "keep_table_properties", "run_maintenance"]
+
+
+def append_hooks(config: LogConfig, dt: DeltaTable) -> PostCommitHookProperties:
+    """What delta-rs does after an append to ``dt``: checkpoint and log cleanup only if nobody else does.
+
+    With maintenance on, its thread checkpoints and cleans, so the append
+    does neither. Left at ``None``, delta-rs would clean expired log files
+    after *every* commit: a full listing of ``_delta_log`` per append, and a
+    reload of the whole table state whenever a file had just expired.
+    Without maintenance the append checkpoints at Delta's interval, and
+    cleans only with that checkpoint (cleaning stops below the newest one
+    anyway).
+    """
+    if config.maintenance:
+        return PostCommitHookProperties(create_checkpoint=False, cleanup_expired_logs=False)
+    committing = dt.version() + 1  # the version this append will most likely get
+    due = (committing + 1) % config.checkpoint_interval == 0  # delta-rs's own test for a checkpoint
+    return PostCommitHookProperties(create_checkpoint=True, cleanup_expired_logs=due)
+
+
+def keep_table_properties(dt: DeltaTable, config: LogConfig, writer_id: str) -> dict[str, str]:
+    """Bring ``dt``'s retention and checkpoint properties to ``config``; a commit only if they differ.
+
+    Returns what changed. Run at every open, so a changed setting reaches an
+    existing table at the next start.
+    """
+    wanted = table_properties(config)
+    current = dt.metadata().configuration
+    changed = {k: v for k, v in wanted.items() if current.get(k) != v}
+    if changed:
+        dt.alter.set_table_properties(changed, commit_properties=CommitProperties(custom_metadata={WRITER_KEY: writer_id}))
+    return changed
 
 
 def run_maintenance(dt: DeltaTable, config: LogConfig, writer_id: str, *, vacuum: bool = False) -> dict[str, Any]:
     """One round: compact, checkpoint, and vacuum if asked. Returns what it did."""
-    meta = CommitProperties(custom_metadata={"slotwise.writer": writer_id, "slotwise.op": "maintenance"})
+    meta = CommitProperties(custom_metadata={WRITER_KEY: writer_id, "slotwise.op": "maintenance"})
     started = time.perf_counter()
     dt.update_incremental()
     metrics = dt.optimize.compact(target_size=config.compact_target_mb * 1024 * 1024, commit_properties=meta)

@@ -15,7 +15,8 @@ import msgspec
 import pyarrow as pa
 from deltalake import DeltaTable, write_deltalake
 
-from storage.tables import table_uri
+from storage.maintenance import Maintenance, append_hooks, keep_table_properties
+from storage.tables import LogConfig, table_properties, table_uri
 
 __all__ = ["POSITIONS_COLUMNS", "POSITIONS_SCHEMA", "PositionsConfig", "PositionsTable"]
 
@@ -59,17 +60,33 @@ class PositionsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
 
 class PositionsTable:
-    """Appends Arrow tables to ``<data dir>/positions``, creating the table on first use."""
+    """Appends Arrow tables to ``<data dir>/positions``, creating the table on first use.
 
-    def __init__(self, data_dir: str, storage_options: dict[str, str] | None = None) -> None:
+    The table stays open between appends: handing ``write_deltalake`` a path
+    loads the table afresh (checkpoint plus log listing) for every flush, and
+    a growth run showed flushes slowing from 72 to 104 ms within 2,000 of
+    them. It is maintained like the event log, by a background thread when
+    ``maintenance.maintenance`` is on: checkpoints, cleanup of expired commit
+    files, compaction of the one-small-file-per-flush, and vacuum of what
+    compaction replaced. :meth:`close` stops that thread.
+    """
+
+    #: Names this table's maintenance commits in the Delta history.
+    WRITER_ID = "slotwise-positions"
+
+    def __init__(
+        self, data_dir: str, storage_options: dict[str, str] | None = None, maintenance: LogConfig | None = None
+    ) -> None:
         self.uri = table_uri(str(data_dir), "positions")
         self.storage_options = storage_options
-        self._created = False
+        self.config = maintenance or LogConfig()
+        self._dt: DeltaTable | None = None
+        self._maintenance: Maintenance | None = None
 
-    def ensure(self) -> None:
-        """Create the table if it does not exist (idempotent)."""
-        if self._created:
-            return
+    def ensure(self) -> DeltaTable:
+        """Create the table if it does not exist, open it, start its maintenance (idempotent)."""
+        if self._dt is not None:
+            return self._dt
         if not DeltaTable.is_deltatable(self.uri, storage_options=self.storage_options):
             DeltaTable.create(
                 self.uri,
@@ -77,15 +94,37 @@ class PositionsTable:
                 mode="ignore",
                 name="positions",
                 description="Slotwise positions with prices, greeks and valuation; one row per contract per flush",
-                configuration={"delta.appendOnly": "true"},
+                configuration=table_properties(self.config),
                 storage_options=self.storage_options,
             )
-        self._created = True
+        dt = DeltaTable(self.uri, storage_options=self.storage_options)
+        keep_table_properties(dt, self.config, self.WRITER_ID)
+        self._dt = dt
+        if self.config.maintenance and self._maintenance is None:
+            self._maintenance = Maintenance(self.uri, self.config, self.WRITER_ID, self.storage_options)
+            self._maintenance.start()
+        return dt
 
     def append(self, rows: pa.Table) -> None:
         """One Delta commit holding ``rows`` (which must follow :data:`POSITIONS_SCHEMA`)."""
-        self.ensure()
-        write_deltalake(self.uri, rows, mode="append", storage_options=self.storage_options)
+        dt = self.ensure()
+        try:
+            write_deltalake(dt, rows, mode="append", post_commithook_properties=append_hooks(self.config, dt))
+        except BaseException:
+            self._dt = None  # whatever state the handle is in, the next append opens the table afresh
+            raise
+        if self._maintenance is not None:
+            self._maintenance.note_commit()
+
+    def maintenance_stats(self) -> dict[str, Any] | None:
+        return None if self._maintenance is None else self._maintenance.stats()
+
+    def close(self) -> None:
+        """Stop the maintenance thread (appends may still follow; they reopen and restart it)."""
+        if self._maintenance is not None:
+            self._maintenance.stop()
+            self._maintenance = None
+        self._dt = None
 
     @staticmethod
     def to_arrow(rows: list[dict[str, Any]]) -> pa.Table:
