@@ -1,6 +1,6 @@
-"""How the costs grow: a log after many commits, recovery of bigger logs, memory per item.
+"""How the costs grow: a log after many commits, recovery of bigger logs, memory per item, positions flushes.
 
-Three measurements, each answering "does it still hold when the data is big":
+Four measurements, each answering "does it still hold when the data is big":
 
 1. **Event log after N commits** (``--commits``, default 1000,10000): one
    log under the production settings (maintenance on: checkpoints, compaction,
@@ -9,7 +9,7 @@ Three measurements, each answering "does it still hold when the data is big":
    commits (p50/p99 over ``--probe`` commits) and the throughput of 4
    producers appending ``--burst`` events. If commit cost grew with the
    number of commits, these figures would drift; maintenance is what keeps
-   them flat. 100,000 commits take about 15 minutes here: pass
+   them flat. 100,000 commits take about an hour here: pass
    ``--commits 1000,10000,100000`` for them.
 2. **Recovery vs log size** (``--recovery-events``, default 10^4,10^5,10^6):
    ``benchmarks/recovery.py`` in a subprocess for each size (full replay and
@@ -18,8 +18,14 @@ Three measurements, each answering "does it still hold when the data is big":
    the pure ``QueueState`` / ``RegistryState`` fed N events (``--memory-n``,
    default 100,000), divided by N; the RSS of the process is reported beside
    it as a cross-check.
+4. **Positions flushes after N flushes** (``--positions-flushes``, default
+   1000,5000): ``storage.positions_table.PositionsTable`` as the positions
+   writer uses it (maintenance on), 200 rows a flush, back to back; flush
+   latency p50/p99 over the last 500 flushes before each N. A flush a second
+   is ~23,000 flushes a trading day.
 
-    python benchmarks/growth.py [--json] [--commits 1000,10000] [--recovery-events ...] [--skip log,recovery,memory]
+    python benchmarks/growth.py [--json] [--commits 1000,10000] [--recovery-events ...]
+        [--positions-flushes 1000,5000] [--skip log,recovery,memory,positions]
 """
 
 from __future__ import annotations
@@ -241,6 +247,50 @@ def memory(n: int) -> dict[str, Any]:
     return {"queue_item": _measure(queue, n), "registry_contract": _measure(registry, n)}
 
 
+# ---------------------------------------------------------------------- 4. positions flushes
+
+
+def positions_growth(checkpoints: list[int], rows_per_flush: int = 200) -> list[dict[str, Any]]:
+    """Flush latency of the positions table after each N flushes, maintenance on."""
+    from datetime import UTC, datetime
+
+    from storage.positions_table import PositionsTable
+
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="slotwise-growth-positions-") as tmp:
+        table = PositionsTable(tmp)
+        latencies: list[float] = []
+        started = time.perf_counter()
+        try:
+            for target in sorted(checkpoints):
+                while len(latencies) < target:
+                    now = datetime.now(UTC)
+                    rows = PositionsTable.to_arrow(
+                        [
+                            {"conid": 1000 + i, "symbol": "X", "position": 1.0, "mark": 1.0, "source": "stream", "ts": now}
+                            for i in range(rows_per_flush)
+                        ]
+                    )
+                    t0 = time.perf_counter()
+                    table.append(rows)
+                    latencies.append((time.perf_counter() - t0) * 1000)
+                window = sorted(latencies[-500:])
+                stats = table.maintenance_stats() or {}
+                row = {
+                    "after_flushes": target,
+                    "flush_ms_p50": round(window[len(window) // 2], 2),
+                    "flush_ms_p99": round(window[min(len(window) - 1, int(len(window) * 0.99))], 2),
+                    "delta_log_files": sum(1 for _ in (Path(tmp) / "positions" / "_delta_log").iterdir()),
+                    "maintenance_rounds": stats.get("rounds", 0),
+                    "elapsed_s": round(time.perf_counter() - started, 1),
+                }
+                print(f"positions after {target} flushes: {row}", file=sys.stderr, flush=True)
+                results.append(row)
+        finally:
+            table.close()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -255,7 +305,8 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=200_000, help="events in each throughput burst")
     parser.add_argument("--recovery-events", default="10000,100000,1000000")
     parser.add_argument("--memory-n", type=int, default=100_000)
-    parser.add_argument("--skip", default="", help="comma list of: log, recovery, memory")
+    parser.add_argument("--positions-flushes", default="1000,5000", help="measure positions flushes after these many")
+    parser.add_argument("--skip", default="", help="comma list of: log, recovery, memory, positions")
     args = parser.parse_args()
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
@@ -269,6 +320,8 @@ def main() -> None:
         result["log"] = log_growth(_counts(args.commits), args.probe, args.burst, args.log_retention_minutes)
     if "recovery" not in skip:
         result["recovery"] = recovery_growth(_counts(args.recovery_events))
+    if "positions" not in skip:
+        result["positions"] = positions_growth(_counts(args.positions_flushes))
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     if not args.json:
