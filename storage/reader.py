@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from deltalake import DeltaTable
+from deltalake.exceptions import DeltaError
 
 from events.base import Event
 from events.codec import decode_events
@@ -62,21 +63,35 @@ _OPEN_ATTEMPTS = 3
 def open_table(uri: str, storage_options: dict[str, str] | None = None, version: int | None = None) -> DeltaTable:
     """The table, read while a runtime may be writing and maintaining it.
 
-    A running runtime deletes commit files once they are past
-    ``log.log_retention_minutes`` and below its newest checkpoint. A reader
-    that listed ``_delta_log`` just before such a cleanup finds a file gone
-    (``FileNotFoundError``); listing again finds the newer checkpoint, so that
-    is retried before it counts as an error.
+    A running runtime deletes commit files and checkpoints once they are
+    past ``log.log_retention_minutes`` and below its newest checkpoint. A
+    reader that listed ``_delta_log`` just before such a cleanup finds a file
+    gone (:func:`log_file_vanished`); listing again finds the newer
+    checkpoint, so that is retried before it counts as an error.
     """
     attempt = 1
     while True:
         try:
             return DeltaTable(uri, version=version, storage_options=storage_options)
-        except FileNotFoundError:
-            if attempt >= _OPEN_ATTEMPTS:
+        except (FileNotFoundError, DeltaError) as exc:
+            if attempt >= _OPEN_ATTEMPTS or not log_file_vanished(exc):
                 raise
         time.sleep(0.05 * attempt)
         attempt += 1
+
+
+def log_file_vanished(exc: BaseException) -> bool:
+    """Whether ``exc`` says a file of ``_delta_log`` was gone when delta-rs went to read it.
+
+    delta-rs reports it as ``FileNotFoundError`` on some paths and, through
+    delta-kernel, as ``DeltaError("Kernel error: Arrow error: External: Object
+    at location .../_delta_log/...checkpoint.parquet not found ...")`` on
+    others (seen with a reader racing a writer that checkpoints and cleans).
+    """
+    if isinstance(exc, FileNotFoundError):
+        return True
+    text = str(exc)
+    return isinstance(exc, DeltaError) and "_delta_log/" in text and "not found" in text
 
 
 def to_utc(value: datetime | str) -> datetime:
