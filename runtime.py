@@ -789,11 +789,11 @@ def _exit(code: int) -> None:
     exception", SIGABRT) -- which would turn a clean exit 0 into a crash. So
     flush what we printed and exit directly.
     """
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except (OSError, ValueError):  # a closed pipe, a full disk: nothing more can be said there
-        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe, a full disk: nothing more can be said there
+            pass
     logging.shutdown()
     os._exit(code)
 

@@ -67,7 +67,11 @@ def keep_table_properties(dt: DeltaTable, config: LogConfig, writer_id: str) -> 
 
 def run_maintenance(dt: DeltaTable, config: LogConfig, writer_id: str, *, vacuum: bool = False) -> dict[str, Any]:
     """One round: compact, checkpoint, and vacuum if asked. Returns what it did."""
-    meta = CommitProperties(custom_metadata={WRITER_KEY: writer_id, "slotwise.op": "maintenance"})
+    # a busy writer commits every few tens of ms, and compaction's commit must find a gap between
+    # them: 15 tries (delta-rs's default) lost that race once in a 100k-commit growth run
+    meta = CommitProperties(
+        custom_metadata={WRITER_KEY: writer_id, "slotwise.op": "maintenance"}, max_commit_retries=100
+    )
     started = time.perf_counter()
     dt.update_incremental()
     metrics = dt.optimize.compact(target_size=config.compact_target_mb * 1024 * 1024, commit_properties=meta)
@@ -92,7 +96,15 @@ def run_maintenance(dt: DeltaTable, config: LogConfig, writer_id: str, *, vacuum
 class Maintenance:
     """Runs :func:`run_maintenance` on a schedule, in its own thread, with its own table handle."""
 
-    def __init__(self, uri: str, config: LogConfig, writer_id: str, storage_options: dict[str, str] | None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        config: LogConfig,
+        writer_id: str,
+        storage_options: dict[str, str] | None,
+        *,
+        table: str = "events",
+    ) -> None:
         self.uri = uri
         self.config = config
         self.writer_id = writer_id
@@ -104,7 +116,8 @@ class Maintenance:
         self._rounds = 0
         self._wake = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="eventlog-maintenance", daemon=True)
+        self.table = table
+        self._thread = threading.Thread(target=self._loop, name=f"{table}-maintenance", daemon=True)
         self.last: dict[str, Any] = {}
         self.errors = 0
 
@@ -166,8 +179,8 @@ class Maintenance:
                 vacuum = (self._rounds + 1) % self.config.vacuum_every_compactions == 0
                 self.last = run_maintenance(dt, self.config, self.writer_id, vacuum=vacuum)
                 self._rounds += 1
-                logger.debug("event log maintenance: {}", self.last)
+                logger.debug("{} table maintenance: {}", self.table, self.last)
             except Exception as exc:  # noqa: BLE001 - maintenance failing must not stop the log
                 self.errors += 1
                 dt = None
-                logger.warning("event log maintenance failed (will retry next round): {!r}", exc)
+                logger.warning("{} table maintenance failed (will retry next round): {!r}", self.table, exc)

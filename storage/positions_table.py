@@ -101,7 +101,9 @@ class PositionsTable:
         keep_table_properties(dt, self.config, self.WRITER_ID)
         self._dt = dt
         if self.config.maintenance and self._maintenance is None:
-            self._maintenance = Maintenance(self.uri, self.config, self.WRITER_ID, self.storage_options)
+            self._maintenance = Maintenance(
+                self.uri, self.config, self.WRITER_ID, self.storage_options, table="positions"
+            )
             self._maintenance.start()
         return dt
 
@@ -122,7 +124,8 @@ class PositionsTable:
     def close(self) -> None:
         """Stop the maintenance thread (appends may still follow; they reopen and restart it)."""
         if self._maintenance is not None:
-            self._maintenance.stop()
+            # within the runtime's 30 s for stopping an actor; a round cut short is redone next start
+            self._maintenance.stop(timeout=20)
             self._maintenance = None
         self._dt = None
 

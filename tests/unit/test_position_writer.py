@@ -19,10 +19,12 @@ from events.ib import MarketUpdate, PositionChanged
 from events.positions import Flush, Flushed, WriterStats, WriterStatsReply
 from events.queue import QueueStats
 from storage.positions_table import POSITIONS_COLUMNS, PositionsConfig, PositionsTable
-from storage.tables import table_uri
+from storage.tables import LogConfig, table_uri
 
 #: No timer flush during a test unless the test asks for one; no backoff waits.
 QUIET = PositionsConfig(flush_interval_s=3600, retry_backoff_s=0.0)
+#: Tables these tests write to directly: no maintenance thread to outlive the test.
+NO_MAINTENANCE = LogConfig(maintenance=False)
 T0 = 1_700_000_000_000_000
 
 
@@ -174,7 +176,7 @@ def test_rows_are_flushed_on_stop(data_dir: Path) -> None:
 
 
 def test_the_timer_flushes_without_being_asked(data_dir: Path) -> None:
-    table = PositionsTable(str(data_dir))
+    table = PositionsTable(str(data_dir), maintenance=NO_MAINTENANCE)
     written = threading.Event()
 
     def write(rows_: pa.Table) -> None:
@@ -189,7 +191,7 @@ def test_the_timer_flushes_without_being_asked(data_dir: Path) -> None:
 
 def failing_first(n: int, data_dir: Path) -> tuple[Callable[[pa.Table], None], list[int]]:
     """A writer whose first ``n`` commits fail; later ones reach the real Delta table."""
-    table = PositionsTable(str(data_dir))
+    table = PositionsTable(str(data_dir), maintenance=NO_MAINTENANCE)
     calls: list[int] = []
 
     def write(rows_: pa.Table) -> None:
