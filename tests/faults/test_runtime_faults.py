@@ -171,6 +171,7 @@ def test_sigkill_runtime_at_random_moments(data_dir: Path) -> None:
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(1800)  # 20 rounds of start, churn, kill and full checks: far past the suite's 120 s
 def test_sigkill_runtime_soak(data_dir: Path) -> None:
     _sigkill_rounds(data_dir, rounds=20, seed=20261121)
 
