@@ -118,7 +118,7 @@ def test_fake_ib_disconnect_storm(data_dir: Path, started: list[Runtime]) -> Non
     rng = random.Random(11)
     for _ in range(25):
         ib.tell(InjectDisconnect())
-        time.sleep(rng.uniform(0.02, 0.3))
+        time.sleep(rng.uniform(0.02, 0.3))  # the storm's rhythm: random gaps are the stimulus, not a wait
     status = _after_storm(rt, data_dir, started)
     assert status["streams"] == before, status
     assert status["worker"]["succeeded"] > 0, status

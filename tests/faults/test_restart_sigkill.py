@@ -28,10 +28,10 @@ import pykka
 from actors.queue import QueueActor, QueueState
 from actors.queue_state import PENDING
 from actors.registry import RegistryActor, RegistryState
-from events.base import Event
 from storage.event_log import EventLog
 from storage.snapshots import SnapshotStore
 from tests.conftest import TEST_LOG_CONFIG
+from tests.faults.runtime_proc import expected_queue_after_restart
 
 ROOT = Path(__file__).resolve().parents[2]
 LATE = 1_000_000
@@ -65,19 +65,6 @@ def _rebuild(log: EventLog, snaps: SnapshotStore, stream: str, state_type: Any, 
     for stored in log.read(streams=[stream], from_seq=(snap.seq + 1) if snap else 1, to_seq=upto):
         state.apply(stored.event)
     return state
-
-
-def _expected_after_restart(dump: bytes) -> QueueState:
-    """The dumped queue with the restart rule applied by the actor's own decision code."""
-    actor = QueueActor(object())  # type: ignore[arg-type]  # never started: no thread, no log
-    actor.state = QueueState.load(dump)
-
-    def persist(event: Event) -> None:
-        actor.state.apply(event)
-
-    actor.persist = persist  # type: ignore[method-assign]
-    actor.on_recovered()
-    return actor.state
 
 
 def test_state_survives_sigkill_with_work_in_flight(data_dir: Path) -> None:
@@ -132,7 +119,7 @@ def test_state_survives_sigkill_with_work_in_flight(data_dir: Path) -> None:
         assert late == list(range(1, len(late) + 1))
         assert len(late) >= 3
 
-        expected = _expected_after_restart(queue_dump)
+        expected = expected_queue_after_restart(queue_dump)
         early_rows = [q_state.items[i].row() for i in sorted(q_state.items) if q_state.items[i].conid < LATE]
         assert early_rows == [expected.items[i].row() for i in sorted(expected.items)]
         assert q_state.processing_items() == []
