@@ -60,7 +60,6 @@ __all__ = [
     "Receipt",
 ]
 
-WRITER_META_KEY = WRITER_KEY
 
 #: payload and hash are never filtered on and never repeat: dictionaries and
 #: min/max statistics for them are pure write cost (about 10% of a commit).
@@ -254,7 +253,7 @@ class EventLog:
                     description="Slotwise event log (append-only, hash-chained)",
                     configuration=table_properties(self.config),
                     storage_options=self.storage_options,
-                    commit_properties=CommitProperties(custom_metadata={WRITER_META_KEY: self.writer_id}),
+                    commit_properties=CommitProperties(custom_metadata={WRITER_KEY: self.writer_id}),
                 )
             self._known_version = self._dt.version()
             self._fast_append = self._make_fast_append()
@@ -522,7 +521,7 @@ class EventLog:
         commit = CommitProperties(
             max_commit_retries=0,
             app_transactions=[Transaction(app_id=self.writer_id, version=batch_no)],
-            custom_metadata={WRITER_META_KEY: self.writer_id},
+            custom_metadata={WRITER_KEY: self.writer_id},
         )
         hooks = append_hooks(self.config, self._dt)
         if self._fast_append is not None:
@@ -598,8 +597,8 @@ class EventLog:
         if newest <= self._known_version:
             return None
         for entry in self._dt.history(limit=newest - self._known_version):
-            if int(entry.get("version", -1)) > self._known_version and entry.get(WRITER_META_KEY) != self.writer_id:
-                return str(entry.get(WRITER_META_KEY) or entry.get("engineInfo") or "unknown writer")
+            if int(entry.get("version", -1)) > self._known_version and entry.get(WRITER_KEY) != self.writer_id:
+                return str(entry.get(WRITER_KEY) or entry.get("engineInfo") or "unknown writer")
         return None
 
     def _give_up(self, batch: CommitBatch, exc: BaseException) -> None:
