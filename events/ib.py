@@ -23,6 +23,7 @@ __all__ = [
     "Connect",
     "ConnectionState",
     "ConnectionStateChanged",
+    "DataType",
     "Disconnect",
     "IbError",
     "IbErrorKind",
@@ -41,6 +42,7 @@ __all__ = [
     "StreamEnded",
     "Subscribe",
     "Unsubscribe",
+    "UpdateSource",
     "classify_ib_code",
 ]
 
@@ -68,6 +70,11 @@ class IbErrorKind(StrEnum):
     RESTORED_DATA_LOST = "restored_data_lost"  # 1101
     RESTORED_DATA_KEPT = "restored_data_kept"  # 1102
     INFO = "info"  # 2104, 2106, 2158 and other farm status notes
+    #: 10182 / a farm blip or reset killed this request; IB says when data is back (2104/2106/1102).
+    #: Not the contract's fault: a snapshot killed this way goes back to the queue without an attempt.
+    DATA_INTERRUPTED = "data_interrupted"
+    #: 321 "Snapshot requests limitation exceeded": back off, never dead-letter for it.
+    SNAPSHOT_RATE_LIMITED = "snapshot_rate_limited"
     TIMEOUT = "timeout"  # ours: a snapshot or request did not complete in time
     DISCONNECTED = "disconnected"  # ours: the socket is down
     UNKNOWN = "unknown"
@@ -108,6 +115,11 @@ def classify_ib_code(code: int) -> IbErrorKind:
 
 
 Price = float | None
+
+#: What kind of market data a quote is (IB's reqMarketDataType 1-4 and the marketDataType tick).
+DataType = Literal["live", "frozen", "delayed", "delayed_frozen"]
+#: Which path served a quote: a stream, a queued snapshot, or the account's portfolio updates (no line).
+UpdateSource = Literal["stream", "queue", "portfolio"]
 
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
 
@@ -259,7 +271,7 @@ class MarketUpdate(Message, tag="ib.market_update", frozen=True, kw_only=True):
     """
 
     conid: Conid
-    source: Literal["stream", "queue"]
+    source: UpdateSource
     ts_us: int
     bid: Price = None
     ask: Price = None
@@ -273,6 +285,7 @@ class MarketUpdate(Message, tag="ib.market_update", frozen=True, kw_only=True):
     vega: float | None = None
     theta: float | None = None
     und_price: float | None = None
+    data_type: DataType = "live"
 
 
 class MarketUpdates(Message, tag="ib.market_updates", frozen=True, kw_only=True):
