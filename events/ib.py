@@ -20,6 +20,8 @@ from events.base import Command, Conid, Event, Message, Reply
 
 __all__ = [
     "IB_NOT_CONNECTED",
+    "MARKET_DATA_TYPES",
+    "SNAPSHOT_LIMIT_TEXT",
     "Connect",
     "ConnectionState",
     "ConnectionStateChanged",
@@ -61,7 +63,7 @@ class ConnectionState(StrEnum):
 
 class IbErrorKind(StrEnum):
     MAX_TICKERS = "max_tickers"  # 101
-    NOT_SUBSCRIBED = "not_subscribed"  # 354, 10089, 10090, 10167, 10168
+    NOT_SUBSCRIBED = "not_subscribed"  # 354, 10089, 10090, 10168, 10186 (10167 is advisory: INFO)
     NO_CONTRACT = "no_contract"  # 200
     NO_DATA = "no_data"  # 162 (historical/snapshot: no data / query cancelled)
     COMPETING_SESSION = "competing_session"  # 10197
@@ -85,8 +87,12 @@ _KIND_BY_CODE: dict[int, IbErrorKind] = {
     354: IbErrorKind.NOT_SUBSCRIBED,
     10089: IbErrorKind.NOT_SUBSCRIBED,
     10090: IbErrorKind.NOT_SUBSCRIBED,
-    10167: IbErrorKind.NOT_SUBSCRIBED,
     10168: IbErrorKind.NOT_SUBSCRIBED,
+    10186: IbErrorKind.NOT_SUBSCRIBED,
+    # "Requested market data is not subscribed. Displaying delayed market data": delayed ticks 66-76 follow.
+    10167: IbErrorKind.INFO,
+    # "Failed to request live updates (disconnected)": a farm blip killed the request; IB says 2104 when back.
+    10182: IbErrorKind.DATA_INTERRUPTED,
     200: IbErrorKind.NO_CONTRACT,
     162: IbErrorKind.NO_DATA,
     10197: IbErrorKind.COMPETING_SESSION,
@@ -109,8 +115,19 @@ _KIND_BY_CODE: dict[int, IbErrorKind] = {
 IB_NOT_CONNECTED = 504
 
 
-def classify_ib_code(code: int) -> IbErrorKind:
-    """Map an IB error code to the kind the rest of the system reacts to."""
+#: Error 321 is IB's "Error validating request" for many causes; only this text makes it the snapshot rate limit.
+SNAPSHOT_LIMIT_TEXT = "snapshot requests limitation"
+
+
+def classify_ib_code(code: int, message: str = "") -> IbErrorKind:
+    """Map an IB error code (and, for the shared code 321, its text) to the kind the rest of the system reacts to.
+
+    321 covers every request validation failure (no exchange, generic ticks on
+    a snapshot, ...), which are our bugs and stay UNKNOWN; only "Snapshot
+    requests limitation exceeded" is the rate limit the worker backs off from.
+    """
+    if code == 321:
+        return IbErrorKind.SNAPSHOT_RATE_LIMITED if SNAPSHOT_LIMIT_TEXT in message.lower() else IbErrorKind.UNKNOWN
     return _KIND_BY_CODE.get(code, IbErrorKind.UNKNOWN)
 
 
@@ -118,6 +135,8 @@ Price = float | None
 
 #: What kind of market data a quote is (IB's reqMarketDataType 1-4 and the marketDataType tick).
 DataType = Literal["live", "frozen", "delayed", "delayed_frozen"]
+#: IB's market data type ids (reqMarketDataType, and the marketDataType message, id 58) by name.
+MARKET_DATA_TYPES: dict[int, DataType] = {1: "live", 2: "frozen", 3: "delayed", 4: "delayed_frozen"}
 #: Which path served a quote: a stream, a queued snapshot, or the account's portfolio updates (no line).
 UpdateSource = Literal["stream", "queue", "portfolio"]
 
@@ -153,6 +172,14 @@ class IbSettings(msgspec.Struct, frozen=True, kw_only=True):
     generic_ticks: str = ""
     #: Connect without order requests (open/completed orders): Slotwise never trades.
     readonly: bool = True
+    #: reqMarketDataType sent at every (re)connect before any market data request: 1 live, 2 frozen,
+    #: 3 delayed, 4 delayed-frozen. 4 (the default) gives live data where subscribed, delayed data (10167,
+    #: ticks 66-76) where not, and the last values (frozen) after the close instead of -1 bid/ask.
+    market_data_type: Annotated[int, msgspec.Meta(ge=1, le=4)] = 4
+    #: First wait before re-requesting streams a farm blip (10182) killed when IB has not said the data
+    #: is back (2104/2106/1102 re-request at once); doubled per try up to ``reissue_max_s``.
+    reissue_initial_s: PositiveSeconds = 2.0
+    reissue_max_s: PositiveSeconds = 60.0
 
 
 class Connect(Command, tag="ib.connect", frozen=True, kw_only=True):
@@ -244,6 +271,11 @@ class StreamEnded(Message, tag="ib.stream_ended", frozen=True, kw_only=True):
       conid still pending.
     - ``"disconnected"``: an Unsubscribe arrived (or its delayed cancel fell
       due) while the socket is down; the stream went with the connection.
+
+    NOT sent for streams a farm blip or a reset killed with 10182 while the
+    socket stayed up: the IB actor re-requests those itself once IB says the
+    data is back (2104/2106/1102), or after a backoff, and the line stays the
+    holder's.
 
     NOT sent for streams lost with the connection or to 1101: those are
     covered by ConnectionStateChanged(resubscribe=True), after which the
