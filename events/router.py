@@ -9,14 +9,25 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+import msgspec
+
 from events.base import Command, Conid, Event, Reply
 
 __all__ = [
+    "AcquireLines",
     "ContractPath",
     "ContractRow",
     "ContractsQuery",
     "ContractsReply",
+    "LineGrant",
+    "LineLimitLearned",
+    "LineLimitProbed",
+    "LinesGranted",
     "OverflowQueued",
+    "ReleaseLines",
+    "RouterRestarted",
+    "SnapshotDone",
+    "SnapshotOutcome",
     "StreamDemoted",
     "StreamPromoted",
     "StreamStarted",
@@ -52,10 +63,15 @@ class StreamPromoted(Event, tag="router.stream_promoted", frozen=True, kw_only=T
 
     version: ClassVar[int] = 1
     conid: Conid
+    reason: str = ""
 
 
 class StreamDemoted(Event, tag="router.stream_demoted", frozen=True, kw_only=True):
-    """IB refused the stream (e.g. 101 max tickers): served by the queue instead."""
+    """The stream gave up its line and is served by the queue at the overflow target instead.
+
+    Why is in ``reason``: IB refused it (``code`` 101 max tickers), a higher-ranked
+    active contract needed the line, or a lower learned limit left no room for it.
+    """
 
     version: ClassVar[int] = 1
     conid: Conid
@@ -98,3 +114,66 @@ class ContractsReply(Reply, tag="router.contracts_reply", frozen=True, kw_only=T
     rows: list[ContractRow]
     #: When the reply was built (µs since the epoch), so ages can be recomputed later.
     now_us: int
+
+
+class LineLimitLearned(Event, tag="router.line_limit_learned", frozen=True, kw_only=True):
+    """IB refused a request with 101: the lines held after giving it back are the account's limit (for now)."""
+
+    version: ClassVar[int] = 1
+    limit: int
+    previous: int | None = None
+    reason: str = ""
+
+
+class LineLimitProbed(Event, tag="router.line_limit_probed", frozen=True, kw_only=True):
+    """The learned limit was raised by one line to find out whether IB gives more now (re-probed slowly)."""
+
+    version: ClassVar[int] = 1
+    limit: int
+    previous: int
+
+
+class RouterRestarted(Event, tag="router.restarted", frozen=True, kw_only=True):
+    """A new run: IB forgot every stream with the connection. Streams and overflow start empty; the limit stays."""
+
+    version: ClassVar[int] = 1
+
+
+class LineGrant(msgspec.Struct, frozen=True, kw_only=True):
+    line_id: int
+    #: Lines held, this one included, when it was lent.
+    level: int
+
+
+class AcquireLines(Command, tag="router.acquire_lines", frozen=True, kw_only=True):
+    """The worker asks for up to ``n`` lines for snapshots; answered with LinesGranted (possibly none)."""
+
+    n: int
+
+
+class LinesGranted(Reply, tag="router.lines_granted", frozen=True, kw_only=True):
+    lines: list[LineGrant]
+    limit: int
+    lines_held: int
+
+
+class ReleaseLines(Command, tag="router.release_lines", frozen=True, kw_only=True):
+    """Lines lent but not used (nothing to claim): back to the ledger."""
+
+    line_ids: list[int]
+
+
+#: How a snapshot on a lent line ended: "ok" (a quote), "refused" (101: the line was not there),
+#: "interrupted" (disconnect, reset, farm blip), "rate_limited" (321), "failed" (anything else).
+SnapshotOutcome = Literal["ok", "refused", "interrupted", "rate_limited", "failed"]
+
+
+class SnapshotDone(Command, tag="router.snapshot_done", frozen=True, kw_only=True):
+    """The worker's snapshot on ``line_id`` is over (its line is free at IB); what it brought."""
+
+    line_id: int
+    conid: Conid
+    outcome: SnapshotOutcome
+    quote_ts_us: int = 0
+    data_type: str = ""
+    error: str = ""

@@ -1,0 +1,138 @@
+"""The line ledger: the one place that counts IB market data lines, and what it knows of the true limit.
+
+Every line in use is a stream (including one whose cancel has not left yet)
+or an open snapshot. The StreamRouter owns the only ledger; the worker asks
+it for snapshot lines and gives them back, so streams and snapshots are
+counted together and can never add up past the limit behind each other's
+back.
+
+The limit. ``max_lines`` (config) is only a ceiling: the account's real
+count depends on equity, commissions and booster packs, and TWS and other
+API clients share it. The ledger learns it from IB's 101 ("max number of
+tickers reached"): when a request is refused, the lines still held after
+giving the refused one back are what IB accepted (stored as a
+``LineLimitLearned`` event by the router, so a restart keeps it). Once
+learned, the limit is re-probed upward one line per ``line_probe_s``
+(``LineLimitProbed``); a probe that IB refuses costs one 101.
+
+Before any 101 has taught a limit, snapshot lines are opened slowly above
+the level already *proven* (lines that were held together and delivered
+data, or stayed unrefused for ``proof_s``): at most ``ramp_step`` more, so
+the first discovery costs a handful of 101s, not one per line configured
+beyond the real count. Streams are not ramped: they are the active
+contracts, and their number is bounded by the stream budget.
+
+Streams never take the last ``min_snapshot_lines`` lines; every line not
+streaming is free for snapshots.
+
+This module is pure bookkeeping (no actors, no clock of its own): the router
+passes times in and persists the events it decides on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["LineLedger", "SnapshotLine"]
+
+
+@dataclass(slots=True)
+class SnapshotLine:
+    """One line lent to the worker for a snapshot."""
+
+    line_id: int
+    #: Lines held, this one included, when it was lent: the level it proves if it delivers data.
+    level: int
+    granted_at: float
+
+
+class LineLedger:
+    """Counts streams and snapshot lines; knows the configured ceiling, the learned limit and the proven level."""
+
+    def __init__(self, *, max_lines: int, min_snapshot_lines: int, ramp_step: int = 2) -> None:
+        if max_lines < 1 or min_snapshot_lines < 0 or min_snapshot_lines >= max_lines:
+            raise ValueError("need max_lines >= 1 and 0 <= min_snapshot_lines < max_lines")
+        self.max_lines = max_lines
+        self.min_snapshot_lines = min_snapshot_lines
+        self.ramp_step = max(1, ramp_step)
+        #: The limit taught by IB's 101s (and raised by probes); None until the first 101.
+        self.learned: int | None = None
+        #: The most lines known to have been held at once without a refusal.
+        self.proven = 0
+        self.stream_lines = 0
+        self.snapshots: dict[int, SnapshotLine] = {}
+        self._next_line_id = 1
+
+    # ------------------------------------------------------------------ figures
+
+    @property
+    def limit(self) -> int:
+        """What the ledger will hold at most: the learned limit, never above ``max_lines``."""
+        return self.max_lines if self.learned is None else max(1, min(self.max_lines, self.learned))
+
+    @property
+    def lines_held(self) -> int:
+        return self.stream_lines + len(self.snapshots)
+
+    @property
+    def lines_free(self) -> int:
+        return max(0, self.limit - self.lines_held)
+
+    @property
+    def stream_slots(self) -> int:
+        """Lines streams may take: the limit less the lines kept for snapshots."""
+        return max(0, self.limit - self.min_snapshot_lines)
+
+    def snapshot_ceiling(self) -> int:
+        """Lines held at most once snapshots are added: the limit, or the ramp above the proven level."""
+        if self.learned is not None:
+            return self.limit
+        step = max(self.ramp_step, self.proven // 8)
+        return min(self.limit, max(self.proven, self.min_snapshot_lines) + step)
+
+    def snapshot_room(self) -> int:
+        return max(0, self.snapshot_ceiling() - self.lines_held)
+
+    def stream_room(self, streams: int) -> bool:
+        """May one more stream start, with ``streams`` (this ledger's stream lines) already held?"""
+        return streams < self.stream_slots and self.lines_held < self.limit
+
+    # ------------------------------------------------------------------ snapshot lines
+
+    def lend(self, n: int, now: float) -> list[SnapshotLine]:
+        lent = []
+        for _ in range(max(0, min(n, self.snapshot_room()))):
+            line = SnapshotLine(self._next_line_id, self.lines_held + 1, now)
+            self._next_line_id += 1
+            self.snapshots[line.line_id] = line
+            lent.append(line)
+        return lent
+
+    def give_back(self, line_id: int) -> SnapshotLine | None:
+        return self.snapshots.pop(line_id, None)
+
+    def overdue(self, now: float, max_age_s: float) -> list[SnapshotLine]:
+        """Lent lines never given back within ``max_age_s`` (a lost answer): the caller reclaims them."""
+        return [line for line in self.snapshots.values() if now - line.granted_at > max_age_s]
+
+    # ------------------------------------------------------------------ learning
+
+    def prove(self, level: int) -> bool:
+        """``level`` lines were held together and IB served them; True if that is news."""
+        if level > self.proven:
+            self.proven = level
+            return True
+        return False
+
+    def limit_after_refusal(self) -> int | None:
+        """After IB refused a request (and its line was given back): the limit to learn, or None if not lower."""
+        accepted = max(1, self.lines_held)
+        if self.learned is None or accepted < self.learned:
+            return accepted
+        return None
+
+    def probe_target(self) -> int | None:
+        """The limit one line higher, if there is room below the ceiling to probe."""
+        if self.learned is None or self.learned >= self.max_lines:
+            return None
+        return self.learned + 1
