@@ -18,9 +18,10 @@ from typing import Any, Protocol
 import pykka
 
 from actors.ib_pacing import PacedMessage
-from events.ib import MarketUpdate, SnapshotFailed
+from events.ib import MARKET_DATA_TYPES, DataType, MarketUpdate, SnapshotFailed
 
 __all__ = [
+    "DATA_BACK_CODES",
     "LATE_TICKS_S",
     "OPTION_TYPES",
     "QUIET_CODES",
@@ -30,15 +31,20 @@ __all__ = [
     "MdRequest",
     "TickerLike",
     "any_price",
+    "data_type",
     "has_prices",
     "now_us",
+    "portfolio_price",
     "to_update",
 ]
 
 #: Codes after which a market data request is dead at IB (no line held, nothing more will come).
-TERMINAL_MD_CODES = frozenset({101, 200, 300, 321, 322, 354, 10089, 10168, 10197})
-#: Farm status notes: logged quietly, never emitted.
-QUIET_CODES = frozenset({2104, 2106, 2158, 2119, 2108})
+#: 10182 (a farm blip killed it) is among them: a stream killed so is re-requested by the session itself.
+TERMINAL_MD_CODES = frozenset({101, 200, 300, 321, 322, 354, 10089, 10168, 10182, 10186, 10197})
+#: Farm status notes: logged quietly, never emitted. 10167 ("displaying delayed market data") is advisory.
+QUIET_CODES = frozenset({2104, 2106, 2158, 2119, 2108, 10167})
+#: "Market data farm connection is OK" (2104, 2106) and 1102 "restored, data maintained": the data is back.
+DATA_BACK_CODES = frozenset({2104, 2106, 1102})
 #: How long a cancelled request's ticker still absorbs late ticks.
 LATE_TICKS_S = 5.0
 #: Security types whose snapshot waits for model greeks.
@@ -65,6 +71,8 @@ class TickerLike(Protocol):
     askSize: float  # noqa: N815
     impliedVolatility: float  # noqa: N815
     modelGreeks: GreeksLike | None  # noqa: N815
+    #: IB's marketDataType message (id 58) for the request: 1 live, 2 frozen, 3 delayed, 4 delayed-frozen.
+    marketDataType: int  # noqa: N815
 
 
 def now_us() -> int:
@@ -72,10 +80,22 @@ def now_us() -> int:
 
 
 def _num(value: float | None) -> float | None:
-    """IB's "no value" markers (nan, -1) become None."""
+    """IB's "no value" markers (nan, -1: e.g. live bid/ask after the close) become None, never a price."""
     if value is None or math.isnan(value) or value == -1.0:
         return None
     return float(value)
+
+
+def data_type(market_data_type: int) -> DataType:
+    """The name of IB's market data type id; ids IB may add later read as live."""
+    return MARKET_DATA_TYPES.get(market_data_type, "live")
+
+
+def portfolio_price(market_price: float) -> float | None:
+    """updatePortfolio's marketPrice as a price: IB sends 0 or -1 (or nan) when it has none."""
+    if math.isnan(market_price) or market_price <= 0:
+        return None
+    return float(market_price)
 
 
 def has_prices(t: TickerLike) -> bool:
@@ -107,6 +127,7 @@ def to_update(conid: int, t: TickerLike, source: str) -> MarketUpdate:
         vega=_num(greeks.vega) if greeks else None,
         theta=_num(greeks.theta) if greeks else None,
         und_price=_num(greeks.undPrice) if greeks else None,
+        data_type=data_type(t.marketDataType),
     )
 
 
@@ -129,6 +150,8 @@ class MdRequest:
     batch: Batch | None = None
     answered: bool = False
     sec_type: str = ""
+    #: A farm blip (10182) killed this stream at IB: a placeholder the session re-requests (no line held).
+    interrupted: bool = False
 
 
 @dataclass(eq=False)

@@ -40,11 +40,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pykka
-from ib_insync import IB, Contract, Position, Ticker  # the one place the client library is imported
+from ib_insync import IB, Contract, PortfolioItem, Position, Ticker  # the one place the client library is imported
 from loguru import logger
 
 from actors.ib_pacing import PacedMessage, Pacer
 from actors.ib_quotes import (
+    DATA_BACK_CODES,
     LATE_TICKS_S,
     OPTION_TYPES,
     QUIET_CODES,
@@ -55,6 +56,7 @@ from actors.ib_quotes import (
     any_price,
     has_prices,
     now_us,
+    portfolio_price,
     to_update,
 )
 from events.base import Message
@@ -62,6 +64,7 @@ from events.ib import (
     IB_NOT_CONNECTED,
     ConnectionState,
     ConnectionStateChanged,
+    DataType,
     IbError,
     IbErrorKind,
     IbSettings,
@@ -95,6 +98,9 @@ class IbSession:
         self._next_on_sent: Callable[[float], None] | None = None
         self._last_message: PacedMessage | None = None
         self.ib.positionEvent += self._on_position
+        # ib_insync's connectAsync subscribes to the account's updates (reqAccountUpdates) when the account
+        # is known (IbSettings.account, or the only managed account): updatePortfolio is the line-free floor.
+        self.ib.updatePortfolioEvent += self._on_portfolio
         self.ib.errorEvent += self._on_error
         self.ib.disconnectedEvent += self._on_disconnected
         original_end = self.ib.wrapper.tickSnapshotEnd
@@ -125,6 +131,13 @@ class IbSession:
         self._cancels: dict[int, PacedMessage] = {}
         self._by_req: dict[int, MdRequest] = {}
         self._batches: set[Batch] = set()
+        #: req_ids of snapshots we cancelled after their first quote: IB's 300 for a cancel that crossed
+        #: the snapshot's own tickSnapshotEnd is expected, not news.
+        self._cancelled_snapshots: set[int] = set()
+        #: The market data type last seen per conid, for portfolio updates (which carry none).
+        self._data_types: dict[int, DataType] = {}
+        self._reissue_timer: asyncio.TimerHandle | None = None
+        self._reissue_attempt = 0
         self.peak_lines = 0
 
     # ------------------------------------------------------------------ wire
@@ -193,6 +206,8 @@ class IbSession:
             else:
                 attempt = 0
                 self._up = True
+                # Per API session, before any market data request (TWS API docs, "Market Data Types").
+                self._paced(lambda: self.ib.reqMarketDataType(s.market_data_type))
                 resubscribe = self._ever_connected
                 self._ever_connected = True
                 self._set_state(ConnectionState.CONNECTED, "connected", resubscribe=resubscribe)
@@ -216,6 +231,7 @@ class IbSession:
         self.pacer.clear()
         self._cancels.clear()  # withdrawn with the pacer: moot, never confirmed (the resubscribe covers them)
         self._forget_streams()
+        self._cancelled_snapshots.clear()
         for batch in list(self._batches):
             self._fail_open(batch, IbErrorKind.DISCONNECTED, IB_NOT_CONNECTED, "disconnected from IB")
             self._close_batch_requests(batch, send_cancel=False)
@@ -375,6 +391,7 @@ class IbSession:
         return cancel
 
     def _release_ticker(self, req: MdRequest) -> None:
+        self._cancelled_snapshots.discard(req.req_id)
         w = self.ib.wrapper
         if w.reqId2Ticker.get(req.req_id) is req.ticker:
             w.reqId2Ticker.pop(req.req_id, None)
@@ -486,16 +503,83 @@ class IbSession:
         for stream in list(self.streams.values()):
             if stream.req_id >= 0:
                 self._drop_request(stream, send_cancel=False)
-        self.streams.clear()
+        self.streams.clear()  # interrupted placeholders too: the resubscribe covers them
+        if self._reissue_timer is not None:
+            self._reissue_timer.cancel()
+            self._reissue_timer = None
+        self._reissue_attempt = 0
+
+    # ------------------------------------------------- farm blips (10182)
+    def _interrupt(self, stream: MdRequest) -> None:
+        """A farm blip killed ``stream`` at IB (10182) on a socket that stays up: re-request it ourselves.
+
+        The holder is not told (no StreamEnded): the line stays its own, and the
+        stream comes back once IB says the data is back (2104/2106/1102), or
+        after a backoff if that never comes. A stream whose Unsubscribe was
+        pending is simply over: IB freed its line, so its StreamEnded goes now.
+        """
+        conid = stream.conid
+        self._drop_request(stream, send_cancel=False)
+        if stream.cancel_pending:
+            del self.streams[conid]
+            self._ended(conid, "cancelled")
+            if stream.resubscribe:
+                self.subscribe(conid)
+            return
+        self.streams[conid] = MdRequest(conid=conid, snapshot=False, sec_type=stream.sec_type, interrupted=True)
+        backoff = self.settings.reissue_initial_s * 2**self._reissue_attempt
+        self._schedule_reissue(min(self.settings.reissue_max_s, backoff))
+
+    def _data_back(self) -> None:
+        """IB says market data is back (2104/2106/1102): re-request interrupted streams now, backoff reset."""
+        self._reissue_attempt = 0
+        if any(s.interrupted for s in self.streams.values()):
+            self._schedule_reissue(0.0)
+
+    def _schedule_reissue(self, delay: float) -> None:
+        if self._reissue_timer is not None:
+            if delay > 0:
+                return  # one re-request round is already due: all interrupted streams go in it
+            self._reissue_timer.cancel()
+        self._reissue_timer = self._loop.call_later(delay, self._reissue)
+
+    def _reissue(self) -> None:
+        """One round: a new request for every interrupted stream; a farm still down answers 10182 again."""
+        self._reissue_timer = None
+        if not self.connected:
+            return
+        waiting = [s for s in self.streams.values() if s.interrupted]
+        if not waiting:
+            return
+        self._reissue_attempt += 1
+        logger.info("IB: re-requesting {} stream(s) a farm blip interrupted", len(waiting))
+        for placeholder in waiting:
+            contract = self.contracts.get(placeholder.conid)
+            if contract is not None:  # it was streaming, so its contract is cached
+                self.streams[placeholder.conid] = self._new_request(placeholder.conid, contract, snapshot=False)
 
     def _on_stream_tick(self, ticker: Ticker) -> None:
         req_id = self.ib.wrapper.ticker2ReqId["mktData"].get(ticker)
         req = self._by_req.get(req_id) if req_id is not None else None
         if req is not None and any_price(ticker):
-            self._tick_buffer.append(to_update(req.conid, ticker, "stream"))
-            if len(self._tick_buffer) == 1:
-                # runs once the current socket read is decoded: its ticks travel as one message
-                asyncio.get_running_loop().call_soon(self._flush_ticks)
+            update = to_update(req.conid, ticker, "stream")
+            self._data_types[req.conid] = update.data_type
+            self._buffer(update)
+
+    def _buffer(self, update: MarketUpdate) -> None:
+        self._tick_buffer.append(update)
+        if len(self._tick_buffer) == 1:
+            # runs once the current socket read is decoded: its updates travel as one message
+            self._loop.call_soon(self._flush_ticks)
+
+    def _on_portfolio(self, item: PortfolioItem) -> None:
+        """updatePortfolio: the account's own mark of a position (no line), published as source "portfolio"."""
+        conid = item.contract.conId
+        price = portfolio_price(item.marketPrice)
+        if not conid or price is None:
+            return
+        kind = self._data_types.get(conid, "live")
+        self._buffer(MarketUpdate(conid=conid, source="portfolio", ts_us=now_us(), last=price, data_type=kind))
 
     def _flush_ticks(self) -> None:
         updates, self._tick_buffer = self._tick_buffer, []
@@ -550,22 +634,28 @@ class IbSession:
             return
         if req.sec_type in OPTION_TYPES and ticker.modelGreeks is None:
             return  # prices complete; wait for the model greeks until the end or the timeout
-        self._answer(req, to_update(req.conid, ticker, "queue"))
+        update = to_update(req.conid, ticker, "queue")
+        # Free the line first: the cancel is in the pacer before the reply leaves, so nothing the worker
+        # sends after the reply can find this snapshot still open at IB (it would stay so until
+        # tickSnapshotEnd, up to ~11 s later).
+        if self._drop_request(req, send_cancel=True) is not None:
+            self._cancelled_snapshots.add(req.req_id)
+        self._answer(req, update)
 
     def _on_snapshot_end(self, req_id: int) -> None:
         req = self._by_req.get(req_id)
         if req is None or not req.snapshot:
             return
         ticker = req.ticker
+        answer: MarketUpdate | SnapshotFailed | None = None
         if not req.answered and ticker is not None:
             if any_price(ticker):
-                self._answer(req, to_update(req.conid, ticker, "queue"))
+                answer = to_update(req.conid, ticker, "queue")
             else:
-                self._answer(
-                    req,
-                    SnapshotFailed(conid=req.conid, kind=IbErrorKind.NO_DATA, message="snapshot ended without prices"),
-                )
-        self._drop_request(req, send_cancel=False)  # IB ended it: the line is free
+                answer = SnapshotFailed(conid=req.conid, kind=IbErrorKind.NO_DATA, message="snapshot ended without prices")
+        self._drop_request(req, send_cancel=False)  # IB ended it: the line is free (before the reply says so)
+        if answer is not None:
+            self._answer(req, answer)
 
     def _answer(self, req: MdRequest, answer: MarketUpdate | SnapshotFailed) -> None:
         req.answered = True
@@ -573,6 +663,7 @@ class IbSession:
         if batch is None or batch.replied:
             return
         if isinstance(answer, MarketUpdate):
+            self._data_types[req.conid] = answer.data_type
             batch.updates[req.conid] = answer
         else:
             batch.failures[req.conid] = answer
@@ -600,11 +691,15 @@ class IbSession:
     def _expire(self, batch: Batch) -> None:
         """The batch's time is up: answer what is complete, time out the rest, close what is still open."""
         batch.timer = None
-        for req in batch.requests:
-            if not req.answered and req.ticker is not None and has_prices(req.ticker):
-                self._answer(req, to_update(req.conid, req.ticker, "queue"))  # prices without greeks
+        late = [
+            (req, to_update(req.conid, req.ticker, "queue"))  # prices without greeks
+            for req in batch.requests
+            if not req.answered and req.ticker is not None and has_prices(req.ticker)
+        ]
+        self._close_batch_requests(batch, send_cancel=True)  # cancels in the pacer before the reply leaves
+        for req, update in late:
+            self._answer(req, update)
         self._fail_open(batch, IbErrorKind.TIMEOUT, None, "no complete quote within the timeout")
-        self._close_batch_requests(batch, send_cancel=True)
         self._finish(batch)
 
     def _fail_open(self, batch: Batch, kind: IbErrorKind, code: int | None, message: str) -> None:
@@ -616,6 +711,12 @@ class IbSession:
         if not batch.replied:
             self._reply(batch)
 
+    def _interrupt_snapshots(self, code: int, text: str, send_cancel: bool) -> None:
+        """A reset (1100/1101) interrupts every open snapshot: back to the queue, not the contract's failure."""
+        for batch in list(self._batches):
+            self._close_batch_requests(batch, send_cancel=send_cancel)
+            self._fail_open(batch, IbErrorKind.DATA_INTERRUPTED, code, text)
+
     def _close_batch_requests(self, batch: Batch, send_cancel: bool) -> None:
         for req in batch.requests:
             self._drop_request(req, send_cancel=send_cancel)
@@ -623,28 +724,37 @@ class IbSession:
 
     # ---------------------------------------------------------------- errors
     def _on_error(self, req_id: int, code: int, text: str, contract: Contract | None) -> None:
-        kind = classify_ib_code(code)
+        kind = classify_ib_code(code, text)
         req = self._by_req.get(req_id)
         conid = req.conid if req is not None else (contract.conId if contract is not None and contract.conId else None)
+        if code in DATA_BACK_CODES:
+            self._data_back()
+        if code == 300 and req_id in self._cancelled_snapshots:
+            logger.debug("IB: cancel of snapshot {} crossed its end ({})", req_id, text)
+            return
         if code in QUIET_CODES or (kind == IbErrorKind.INFO and code not in (2103, 2105)):
             logger.debug("IB info {} (req {}): {}", code, req_id, text)
             return
         logger.warning("IB error {} {} (req {}, conid {}): {}", code, kind, req_id, conid, text)
         self._publish(IbError(code=code, kind=kind, req_id=req_id, conid=conid, message=text))
         if code == 1100:
+            self._interrupt_snapshots(code, text, send_cancel=True)
             self._set_state(ConnectionState.CONNECTIVITY_LOST, text)
         elif code == 1101:
             self._withdraw_cancels()
             self._forget_streams()
+            self._interrupt_snapshots(code, text, send_cancel=False)  # IB dropped them with the streams
             self._set_state(ConnectionState.RESTORED_DATA_LOST, text, resubscribe=True)
         elif code == 1102:
             self._set_state(ConnectionState.RESTORED_DATA_KEPT, text)
         if req is None or code not in TERMINAL_MD_CODES:
             return
         if req.snapshot:
+            self._drop_request(req, send_cancel=False)  # dead at IB: the line is free before the reply says so
             if not req.answered:
                 self._answer(req, SnapshotFailed(conid=req.conid, kind=kind, code=code, message=text))
-            self._drop_request(req, send_cancel=False)
+        elif code == 10182 and self.streams.get(req.conid) is req:
+            self._interrupt(req)
         else:
             refused = self.streams.get(req.conid) is req
             if refused:
