@@ -13,21 +13,33 @@ produce the same updates. Faults are injected by settings or by the
 ``Inject*``/``Set*`` commands below; streaming ticks come on a timer
 (``tick_interval_s``) and on demand (``PushTicks``).
 
+IB's data realities, as the real actor meets them (see docs/operations.md,
+"IB's data realities"): the true line limit (``line_limit``, below the
+router's ``max_lines`` if you like), snapshot delays drawn from a seeded
+range, resets on a socket that stays up (1100, 1101, 1102), farm blips (2103,
+10182 per stream, streams re-requested once the farm is back or after a
+backoff), unsubscribed contracts (354 with market data type 1/2; delayed data
+with 3/4), a closed market (no live bid/ask; frozen values with type 2/4),
+the snapshot rate limit (321) and portfolio updates (source "portfolio").
+Every random choice comes from ``seed``.
+
 Handles:
     Connect, Disconnect, Subscribe, Unsubscribe, RequestPositions,
-    PushTicks, InjectDisconnect, InjectError, SetNeverAnswer,
-    SetSnapshotLatency, SetLineLimit (told);
+    PushTicks, InjectDisconnect, InjectError, InjectFarmBlip, InjectFarmOk,
+    SetNeverAnswer, SetSnapshotLatency, SetLineLimit, SetMarketClosed (told);
     Request(Snapshot) -> SnapshotResult; Request(IbStats) -> IbStatsReply;
     AddSubscriber / RemoveSubscriber envelopes.
-Emits: PositionChanged, PositionsComplete, MarketUpdate(source="stream"), StreamEnded,
-ConnectionStateChanged, IbError.
+Emits: PositionChanged, PositionsComplete, MarketUpdate(source="stream"),
+MarketUpdate(s)(source="portfolio"), StreamEnded, ConnectionStateChanged, IbError.
 """
 
 from __future__ import annotations
 
 import itertools
+import random
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,9 +54,11 @@ from actors.messaging import Request, reject
 from events.base import Command
 from events.ib import (
     IB_NOT_CONNECTED,
+    MARKET_DATA_TYPES,
     Connect,
     ConnectionState,
     ConnectionStateChanged,
+    DataType,
     Disconnect,
     IbError,
     IbErrorKind,
@@ -71,15 +85,25 @@ __all__ = [
     "FakeIbSettings",
     "InjectDisconnect",
     "InjectError",
+    "InjectFarmBlip",
+    "InjectFarmOk",
     "PushTicks",
     "RemoveSubscriber",
     "SetLineLimit",
+    "SetMarketClosed",
     "SetNeverAnswer",
     "SetSnapshotLatency",
     "demo_positions",
 ]
 
-_TERMINAL_CODES = frozenset({101, 200, 354, 10089, 10168, 10197})
+_TERMINAL_CODES = frozenset({101, 200, 321, 354, 10089, 10168, 10182, 10186, 10197})
+#: IB's texts, so that the fake's IbErrors classify like the real ones (321 is classified by its text).
+_TEXTS = {
+    321: "Error validating request.-'bW' : cause - Snapshot requests limitation exceeded:{n} per 1 second(s)",
+    354: "Requested market data is not subscribed.",
+    2103: "Market data farm connection is broken:usfarm",
+    10182: "Failed to request live updates (disconnected).",
+}
 _CONNECTIVITY = {
     1100: ConnectionState.CONNECTIVITY_LOST,
     1101: ConnectionState.RESTORED_DATA_LOST,
@@ -106,6 +130,25 @@ class FakeIbSettings(msgspec.Struct, frozen=True, kw_only=True):
     reconnect_after_s: float = 0.0
     #: An Unsubscribe's cancel waits until the stream is this old (the real actor's setting of the same name).
     min_stream_age_s: float = 0.0
+    #: With a value above ``snapshot_latency_s``, each snapshot's delay is drawn from [latency, this] (seeded).
+    snapshot_latency_max_s: float = 0.0
+    #: Seed of every random choice (snapshot delays): two runs with one seed answer alike.
+    seed: int = 0
+    #: The reqMarketDataType the real actor sends (IbSettings.market_data_type): 1 live, 2 frozen, 3 delayed,
+    #: 4 delayed-frozen.
+    market_data_type: int = 4
+    #: Contracts without a live data subscription: 354 with type 1/2, delayed quotes with type 3/4.
+    unsubscribed: list[int] = msgspec.field(default_factory=list)
+    #: The market is closed: live bid/ask are absent (IB's -1); with type 2/4 the last values, as "frozen".
+    market_closed: bool = False
+    #: Snapshot requests accepted in any ``snapshot_rate_window_s`` (0 = no limit); beyond it, 321.
+    snapshot_rate_limit: int = 0
+    snapshot_rate_window_s: float = 1.0
+    #: Portfolio updates (updatePortfolio's marketPrice for every position) at connect and this often (0 = none).
+    portfolio_interval_s: float = 0.0
+    #: Re-request of streams a farm blip killed when the farm does not say it is back (the real actor's names).
+    reissue_initial_s: float = 2.0
+    reissue_max_s: float = 60.0
 
 
 class PushTicks(Command, tag="fake_ib.push_ticks", frozen=True, kw_only=True):
@@ -138,6 +181,24 @@ class SetLineLimit(Command, tag="fake_ib.set_line_limit", frozen=True, kw_only=T
     limit: int
 
 
+class SetMarketClosed(Command, tag="fake_ib.set_market_closed", frozen=True, kw_only=True):
+    closed: bool = True
+
+
+class InjectFarmBlip(Command, tag="fake_ib.inject_farm_blip", frozen=True, kw_only=True):
+    """A market data farm drops: 2103, then 10182 for every stream and open snapshot; the socket stays up.
+
+    The farm comes back after ``down_s`` (None: on InjectFarmOk only); meanwhile every new market data
+    request is answered 10182 too.
+    """
+
+    down_s: float | None = None
+
+
+class InjectFarmOk(Command, tag="fake_ib.inject_farm_ok", frozen=True, kw_only=True):
+    """The farm is back (2104, quiet as at the real actor): interrupted streams are re-requested at once."""
+
+
 class _Due:
     """Timer envelope: something scheduled is due (a snapshot answer, a timeout, a tick, a reconnect)."""
 
@@ -157,6 +218,8 @@ class _Stream:
     cancel_pending: bool = False
     #: A Subscribe came while the cancel was pending: subscribe anew once the cancel is out.
     resubscribe: bool = False
+    #: Killed by a farm blip (10182): holds no line; re-requested by the fake itself.
+    interrupted: bool = False
 
 
 @dataclass(eq=False)
@@ -195,6 +258,14 @@ class FakeIbActor(pykka.ThreadingActor):
         self._requests = 0
         self._generation = itertools.count()
         self._timers: set[threading.Timer] = set()
+        self._rng = random.Random(settings.seed)
+        self._closed = settings.market_closed
+        self._unsubscribed = frozenset(settings.unsubscribed)
+        self._snapshot_times: deque[float] = deque()
+        self._farm_down = False
+        self._reissue_attempt = 0
+        self._reissue_round = 0  # a due re-request round of an older number is stale
+        self._connections = 0  # a portfolio timer of an older connection is stale
 
     # ------------------------------------------------------------- lifecycle
     def on_start(self) -> None:
@@ -227,7 +298,8 @@ class FakeIbActor(pykka.ThreadingActor):
         return self._state not in (ConnectionState.DISCONNECTED, ConnectionState.CONNECTING)
 
     def _lines(self) -> int:
-        return len(self._streams) + sum(len(b.open) for b in self._batches)
+        streams = sum(1 for s in self._streams.values() if not s.interrupted)
+        return streams + sum(len(b.open) for b in self._batches)
 
     def _track(self) -> None:
         self._peak = max(self._peak, self._lines())
@@ -237,9 +309,10 @@ class FakeIbActor(pykka.ThreadingActor):
         self._publisher.publish(ConnectionStateChanged(state=state, detail=detail, resubscribe=resubscribe))
 
     def _error(self, code: int, conid: int | None = None, message: str = "", kind: IbErrorKind | None = None) -> None:
-        kind = kind or classify_ib_code(code)
+        message = message or _TEXTS.get(code, f"fake error {code}").format(n=self.settings.snapshot_rate_limit)
+        kind = kind or classify_ib_code(code, message)
         logger.warning("fake IB error {} {} (conid {})", code, kind, conid)
-        self._publisher.publish(IbError(code=code, kind=kind, conid=conid, message=message or f"fake error {code}"))
+        self._publisher.publish(IbError(code=code, kind=kind, conid=conid, message=message))
 
     def _quote(self, conid: int, source: str) -> MarketUpdate:
         """Deterministic prices: a function of the conid and the tick counter.
@@ -254,7 +327,20 @@ class FakeIbActor(pykka.ThreadingActor):
         if fields is None:
             fields = self._quote_fields(conid, key[1])
             self._quote_cache[key] = fields
-        return MarketUpdate(conid=conid, source=source, ts_us=time.time_ns() // 1000, **fields)  # type: ignore[arg-type]
+        update = MarketUpdate(conid=conid, source=source, ts_us=time.time_ns() // 1000, **fields)  # type: ignore[arg-type]
+        if self._closed or conid in self._unsubscribed:
+            kind = self._data_type(conid)
+            if self._closed and kind in ("live", "delayed"):  # IB's -1: no quote, never a price
+                return msgspec.structs.replace(update, bid=None, ask=None, bid_size=None, ask_size=None, data_type=kind)
+            return msgspec.structs.replace(update, data_type=kind)
+        return update
+
+    def _data_type(self, conid: int) -> DataType:
+        """What IB would send for ``conid`` with the requested market data type, as its tick 58 says."""
+        frozen = self._closed and self.settings.market_data_type in (2, 4)
+        if conid in self._unsubscribed:  # only reached with type 3/4 (1/2 are refused with 354)
+            return MARKET_DATA_TYPES[4 if frozen else 3]
+        return MARKET_DATA_TYPES[2 if frozen else 1]
 
     def _quote_fields(self, conid: int, phase: int) -> dict[str, float]:
         base = 20.0 + (conid * 7919) % 400 + (conid % 100) / 100.0
@@ -324,6 +410,12 @@ class FakeIbActor(pykka.ThreadingActor):
                 self._latency = seconds
             case SetLineLimit(limit=limit):
                 self._line_limit = limit
+            case SetMarketClosed(closed=closed):
+                self._closed = closed
+            case InjectFarmBlip(down_s=down_s):
+                self._farm_blip(down_s)
+            case InjectFarmOk():
+                self._farm_ok()
             case _Due():
                 self._due(message)
             case _:
@@ -336,6 +428,10 @@ class FakeIbActor(pykka.ThreadingActor):
             return
         # As the real actor (ib_insync syncs positions inside connectAsync): positions first, then CONNECTED.
         self._publish_positions()
+        self._connections += 1
+        if self.settings.portfolio_interval_s > 0:  # connectAsync's account download, then IB's own cadence
+            self._publish_portfolio()
+            self._later(self.settings.portfolio_interval_s, _Due("portfolio", self._connections))
         self._set_state(ConnectionState.CONNECTED, "fake connected", resubscribe=self._ever_connected)
         self._ever_connected = True
 
@@ -344,10 +440,28 @@ class FakeIbActor(pykka.ThreadingActor):
             self._publisher.publish(pos)
         self._publisher.publish(PositionsComplete(ts_us=_now_us()))
 
+    def _publish_portfolio(self) -> None:
+        """updatePortfolio for every position: its marketPrice as ``last``, no line used."""
+        updates = [
+            MarketUpdate(
+                conid=p.conid,
+                source="portfolio",
+                ts_us=_now_us(),
+                last=self._quote_fields(p.conid, 0)["last"],
+                data_type=self._data_type(p.conid),
+            )
+            for p in self.settings.positions
+        ]
+        if len(updates) == 1:
+            self._publisher.publish(updates[0])
+        elif updates:
+            self._publisher.publish(MarketUpdates(updates=updates))
+
     def _drop(self, detail: str) -> None:
         if not self._connected:
             return
         self._streams.clear()
+        self._reissue_round += 1
         for batch in list(self._batches):
             self._fail_rest(batch, IbErrorKind.DISCONNECTED, IB_NOT_CONNECTED, "disconnected from IB")
         self._set_state(ConnectionState.DISCONNECTED, detail)
@@ -362,8 +476,13 @@ class FakeIbActor(pykka.ThreadingActor):
     def _inject_error(self, code: int, conid: int | None) -> None:
         if code in _CONNECTIVITY:
             self._error(code)
+            if code in (1100, 1101):  # a reset interrupts every open snapshot: back to the queue
+                self._interrupt_snapshots(code, f"injected {code}")
             if code == 1101:
                 self._streams.clear()
+                self._reissue_round += 1
+            if code == 1102:
+                self._farm_ok()
             self._set_state(_CONNECTIVITY[code], f"injected {code}", resubscribe=code == 1101)
             return
         if conid is None:
@@ -374,6 +493,69 @@ class FakeIbActor(pykka.ThreadingActor):
             del self._streams[conid]
             self._error(code, conid)
             self._stream_ended(conid, "refused", code)
+
+    # ------------------------------------------------------------ farm blips
+    def _farm_blip(self, down_s: float | None) -> None:
+        if not self._connected:
+            return
+        self._farm_down = True
+        self._error(2103, kind=IbErrorKind.INFO)
+        for stream in list(self._streams.values()):
+            if not stream.interrupted:
+                self._interrupt(stream)
+        self._interrupt_snapshots(10182, _TEXTS[10182])
+        if down_s is not None:
+            self._later(down_s, _Due("farm_ok"))
+
+    def _interrupt(self, stream: _Stream) -> None:
+        """10182 for ``stream``; as the real actor: re-requested later, StreamEnded only if a cancel was pending."""
+        self._error(10182, stream.conid)
+        if stream.cancel_pending:
+            del self._streams[stream.conid]
+            self._stream_ended(stream.conid, "cancelled")
+            if stream.resubscribe:
+                self._subscribe(stream.conid)
+            return
+        stream.interrupted = True
+        delay = min(self.settings.reissue_max_s, self.settings.reissue_initial_s * 2**self._reissue_attempt)
+        self._later(delay, _Due("reissue", self._reissue_round))
+
+    def _interrupt_snapshots(self, code: int, message: str) -> None:
+        for batch in list(self._batches):
+            for conid in sorted(batch.open):
+                if code == 10182:
+                    self._error(code, conid)
+                batch.answers[conid] = SnapshotFailed(
+                    conid=conid, kind=IbErrorKind.DATA_INTERRUPTED, code=code, message=message
+                )
+            batch.open.clear()
+            self._maybe_reply(batch)
+
+    def _farm_ok(self) -> None:
+        """The data is back (2104/2106/1102; quiet): re-request interrupted streams now, backoff reset."""
+        self._farm_down = False
+        self._reissue_attempt = 0
+        self._reissue()
+
+    def _reissue(self) -> None:
+        self._reissue_round += 1  # any round still due is covered by this one
+        waiting = [s for s in self._streams.values() if s.interrupted]
+        if not self._connected or not waiting:
+            return
+        self._reissue_attempt += 1
+        for stream in waiting:
+            self._requests += 1
+            if self._farm_down:
+                self._interrupt(stream)
+            elif self._lines() >= self._line_limit:
+                del self._streams[stream.conid]
+                self._error(101, stream.conid)
+                self._stream_ended(stream.conid, "refused", 101)
+            else:
+                stream.interrupted = False
+                stream.started = time.monotonic()
+                self._track()
+                self._publisher.publish(self._quote(stream.conid, "stream"))
 
     # --------------------------------------------------------------- streams
     def _subscribe(self, conid: int) -> None:
@@ -394,7 +576,11 @@ class FakeIbActor(pykka.ThreadingActor):
             if code in _TERMINAL_CODES:
                 self._stream_ended(conid, "refused", code)
                 return
-        self._streams[conid] = _Stream(conid=conid, started=time.monotonic())
+        stream = _Stream(conid=conid, started=time.monotonic())
+        self._streams[conid] = stream
+        if self._farm_down:
+            self._interrupt(stream)
+            return
         self._track()
         self._publisher.publish(self._quote(conid, "stream"))
 
@@ -402,6 +588,10 @@ class FakeIbActor(pykka.ThreadingActor):
         stream = self._streams.get(conid)
         if stream is None:  # nothing held
             self._stream_ended(conid, "cancelled" if self._connected else "disconnected")
+            return
+        if stream.interrupted:  # dead at IB since the blip: nothing to cancel
+            del self._streams[conid]
+            self._stream_ended(conid, "cancelled")
             return
         stream.resubscribe = False
         if stream.cancel_pending:
@@ -428,11 +618,14 @@ class FakeIbActor(pykka.ThreadingActor):
     def _refusal(self, conid: int) -> int | None:
         if conid not in self._contracts:
             return 200
-        return self._errors.get(conid)
+        code = self._errors.get(conid)
+        if code is None and conid in self._unsubscribed and self.settings.market_data_type in (1, 2):
+            return 354  # with 3/4 IB sends 10167 (advisory) and delayed data instead
+        return code
 
     def _push_ticks(self) -> None:
         # one message per round, as the real actor sends one per socket read
-        updates = [self._quote(conid, "stream") for conid in sorted(self._streams)]
+        updates = [self._quote(c, "stream") for c in sorted(self._streams) if not self._streams[c].interrupted]
         if len(updates) == 1:
             self._publisher.publish(updates[0])
         elif updates:
@@ -449,22 +642,45 @@ class FakeIbActor(pykka.ThreadingActor):
         for conid in batch.conids:
             self._requests += 1
             code = self._refusal(conid)
+            if code is None and self._farm_down:
+                code = 10182
+            if code is None and self._rate_limited():
+                code = 321
             if code is None and self._lines() >= self._line_limit:
                 code = 101
             if code is not None and code in _TERMINAL_CODES:
                 self._error(code, conid)
-                batch.answers[conid] = SnapshotFailed(conid=conid, kind=classify_ib_code(code), code=code)
+                message = _TEXTS.get(code, "").format(n=self.settings.snapshot_rate_limit)
+                kind = classify_ib_code(code, message)
+                batch.answers[conid] = SnapshotFailed(conid=conid, kind=kind, code=code, message=message)
                 continue
             batch.open.add(conid)
             self._track()
             if conid in self._never:
                 continue
-            if self._latency > 0:
-                self._later(self._latency, _Due("answer", batch, conid, generation))
+            latency = self._latency
+            if self.settings.snapshot_latency_max_s > latency:
+                latency = self._rng.uniform(latency, self.settings.snapshot_latency_max_s)
+            if latency > 0:
+                self._later(latency, _Due("answer", batch, conid, generation))
             else:
                 self._answer(batch, conid)
         self._later(timeout_s, _Due("timeout", batch))
         self._maybe_reply(batch)
+
+    def _rate_limited(self) -> bool:
+        """IB's snapshot rate limit: True (321) past ``snapshot_rate_limit`` accepted requests in the window."""
+        limit = self.settings.snapshot_rate_limit
+        if limit <= 0:
+            return False
+        now = time.monotonic()
+        times = self._snapshot_times
+        while times and now - times[0] >= self.settings.snapshot_rate_window_s:
+            times.popleft()
+        if len(times) >= limit:
+            return True
+        times.append(now)
+        return False
 
     def _answer(self, batch: _Batch, conid: int) -> None:
         if batch not in self._batches or conid in batch.answers:
@@ -509,13 +725,22 @@ class FakeIbActor(pykka.ThreadingActor):
                 self._connect()
             case "cancel":
                 self._cancel(due.args[0])
+            case "reissue":
+                if due.args[0] == self._reissue_round:
+                    self._reissue()
+            case "farm_ok":
+                self._farm_ok()
+            case "portfolio":
+                if due.args[0] == self._connections and self._connected:
+                    self._publish_portfolio()
+                    self._later(self.settings.portfolio_interval_s, _Due("portfolio", self._connections))
 
     # ----------------------------------------------------------------- stats
     def _stats(self) -> IbStatsReply:
         return IbStatsReply(
             connected=self._connected,
             state=self._state,
-            streams=len(self._streams),
+            streams=sum(1 for s in self._streams.values() if not s.interrupted),
             snapshots_in_flight=sum(len(b.open) for b in self._batches),
             lines_in_use=self._lines(),
             peak_lines=self._peak,
