@@ -15,9 +15,16 @@ Persist before effect, without a commit wait per command:
 * the actor meanwhile goes on with its next message, so 10,000 commands in a
   row share a handful of commits instead of waiting for 10,000.
 
+Validate before append: ``persist`` applies the event first and appends it
+only if ``apply`` succeeded. An event ``apply`` refuses is never stored (a
+stored one would stop every later recovery); the command is rejected and the
+state is rebuilt from the log, so nothing changed.
+
 Recovery (in ``on_start``, before the first message): load the newest
 snapshot of the actor's stream, then replay only the later events of that
-stream (the seq filter prunes files by their statistics).
+stream (the seq filter prunes files by their statistics). A snapshot past
+the log's last durable seq (its events never landed) is ignored, reported and
+discarded; an event recovery cannot apply stops it with the seq named.
 """
 
 from __future__ import annotations
@@ -30,13 +37,23 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 import pykka
 from loguru import logger
 
-from actors.messaging import CommandRejected, Request
+from actors.messaging import CommandRejected, Request, reject
 from events.base import Event
 from storage.event_log import CommitBatch, EventLog, LogFailedError
 from storage.reader import read_seq_events
-from storage.snapshots import SnapshotStore
+from storage.snapshots import SnapshotStore, StoredSnapshot
 
-__all__ = ["Durable", "EventSourcedActor", "EventSourcedState"]
+__all__ = ["Durable", "EventSourcedActor", "EventSourcedState", "RecoveryError"]
+
+
+class RecoveryError(RuntimeError):
+    """A stored event the actor's state cannot apply: recovery stops at that seq instead of skipping it."""
+
+    def __init__(self, stream: str, seq: int, event: Event, cause: Exception) -> None:
+        tag = type(event).__struct_config__.tag
+        super().__init__(f"{stream} cannot recover: event seq {seq} ({tag}) does not apply: {cause}")
+        self.stream = stream
+        self.seq = seq
 
 
 class EventSourcedState(Protocol):
@@ -100,25 +117,52 @@ class EventSourcedActor(pykka.ThreadingActor, Generic[S]):
         self.on_recovered()
 
     def recover(self) -> None:
+        self.state = self.state_type()
+        self.last_seq = 0
         from_seq = 1
-        if self.snapshots is not None:
-            snap = self.snapshots.latest(self.stream)
-            if snap is not None:
-                self.state = self.state_type.load(snap.state)
-                self.last_seq = snap.seq
-                from_seq = snap.seq + 1
+        snap = self._usable_snapshot()
+        if snap is not None:
+            self.state = self.state_type.load(snap.state)
+            self.last_seq = snap.seq
+            from_seq = snap.seq + 1
         self.recovered_from_seq = from_seq
         count = 0
         apply = self.state.apply
         seq = self.last_seq
-        for seq, event in read_seq_events(  # noqa: B007 - the last seq is kept after the loop
+        for seq, event in read_seq_events(
             self.log.uri, storage_options=self.log.storage_options, streams=[self.stream], from_seq=from_seq
         ):
-            apply(event)
+            try:
+                apply(event)
+            except Exception as exc:
+                raise RecoveryError(self.stream, seq, event, exc) from exc
             count += 1
         self.last_seq = seq
         self.recovered_events = count
         logger.info("{} recovered: snapshot up to seq {}, {} events replayed", self.stream, from_seq - 1, count)
+
+    def _usable_snapshot(self) -> StoredSnapshot | None:
+        """The newest snapshot the log backs: one past the log's last durable seq at open is stale.
+
+        Such a snapshot names events that never became durable (a commit that
+        failed after the snapshot was taken); the seqs it claims are handed out
+        again to new events, which loading it would skip. It is reported and
+        discarded so that a later, longer log cannot make it look valid.
+        """
+        if self.snapshots is None:
+            return None
+        snap = self.snapshots.latest(self.stream)
+        backed = self.log.opened_seq
+        if snap is None or snap.seq <= backed:
+            return snap
+        logger.error(
+            "{}: snapshot at seq {} is beyond the log's last durable seq {}: ignored and discarded, replaying instead",
+            self.stream,
+            snap.seq,
+            backed,
+        )
+        self.snapshots.discard_after(self.stream, backed)
+        return self.snapshots.latest(self.stream, at_or_before=backed)
 
     def on_recovered(self) -> None:
         """Hook: runs after recovery, before the first message (e.g. release leases of a crashed run)."""
@@ -126,11 +170,13 @@ class EventSourcedActor(pykka.ThreadingActor, Generic[S]):
     def on_stop(self) -> None:
         try:
             self.log.flush()
-            self._run_ready_effects()
-            if self._since_snapshot:
-                self._write_snapshot_now()
         except LogFailedError:
             logger.error("{} stopped with the log failed: no snapshot written", self.stream)
+            self._run_ready_effects()  # every batch is resolved now: askers of lost events get the error
+            return
+        self._run_ready_effects()
+        if self._since_snapshot:
+            self._write_snapshot_now()
 
     # ------------------------------------------------------------------ messages
 
@@ -169,14 +215,32 @@ class EventSourcedActor(pykka.ThreadingActor, Generic[S]):
         return str(conid) if conid is not None else self.stream
 
     def persist(self, event: Event) -> None:
-        """Apply ``event`` now and append it; effects that depend on it go through ``after_durable``."""
+        """Apply ``event`` now and append it; effects that depend on it go through ``after_durable``.
+
+        Applied first: an event ``apply`` refuses is not appended (stored, it
+        would stop every later recovery). Raises :class:`CommandRejected` then,
+        after rebuilding the state from the log, because a failed ``apply``
+        may have changed part of it.
+        """
+        try:
+            self.state.apply(event)
+        except Exception as exc:
+            self._restore_after_refused(event, exc)
+            raise reject(type(event).__struct_config__.tag, "inapplicable", f"{exc}") from exc
         receipt = self.log.append(event, stream=self.stream, key=self.key_of(event))
-        self.state.apply(event)
         self.last_seq = receipt.seq
         self._last_batch = receipt.batch
         self._since_snapshot += 1
         if self._since_snapshot >= self.snapshot_every:
             self._schedule_snapshot()
+
+    def _restore_after_refused(self, event: Event, exc: Exception) -> None:
+        """Put the state back as the log has it: every earlier event was appended, so flush and recover."""
+        logger.error("{}: {} refused by apply ({}); not stored, state rebuilt from the log", self.stream, event, exc)
+        since = self._since_snapshot
+        self.log.flush()
+        self.recover()
+        self._since_snapshot = since
 
     def after_durable(self, effect: Callable[[], None], request: Request | None = None) -> None:
         """Run ``effect`` once every event persisted so far is durable (at once if it already is)."""
@@ -250,6 +314,9 @@ class EventSourcedActor(pykka.ThreadingActor, Generic[S]):
 
     def _write_snapshot_now(self) -> None:
         if self.snapshots is None or self.last_seq == 0:
+            return
+        if self.last_seq > self.log.durable_seq:  # never a snapshot of events the log does not hold
+            logger.error("{}: no snapshot at seq {}, the log is durable only to {}", self.stream, self.last_seq, self.log.durable_seq)
             return
         self.snapshots.save(
             self.stream, self.last_seq, self.state.dump(), getattr(self.state_type, "snapshot_version", 1)

@@ -159,7 +159,9 @@ class Reconciliation(EventSourcedActor[ReconciliationState]):
         """
         registry = RegistryState()
         from_seq = 1
-        snap = self.snapshots.latest(stream) if self.snapshots is not None else None
+        # a registry snapshot past the log's durable end names events that never landed (the registry discards it)
+        backed = self.log.opened_seq
+        snap = self.snapshots.latest(stream, at_or_before=backed) if self.snapshots is not None else None
         if snap is not None:
             registry = RegistryState.load(snap.state)
             from_seq = snap.seq + 1

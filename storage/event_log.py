@@ -208,6 +208,8 @@ class EventLog:
         self._room = threading.Condition(self._mutex)
         self._open_batch = CommitBatch()
         self._sealed: deque[CommitBatch] = deque()
+        # the batch the writer took off the queue and is committing outside the lock
+        self._in_flight: CommitBatch | None = None
         self._pending_rows = 0
         self._next_seq = 1
         self._last_ts = 0
@@ -220,6 +222,8 @@ class EventLog:
         self._batch_no = 0
         self._chain_hash = GENESIS_HASH
         self.durable_seq = 0
+        #: The last durable seq found at open: a snapshot past it came from a commit that never landed.
+        self.opened_seq = 0
         self.commits = 0
         self.commit_latency_ms: deque[float] = deque(maxlen=1024)
         self._failure_listeners: list[Callable[[LogFailedError], None]] = []
@@ -283,6 +287,7 @@ class EventLog:
             raise LogError(f"the events table says seq {last_seq} exists but it cannot be read")
         self._next_seq = int(last["seq"]) + 1
         self.durable_seq = int(last["seq"])
+        self.opened_seq = self.durable_seq
         self._chain_hash = str(last["hash"])
         ts = last["ts"]
         self._last_ts = int(ts.timestamp() * 1_000_000) if isinstance(ts, datetime) else 0
@@ -299,32 +304,57 @@ class EventLog:
         self._failure_listeners.append(fn)
 
     def flush(self, timeout: float | None = 30.0) -> int:
-        """Make everything appended so far durable; return the durable seq."""
+        """Make everything appended so far durable; return the durable seq.
+
+        Waits for the newest batch wherever it is: open, sealed, or already
+        taken by the writer and being committed outside the lock. Returning
+        while that last one is still in flight would let a caller (a snapshot
+        at stop) name a seq the log may never hold.
+        """
         with self._mutex:
             if self._failed is not None:
                 raise self._failed
-            batch = self._seal_open_locked() if len(self._open_batch) else None
-            if batch is None and self._sealed:
-                batch = self._sealed[-1]
+            batch = self._newest_batch_locked()
             self._wake.notify_all()
         if batch is not None:
             batch.wait(timeout)
         return self.durable_seq
 
+    def _newest_batch_locked(self) -> CommitBatch | None:
+        """Seal the open batch and return the one holding the last seq handed out (None if all are resolved)."""
+        if len(self._open_batch):
+            return self._seal_open_locked()
+        if self._sealed:
+            return self._sealed[-1]
+        return self._in_flight
+
     def close(self, timeout: float = 30.0) -> None:
-        """Flush, stop the writer and maintenance, release the lock. Safe to call twice."""
+        """Refuse appends, commit what was appended, stop the writer and maintenance, release the lock.
+
+        Appends are refused first, under the lock, and the batch holding the
+        last seq is waited for; every row appended before that moment is
+        either committed or failed, never left unresolved. Safe to call twice.
+        """
         if self._closed:
             return
+        with self._mutex:
+            self._closing = True
+            last = self._newest_batch_locked() if self._failed is None else None
+            self._wake.notify_all()
+            self._room.notify_all()
         try:
-            if self._failed is None:
-                self.flush(timeout)
+            if last is not None:
+                last.wait(timeout)
         finally:
-            with self._mutex:
-                self._closing = True
-                self._wake.notify_all()
-                self._room.notify_all()
             if self._writer is not None:
                 self._writer.join(timeout)
+            with self._mutex:
+                leftover = [*self._sealed, self._open_batch]
+                self._sealed.clear()
+                self._open_batch = CommitBatch()
+            for batch in leftover:
+                if len(batch):  # only if the writer did not finish in time: never silently unresolved
+                    batch._resolve(LogClosedError("the event log closed before this batch was committed"))
             if self._maintenance is not None:
                 self._maintenance.stop()
             if self._lock_file is not None:
@@ -388,6 +418,8 @@ class EventLog:
             self._room.wait(1.0)  # backpressure: the writer is behind
         if self._failed is not None:
             raise self._failed
+        if self._closing:  # close() began while this append waited for room
+            raise LogClosedError("the event log is closed")
 
     def _append_locked(self, tag: str, v: int, stream: str, key: str, payload: bytes) -> Receipt:
         seq = self._next_seq
@@ -442,14 +474,16 @@ class EventLog:
                         return
                     continue
                 batch = self._sealed.popleft()
+                self._in_flight = batch
             if self._failed is not None:
                 batch._resolve(self._failed)
-                continue
-            try:
-                self._commit_batch(batch)
-            except BaseException as exc:  # noqa: BLE001 - whatever it is, the log must stop cleanly
-                self._give_up(batch, exc)
+            else:
+                try:
+                    self._commit_batch(batch)
+                except BaseException as exc:  # noqa: BLE001 - whatever it is, the log must stop cleanly
+                    self._give_up(batch, exc)
             with self._mutex:
+                self._in_flight = None
                 self._pending_rows -= len(batch)
                 self._room.notify_all()
 

@@ -63,6 +63,25 @@ class SnapshotStore:
             self.saved += 1
         logger.debug("snapshot of {} at seq {} ({} bytes)", stream, seq, len(state))
 
+    def discard_after(self, stream: str, seq: int) -> None:
+        """Delete ``stream``'s snapshots past ``seq``: they name events the log does not hold.
+
+        A failure is logged, not raised: recovery has already chosen not to
+        load them, and the next start tries again.
+        """
+        if not stream.isidentifier():
+            raise ValueError(f"not a stream name: {stream!r}")
+        with self._lock:
+            dt = self._table()
+            if dt is None:
+                return
+            try:
+                metrics = dt.delete(f"stream = '{stream}' AND seq > {int(seq)}")
+            except Exception as exc:  # noqa: BLE001 - see the docstring
+                logger.error("could not discard snapshots of {} past seq {}: {!r}", stream, seq, exc)
+                return
+        logger.warning("discarded {} snapshot(s) of {} past seq {}", metrics.get("num_deleted_rows"), stream, seq)
+
     def latest(self, stream: str, at_or_before: int | None = None) -> StoredSnapshot | None:
         """The newest intact snapshot of ``stream`` (optionally not after seq ``at_or_before``).
 
