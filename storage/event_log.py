@@ -227,6 +227,8 @@ class EventLog:
         self.commits = 0
         self.commit_latency_ms: deque[float] = deque(maxlen=1024)
         self._failure_listeners: list[Callable[[LogFailedError], None]] = []
+        self._commit_listeners: list[Callable[[int, str, int], None]] = []
+        self._close_listeners: list[Callable[[], None]] = []
         self._maintenance: Maintenance | None = None
         self._type_info: dict[type, tuple[str, int]] = {}
         self._fast_append: Callable[[pa.Table, CommitProperties, PostCommitHookProperties], None] | None = None
@@ -303,6 +305,19 @@ class EventLog:
         """``fn(error)`` runs once, on the writer thread, when the log gives up."""
         self._failure_listeners.append(fn)
 
+    def add_commit_listener(self, fn: Callable[[int, str, int], None]) -> None:
+        """``fn(last_seq, chain_hash, delta_version)`` runs on the writer thread after each commit is durable.
+
+        The extension point of signed checkpoints (storage/checkpointer.py):
+        it must be quick (hand work to another thread) and must not append.
+        """
+        self._commit_listeners.append(fn)
+
+    def add_close_listener(self, fn: Callable[[], None]) -> None:
+        """``fn()`` runs in :meth:`close` once the writer and maintenance have stopped, before the lock is
+        released, unless the log failed: the table is quiet and still ours (the clean-stop checkpoint)."""
+        self._close_listeners.append(fn)
+
     def flush(self, timeout: float | None = 30.0) -> int:
         """Make everything appended so far durable; return the durable seq.
 
@@ -357,6 +372,11 @@ class EventLog:
                     batch._resolve(LogClosedError("the event log closed before this batch was committed"))
             if self._maintenance is not None:
                 self._maintenance.stop()
+            for fn in self._close_listeners if self._failed is None else ():
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001 - a listener's failure must not keep the lock held
+                    logger.exception("event log close listener failed")
             if self._lock_file is not None:
                 self._lock_file.release()
             self._closed = True
@@ -509,6 +529,11 @@ class EventLog:
         batch.last_seq = batch.seqs[-1]
         self.durable_seq = batch.last_seq
         batch._resolve(None)
+        for fn in self._commit_listeners:
+            try:
+                fn(batch.last_seq, batch.hashes[-1], self._known_version)
+            except Exception:  # noqa: BLE001 - the commit is durable; a listener must not fail the log
+                logger.exception("event log commit listener failed")
         if self._maintenance is not None:
             self._maintenance.note_commit()
 
