@@ -22,7 +22,7 @@ from events.ib import IbSettings
 from storage.positions_table import PositionsConfig
 from storage.tables import LogConfig
 
-__all__ = ["Config", "ConfigError", "DemoSettings", "MetricsSettings", "RuntimeSettings", "load_config"]
+__all__ = ["AuditSettings", "Config", "ConfigError", "DemoSettings", "MetricsSettings", "RuntimeSettings", "load_config"]
 
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=86_400)]
 
@@ -79,6 +79,19 @@ class DemoSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     default_duration_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
 
 
+class AuditSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Signed checkpoints of the event log (storage/checkpoints.py; docs/operations.md, "The signing key")."""
+
+    #: Sign checkpoints. false: no checkpoints, and start-up re-reads the whole chain as before.
+    sign: bool = True
+    #: The Ed25519 key (PKCS#8 PEM, mode 0600); empty: $XDG_CONFIG_HOME or ~/.config, slotwise/signing.key.
+    signing_key: str = ""
+    #: A signed checkpoint every this many events, and one at every clean stop.
+    checkpoint_every: Annotated[int, msgspec.Meta(ge=100)] = 10_000
+    #: Public keys (hex, as `digest` prints them) of retired signing keys: their checkpoints stay trusted.
+    trusted_keys: tuple[Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")], ...] = ()
+
+
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     runtime: RuntimeSettings = RuntimeSettings()
     ib: IbSettings = IbSettings()
@@ -86,6 +99,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     positions: PositionsConfig = PositionsConfig()
     metrics: MetricsSettings = MetricsSettings()
     demo: DemoSettings = DemoSettings()
+    audit: AuditSettings = AuditSettings()
 
 
 class ConfigError(ValueError):
