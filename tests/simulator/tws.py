@@ -11,7 +11,18 @@ server version 176 (the highest ib_insync 0.9.86 asks for).
 
 Fault switches (thread-safe, callable from the test thread): drop every
 connection, send 1100/1101/1102 (or any code), never answer snapshots of
-chosen conids, change the line limit. Counters (``stats()``): messages
+chosen conids, change the line limit, a market data farm blip
+(``farm_blip``: 2103, 10182 for every open request, 2104 when back), any
+``SimConfig`` field (``configure``).
+
+IB's data realities (``SimConfig``): the true line limit, snapshot quotes
+delayed by a seeded random draw in a range with tickSnapshotEnd after them,
+reqMarketDataType per session (tick 58 says what each request gets),
+contracts without a live subscription (354 with type 1/2; 10167 and delayed
+ticks 66-76 with 3/4), a closed market (-1 bid/ask live; the last values as
+"frozen" with 2/4), the snapshot rate limit (321 "Snapshot requests
+limitation exceeded") and portfolio updates (updatePortfolio every
+``portfolio_interval_s`` to sessions subscribed with reqAccountUpdates). Counters (``stats()``): messages
 received by id, the largest number of messages seen in any sliding window of
 ``pacing_window_s``, lines in use and their peak, connections accepted.
 
@@ -23,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import random
 import struct
 import threading
 import time
@@ -57,6 +69,7 @@ REQ_COMPLETED_ORDERS = 99
 TICK_PRICE = 1
 TICK_SIZE = 2
 ERR_MSG = 4
+PORTFOLIO_VALUE = 7
 NEXT_VALID_ID = 9
 CONTRACT_DATA = 10
 MANAGED_ACCTS = 15
@@ -73,6 +86,16 @@ POSITION_END = 62
 ACCOUNT_UPDATE_MULTI_END = 74
 TICK_REQ_PARAMS = 81
 COMPLETED_ORDERS_END = 102
+
+#: Live tick type -> its delayed twin (IB's tick types 66-76): bid, ask, last, close, volume.
+DELAYED_TICKS = {1: 66, 2: 67, 4: 68, 9: 75, 8: 74}
+_TEXTS = {
+    321: "Error validating request.-'bW' : cause - Snapshot requests limitation exceeded:{n} per 1 second(s)",
+    354: "Requested market data is not subscribed.",
+    10167: "Requested market data is not subscribed. Displaying delayed market data.",
+    10168: "Requested market data is not subscribed. Delayed market data is not enabled.",
+    10182: "Failed to request live updates (disconnected).",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,6 +142,21 @@ class SimConfig:
     tick_interval_s: float = 0.05
     #: Delay between a snapshot's quote and its tickSnapshotEnd (IB: up to ~11 s).
     snapshot_end_delay_s: float = 0.02
+    #: A snapshot's quote comes this long after its request: uniform in [min, max], drawn from ``seed``.
+    snapshot_delay_min_s: float = 0.0
+    snapshot_delay_max_s: float = 0.0
+    seed: int = 0
+    #: Contracts without a live data subscription: 354 with market data type 1/2, delayed data with 3/4.
+    unsubscribed: set[int] = field(default_factory=set)
+    #: conid -> error code answered to every market data request of it (e.g. 10168: no delayed data either).
+    refused: dict[int, int] = field(default_factory=dict)
+    #: The market is closed: live bid/ask are -1; with type 2/4 the last values come, as frozen (tick 58 = 2/4).
+    market_closed: bool = False
+    #: Snapshot requests accepted in any ``snapshot_rate_window_s`` (0 = no limit); beyond it, 321.
+    snapshot_rate_limit: int = 0
+    snapshot_rate_window_s: float = 1.0
+    #: updatePortfolio for every position this often to sessions subscribed to account updates (0 = never).
+    portfolio_interval_s: float = 0.0
     server_version: int = SERVER_VERSION
 
 
@@ -197,6 +235,9 @@ class _Session(asyncio.Protocol):
         self.streams: dict[int, int] = {}  # reqId -> conid
         self.snapshots: dict[int, int] = {}  # reqId -> conid, open until tickSnapshotEnd or cancel
         self.tick_no = 0
+        #: reqMarketDataType of this API session (IB's default: live).
+        self.market_data_type = 1
+        self.account_updates = False
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -289,6 +330,10 @@ class TwsSimulator:
         self._peak_lines = 0
         self._never_answer: set[int] = set()
         self._ticker: asyncio.Task[None] | None = None
+        self._portfolio: asyncio.Task[None] | None = None
+        self._rng = random.Random(self.config.seed)
+        self._snapshot_times: deque[float] = deque()
+        self._farm_down = False
         self.port = 0
 
     # -- lifecycle
@@ -323,8 +368,9 @@ class TwsSimulator:
             return
 
         async def shutdown() -> None:
-            if self._ticker is not None:
-                self._ticker.cancel()
+            for task in (self._ticker, self._portfolio):
+                if task is not None:
+                    task.cancel()
             if self._server is not None:
                 self._server.close()
             for session in list(self._sessions):
@@ -375,8 +421,9 @@ class TwsSimulator:
 
         def send() -> None:
             for session in list(self._sessions):
-                if code == 1101:
+                if code == 1101:  # IB dropped every market data request, open snapshots included
                     session.streams.clear()
+                    session.snapshots.clear()
                 session.error(req_id, code, message or texts.get(code, f"simulated error {code}"))
 
         self._call(send)
@@ -391,6 +438,51 @@ class TwsSimulator:
                 self._never_answer.discard(conid)
 
         self._call(switch)
+
+    def configure(self, **changes: Any) -> None:
+        """Change ``SimConfig`` fields while running (e.g. ``market_closed=True``, ``snapshot_rate_limit=5``)."""
+
+        def apply() -> None:
+            for name, value in changes.items():
+                if not hasattr(self.config, name):
+                    raise AttributeError(f"SimConfig has no field {name!r}")
+                setattr(self.config, name, value)
+            if "seed" in changes:
+                self._rng.seed(self.config.seed)
+
+        self._call(apply)
+
+    def farm_blip(self, down_s: float | None = None) -> None:
+        """The market data farm drops: 2103, then 10182 for every stream and open snapshot (the socket stays up).
+
+        New market data requests are answered 10182 until the farm is back: after ``down_s`` or at
+        ``farm_ok()``, which sends 2104 (None: only ``farm_ok()``).
+        """
+
+        def blip() -> None:
+            self._farm_down = True
+            for session in list(self._sessions):
+                session.error(-1, 2103, "Market data farm connection is broken:usfarm")
+                for req_id in [*session.streams, *session.snapshots]:
+                    session.error(req_id, 10182, "Failed to request live updates (disconnected).")
+                session.streams.clear()
+                session.snapshots.clear()
+            if down_s is not None:
+                assert self._loop is not None
+                self._loop.call_later(down_s, self._farm_back)
+
+        self._call(blip)
+
+    def farm_ok(self) -> None:
+        """The farm is back: 2104 to every session."""
+        self._call(self._farm_back)
+
+    def _farm_back(self) -> None:
+        if not self._farm_down:
+            return
+        self._farm_down = False
+        for session in list(self._sessions):
+            session.error(-1, 2104, "Market data farm connection is OK:usfarm")
 
     def set_line_limit(self, limit: int) -> None:
         def set_limit() -> None:
@@ -455,10 +547,15 @@ class TwsSimulator:
             REQ_MKT_DATA: self._mkt_data,
             CANCEL_MKT_DATA: self._cancel_mkt_data,
             REQ_CURRENT_TIME: lambda s, f: s.send(CURRENT_TIME, 1, int(time.time())),
+            REQ_MARKET_DATA_TYPE: self._market_data_type,
         }.get(msg_id)
         if handler is not None:
             handler(session, fields)
-        # Anything else (reqMarketDataType, cancelPositions, ...) needs no answer here.
+        # Anything else (cancelPositions, ...) needs no answer here.
+
+    @staticmethod
+    def _market_data_type(session: _Session, fields: list[str]) -> None:
+        session.market_data_type = int(fields[2])
 
     def _start_api(self, session: _Session, fields: list[str]) -> None:
         client_id = int(fields[2])
@@ -501,8 +598,53 @@ class TwsSimulator:
         session.send(POSITION_END, 1)
 
     def _account_updates(self, session: _Session, fields: list[str]) -> None:
-        if fields[2] == "1":
-            session.send(ACCT_DOWNLOAD_END, 1, fields[3] or self.config.account)
+        session.account_updates = fields[2] == "1"
+        if not session.account_updates:
+            return
+        if self.config.portfolio_interval_s > 0:
+            self._send_portfolio(session)
+            if self._portfolio is None:
+                assert self._loop is not None
+                self._portfolio = self._loop.create_task(self._portfolio_forever())
+        session.send(ACCT_DOWNLOAD_END, 1, fields[3] or self.config.account)
+
+    def _send_portfolio(self, session: _Session) -> None:
+        """updatePortfolio (version 8, the layout ib_insync's decoder reads) for every position."""
+        for pos in self.config.positions:
+            c = self.config.contracts[pos.conid]
+            price = self._mark(c)
+            multiplier = float(c.multiplier or 1)
+            value = round(pos.position * price * multiplier, 2)
+            session.send(
+                PORTFOLIO_VALUE,
+                8,
+                c.conid,
+                c.symbol,
+                c.sec_type,
+                c.expiry,
+                c.strike,
+                c.right,
+                c.multiplier,
+                c.primary_exchange,
+                c.currency,
+                c.local_symbol,
+                c.trading_class,
+                pos.position,
+                price,
+                value,
+                pos.avg_cost,
+                round(value - pos.position * pos.avg_cost, 2),
+                0.0,
+                self.config.account,
+            )
+
+    async def _portfolio_forever(self) -> None:
+        while self.config.portfolio_interval_s > 0:
+            await asyncio.sleep(self.config.portfolio_interval_s)
+            for session in list(self._sessions):
+                if session.account_updates:
+                    self._send_portfolio(session)
+        self._portfolio = None
 
     def _contract_details(self, session: _Session, fields: list[str]) -> None:
         req_id, conid = int(fields[2]), int(fields[3] or 0)
@@ -581,6 +723,11 @@ class TwsSimulator:
                 "to generic ticks",
             )
             return
+        code = self._refusal(session, conid, snapshot)
+        if code is not None:
+            text = _TEXTS.get(code, f"simulated error {code}").format(n=self.config.snapshot_rate_limit)
+            session.error(req_id, code, text)
+            return
         if ((snapshot and self.config.snapshots_use_lines) or not snapshot) and self._lines() >= self.config.line_limit:
             session.error(req_id, 101, f"Max number of tickers has been reached:{self.config.line_limit}")
             return
@@ -592,11 +739,52 @@ class TwsSimulator:
         if snapshot and conid in self._never_answer:
             return
         session.send(TICK_REQ_PARAMS, req_id, c.min_tick, "9c0001", 3)
-        session.send(MARKET_DATA_TYPE, 1, req_id, 1)
-        self._quote(session, req_id, c, full=True)
-        if snapshot:
+        if conid in self.config.unsubscribed:  # only with type 3/4 here: 1/2 were refused with 354
+            session.error(req_id, 10167, _TEXTS[10167])
+        session.send(MARKET_DATA_TYPE, 1, req_id, self._data_type_id(session, conid))
+        if not snapshot:
+            self._quote(session, req_id, c, full=True)
+            return
+        low, high = self.config.snapshot_delay_min_s, self.config.snapshot_delay_max_s
+        delay = self._rng.uniform(low, high) if high > low else low
+        if delay > 0:
             assert self._loop is not None
-            self._loop.call_later(self.config.snapshot_end_delay_s, self._end_snapshot, session, req_id)
+            self._loop.call_later(delay, self._snapshot_quote, session, req_id, c)
+        else:
+            self._snapshot_quote(session, req_id, c)
+
+    def _refusal(self, session: _Session, conid: int, snapshot: bool) -> int | None:
+        """The error code IB answers a market data request with (before the line check), or None."""
+        config = self.config
+        if conid in config.refused:
+            return config.refused[conid]
+        if conid in config.unsubscribed and session.market_data_type in (1, 2):
+            return 354
+        if self._farm_down:
+            return 10182
+        if snapshot and config.snapshot_rate_limit > 0:
+            now = time.monotonic()
+            times = self._snapshot_times
+            while times and now - times[0] >= config.snapshot_rate_window_s:
+                times.popleft()
+            if len(times) >= config.snapshot_rate_limit:
+                return 321
+            times.append(now)
+        return None
+
+    def _data_type_id(self, session: _Session, conid: int) -> int:
+        """What tick 58 says: 1 live, 2 frozen, 3 delayed, 4 delayed-frozen."""
+        frozen = self.config.market_closed and session.market_data_type in (2, 4)
+        if conid in self.config.unsubscribed:
+            return 4 if frozen else 3
+        return 2 if frozen else 1
+
+    def _snapshot_quote(self, session: _Session, req_id: int, c: SimContract) -> None:
+        if req_id not in session.snapshots:
+            return  # cancelled (or killed) before its quote was due
+        self._quote(session, req_id, c, full=True)
+        assert self._loop is not None
+        self._loop.call_later(self.config.snapshot_end_delay_s, self._end_snapshot, session, req_id)
 
     def _end_snapshot(self, session: _Session, req_id: int) -> None:
         if session.snapshots.pop(req_id, None) is not None:
@@ -619,12 +807,18 @@ class TwsSimulator:
             und_price, base = 0.0, _base_price(c.conid)
         bid = round(base + 0.01 * (n % 7), 2)
         ask = round(bid + 0.02, 2)
-        session.send(TICK_PRICE, 6, req_id, 1, bid, 100 + n % 50, 0)
-        session.send(TICK_PRICE, 6, req_id, 2, ask, 200 + n % 50, 0)
-        session.send(TICK_PRICE, 6, req_id, 4, round(bid + 0.01, 2), 5, 0)
+        kind = self._data_type_id(session, c.conid)
+        tick = (lambda t: DELAYED_TICKS[t]) if kind in (3, 4) else (lambda t: t)
+        if self.config.market_closed and kind in (1, 3):  # closed, not frozen: IB's -1 for "no quote"
+            session.send(TICK_PRICE, 6, req_id, tick(1), -1, 0, 0)
+            session.send(TICK_PRICE, 6, req_id, tick(2), -1, 0, 0)
+        else:
+            session.send(TICK_PRICE, 6, req_id, tick(1), bid, 100 + n % 50, 0)
+            session.send(TICK_PRICE, 6, req_id, tick(2), ask, 200 + n % 50, 0)
+        session.send(TICK_PRICE, 6, req_id, tick(4), round(bid + 0.01, 2), 5, 0)
         if full:
-            session.send(TICK_PRICE, 6, req_id, 9, round(base - 0.5, 2), 0, 0)
-            session.send(TICK_SIZE, 6, req_id, 8, 1000 + n)
+            session.send(TICK_PRICE, 6, req_id, tick(9), round(base - 0.5, 2), 0, 0)
+            session.send(TICK_SIZE, 6, req_id, tick(8), 1000 + n)
         if c.sec_type == "OPT":
             sign = 1.0 if c.right == "C" else -1.0
             delta = sign * round(0.5 - (c.strike - und_price) / 200.0, 4)
@@ -651,6 +845,15 @@ class TwsSimulator:
             for session in list(self._sessions):
                 for req_id, conid in list(session.streams.items()):
                     self._quote(session, req_id, self.config.contracts[conid], full=False)
+
+
+    def _mark(self, c: SimContract) -> float:
+        """The mark IB's portfolio updates carry: the quote's base price."""
+        if c.sec_type == "OPT":
+            under = self.config.contracts.get(c.under_conid)
+            und_price = _base_price(under.conid) if under else 100.0
+            return max(0.05, round(abs(und_price - c.strike) * 0.5 + 2.0, 2))
+        return _base_price(c.conid)
 
 
 def _base_price(conid: int) -> float:
