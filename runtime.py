@@ -37,6 +37,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from actors.cli_checks import OneLineParser, data_dir_problem, duration, log_level, port_problem
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOG_FAILED = 0, 1, 2, 3
 COMMANDS = ("run", "registry", "status", "replay", "audit", "verify")
 
@@ -45,7 +47,7 @@ COMMANDS = ("run", "registry", "status", "replay", "audit", "verify")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="runtime.py",
         description="Slotwise keeps every IB position and its market data in sync within IB's market data lines.",
         epilog="With no command, 'run' is assumed. Exit codes: 0 ok, 1 failed, 2 usage, 3 event log failed.",
@@ -59,12 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the runtime (default)")
     data_dir_arg(run)
     run.add_argument("--demo", action="store_true", help="run against the built-in simulated IB account")
-    run.add_argument("--duration", type=float, help="stop cleanly after S seconds (demo default: [demo] default_duration_s)")
+    run.add_argument(
+        "--duration", type=duration, help="stop cleanly after S seconds, 0: until stopped (demo default: [demo] default_duration_s)"
+    )
     run.add_argument("--ib-host")
     run.add_argument("--ib-port", type=int)
     run.add_argument("--client-id", type=int)
     run.add_argument("--allow-broken-log", action="store_true", help="start even if verify finds a broken hash chain")
-    run.add_argument("--log-level", default=os.environ.get("SLOTWISE_LOG_LEVEL", "INFO"))
+    run.add_argument("--log-level", type=log_level, help="TRACE, DEBUG, INFO (default), WARNING, ... or $SLOTWISE_LOG_LEVEL")
 
     registry = sub.add_parser("registry", help="change or list the active strategies of the running runtime")
     reg_sub = registry.add_subparsers(dest="registry_command", required=True)
@@ -220,6 +224,15 @@ class Runtime:
         from events.ib import Connect, MarketUpdate, PositionChanged, PositionsComplete
 
         rt = self.config.runtime
+        if self.config.metrics.enabled:
+            from actors.metrics import MetricsServer
+
+            # bound before the log opens: a port in use refuses the start with nothing written
+            metrics = self.config.metrics
+            try:
+                self.metrics = MetricsServer(metrics.host, metrics.port, self.metrics_snapshot).start()
+            except OSError as exc:
+                raise StartRefused(f"metrics port {metrics.host}:{metrics.port} cannot be opened: {exc.strerror or exc}") from None
         self.log = EventLog.open(self.data_dir, config=self.config.log)
         self.log.add_failure_listener(self._on_log_failure)
         self._verify_on_start()
@@ -258,11 +271,16 @@ class Runtime:
             ib = IbActor.start(self.config.ib)
         self.refs["ib"] = ib
         self.handlers.add(writer, accepts=(MarketUpdate, PositionChanged), batches=True)
+        fresh = self.config.freshness
         router_settings = RouterSettings(
             max_lines=rt.max_lines,
-            snapshot_reserve=rt.snapshot_reserve,
-            refresh_interval_s=rt.refresh_interval_s,
-            line_cap_hold_s=rt.line_cap_hold_s,
+            min_snapshot_lines=fresh.min_snapshot_lines,
+            monitoring_s=fresh.monitoring_s,
+            overflow_s=fresh.overflow_s,
+            line_probe_s=fresh.line_probe_s,
+            min_dwell_s=fresh.min_dwell_s,
+            risk_factor=fresh.risk_factor,
+            lost_line_s=max(60.0, 4 * self.config.ib.snapshot_timeout_s),
         )
         # subscribe first, then read the registry: an activation may arrive twice, never not at all
         registry_proxy = registry.proxy()
@@ -272,20 +290,25 @@ class Runtime:
             ib=ib,
             queue=queue,
             handlers=self.handlers,
+            snapshots=snapshots,
         )
         registry_proxy.add_subscriber(router).get(timeout=10)
         registry_proxy.add_subscriber(reconciliation).get(timeout=10)
-        router.tell(ActiveAtStart(conids=sorted(registry_proxy.all_active().get(timeout=10))))
+        router.tell(
+            ActiveAtStart(
+                conids=sorted(registry_proxy.all_active().get(timeout=10)),
+                priorities=registry_proxy.priorities().get(timeout=10),
+            )
+        )
         worker = QueueWorker.start(
             WorkerSettings(
-                poll_interval_s=rt.poll_interval_s,
-                batch_size=rt.batch_size,
-                snapshot_reserve=rt.snapshot_reserve,
+                max_snapshot_msgs_per_s=fresh.max_snapshot_msgs_per_s,
                 lease_s=rt.lease_s,
                 snapshot_timeout_s=self.config.ib.snapshot_timeout_s,
             ),
             queue=queue,
             ib=ib,
+            router=router,
             handlers=self.handlers,
         )
         self.refs.update(router=router, worker=worker)
@@ -294,16 +317,14 @@ class Runtime:
         _ = PositionsComplete
         ib.tell(Connect())
         self.control = ControlServer(control_socket_path(self.data_dir), self._handle_control).start()
-        if self.config.metrics.enabled:
-            from actors.metrics import MetricsServer
-
-            self.metrics = MetricsServer(self.config.metrics.host, self.config.metrics.port, self.metrics_snapshot).start()
         logger.info(
-            "slotwise running ({}; data {}, {} lines, {} reserved for snapshots)",
+            "slotwise running ({}; data {}, at most {} lines, {} always for snapshots; targets {:g} s, overflow {:g} s)",
             "demo" if self.demo else f"IB {self.config.ib.host}:{self.config.ib.port}",
             self.data_dir,
             rt.max_lines,
-            rt.snapshot_reserve,
+            fresh.min_snapshot_lines,
+            fresh.monitoring_s,
+            fresh.overflow_s,
         )
 
     def _verify_on_start(self) -> None:
@@ -464,7 +485,8 @@ class Runtime:
         )
 
     def metrics_snapshot(self) -> dict[str, Any]:
-        return self.status()
+        """The status, once the runtime has started (metrics are served from before the log opens)."""
+        return self.status() if self.control is not None else {}
 
     def _handle_control(self, line: bytes) -> dict[str, Any]:
         try:
@@ -499,6 +521,10 @@ class Runtime:
 
 class BrokenLogError(RuntimeError):
     """``run`` refused to append to a log whose hash chain is broken."""
+
+
+class StartRefused(RuntimeError):
+    """``run`` cannot start for a reason the operator must fix; nothing was written."""
 
 
 def _control_error(code: str, message: str, field: str | None = None) -> dict[str, Any]:
@@ -537,8 +563,12 @@ def run_runtime(config: Config, *, demo: bool, duration: float | None, allow_bro
     except DataDirLocked as exc:
         logger.error("{}", exc)
         return EXIT_FAILED
-    except BrokenLogError as exc:
+    except (BrokenLogError, StartRefused) as exc:
         logger.error("{}", exc)
+        runtime.stop()
+        return EXIT_FAILED
+    except OSError as exc:  # the data directory went away or became unwritable between the checks and the open
+        logger.error("the runtime cannot start: {}", exc)
         runtime.stop()
         return EXIT_FAILED
     except LogFailedError as exc:
@@ -572,10 +602,14 @@ def run_runtime(config: Config, *, demo: bool, duration: float | None, allow_bro
 
 
 def _call_runtime(data_dir: str, payload: dict[str, Any]) -> dict[str, Any] | None:
+    path = control_socket_path(data_dir)
     try:
-        return request(control_socket_path(data_dir), payload)
+        return request(path, payload)
     except ControlUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return None
+    except OSError as exc:  # e.g. a socket of another user's runtime
+        print(f"error: the runtime's control socket {path} cannot be used: {exc.strerror or exc}", file=sys.stderr)
         return None
 
 
@@ -768,15 +802,38 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config = resolve_config(args)
+        level = _log_level(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    # refused before anything is opened: a mistake must leave the data directory as it was
+    problem = data_dir_problem(config.runtime.data_dir, write=args.command == "run")
+    if problem is None and args.command == "run" and config.metrics.enabled:
+        problem = port_problem(config.metrics.host, config.metrics.port)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_FAILED
+    configure_logging(level)
     if args.command == "run":
-        configure_logging(args.log_level)
         return run_runtime(config, demo=args.demo, duration=args.duration, allow_broken_log=args.allow_broken_log)
-    configure_logging(os.environ.get("SLOTWISE_LOG_LEVEL", "WARNING"))
     handler = {"registry": cmd_registry, "status": cmd_status, "replay": cmd_replay, "audit": cmd_audit, "verify": cmd_verify}
-    return handler[args.command](args, config)
+    try:
+        return handler[args.command](args, config)
+    except BrokenPipeError:  # `... | head` closed our stdout: the reader has what it wanted
+        return _stdout_closed()
+
+
+def _log_level(args: argparse.Namespace) -> str:
+    """``--log-level``, else ``$SLOTWISE_LOG_LEVEL``, else INFO for ``run`` and WARNING for the client commands."""
+    if getattr(args, "log_level", None):
+        return args.log_level
+    env = os.environ.get("SLOTWISE_LOG_LEVEL")
+    if env is None:
+        return "INFO" if args.command == "run" else "WARNING"
+    try:
+        return log_level(env)
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigError(f"environment variable SLOTWISE_LOG_LEVEL: {exc}") from None
 
 
 def _exit(code: int) -> None:

@@ -11,6 +11,7 @@ errors that name the key, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -118,11 +119,17 @@ def load_config(
 ) -> Config:
     """Defaults <- TOML file <- SLOTWISE_* environment <- ``overrides`` (the flags)."""
     data: dict[str, dict[str, Any]] = {}
+    #: (section, key) -> where its value came from, so an error names the variable or flag to fix
+    origin: dict[tuple[str, str], str] = {}
     if path is not None:
         try:
             raw = tomllib.loads(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a directory, not a TOML file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
         for section, values in raw.items():
@@ -133,21 +140,26 @@ def load_config(
         target = _env_target(name)
         if target is not None:
             data.setdefault(target[0], {})[target[1]] = _env_value(value)
+            origin[target] = f"environment variable {name}"
     for section, values in (overrides or {}).items():
         for key, value in values.items():
             if value is not None:
                 data.setdefault(section, {})[key] = value
+                origin[(section, key)] = "the command line"
     for section, values in data.items():
         if section not in _SECTIONS:
             raise ConfigError(f"unknown config section [{section}] (known: {', '.join(_SECTIONS)})")
         known = {f.encode_name for f in msgspec.structs.fields(_SECTIONS[section])}
         for key in values:
             if key not in known:
-                raise ConfigError(f"unknown config key {section}.{key} (known: {', '.join(sorted(known))})")
+                where = f" (from {origin[(section, key)]})" if (section, key) in origin else ""
+                raise ConfigError(f"unknown config key {section}.{key}{where} (known: {', '.join(sorted(known))})")
     try:
         return msgspec.convert(data, Config, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"invalid configuration: {exc}") from None
+        found = re.search(r"`\$\.(\w+)\.(\w+)", str(exc))
+        source = origin.get((found.group(1), found.group(2))) if found else None
+        raise ConfigError(f"invalid configuration: {exc}{f' (from {source})' if source else ''}") from None
 
 
 #: SLOTWISE_* variables that are not config keys (read elsewhere).
