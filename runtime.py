@@ -271,16 +271,11 @@ class Runtime:
             ib = IbActor.start(self.config.ib)
         self.refs["ib"] = ib
         self.handlers.add(writer, accepts=(MarketUpdate, PositionChanged), batches=True)
-        fresh = self.config.freshness
         router_settings = RouterSettings(
             max_lines=rt.max_lines,
-            min_snapshot_lines=fresh.min_snapshot_lines,
-            monitoring_s=fresh.monitoring_s,
-            overflow_s=fresh.overflow_s,
-            line_probe_s=fresh.line_probe_s,
-            min_dwell_s=fresh.min_dwell_s,
-            risk_factor=fresh.risk_factor,
-            lost_line_s=max(60.0, 4 * self.config.ib.snapshot_timeout_s),
+            snapshot_reserve=rt.snapshot_reserve,
+            refresh_interval_s=rt.refresh_interval_s,
+            line_cap_hold_s=rt.line_cap_hold_s,
         )
         # subscribe first, then read the registry: an activation may arrive twice, never not at all
         registry_proxy = registry.proxy()
@@ -290,25 +285,20 @@ class Runtime:
             ib=ib,
             queue=queue,
             handlers=self.handlers,
-            snapshots=snapshots,
         )
         registry_proxy.add_subscriber(router).get(timeout=10)
         registry_proxy.add_subscriber(reconciliation).get(timeout=10)
-        router.tell(
-            ActiveAtStart(
-                conids=sorted(registry_proxy.all_active().get(timeout=10)),
-                priorities=registry_proxy.priorities().get(timeout=10),
-            )
-        )
+        router.tell(ActiveAtStart(conids=sorted(registry_proxy.all_active().get(timeout=10))))
         worker = QueueWorker.start(
             WorkerSettings(
-                max_snapshot_msgs_per_s=fresh.max_snapshot_msgs_per_s,
+                poll_interval_s=rt.poll_interval_s,
+                batch_size=rt.batch_size,
+                snapshot_reserve=rt.snapshot_reserve,
                 lease_s=rt.lease_s,
                 snapshot_timeout_s=self.config.ib.snapshot_timeout_s,
             ),
             queue=queue,
             ib=ib,
-            router=router,
             handlers=self.handlers,
         )
         self.refs.update(router=router, worker=worker)
@@ -318,13 +308,11 @@ class Runtime:
         ib.tell(Connect())
         self.control = ControlServer(control_socket_path(self.data_dir), self._handle_control).start()
         logger.info(
-            "slotwise running ({}; data {}, at most {} lines, {} always for snapshots; targets {:g} s, overflow {:g} s)",
+            "slotwise running ({}; data {}, {} lines, {} reserved for snapshots)",
             "demo" if self.demo else f"IB {self.config.ib.host}:{self.config.ib.port}",
             self.data_dir,
             rt.max_lines,
-            fresh.min_snapshot_lines,
-            fresh.monitoring_s,
-            fresh.overflow_s,
+            rt.snapshot_reserve,
         )
 
     def _verify_on_start(self) -> None:
