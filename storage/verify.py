@@ -106,18 +106,26 @@ def verify_log(
     storage_options: dict[str, str] | None = None,
     *,
     on_event: Callable[[int, str, object], None] | None = None,
+    after: tuple[int, str] | None = None,
 ) -> VerifyReport:
-    """Check every row; ``on_event(seq, stream, event)`` sees each decoded event (e.g. to check snapshots)."""
+    """Check every row; ``on_event(seq, stream, event)`` sees each decoded event (e.g. to check snapshots).
+
+    ``after=(seq, hash)`` continues the chain from a head already proven
+    (a signed checkpoint whose files are checked): only later rows are read.
+    """
     report = VerifyReport(ok=True)
     if not table_exists(uri, storage_options):
         return report
     chain = _Chain(report, on_event)
+    if after is not None:
+        chain.expected, chain.prev = after[0] + 1, after[1]
+        report.last_seq, report.last_hash = after
     try:
         dt = open_table(uri, storage_options)
     except Exception as exc:  # noqa: BLE001 - a damaged Delta log shows up as many error types
         return _bad(report, 1, f"the Delta log of the events table cannot be read: {exc}")
     try:
-        for batch in read_batches(dt):
+        for batch in read_batches(dt, from_seq=None if after is None else chain.expected):
             chain.check(batch)
     except _Broken as broken:
         return _bad(report, broken.seq, broken.problem, _file_of(dt, broken.seq))
