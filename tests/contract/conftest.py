@@ -1,19 +1,21 @@
 """The IB harnesses the contract suite runs against: the fake actor, and the real one on the simulator.
 
 Both see the same account (the simulator's default universe), so a test can
-name the same conids whichever implementation it drives.
+name the same conids whichever implementation it drives. IB's data realities
+(:class:`Realities`) are named once here and translated into the fake's
+settings and the simulator's config, so one test states one behaviour for both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pykka
 import pytest
 
-from actors.fake_ib import FakeIbActor, FakeIbSettings, InjectDisconnect
+from actors.fake_ib import FakeIbActor, FakeIbSettings, InjectDisconnect, InjectError, InjectFarmBlip, InjectFarmOk
 from actors.ib import IbActor
 from events.ib import Connect, ConnectionState, ConnectionStateChanged, IbSettings, PositionChanged
 from tests.simulator import SimConfig, TwsSimulator, default_universe
@@ -24,14 +26,39 @@ CALL = 900001
 UNKNOWN = 4242
 
 
+@dataclass(kw_only=True)
+class Realities:
+    """How the simulated IB behaves, in one vocabulary for the fake and the simulator."""
+
+    #: What the IB actor asks for with reqMarketDataType (1 live, 2 frozen, 3 delayed, 4 delayed-frozen).
+    market_data_type: int = 4
+    unsubscribed: list[int] = field(default_factory=list)
+    #: conid -> error code every market data request of it gets.
+    refused: dict[int, int] = field(default_factory=dict)
+    market_closed: bool = False
+    #: A snapshot's quote comes after this long (the fake answers then; the simulator quotes then).
+    snapshot_delay_s: float = 0.0
+    #: Quote -> tickSnapshotEnd at the simulator (the fake has no end: it frees the line with the answer).
+    snapshot_end_delay_s: float = 0.02
+    snapshot_rate_limit: int = 0
+    snapshot_rate_window_s: float = 1.0
+    portfolio_interval_s: float = 0.0
+    reissue_initial_s: float = 2.0
+
+
 @dataclass
 class IbHarness:
     """How a contract test drives one implementation."""
 
     name: str
-    #: (line limit, min_stream_age_s=0.05) -> connected (ref, inbox)
+    #: (line limit, min_stream_age_s=0.05, realities=Realities()) -> connected (ref, inbox)
     start: Callable[..., tuple[pykka.ActorRef[Any], Inbox]]
     drop: Callable[[pykka.ActorRef[Any]], None]  # lose the connection; the implementation reconnects
+    #: (ref, code): 1100/1101/1102 on a socket that stays up.
+    reset: Callable[[pykka.ActorRef[Any], int], None]
+    #: (ref, down_s or None): a market data farm blip; None = until farm_ok.
+    farm_blip: Callable[[pykka.ActorRef[Any], float | None], None]
+    farm_ok: Callable[[pykka.ActorRef[Any]], None]
 
 
 def _universe() -> SimConfig:
@@ -72,7 +99,10 @@ def ib(request: pytest.FixtureRequest) -> Iterator[IbHarness]:
     config = _universe()
     if request.param == "fake":
 
-        def start_fake(line_limit: int, min_stream_age_s: float = 0.05) -> tuple[pykka.ActorRef[Any], Inbox]:
+        def start_fake(
+            line_limit: int, min_stream_age_s: float = 0.05, realities: Realities | None = None
+        ) -> tuple[pykka.ActorRef[Any], Inbox]:
+            r = realities or Realities()
             inbox = Inbox.start()
             assert inbox.ref is not None
             settings = FakeIbSettings(
@@ -80,20 +110,50 @@ def ib(request: pytest.FixtureRequest) -> Iterator[IbHarness]:
                 line_limit=line_limit,
                 tick_interval_s=0.02,
                 min_stream_age_s=min_stream_age_s,
+                market_data_type=r.market_data_type,
+                unsubscribed=r.unsubscribed,
+                errors=r.refused,
+                market_closed=r.market_closed,
+                snapshot_latency_s=r.snapshot_delay_s,
+                snapshot_rate_limit=r.snapshot_rate_limit,
+                snapshot_rate_window_s=r.snapshot_rate_window_s,
+                portfolio_interval_s=r.portfolio_interval_s,
+                reissue_initial_s=r.reissue_initial_s,
             )
             ref = FakeIbActor.start(settings, [inbox.ref])
             ref.tell(Connect())
             _wait_connected(inbox)
             return ref, inbox
 
-        yield IbHarness("fake", start_fake, lambda ref: ref.tell(InjectDisconnect()))
+        yield IbHarness(
+            "fake",
+            start_fake,
+            lambda ref: ref.tell(InjectDisconnect()),
+            reset=lambda ref, code: ref.tell(InjectError(code=code)),
+            farm_blip=lambda ref, down_s: ref.tell(InjectFarmBlip(down_s=down_s)),
+            farm_ok=lambda ref: ref.tell(InjectFarmOk()),
+        )
         return
 
     sim = TwsSimulator(config)
     sim.start()
 
-    def start_real(line_limit: int, min_stream_age_s: float = 0.05) -> tuple[pykka.ActorRef[Any], Inbox]:
-        sim.set_line_limit(line_limit)
+    def start_real(
+        line_limit: int, min_stream_age_s: float = 0.05, realities: Realities | None = None
+    ) -> tuple[pykka.ActorRef[Any], Inbox]:
+        r = realities or Realities()
+        sim.configure(
+            line_limit=line_limit,
+            unsubscribed=set(r.unsubscribed),
+            refused=dict(r.refused),
+            market_closed=r.market_closed,
+            snapshot_delay_min_s=r.snapshot_delay_s,
+            snapshot_delay_max_s=r.snapshot_delay_s,
+            snapshot_end_delay_s=r.snapshot_end_delay_s,
+            snapshot_rate_limit=r.snapshot_rate_limit,
+            snapshot_rate_window_s=r.snapshot_rate_window_s,
+            portfolio_interval_s=r.portfolio_interval_s,
+        )
         inbox = Inbox.start()
         assert inbox.ref is not None
         settings = IbSettings(
@@ -102,6 +162,8 @@ def ib(request: pytest.FixtureRequest) -> Iterator[IbHarness]:
             reconnect_initial_s=0.05,
             reconnect_max_s=0.5,
             connect_timeout_s=5,
+            market_data_type=r.market_data_type,
+            reissue_initial_s=r.reissue_initial_s,
         )
         ref = IbActor.start(settings, [inbox.ref])
         ref.tell(Connect())
@@ -109,7 +171,14 @@ def ib(request: pytest.FixtureRequest) -> Iterator[IbHarness]:
         return ref, inbox
 
     try:
-        yield IbHarness("real", start_real, lambda _ref: sim.drop_connections())
+        yield IbHarness(
+            "real",
+            start_real,
+            lambda _ref: sim.drop_connections(),
+            reset=lambda _ref, code: sim.send_error(code),
+            farm_blip=lambda _ref, down_s: sim.farm_blip(down_s),
+            farm_ok=lambda _ref: sim.farm_ok(),
+        )
     finally:
         pykka.ActorRegistry.stop_all(timeout=10)
         sim.stop()
