@@ -9,7 +9,8 @@
     python runtime.py replay  [--data-dir DIR] [--as-of ISO-TIME | --seq N] [--json]
     python runtime.py audit   [--data-dir DIR] [--conid C] [--type T] [--since ISO] [--until ISO]
                               [--format table|jsonl|csv]
-    python runtime.py verify  [--data-dir DIR]
+    python runtime.py verify  [--data-dir DIR] [--digest FILE]
+    python runtime.py digest  [--data-dir DIR]
 
 ``run`` builds the actor graph (DESIGN.md section 2) and runs until SIGINT or
 SIGTERM (or ``--duration``), then stops it in order: no new work, streams
@@ -40,7 +41,7 @@ from typing import Any
 from actors.cli_checks import OneLineParser, data_dir_problem, duration, log_level, port_problem
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOG_FAILED = 0, 1, 2, 3
-COMMANDS = ("run", "registry", "status", "replay", "audit", "verify")
+COMMANDS = ("run", "registry", "status", "replay", "audit", "verify", "digest")
 
 
 # ---------------------------------------------------------------------- command line
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Slotwise keeps every IB position and its market data in sync within IB's market data lines.",
         epilog="With no command, 'run' is assumed. Exit codes: 0 ok, 1 failed, 2 usage, 3 event log failed.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{run,registry,status,replay,audit,verify}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,registry,status,replay,audit,verify,digest}")
 
     def data_dir_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--data-dir", help="data directory or delta-rs URI (default ./data, or $SLOTWISE_DATA_DIR)")
@@ -101,8 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--format", choices=("table", "jsonl", "csv"), default="table")
     data_dir_arg(audit)
 
-    verify = sub.add_parser("verify", help="check seq continuity, the hash chain, payloads and snapshots")
+    verify = sub.add_parser("verify", help="check seq continuity, the hash chain, payloads, snapshots and signed checkpoints")
+    verify.add_argument("--digest", metavar="FILE", help="prove the log still holds the head in FILE (from 'digest')")
     data_dir_arg(verify)
+
+    digest = sub.add_parser("digest", help="print the newest signed head of the log (JSON), for an auditor to keep")
+    data_dir_arg(digest)
     return parser
 
 
@@ -131,8 +136,11 @@ try:
     from events.log import RuntimeStarted, RuntimeStopped
     from events.queue import QueueStats, Requeue
     from events.registry import AddActive, AddActiveMany, ListActive, RemoveActive, RemoveActiveMany
+    from storage.checkpointer import Checkpointer
+    from storage.checkpoints import CheckpointStore
     from storage.event_log import EventLog, LogFailedError
     from storage.lock import DataDirLocked
+    from storage.signing import Signer, SigningKeyError, load_signer, resolve_key_path
     from storage.snapshots import SnapshotStore
     from storage.tables import is_local, table_uri
 except ModuleNotFoundError as _missing:
@@ -233,9 +241,15 @@ class Runtime:
                 self.metrics = MetricsServer(metrics.host, metrics.port, self.metrics_snapshot).start()
             except OSError as exc:
                 raise StartRefused(f"metrics port {metrics.host}:{metrics.port} cannot be opened: {exc.strerror or exc}") from None
+        try:  # the key before the log: a missing or bad key refuses the start with nothing written
+            self.signer = audit_signer(self.config, create=not CheckpointStore(self.data_dir).exists())
+        except SigningKeyError as exc:
+            raise StartRefused(str(exc)) from None
         self.log = EventLog.open(self.data_dir, config=self.config.log)
         self.log.add_failure_listener(self._on_log_failure)
         self._verify_on_start()
+        if self.signer is not None:
+            Checkpointer(self.log, self.signer, every=self.config.audit.checkpoint_every).start()
         snapshots = SnapshotStore(self.data_dir)
         self.log.append(
             RuntimeStarted(
@@ -316,11 +330,17 @@ class Runtime:
         )
 
     def _verify_on_start(self) -> None:
+        from storage.attest import verify_start
         from storage.verify import verify_log
 
         if not self.config.runtime.verify_on_start:
             return
-        report = verify_log(table_uri(self.data_dir, "events"))
+        if self.signer is None:
+            report: Any = verify_log(table_uri(self.data_dir, "events"))
+        else:
+            report = verify_start(self.data_dir, trusted_keys(self.config, self.signer))
+            if report.ok and report.method == "full" and report.last_seq:
+                logger.info("start-up verified the whole chain ({}); the next start begins at a checkpoint", report.reason)
         if report.ok:
             return
         message = f"the event log is broken at seq {report.first_bad_seq}: {report.problem}"
@@ -773,17 +793,92 @@ def cmd_audit(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, config: Config) -> int:
-    """Seq continuity, hash chain, payloads, snapshots; exit 0 intact, 1 naming the first bad seq."""
+    """Seq continuity, hash chain, payloads, snapshots, signed checkpoints; exit 0 intact, 1 naming the first bad seq."""
+    from storage.attest import DigestError, check_checkpoints, load_digest, verify_digest
     from storage.verify import verify_data_dir
 
-    if _events_table_missing(config.runtime.data_dir):
+    data_dir = config.runtime.data_dir
+    if args.digest is not None:
+        try:
+            digest = load_digest(args.digest)
+        except DigestError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        if _events_table_missing(data_dir):
+            return EXIT_FAILED
+        proof = verify_digest(data_dir, digest)
+        if not proof.ok:
+            where = "" if proof.first_bad_seq is None else f" at seq {proof.first_bad_seq}"
+            print(f"BROKEN{where}: {proof.problem}")
+            return EXIT_FAILED
+        print(
+            f"ok: the log holds the digest's head, seq {digest.seq} (hash {digest.hash[:16]}..., signed {digest.time} "
+            f"by key {digest.key_fingerprint[:16]}...); {proof.checkpoints} signed checkpoints up to it agree; "
+            f"hash chain intact through seq {proof.last_seq}"
+        )
+        return EXIT_OK
+    if _events_table_missing(data_dir):
         return EXIT_FAILED
-    report = verify_data_dir(config.runtime.data_dir)
+    trusted = _cli_trusted_keys(config, data_dir)
+    if trusted is None:
+        return EXIT_FAILED
+    report = verify_data_dir(data_dir)
+    signed = check_checkpoints(data_dir, trusted) if report.ok else None
+    if report.ok and signed is not None and not signed.ok:
+        report.ok, report.first_bad_seq, report.problem = False, signed.first_bad_seq, signed.problem
     if report.ok:
-        print(f"ok: {report.events} events, seq 1..{report.last_seq}, hash chain intact, every payload decodes{report.detail}")
+        checkpoints = f"; {signed.checkpoints} signed checkpoints verified" if signed and signed.checkpoints else ""
+        print(f"ok: {report.events} events, seq 1..{report.last_seq}, hash chain intact, every payload decodes{report.detail}{checkpoints}")
         return EXIT_OK
     print(f"BROKEN at seq {report.first_bad_seq}: {report.problem}")
     return EXIT_FAILED
+
+
+def cmd_digest(args: argparse.Namespace, config: Config) -> int:
+    """Print the newest signed head as one JSON object: what an auditor stores outside the data directory."""
+    from storage.attest import digest_of
+
+    data_dir = config.runtime.data_dir
+    if _events_table_missing(data_dir):
+        return EXIT_FAILED
+    trusted = _cli_trusted_keys(config, data_dir)
+    if trusted is None:
+        return EXIT_FAILED
+    newest = CheckpointStore(data_dir).newest()
+    if newest is None:
+        print(f"error: no signed checkpoint in {data_dir} yet (one is written every [audit] checkpoint_every events and at every clean stop)", file=sys.stderr)
+        return EXIT_FAILED
+    if not newest.signature_valid() or newest.statement.public_key not in trusted:
+        print(f"error: the newest checkpoint (seq {newest.seq}) is not validly signed by a trusted key; run 'python runtime.py verify'", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(msgspec.to_builtins(digest_of(newest))))
+    return EXIT_OK
+
+
+def _cli_trusted_keys(config: Config, data_dir: str) -> set[str] | None:
+    """The public keys checkpoints may be signed with; None (after saying why) when the key is needed and unusable."""
+    try:
+        return trusted_keys(config, audit_signer(config, create=False))
+    except SigningKeyError as exc:
+        if not CheckpointStore(data_dir).exists():
+            return set(config.audit.trusted_keys)  # nothing signed yet: nothing to check the key against
+        print(f"error: {exc}; it is needed to check the signed checkpoints", file=sys.stderr)
+        return None
+
+
+def audit_signer(config: Config, *, create: bool) -> Signer | None:
+    """The [audit] signing key (created first if ``create`` and it is missing), or None when signing is off."""
+    if not config.audit.sign:
+        return None
+    return load_signer(resolve_key_path(config.audit.signing_key), create=create)
+
+
+def trusted_keys(config: Config, signer: Signer | None) -> set[str]:
+    """This installation's public key and the retired ones of [audit] trusted_keys."""
+    keys = set(config.audit.trusted_keys)
+    if signer is not None:
+        keys.add(signer.public_key)
+    return keys
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -804,7 +899,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(level)
     if args.command == "run":
         return run_runtime(config, demo=args.demo, duration=args.duration, allow_broken_log=args.allow_broken_log)
-    handler = {"registry": cmd_registry, "status": cmd_status, "replay": cmd_replay, "audit": cmd_audit, "verify": cmd_verify}
+    handler = {"registry": cmd_registry, "status": cmd_status, "replay": cmd_replay, "audit": cmd_audit, "verify": cmd_verify, "digest": cmd_digest}
     try:
         return handler[args.command](args, config)
     except BrokenPipeError:  # `... | head` closed our stdout: the reader has what it wanted
