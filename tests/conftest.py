@@ -27,6 +27,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True)
+def _signing_key_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runtimes started by tests (in process or as subprocesses, which inherit the environment) create and
+    use their signing key under a temporary config directory, never the real ~/.config."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.getbasetemp() / "xdg-config"))
+    monkeypatch.delenv("SLOTWISE_AUDIT_SIGNING_KEY", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _stop_all_actors() -> Iterator[None]:
     yield
     pykka.ActorRegistry.stop_all(timeout=10)
