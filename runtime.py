@@ -339,7 +339,13 @@ class Runtime:
             report: Any = verify_log(table_uri(self.data_dir, "events"))
         else:
             report = verify_start(self.data_dir, trusted_keys(self.config, self.signer))
-            if report.ok and report.method == "full" and report.last_seq:
+            if report.ok and report.method == "checkpoint":
+                logger.info(
+                    "start-up verified from the signed checkpoint at seq {}: its data files, then {} later events",
+                    report.last_seq - report.events,
+                    report.events,
+                )
+            elif report.ok and report.last_seq:
                 logger.info("start-up verified the whole chain ({}); the next start begins at a checkpoint", report.reason)
         if report.ok:
             return
