@@ -47,6 +47,7 @@ from events.codec import encode_event
 from storage.hashing import GENESIS_HASH, row_hash
 from storage.lock import DirectoryLock
 from storage.maintenance import WRITER_KEY, Maintenance, append_hooks, keep_table_properties
+from storage.object_fence import refuse_live_writer, release
 from storage.reader import StoredEvent, max_seq, read_batches, read_events, table_exists
 from storage.tables import EVENTS_SCHEMA, LogConfig, is_local, table_properties, table_uri
 
@@ -248,6 +249,8 @@ class EventLog:
         try:
             if table_exists(self.uri, self.storage_options):
                 self._dt = DeltaTable(self.uri, storage_options=self.storage_options)
+                if self._lock_file is None:  # object storage: no lock file, so look who committed last
+                    refuse_live_writer(self._dt, self.data_dir, self.writer_id, self.config.takeover_after_s)
                 self._recover_tail()
                 self._apply_table_properties()
             else:
@@ -377,6 +380,11 @@ class EventLog:
                     fn()
                 except Exception:  # noqa: BLE001 - a listener's failure must not keep the lock held
                     logger.exception("event log close listener failed")
+            if self._lock_file is None and self._failed is None and self._dt is not None:
+                try:  # object storage: tell the next writer it need not wait out takeover_after_s
+                    release(self._dt, self.writer_id, EVENTS_SCHEMA)
+                except Exception as exc:  # noqa: BLE001 - then the next writer waits; nothing is lost
+                    logger.warning("event log release commit failed: {!r}", exc)
             if self._lock_file is not None:
                 self._lock_file.release()
             self._closed = True

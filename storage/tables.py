@@ -73,6 +73,11 @@ class LogConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     #: reader needs between listing the log and reading it. Time travel by version reaches
     #: back only this far; audits use the ``ts`` column instead.
     log_retention_minutes: Annotated[float, msgspec.Meta(ge=0.01)] = 1.0
+    #: Object storage only (no lock file there): a log whose newest commit is another writer's and
+    #: younger than this is refused as in use; an older one is taken over (its writer died, or is
+    #: fenced at its next commit). Longer than the quietest gap between a live runtime's commits
+    #: (it re-enqueues every ``refresh_interval_s``); 0 always takes over.
+    takeover_after_s: Annotated[float, msgspec.Meta(ge=0)] = 180.0
 
 
 def table_properties(config: LogConfig) -> dict[str, str]:
