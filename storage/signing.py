@@ -24,7 +24,7 @@ import os
 import stat
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -117,7 +117,7 @@ def load_signer(path: Path, *, create: bool = False) -> Signer:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
         raise SigningKeyError(f"signing key {path} is encrypted; Slotwise needs an unencrypted PKCS#8 key") from None
-    except (ValueError, serialization.UnsupportedAlgorithm):
+    except (ValueError, UnsupportedAlgorithm):
         raise SigningKeyError(f"signing key {path} is not a PEM private key") from None
     if not isinstance(key, Ed25519PrivateKey):
         kind = type(key).__name__.removeprefix("_").replace("PrivateKey", "")

@@ -1,0 +1,298 @@
+"""Signed checkpoints against an insider: digest, verify --digest, verify, and the start-up check.
+
+The insider here can write the data directory with any Delta engine and
+has this repository (so ``storage.hashing.row_hash``), but not the signing
+key, which lives outside the data directory. Every command runs as a user
+runs it: ``python runtime.py ...`` in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from deltalake import DeltaTable, write_deltalake
+
+from events.log import RuntimeStarted
+from storage.checkpointer import Checkpointer
+from storage.checkpoints import CheckpointStore, DataFile, sign_checkpoint
+from storage.event_log import EventLog
+from storage.hashing import GENESIS_HASH, row_hash
+from storage.signing import Signer, load_signer
+from storage.tables import EVENTS_SCHEMA, LogConfig
+from storage.verify import verify_log
+
+ROOT = Path(__file__).resolve().parents[2]
+EVENTS = 600
+
+
+@dataclass(frozen=True)
+class SignedLog:
+    data: Path
+    key: Path
+
+
+def cli(*args: str, key: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLOTWISE_")}
+    env["SLOTWISE_AUDIT_SIGNING_KEY"] = str(key)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "runtime.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+    )
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory: pytest.TempPathFactory) -> SignedLog:
+    """600 events written by the real writer with its signing thread: a checkpoint every 100, one at close."""
+    root = tmp_path_factory.mktemp("signed")
+    key = root / "key" / "signing.key"
+    data = root / "data"
+    log = EventLog.open(data, config=LogConfig(flush_ms=2.0, maintenance=False))
+    Checkpointer(log, load_signer(key, create=True), every=100).start()
+    for i in range(EVENTS):
+        log.append(RuntimeStarted(writer_id="w", pid=i, host="h", mode="run", max_lines=100), stream="runtime", key="runtime")
+        if i % 25 == 24:
+            log.flush()
+    log.close()
+    return SignedLog(data, key)
+
+
+@pytest.fixture
+def signed(original: SignedLog, tmp_path: Path) -> SignedLog:
+    """A copy the test may tamper with."""
+    data = tmp_path / "data"
+    shutil.copytree(original.data, data)
+    return SignedLog(data, original.key)
+
+
+def take_digest(log: SignedLog, tmp_path: Path) -> Path:
+    result = cli("digest", "--data-dir", str(log.data), key=log.key)
+    assert result.returncode == 0, result.stderr
+    path = tmp_path / "digest.json"
+    path.write_text(result.stdout)
+    return path
+
+
+def rewrite_with_recomputed_chain(data: Path, seq: int) -> None:
+    """The insider's edit: change event ``seq`` and recompute every hash from there with the project's own row_hash."""
+    uri = str(data / "events")
+    dt = DeltaTable(uri)
+    table = dt.to_pyarrow_table().sort_by("seq")
+    rows = table.to_pylist()
+    ts_us = table.column("ts").cast(pa.int64()).to_pylist()
+    prev = GENESIS_HASH if seq == 1 else rows[seq - 2]["hash"]
+    for i in range(seq - 1, len(rows)):
+        row = rows[i]
+        if row["seq"] == seq:
+            row["payload"] = row["payload"].replace('"max_lines":100', '"max_lines":999')
+        row["hash"] = prev = row_hash(
+            prev, row["seq"], ts_us[i], row["type"], row["stream"], row["key"], row["v"], row["payload"].encode()
+        )
+    dt.alter.set_table_properties({"delta.appendOnly": "false"})
+    write_deltalake(uri, pa.Table.from_pylist(rows, schema=EVENTS_SCHEMA), mode="overwrite")
+    assert verify_log(uri).ok  # the chain alone no longer shows anything
+
+
+def one_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The refusal: exactly one line, no traceback."""
+    out = (result.stdout + result.stderr).strip()
+    assert "Traceback" not in out, out
+    assert len(out.splitlines()) == 1, out
+    return out
+
+
+# ---------------------------------------------------------------------- digest and verify --digest
+
+
+def test_digest_is_one_json_object_that_verify_accepts(signed: SignedLog, tmp_path: Path) -> None:
+    path = take_digest(signed, tmp_path)
+    digest = json.loads(path.read_text())
+    assert digest["seq"] == EVENTS
+    assert {"hash", "time", "key_fingerprint", "signature", "public_key"} <= set(digest)
+    result = cli("verify", "--data-dir", str(signed.data), "--digest", str(path), key=signed.key)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"seq {EVENTS}" in result.stdout
+
+
+def test_rewrite_with_recomputed_chain_is_named_by_verify_digest(signed: SignedLog, tmp_path: Path) -> None:
+    path = take_digest(signed, tmp_path)
+    rewrite_with_recomputed_chain(signed.data, 150)
+    result = cli("verify", "--data-dir", str(signed.data), "--digest", str(path), key=signed.key)
+    assert result.returncode == 1
+    assert one_line(result).startswith("BROKEN at seq 150: seq 150 is not the row")
+
+
+def test_rewrite_with_the_checkpoints_deleted_too_is_still_caught(signed: SignedLog, tmp_path: Path) -> None:
+    path = take_digest(signed, tmp_path)
+    rewrite_with_recomputed_chain(signed.data, 150)
+    shutil.rmtree(signed.data / "checkpoints")
+    assert cli("verify", "--data-dir", str(signed.data), key=signed.key).returncode == 0  # nothing left inside to say so
+    result = cli("verify", "--data-dir", str(signed.data), "--digest", str(path), key=signed.key)
+    assert result.returncode == 1
+    assert f"history at or before seq {EVENTS} was rewritten" in one_line(result)
+
+
+def test_tail_truncation_is_caught(signed: SignedLog, tmp_path: Path) -> None:
+    path = take_digest(signed, tmp_path)
+    events = DeltaTable(str(signed.data / "events"))
+    events.alter.set_table_properties({"delta.appendOnly": "false"})
+    events.delete("seq > 540")
+    DeltaTable(str(signed.data / "checkpoints")).delete("seq > 540")  # and the checkpoints that would tell
+    result = cli("verify", "--data-dir", str(signed.data), "--digest", str(path), key=signed.key)
+    assert result.returncode == 1
+    assert one_line(result) == f"BROKEN at seq 541: truncated: the log ends at seq 540, before the digest's head at seq {EVENTS}"
+
+
+def test_truncation_is_caught_by_verify_while_the_checkpoints_remain(signed: SignedLog) -> None:
+    events = DeltaTable(str(signed.data / "events"))
+    events.alter.set_table_properties({"delta.appendOnly": "false"})
+    events.delete("seq > 540")
+    result = cli("verify", "--data-dir", str(signed.data), key=signed.key)
+    assert result.returncode == 1
+    assert one_line(result).startswith("BROKEN at seq 541: truncated: the log ends at seq 540")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "cannot be read"),
+        ("not json", "is not JSON"),
+        ('{"seq": 1}', "is not a Slotwise digest"),
+    ],
+)
+def test_a_bad_digest_file_is_one_line(signed: SignedLog, tmp_path: Path, content: str | None, message: str) -> None:
+    path = tmp_path / "digest.json"
+    if content is not None:
+        path.write_text(content)
+    result = cli("verify", "--data-dir", str(signed.data), "--digest", str(path), key=signed.key)
+    assert result.returncode == 1
+    assert message in one_line(result)
+
+
+def test_an_altered_digest_is_refused(signed: SignedLog, tmp_path: Path) -> None:
+    path = take_digest(signed, tmp_path)
+    digest = json.loads(path.read_text())
+    digest["seq"] -= 1  # an auditor's copy changed after the fact
+    path.write_text(json.dumps(digest))
+    result = cli("verify", "--data-dir", str(signed.data), "--digest", str(path), key=signed.key)
+    assert result.returncode == 1
+    assert "the digest's signature does not verify" in one_line(result)
+
+
+# ---------------------------------------------------------------------- forged checkpoints
+
+
+def forge(data: Path, signer: Signer, *, tamper_signature: bool = False) -> None:
+    """After a rewrite, the insider signs a checkpoint of the new head with a key of their own."""
+    newest = CheckpointStore(str(data)).newest()
+    assert newest is not None
+    dt = DeltaTable(str(data / "events"))
+    head = dt.to_pyarrow_table(filters=[("seq", "=", EVENTS)]).column("hash")[0].as_py()
+    files = [DataFile(path=f.path, size=f.size, sha256=f.sha256, min_seq=f.min_seq, max_seq=f.max_seq) for f in newest.files]
+    forged = sign_checkpoint(
+        signer, table_id=dt.metadata().id, seq=EVENTS, head=head, delta_version=dt.version(), prev_seq=newest.statement.prev_seq,
+        files=files, row_hashes=newest.row_hashes, reason="stop",
+    )
+    if tamper_signature:
+        forged = type(forged)(statement=forged.statement, signature="00" * 64, reason="stop", files=forged.files, row_hashes=forged.row_hashes)
+    CheckpointStore(str(data)).append(forged)
+
+
+def test_a_checkpoint_signed_with_another_key_is_caught(signed: SignedLog, tmp_path: Path) -> None:
+    forge(signed.data, load_signer(tmp_path / "insider.key", create=True))
+    result = cli("verify", "--data-dir", str(signed.data), key=signed.key)
+    assert result.returncode == 1
+    assert one_line(result).startswith(f"BROKEN at seq {EVENTS}: the checkpoint at seq {EVENTS} is signed by key")
+    assert "not a trusted key" in result.stdout
+
+
+def test_a_rewrite_under_a_forged_checkpoint_does_not_start(signed: SignedLog, tmp_path: Path) -> None:
+    """The insider's aim: a fast start that trusts their checkpoint instead of re-reading the rewritten chain."""
+    rewrite_with_recomputed_chain(signed.data, 150)
+    forge(signed.data, load_signer(tmp_path / "insider.key", create=True))
+    run = cli("run", "--demo", "--duration", "1", "--data-dir", str(signed.data), key=signed.key)
+    assert run.returncode == 1
+    assert "is signed by key" in run.stderr
+    assert "not a trusted key" in run.stderr
+    assert "Traceback" not in run.stderr
+    result = cli("verify", "--data-dir", str(signed.data), key=signed.key)
+    assert one_line(result).startswith("BROKEN at seq 150: seq 150 is not the row")
+
+
+def test_a_checkpoint_with_a_bad_signature_is_caught_at_start(signed: SignedLog) -> None:
+    forge(signed.data, load_signer(signed.key), tamper_signature=True)
+    run = cli("run", "--demo", "--duration", "1", "--data-dir", str(signed.data), key=signed.key)
+    assert run.returncode == 1
+    assert "signature that does not verify" in run.stderr
+
+
+# ---------------------------------------------------------------------- the signing key
+
+
+def events_version(data: Path) -> int:
+    return DeltaTable(str(data / "events")).version()
+
+
+def refused_run(signed: SignedLog, key: Path) -> str:
+    before = (events_version(signed.data), len(CheckpointStore(str(signed.data)).read()))
+    run = cli("run", "--demo", "--duration", "1", "--data-dir", str(signed.data), "--log-level", "WARNING", key=key)
+    assert run.returncode == 1
+    assert (events_version(signed.data), len(CheckpointStore(str(signed.data)).read())) == before  # nothing changed
+    return one_line(run)
+
+
+def test_a_missing_key_is_refused_once_the_log_is_signed(signed: SignedLog, tmp_path: Path) -> None:
+    key = tmp_path / "nowhere" / "signing.key"
+    assert "does not exist" in refused_run(signed, key)
+    assert not key.exists()  # never silently replaced by a new key
+
+
+def test_a_key_of_the_wrong_type_is_refused(signed: SignedLog, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = tmp_path / "ec.key"
+    pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    key.write_bytes(pem)
+    key.chmod(0o600)
+    assert "is a EC key, not Ed25519" in refused_run(signed, key)
+
+
+def test_a_key_that_is_not_a_key_is_refused(signed: SignedLog, tmp_path: Path) -> None:
+    key = tmp_path / "junk.key"
+    key.write_text("hello\n")
+    key.chmod(0o600)
+    assert "is not a PEM private key" in refused_run(signed, key)
+
+
+def test_an_unreadable_key_path_is_refused(signed: SignedLog, tmp_path: Path) -> None:
+    key = tmp_path / "a-directory.key"
+    key.mkdir()
+    assert "is not a regular file" in refused_run(signed, key)
+
+
+def test_a_world_readable_key_is_refused(signed: SignedLog, tmp_path: Path) -> None:
+    key = tmp_path / "signing.key"
+    shutil.copy(signed.key, key)
+    key.chmod(0o644)
+    assert "readable by others (mode 0644): run chmod 600" in refused_run(signed, key)
+
+
+def test_verify_needs_the_key_once_the_log_is_signed(signed: SignedLog, tmp_path: Path) -> None:
+    result = cli("verify", "--data-dir", str(signed.data), key=tmp_path / "missing.key")
+    assert result.returncode == 1
+    assert "needed to check the signed checkpoints" in one_line(result)
