@@ -44,6 +44,7 @@ from loguru import logger
 
 from events.base import Event
 from events.codec import encode_event
+from storage.durability import sync_commit, sync_new_table
 from storage.hashing import GENESIS_HASH, row_hash
 from storage.lock import DirectoryLock
 from storage.maintenance import WRITER_KEY, Maintenance, append_hooks, keep_table_properties
@@ -264,6 +265,8 @@ class EventLog:
                     storage_options=self.storage_options,
                     commit_properties=CommitProperties(custom_metadata={WRITER_KEY: self.writer_id}),
                 )
+                if self._syncs:
+                    sync_new_table(self.uri, self._dt.version())
             self._known_version = self._dt.version()
             self._fast_append = self._make_fast_append()
         except BaseException:
@@ -531,7 +534,8 @@ class EventLog:
         )
         self._batch_no += 1
         started = time.perf_counter()
-        self._write_with_retries(table, self._batch_no)
+        version = self._write_with_retries(table, self._batch_no)
+        self._make_durable(version)
         self.commit_latency_ms.append((time.perf_counter() - started) * 1000)
         self.commits += 1
         batch.last_seq = batch.seqs[-1]
@@ -545,7 +549,25 @@ class EventLog:
         if self._maintenance is not None:
             self._maintenance.note_commit()
 
-    def _write_with_retries(self, table: pa.Table, batch_no: int) -> None:
+    @property
+    def _syncs(self) -> bool:
+        return self.config.fsync and self._lock_file is not None  # a local data dir (object stores: see durability)
+
+    def _make_durable(self, version: int | None) -> None:
+        """fsync the commit before its receipts resolve; an fsync error stops the log (no retry after one).
+
+        Not retried: after a failed fsync the kernel may have dropped the
+        dirty pages, so a second fsync that succeeds proves nothing.
+        """
+        if not self._syncs:
+            return
+        if version is None:  # found committed after an ambiguous failure: which version is not known
+            os.sync()
+            return
+        sync_commit(self.uri, version)
+
+    def _write_with_retries(self, table: pa.Table, batch_no: int) -> int | None:
+        """Commit ``table`` as batch ``batch_no``; the version it got, or None if a retry found it already there."""
         assert self._dt is not None
         failures = 0
         benign_moves = 0
@@ -555,14 +577,14 @@ class EventLog:
                     self._fault_hook(batch_no)
                 self._append_table(table, batch_no)
                 self._known_version = self._dt.version()
-                return
+                return self._known_version
             except Exception as exc:
                 if self._already_committed(batch_no):
                     logger.warning(
                         "commit of batch {} reported {!r} but it is in the table: not writing it twice", batch_no, exc
                     )
                     self._known_version = self._dt.version()
-                    return
+                    return None
                 if isinstance(exc, CommitFailedError) and benign_moves < 1000:
                     mover = self._foreign_writer_since_known()
                     if mover is not None:

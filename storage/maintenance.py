@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from deltalake import DeltaTable
 from deltalake.transaction import CommitProperties, PostCommitHookProperties
 from loguru import logger
 
+from storage.durability import local_dir, sync_checkpoint, sync_commit
 from storage.tables import LogConfig, table_properties
 
 #: Commit metadata key naming the writer; the event log's fencing reads it.
@@ -74,9 +76,12 @@ def run_maintenance(dt: DeltaTable, config: LogConfig, writer_id: str, *, vacuum
     )
     started = time.perf_counter()
     dt.update_incremental()
+    before = dt.version()
     metrics = dt.optimize.compact(target_size=config.compact_target_mb * 1024 * 1024, commit_properties=meta)
-    dt.create_checkpoint()
-    dt.cleanup_metadata()
+    table_dir = synced_dir(dt, config)
+    if dt.version() != before and table_dir is not None:
+        sync_commit(table_dir, dt.version())  # the compacted files, before a checkpoint names them
+    checkpoint_then_clean(dt, config)
     removed: list[str] = []
     if vacuum:
         removed = dt.vacuum(
@@ -91,6 +96,25 @@ def run_maintenance(dt: DeltaTable, config: LogConfig, writer_id: str, *, vacuum
         "vacuumed": len(removed),
         "seconds": time.perf_counter() - started,
     }
+
+
+def synced_dir(dt: DeltaTable, config: LogConfig) -> Path | None:
+    """The table's directory where this module must fsync what it wrote (local, ``fsync`` on), else None."""
+    return local_dir(dt.table_uri) if config.fsync else None
+
+
+def checkpoint_then_clean(dt: DeltaTable, config: LogConfig) -> None:
+    """Checkpoint, make it durable, then drop commit files past the retention (what keeps commits cheap).
+
+    The order matters on a local disk: cleaning deletes commit files below the
+    checkpoint, so the checkpoint must be on disk first, or a power cut could
+    keep the deletions and lose the checkpoint (and with it those events).
+    """
+    dt.create_checkpoint()
+    table_dir = synced_dir(dt, config)
+    if table_dir is not None:
+        sync_checkpoint(table_dir, dt.version())
+    dt.cleanup_metadata()
 
 
 class Maintenance:
@@ -171,8 +195,7 @@ class Maintenance:
                 if not compact:
                     # the writer's appends skip the post-commit checkpoint; it is taken here instead
                     dt.update_incremental()
-                    dt.create_checkpoint()
-                    dt.cleanup_metadata()  # drops commit files past the retention: what keeps commits cheap
+                    checkpoint_then_clean(dt, self.config)
                     self.checkpoints += 1
                     continue
                 self._last_run = time.monotonic()

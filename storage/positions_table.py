@@ -15,8 +15,9 @@ import msgspec
 import pyarrow as pa
 from deltalake import DeltaTable, write_deltalake
 
+from storage.durability import sync_commit, sync_new_table
 from storage.maintenance import Maintenance, append_hooks, keep_table_properties
-from storage.tables import LogConfig, table_properties, table_uri
+from storage.tables import LogConfig, is_local, table_properties, table_uri
 
 __all__ = ["POSITIONS_COLUMNS", "POSITIONS_SCHEMA", "PositionsConfig", "PositionsTable"]
 
@@ -88,7 +89,7 @@ class PositionsTable:
         if self._dt is not None:
             return self._dt
         if not DeltaTable.is_deltatable(self.uri, storage_options=self.storage_options):
-            DeltaTable.create(
+            created = DeltaTable.create(
                 self.uri,
                 schema=POSITIONS_SCHEMA,
                 mode="ignore",
@@ -97,6 +98,8 @@ class PositionsTable:
                 configuration=table_properties(self.config),
                 storage_options=self.storage_options,
             )
+            if self._syncs:
+                sync_new_table(self.uri, created.version())
         dt = DeltaTable(self.uri, storage_options=self.storage_options)
         keep_table_properties(dt, self.config, self.WRITER_ID)
         self._dt = dt
@@ -112,11 +115,17 @@ class PositionsTable:
         dt = self.ensure()
         try:
             write_deltalake(dt, rows, mode="append", post_commithook_properties=append_hooks(self.config, dt))
+            if self._syncs:  # on disk before the writer reports the flush
+                sync_commit(self.uri, dt.version())
         except BaseException:
             self._dt = None  # whatever state the handle is in, the next append opens the table afresh
             raise
         if self._maintenance is not None:
             self._maintenance.note_commit()
+
+    @property
+    def _syncs(self) -> bool:
+        return self.config.fsync and is_local(self.uri)
 
     def maintenance_stats(self) -> dict[str, Any] | None:
         return None if self._maintenance is None else self._maintenance.stats()

@@ -22,7 +22,8 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable, write_deltalake
 from loguru import logger
 
-from storage.tables import SNAPSHOTS_SCHEMA, table_uri
+from storage.durability import sync_commit, sync_new_table
+from storage.tables import SNAPSHOTS_SCHEMA, is_local, table_uri
 
 __all__ = ["SnapshotStore", "StoredSnapshot"]
 
@@ -60,6 +61,9 @@ class SnapshotStore:
         )
         with self._lock:
             write_deltalake(self.uri, row, mode="append", storage_options=self.storage_options)
+            if is_local(self.uri):  # on disk before recovery may rely on it and skip the events it covers
+                version = DeltaTable(self.uri).version()
+                (sync_new_table if version == 0 else sync_commit)(self.uri, version)
             self.saved += 1
         logger.debug("snapshot of {} at seq {} ({} bytes)", stream, seq, len(state))
 

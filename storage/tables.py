@@ -73,6 +73,10 @@ class LogConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     #: reader needs between listing the log and reading it. Time travel by version reaches
     #: back only this far; audits use the ``ts`` column instead.
     log_retention_minutes: Annotated[float, msgspec.Meta(ge=0.01)] = 1.0
+    #: fsync each commit's files and directories before acknowledging it (local data dirs). Off only
+    #: for data nobody needs after a power cut (throwaway benchmarks): then "durable" means "in the
+    #: page cache" and a kernel crash or power cut can lose acknowledged events.
+    fsync: bool = True
     #: Object storage only (no lock file there): a log whose newest commit is another writer's and
     #: younger than this is refused as in use; an older one is taken over (its writer died, or is
     #: fenced at its next commit). Longer than the quietest gap between a live runtime's commits

@@ -1,0 +1,105 @@
+"""Durable means on disk: no receipt resolves before its commit's files and directories are fsynced.
+
+The sync is observed through :func:`storage.durability.fsync` (the one place
+the storage layer calls ``os.fsync``), recorded only once each call has
+returned; what each commit needed is read from its commit file independently.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+from deltalake import DeltaTable
+
+import storage.durability as durability
+from events.queue import ItemEnqueued
+from storage.event_log import CommitBatch, EventLog, LogFailedError
+from storage.snapshots import SnapshotStore
+from storage.tables import LogConfig
+from tests.conftest import TEST_LOG_CONFIG
+
+
+def enqueued(i: int) -> ItemEnqueued:
+    return ItemEnqueued(item_id=i, conid=i, priority=2, enqueued_us=i)
+
+
+def needed_by(table: Path, version: int) -> set[Path]:
+    """What commit ``version`` needs on disk: its data files, their directory, the commit file and ``_delta_log``."""
+    commit = table / "_delta_log" / f"{version:020d}.json"
+    added = [
+        table / unquote(json.loads(line)["add"]["path"])
+        for line in commit.read_text().splitlines()
+        if line.strip() and "add" in json.loads(line)
+    ]
+    return {*added, *(p.parent for p in added), table, commit, commit.parent}
+
+
+@pytest.fixture
+def synced(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    done: list[Path] = []
+    real = durability.fsync
+
+    def recording(path: str | Path) -> None:
+        real(path)
+        done.append(Path(path))
+
+    monkeypatch.setattr(durability, "fsync", recording)
+    return done
+
+
+def test_no_receipt_resolves_before_its_commit_is_fsynced(
+    data_dir: Path, synced: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    at_resolve: dict[int, set[Path]] = {}
+    real_resolve = CommitBatch._resolve
+
+    def noting(batch: CommitBatch, error: BaseException | None) -> None:
+        at_resolve[batch.seqs[0]] = set(synced)  # what had been fsynced when the receipts were released
+        real_resolve(batch, error)
+
+    monkeypatch.setattr(CommitBatch, "_resolve", noting)
+    with EventLog.open(data_dir, config=TEST_LOG_CONFIG) as log:
+        for i in range(1, 6):
+            assert log.append(enqueued(i), stream="queue", key=str(i)).wait(10) == i
+    table = data_dir / "events"
+    assert DeltaTable(str(table)).version() == 5  # maintenance off: batch i is version i
+    for seq in range(1, 6):
+        missing = needed_by(table, seq) - at_resolve[seq]
+        assert not missing, f"seq {seq} acknowledged before these were fsynced: {sorted(map(str, missing))}"
+    assert needed_by(table, 0) | {data_dir} <= set(synced), "the new table itself was not made durable"
+
+
+def test_an_fsync_error_fails_the_receipt_and_stops_the_log(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with EventLog.open(data_dir, config=TEST_LOG_CONFIG) as log:
+        log.append(enqueued(1), stream="queue", key="1").wait(10)
+
+        def failing(path: str | Path) -> None:
+            raise OSError(errno.EIO, "Input/output error", str(path))
+
+        monkeypatch.setattr(durability, "fsync", failing)
+        doomed = log.append(enqueued(2), stream="queue", key="2")
+        with pytest.raises(LogFailedError, match="Input/output error"):
+            doomed.wait(10)
+        assert log.durable_seq == 1
+        with pytest.raises(LogFailedError):
+            log.append(enqueued(3), stream="queue", key="3")
+
+
+def test_without_fsync_nothing_is_synced(data_dir: Path, synced: list[Path]) -> None:
+    """The switch benchmarks use to measure the cost: off really means off."""
+    config = LogConfig(flush_ms=2.0, maintenance=False, fsync=False)
+    with EventLog.open(data_dir, config=config) as log:
+        log.append(enqueued(1), stream="queue", key="1").wait(10)
+    assert synced == []
+
+
+def test_a_snapshot_is_fsynced_before_save_returns(data_dir: Path, synced: list[Path]) -> None:
+    store = SnapshotStore(str(data_dir))
+    store.save("queue", 1, b"{}")
+    store.save("queue", 2, b"{}")
+    table = data_dir / "snapshots"
+    assert needed_by(table, 0) | needed_by(table, 1) | {data_dir} <= set(synced)
