@@ -39,9 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from actors.cli_checks import OneLineParser, data_dir_problem, duration, log_level, port_problem
+from actors.operator_cli import add_parsers as operator_parsers
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOG_FAILED = 0, 1, 2, 3
-COMMANDS = ("run", "registry", "status", "replay", "audit", "verify", "digest")
+COMMANDS = ("run", "registry", "status", "replay", "audit", "verify", "digest", "contracts", "queue")
 
 
 # ---------------------------------------------------------------------- command line
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Slotwise keeps every IB position and its market data in sync within IB's market data lines.",
         epilog="With no command, 'run' is assumed. Exit codes: 0 ok, 1 failed, 2 usage, 3 event log failed.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{run,registry,status,replay,audit,verify,digest}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,registry,status,replay,audit,verify,digest,contracts,queue}")
 
     def data_dir_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--data-dir", help="data directory or delta-rs URI (default ./data, or $SLOTWISE_DATA_DIR)")
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     digest = sub.add_parser("digest", help="print the newest signed head of the log (JSON), for an auditor to keep")
     data_dir_arg(digest)
+    operator_parsers(sub, data_dir_arg)
     return parser
 
 
@@ -130,6 +132,9 @@ try:
 
     from actors.config import Config, ConfigError, load_config
     from actors.control import ControlServer, ControlUnavailable, request
+    from actors.operator_cli import CONTROL_REQUESTS as OPERATOR_REQUESTS
+    from actors.operator_cli import answer_control as answer_operator
+    from actors.operator_cli import cmd_contracts, cmd_queue
     from actors.handlers import HandlerSet
     from actors.messaging import CommandRejected, ask
     from events.commands import CommandError, decode_command
@@ -285,11 +290,16 @@ class Runtime:
             ib = IbActor.start(self.config.ib)
         self.refs["ib"] = ib
         self.handlers.add(writer, accepts=(MarketUpdate, PositionChanged), batches=True)
+        fresh = self.config.freshness
         router_settings = RouterSettings(
             max_lines=rt.max_lines,
-            snapshot_reserve=rt.snapshot_reserve,
-            refresh_interval_s=rt.refresh_interval_s,
-            line_cap_hold_s=rt.line_cap_hold_s,
+            min_snapshot_lines=fresh.min_snapshot_lines,
+            monitoring_s=fresh.monitoring_s,
+            overflow_s=fresh.overflow_s,
+            line_probe_s=fresh.line_probe_s,
+            min_dwell_s=fresh.min_dwell_s,
+            risk_factor=fresh.risk_factor,
+            lost_line_s=max(60.0, 4 * self.config.ib.snapshot_timeout_s),
         )
         # subscribe first, then read the registry: an activation may arrive twice, never not at all
         registry_proxy = registry.proxy()
@@ -299,20 +309,25 @@ class Runtime:
             ib=ib,
             queue=queue,
             handlers=self.handlers,
+            snapshots=snapshots,
         )
         registry_proxy.add_subscriber(router).get(timeout=10)
         registry_proxy.add_subscriber(reconciliation).get(timeout=10)
-        router.tell(ActiveAtStart(conids=sorted(registry_proxy.all_active().get(timeout=10))))
+        router.tell(
+            ActiveAtStart(
+                conids=sorted(registry_proxy.all_active().get(timeout=10)),
+                priorities=registry_proxy.priorities().get(timeout=10),
+            )
+        )
         worker = QueueWorker.start(
             WorkerSettings(
-                poll_interval_s=rt.poll_interval_s,
-                batch_size=rt.batch_size,
-                snapshot_reserve=rt.snapshot_reserve,
+                max_snapshot_msgs_per_s=fresh.max_snapshot_msgs_per_s,
                 lease_s=rt.lease_s,
                 snapshot_timeout_s=self.config.ib.snapshot_timeout_s,
             ),
             queue=queue,
             ib=ib,
+            router=router,
             handlers=self.handlers,
         )
         self.refs.update(router=router, worker=worker)
@@ -322,11 +337,13 @@ class Runtime:
         ib.tell(Connect())
         self.control = ControlServer(control_socket_path(self.data_dir), self._handle_control).start()
         logger.info(
-            "slotwise running ({}; data {}, {} lines, {} reserved for snapshots)",
+            "slotwise running ({}; data {}, at most {} lines, {} always for snapshots; targets {:g} s, overflow {:g} s)",
             "demo" if self.demo else f"IB {self.config.ib.host}:{self.config.ib.port}",
             self.data_dir,
             rt.max_lines,
-            rt.snapshot_reserve,
+            fresh.min_snapshot_lines,
+            fresh.monitoring_s,
+            fresh.overflow_s,
         )
 
     def _verify_on_start(self) -> None:
@@ -440,23 +457,37 @@ class Runtime:
         assert self.log is not None
         out: dict[str, Any] = {"uptime_s": round(time.monotonic() - self.started_at, 1), "mode": "demo" if self.demo else "run"}
         out["max_lines"] = self.config.runtime.max_lines
-        out["snapshot_reserve"] = self.config.runtime.snapshot_reserve
+        out["min_snapshot_lines"] = self.config.freshness.min_snapshot_lines
         try:
             ib = ask(self.refs["ib"], IbStats(), timeout=5)
-            out["ib"] = {"connected": ib.connected, "state": str(ib.state), "requests_sent": ib.requests_sent}
-            out["lines_in_use"] = ib.lines_in_use
+            out["ib"] = {
+                "connected": ib.connected,
+                "state": str(ib.state),
+                "requests_sent": ib.requests_sent,
+                "lines_in_use": ib.lines_in_use,
+            }
             out["peak_lines"] = ib.peak_lines
             out["snapshots_in_flight"] = ib.snapshots_in_flight
         except Exception as exc:  # noqa: BLE001 - status must answer even if a part does not
             out["ib"] = {"connected": False, "state": f"unknown ({exc!r})"}
         try:
             router = ask(self.refs["router"], RouterStatus(), timeout=5)
+            # the line ledger's figures: the one count of lines (streams + open snapshots)
+            out["lines_in_use"] = router.lines_in_use
+            out["lines_free"] = router.lines_free
+            out["line_limit"] = router.line_limit
+            out["learned_line_limit"] = router.line_cap
+            out["snapshot_lines"] = router.snapshot_lines
             out["streams"] = router.streams
             out["overflow"] = router.overflow
             out["active"] = router.active
             out["known_contracts"] = router.known
             out["stream_budget"] = router.budget
-            out["line_cap"] = router.line_cap
+            out["freshness"] = {
+                "monitoring_s": self.config.freshness.monitoring_s,
+                "overflow_s": self.config.freshness.overflow_s,
+                "ages": router.ages,
+            }
         except Exception as exc:  # noqa: BLE001
             out["router_error"] = repr(exc)
         try:
@@ -491,11 +522,23 @@ class Runtime:
     def status_line(self) -> str:
         s = self.status()
         q = s.get("queue", {})
+        ages = s.get("freshness", {}).get("ages", {})
+
+        def age(path: str) -> str:
+            a = ages.get(path)
+            if not a or not a.get("count"):
+                return f"{path} -"
+            never = f" ({a['never_priced']} unpriced)" if a.get("never_priced") else ""
+            return f"{path} {a['count']} p50 {a['p50_s']:.1f}s max {a['max_s']:.1f}s{never}"
+
+        limit = s.get("line_limit", s["max_lines"])
+        learned = "" if s.get("learned_line_limit") is None else " learned"
         return (
-            f"lines {s.get('lines_in_use', '?')}/{s['max_lines']} (streams {s.get('streams', '?')}, "
-            f"overflow {s.get('overflow', '?')}) | queue pending {q.get('pending', '?')} processing "
-            f"{q.get('processing', '?')} failed {q.get('failed', '?')} | positions rows {s.get('positions_rows_written', '?')}"
-            f" | events {s['last_seq']} ({s['events_per_s']}/s) | IB {s['ib'].get('state')}"
+            f"lines {s.get('lines_in_use', '?')}/{limit}{learned} (streams {s.get('streams', '?')}, "
+            f"snapshots {s.get('snapshot_lines', '?')}) | age {age('stream')}, {age('overflow')}, {age('queue')}"
+            f" | queue pending {q.get('pending', '?')} failed {q.get('failed', '?')}"
+            f" | rows {s.get('positions_rows_written', '?')} | events {s['last_seq']} ({s['events_per_s']}/s)"
+            f" | IB {s['ib'].get('state')}"
         )
 
     def metrics_snapshot(self) -> dict[str, Any]:
@@ -509,6 +552,8 @@ class Runtime:
             return _control_error("invalid", f"not JSON: {exc.msg} at column {exc.colno}")
         if not isinstance(raw, dict):
             return _control_error("invalid", "a request is a JSON object with a 'type'")
+        if raw.get("type") in OPERATOR_REQUESTS:
+            return answer_operator(raw, self.refs)
         if raw.get("type") == "status":
             if set(raw) - {"type"}:
                 return _control_error("invalid", "status takes no fields", field=sorted(set(raw) - {"type"})[0])
@@ -906,6 +951,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         return run_runtime(config, demo=args.demo, duration=args.duration, allow_broken_log=args.allow_broken_log)
     handler = {"registry": cmd_registry, "status": cmd_status, "replay": cmd_replay, "audit": cmd_audit, "verify": cmd_verify, "digest": cmd_digest}
+    handler.update(contracts=lambda a, c: cmd_contracts(a, c, _call_runtime), queue=lambda a, c: cmd_queue(a, c, _call_runtime))
     try:
         return handler[args.command](args, config)
     except BrokenPipeError:  # `... | head` closed our stdout: the reader has what it wanted

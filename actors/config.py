@@ -23,7 +23,7 @@ from events.ib import IbSettings
 from storage.positions_table import PositionsConfig
 from storage.tables import LogConfig
 
-__all__ = ["AuditSettings", "Config", "ConfigError", "DemoSettings", "MetricsSettings", "RuntimeSettings", "load_config"]
+__all__ = ["AuditSettings", "Config", "ConfigError", "DemoSettings", "FreshnessSettings", "MetricsSettings", "RuntimeSettings", "load_config"]
 
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=86_400)]
 
@@ -33,30 +33,45 @@ class RuntimeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
     #: Where the Delta tables live: a directory or a delta-rs URI (s3://, az://, gs://).
     data_dir: str = "./data"
-    #: Market data lines of the account (100 by default at IB; more with booster packs).
+    #: The most market data lines Slotwise will use (IB's default is 100; booster packs add more). Only a
+    #: ceiling: the account's true count is learned from IB's 101 and kept across restarts ([freshness]).
     max_lines: Annotated[int, msgspec.Meta(ge=2, le=100_000)] = 100
-    #: Lines kept free for in-flight snapshots; streams get max_lines - snapshot_reserve.
-    snapshot_reserve: Annotated[int, msgspec.Meta(ge=1, le=1_000)] = 10
-    #: The worker claims a batch this often...
-    poll_interval_s: Seconds = 5.0
-    #: ...of at most this many items.
-    batch_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 50
-    #: Every non-active contract is re-enqueued this often.
-    refresh_interval_s: Seconds = 60.0
     #: A claimed item returns to the queue if not acknowledged within this.
     lease_s: Seconds = 60.0
     #: Failed snapshots are retried with exponential backoff up to this many attempts, then dead-lettered.
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
     retry_backoff_s: Seconds = 2.0
     retry_backoff_cap_s: Seconds = 300.0
-    #: After IB refuses a stream with 101, no new stream is tried above the refused count for this long.
-    line_cap_hold_s: Seconds = 300.0
     #: Events between snapshots of the registry and the queue.
     snapshot_every: Annotated[int, msgspec.Meta(ge=100)] = 50_000
     #: Status line period for --demo and the log.
     status_interval_s: Seconds = 5.0
     #: Verify the whole hash chain before appending (a broken chain refuses to start).
     verify_on_start: bool = True
+
+
+class FreshnessSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What "fresh" means, and what the scheduler may spend on it (docs/architecture.md, "Freshness").
+
+    There is no refresh timer: the queue hands out the contracts furthest past
+    these targets first, and the worker keeps as many snapshots open as the
+    line ledger allows, within the message budget.
+    """
+
+    #: Target age (s) of a non-active contract's price.
+    monitoring_s: Seconds = 60.0
+    #: Target age (s) of an active contract's price while it has no line (overflow).
+    overflow_s: Seconds = 5.0
+    #: Snapshot requests per second at most: the share of IB's 50 messages/s snapshots may use.
+    max_snapshot_msgs_per_s: Annotated[float, msgspec.Meta(gt=0, le=45)] = 10.0
+    #: Lines streams never take, so snapshots always have some.
+    min_snapshot_lines: Annotated[int, msgspec.Meta(ge=1, le=1_000)] = 2
+    #: After IB's 101 taught a lower limit, try one line more this often (s).
+    line_probe_s: Seconds = 300.0
+    #: A stream keeps its line at least this long (s) before a better-ranked contract may take it.
+    min_dwell_s: Seconds = 30.0
+    #: At equal priority and expiry, a waiting contract needs this many times the risk to take a line.
+    risk_factor: Annotated[float, msgspec.Meta(ge=1, le=1_000)] = 2.0
 
 
 class MetricsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -95,6 +110,7 @@ class AuditSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     runtime: RuntimeSettings = RuntimeSettings()
+    freshness: FreshnessSettings = FreshnessSettings()
     ib: IbSettings = IbSettings()
     log: LogConfig = LogConfig()
     positions: PositionsConfig = PositionsConfig()
@@ -106,6 +122,15 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
 class ConfigError(ValueError):
     """A config file, variable or flag that cannot be used; the message names it."""
 
+
+#: Keys of earlier versions, and what replaced them (an old config file gets told, not just refused).
+_RETIRED = {
+    ("runtime", "poll_interval_s"): "the worker keeps snapshots open continuously ([freshness] max_snapshot_msgs_per_s)",
+    ("runtime", "batch_size"): "the worker takes as many contracts as lines are free ([freshness] max_snapshot_msgs_per_s)",
+    ("runtime", "refresh_interval_s"): "use [freshness] monitoring_s, the target age of a non-active contract's price",
+    ("runtime", "snapshot_reserve"): "use [freshness] min_snapshot_lines; every line not streaming serves snapshots",
+    ("runtime", "line_cap_hold_s"): "the line limit is learned from IB's 101 and re-probed ([freshness] line_probe_s)",
+}
 
 _SECTIONS: dict[str, Any] = {f.name: f.type for f in msgspec.structs.fields(Config)}
 _SHORTCUTS = {"SLOTWISE_DATA_DIR": ("runtime", "data_dir")}
@@ -153,6 +178,8 @@ def load_config(
         for key in values:
             if key not in known:
                 where = f" (from {origin[(section, key)]})" if (section, key) in origin else ""
+                if (section, key) in _RETIRED:
+                    raise ConfigError(f"config key {section}.{key}{where} is no longer used: {_RETIRED[(section, key)]}")
                 raise ConfigError(f"unknown config key {section}.{key}{where} (known: {', '.join(sorted(known))})")
     try:
         return msgspec.convert(data, Config, strict=False)

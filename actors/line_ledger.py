@@ -59,24 +59,22 @@ class LineLedger:
         self.learned: int | None = None
         #: The most lines known to have been held at once without a refusal.
         self.proven = 0
-        self.stream_lines = 0
         self.snapshots: dict[int, SnapshotLine] = {}
         self._next_line_id = 1
 
     # ------------------------------------------------------------------ figures
+    # ``streams`` is always the router's count of stream lines: streams plus cancels not yet out.
 
     @property
     def limit(self) -> int:
         """What the ledger will hold at most: the learned limit, never above ``max_lines``."""
         return self.max_lines if self.learned is None else max(1, min(self.max_lines, self.learned))
 
-    @property
-    def lines_held(self) -> int:
-        return self.stream_lines + len(self.snapshots)
+    def lines_held(self, streams: int) -> int:
+        return streams + len(self.snapshots)
 
-    @property
-    def lines_free(self) -> int:
-        return max(0, self.limit - self.lines_held)
+    def lines_free(self, streams: int) -> int:
+        return max(0, self.limit - self.lines_held(streams))
 
     @property
     def stream_slots(self) -> int:
@@ -90,19 +88,19 @@ class LineLedger:
         step = max(self.ramp_step, self.proven // 8)
         return min(self.limit, max(self.proven, self.min_snapshot_lines) + step)
 
-    def snapshot_room(self) -> int:
-        return max(0, self.snapshot_ceiling() - self.lines_held)
+    def snapshot_room(self, streams: int) -> int:
+        return max(0, self.snapshot_ceiling() - self.lines_held(streams))
 
     def stream_room(self, streams: int) -> bool:
-        """May one more stream start, with ``streams`` (this ledger's stream lines) already held?"""
-        return streams < self.stream_slots and self.lines_held < self.limit
+        """May one more stream start?"""
+        return streams < self.stream_slots and self.lines_held(streams) < self.limit
 
     # ------------------------------------------------------------------ snapshot lines
 
-    def lend(self, n: int, now: float) -> list[SnapshotLine]:
+    def lend(self, n: int, streams: int, now: float) -> list[SnapshotLine]:
         lent = []
-        for _ in range(max(0, min(n, self.snapshot_room()))):
-            line = SnapshotLine(self._next_line_id, self.lines_held + 1, now)
+        for _ in range(max(0, min(n, self.snapshot_room(streams)))):
+            line = SnapshotLine(self._next_line_id, self.lines_held(streams) + 1, now)
             self._next_line_id += 1
             self.snapshots[line.line_id] = line
             lent.append(line)
@@ -124,9 +122,13 @@ class LineLedger:
             return True
         return False
 
-    def limit_after_refusal(self) -> int | None:
-        """After IB refused a request (and its line was given back): the limit to learn, or None if not lower."""
-        accepted = max(1, self.lines_held)
+    def limit_after_refusal(self, streams: int) -> int | None:
+        """After IB refused a request (its line already given back): the limit to learn, or None if not lower.
+
+        What is still held is what IB accepted. (A line that closed in the
+        same instant makes this an underestimate; the upward probe repairs it.)
+        """
+        accepted = max(1, self.lines_held(streams))
         if self.learned is None or accepted < self.learned:
             return accepted
         return None

@@ -19,10 +19,18 @@ Rules, including the ones section 4 leaves open:
   instead, "merged into" the waiting item, which takes the better of the two
   priorities. One refresh is owed, not two; the failure count of the merged
   item is dropped with it.
-* **Claim order:** priority, then not-before time, then enqueue time (then
-  item id). Leases expire by ``ExpireLeases`` and before every Claim.
+* **Claim order: staleness.** The item whose contract's quote is furthest
+  past its target age (earliest ``due_us``) first, then the better priority,
+  then enqueue time (then item id). A coalesced Enqueue keeps the better
+  priority and the earlier due time. Items waiting out a retry backoff are
+  not claimable before their not-before time. Leases expire by
+  ``ExpireLeases`` and before every Claim.
+* **Idle-only enqueue** (``only_if_idle``): absorbed when the contract has any
+  waiting, processing or dead-lettered item.
 * **Fail:** retry after ``min(backoff_base_s * 2**(attempt-1), backoff_cap_s)``
-  until ``max_attempts`` attempts have failed, then FAILED (dead letter).
+  until ``max_attempts`` attempts have failed, then FAILED (dead letter). A
+  ``terminal`` Fail (no subscription even for delayed data, no such contract)
+  dead-letters at once: retrying cannot help and would only storm IB.
   Release and lease expiry do not count an attempt.
 * **Stale acks** (Succeed/Fail/Release of an item that is not PROCESSING, or
   under an older lease when ``leases``/``lease_until_us`` is given) change
@@ -209,26 +217,40 @@ class QueueActor(EventSourcedActor[QueueState]):
     # ------------------------------------------------------------------ decisions
 
     def _enqueue(self, command: Enqueue, now: int, ignored: dict[str, str]) -> int:
-        waiting = self.state.waiting_item(command.conid)
+        conid = command.conid
+        waiting = self.state.waiting_item(conid)
+        if command.only_if_idle and (
+            waiting is not None or self.state.processing_item(conid) is not None or self.state.dead_letters(conid)
+        ):
+            ignored[str(conid)] = "not idle: waiting, processing or dead-lettered"
+            return 0
+        due = command.due_us or now
         if waiting is None:
             self.persist(
                 ItemEnqueued(
                     item_id=self.state.next_item_id,
-                    conid=command.conid,
+                    conid=conid,
                     priority=command.priority,
                     reason=command.reason,
                     enqueued_us=now,
+                    due_us=due,
                 )
             )
             return 1
-        if command.priority < waiting.priority:
+        better = command.priority < waiting.priority
+        sooner = due < waiting.due_us
+        if better or sooner:
             self.persist(
                 ItemReprioritized(
-                    item_id=waiting.item_id, conid=command.conid, priority=command.priority, reason=command.reason
+                    item_id=waiting.item_id,
+                    conid=conid,
+                    priority=min(command.priority, waiting.priority),
+                    reason=command.reason if better else "",
+                    due_us=due if sooner else 0,
                 )
             )
             return 1
-        ignored[str(command.conid)] = f"coalesced into waiting item {waiting.item_id}"
+        ignored[str(conid)] = f"coalesced into waiting item {waiting.item_id}"
         return 0
 
     def _claim(self, command: Claim, now: int) -> Claimed:
@@ -253,6 +275,7 @@ class QueueActor(EventSourcedActor[QueueState]):
                     priority=item.priority,
                     attempt=attempt,
                     lease_until_us=lease_until,
+                    due_us=item.due_us,
                 )
             )
         return Claimed(items=claimed)
@@ -272,7 +295,7 @@ class QueueActor(EventSourcedActor[QueueState]):
 
     def _fail(self, item: QueueItem, command: Fail, now: int) -> None:
         attempt = item.attempt
-        if attempt >= self.max_attempts:
+        if attempt >= self.max_attempts or command.terminal:
             self.persist(
                 ItemDeadLettered(
                     item_id=item.item_id, conid=item.conid, failures=attempt, error=command.error, code=command.code

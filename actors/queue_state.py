@@ -6,8 +6,10 @@ replay of the log rebuilds exactly the state the live actor had.
 
 Indexes (derived, never stored; rebuilt by ``load``):
 
-* ``_ready``: heap of ``(priority, not_before_us, enqueued_us, item_id, gen)``
-  over waiting items that may run now -- the claim order of DESIGN.md section 4.
+* ``_ready``: heap of ``(due_us, priority, enqueued_us, item_id, gen)``
+  over waiting items that may run now -- the claim order of DESIGN.md section 4:
+  the item whose quote is furthest past its target (earliest ``due_us``) first,
+  the better priority on a tie.
 * ``_delayed``: heap of ``(not_before_us, item_id, gen)`` over items waiting
   out a retry backoff; :meth:`take_ready` moves the due ones to ``_ready``.
 * ``_leases``: heap of ``(lease_until_us, item_id, gen)`` over PROCESSING items.
@@ -63,6 +65,7 @@ class QueueItem:
         "code",
         "conid",
         "delayed",
+        "due_us",
         "enqueued_us",
         "failures",
         "gen",
@@ -76,12 +79,15 @@ class QueueItem:
         "worker",
     )
 
-    def __init__(self, item_id: int, conid: int, priority: int, reason: str, enqueued_us: int) -> None:
+    def __init__(
+        self, item_id: int, conid: int, priority: int, reason: str, enqueued_us: int, due_us: int = 0
+    ) -> None:
         self.item_id = item_id
         self.conid = conid
         self.priority = priority
         self.reason = reason
         self.enqueued_us = enqueued_us
+        self.due_us = due_us or enqueued_us
         self.not_before_us = enqueued_us
         self.status = PENDING
         self.attempt = 0  # attempt number of the latest claim
@@ -95,7 +101,7 @@ class QueueItem:
 
     _DUMPED: ClassVar[tuple[str, ...]] = (
         "item_id", "conid", "priority", "reason", "enqueued_us", "not_before_us", "status",
-        "attempt", "failures", "lease_until_us", "worker", "last_error", "code",
+        "attempt", "failures", "lease_until_us", "worker", "last_error", "code", "due_us",
     )  # fmt: skip
 
     def row(self) -> tuple[Any, ...]:
@@ -103,8 +109,9 @@ class QueueItem:
 
     @classmethod
     def from_row(cls, row: list[Any]) -> QueueItem:
+        """One dumped row; rows of snapshot version 1 have no ``due_us`` (it was the enqueue time)."""
         item = cls(row[0], row[1], row[2], row[3], row[4])
-        for name, value in zip(cls._DUMPED[5:], row[5:], strict=True):
+        for name, value in zip(cls._DUMPED[5:], row[5:], strict=False):
             setattr(item, name, value)
         return item
 
@@ -117,7 +124,8 @@ _ROW_OF = operator.attrgetter(*QueueItem._DUMPED)
 class QueueState:
     """Items by id, the one waiting item per contract, and the claim/lease/backoff heaps."""
 
-    snapshot_version: ClassVar[int] = 1
+    #: 2: rows end with ``due_us``.
+    snapshot_version: ClassVar[int] = 2
 
     def __init__(self) -> None:
         self.items: dict[int, QueueItem] = {}
@@ -189,7 +197,7 @@ class QueueState:
             item = self.items.get(item_id)
             if item is not None and item.gen == gen and item.status == PENDING and item.delayed:
                 item.delayed = False
-                heapq.heappush(ready, (item.priority, item.not_before_us, item.enqueued_us, item_id, gen))
+                heapq.heappush(ready, (item.due_us, item.priority, item.enqueued_us, item_id, gen))
         if len(ready) > 2 * len(self._waiting) + 4096:
             self._rebuild_ready()
             ready = self._ready
@@ -235,7 +243,7 @@ class QueueState:
     def _rebuild_ready(self, skip: int = 0) -> None:
         """Drop stale ready entries in one O(n) pass (amortised O(1) per event that made them)."""
         self._ready = [
-            (it.priority, it.not_before_us, it.enqueued_us, it.item_id, it.gen)
+            (it.due_us, it.priority, it.enqueued_us, it.item_id, it.gen)
             for it in (self.items[i] for i in self._waiting.values() if i != skip)
             if not it.delayed
         ]
@@ -253,7 +261,7 @@ class QueueState:
         elif item.status == PENDING:
             if len(self._ready) > 2 * len(self._waiting) + 4096:
                 self._rebuild_ready(skip=item.item_id)
-            heapq.heappush(self._ready, (item.priority, item.not_before_us, item.enqueued_us, item.item_id, item.gen))
+            heapq.heappush(self._ready, (item.due_us, item.priority, item.enqueued_us, item.item_id, item.gen))
 
     # ------------------------------------------------------------------ status bookkeeping
 
@@ -313,7 +321,9 @@ class QueueState:
             case ItemEnqueued():
                 if event.item_id in self.items:
                     raise QueueStateError(f"item {event.item_id} enqueued twice")
-                item = QueueItem(event.item_id, event.conid, event.priority, event.reason, event.enqueued_us)
+                item = QueueItem(
+                    event.item_id, event.conid, event.priority, event.reason, event.enqueued_us, event.due_us
+                )
                 self.items[item.item_id] = item
                 self.next_item_id = max(self.next_item_id, item.item_id + 1)
                 self._enter(item, PENDING)
@@ -323,6 +333,8 @@ class QueueState:
                 item.priority = event.priority
                 if event.reason:
                     item.reason = event.reason
+                if event.due_us:
+                    item.due_us = min(item.due_us, event.due_us)
                 self._enter(item, item.status)
             case ItemClaimed():
                 item = self._get(event)
@@ -352,6 +364,7 @@ class QueueState:
                 self._leave(item)
                 item.failures = item.attempt = 0
                 item.not_before_us = event.requeued_us or item.not_before_us
+                item.due_us = event.requeued_us or item.due_us
                 self._enter(item, PENDING)
             case _:
                 raise TypeError(f"QueueState cannot apply {type(event).__name__}")

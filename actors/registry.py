@@ -62,10 +62,12 @@ class RegistryState:
     Pure: no clock, no I/O. Every query is a dict lookup.
     """
 
-    snapshot_version: ClassVar[int] = 1
+    #: 2: rows carry the legs' non-zero priorities as a third element.
+    snapshot_version: ClassVar[int] = 2
 
     def __init__(self) -> None:
         self._legs: dict[int, dict[str, float | None]] = {}
+        self._priorities: dict[int, dict[str, int]] = {}  # only non-zero priorities
 
     # ------------------------------------------------------------------ queries
 
@@ -82,6 +84,13 @@ class RegistryState:
         """The expected position of ``conid`` in ``strategy`` (None when unknown or not held)."""
         return self._legs.get(conid, {}).get(strategy)
 
+    def priority_of(self, conid: int, strategy: str | None = None) -> int:
+        """A leg's priority, or (no strategy) the highest of the contract's legs; 0 when none was given."""
+        prios = self._priorities.get(conid, {})
+        if strategy is not None:
+            return prios.get(strategy, 0)
+        return max(prios.values(), default=0) if conid in self._legs else 0
+
     def has_leg(self, conid: int, strategy: str) -> bool:
         return strategy in self._legs.get(conid, ())
 
@@ -97,29 +106,47 @@ class RegistryState:
 
     def apply(self, event: Event) -> None:
         match event:
-            case LegAdded(conid=conid, strategy=strategy, expected_quantity=qty):
+            case LegAdded(conid=conid, strategy=strategy, expected_quantity=qty, priority=priority):
                 self._legs.setdefault(conid, {})[strategy] = qty
+                self._set_priority(conid, strategy, priority)
             case LegRemoved(conid=conid, strategy=strategy):
                 legs = self._legs.get(conid)
                 if legs is not None:
                     legs.pop(strategy, None)
                     if not legs:
                         del self._legs[conid]
+                self._set_priority(conid, strategy, 0)
             case ContractActivated() | ContractDeactivated():
                 pass  # derived from the legs; stored for the audit trail and the subscribers
             case _:
                 raise TypeError(f"RegistryState cannot apply {type(event).__name__}")
 
+    def _set_priority(self, conid: int, strategy: str, priority: int) -> None:
+        prios = self._priorities.setdefault(conid, {})
+        if priority:
+            prios[strategy] = priority
+        else:
+            prios.pop(strategy, None)
+        if not prios:
+            del self._priorities[conid]
+
     def dump(self) -> bytes:
         """Canonical bytes: equal states dump equal, whatever order events came in."""
-        rows = [[conid, sorted(legs.items())] for conid, legs in sorted(self._legs.items())]
+        rows = [
+            [conid, sorted(legs.items()), sorted(self._priorities.get(conid, {}).items())]
+            for conid, legs in sorted(self._legs.items())
+        ]
         return msgspec.json.encode(rows)
 
     @classmethod
     def load(cls, data: bytes) -> RegistryState:
+        """Rows of snapshot version 1 have no priorities (all 0)."""
         state = cls()
-        for conid, legs in msgspec.json.decode(data):
-            state._legs[int(conid)] = {str(name): qty for name, qty in legs}
+        for row in msgspec.json.decode(data):
+            conid = int(row[0])
+            state._legs[conid] = {str(name): qty for name, qty in row[1]}
+            for name, priority in row[2] if len(row) > 2 else ():
+                state._set_priority(conid, str(name), int(priority))
         return state
 
 
@@ -176,6 +203,11 @@ class RegistryActor(EventSourcedActor[RegistryState]):
     def strategies_of(self, conid: int) -> frozenset[str]:
         return self.state.strategies_of(conid)
 
+    def priorities(self) -> dict[int, int]:
+        """conid -> the highest priority of its strategies, for active contracts with a non-zero one."""
+        out = {conid: self.state.priority_of(conid) for conid in self.state.all_active()}
+        return {conid: p for conid, p in out.items() if p}
+
     def expected_quantity(self, conid: int, strategy: str) -> float | None:
         return self.state.expected_quantity(conid, strategy)
 
@@ -218,16 +250,21 @@ class RegistryActor(EventSourcedActor[RegistryState]):
         was_active = self.state.is_active(conid)
         if isinstance(command, AddActive):
             if self.state.has_leg(conid, strategy):
-                if self.state.expected_quantity(conid, strategy) == command.expected_quantity:
+                same_quantity = self.state.expected_quantity(conid, strategy) == command.expected_quantity
+                if same_quantity and self.state.priority_of(conid, strategy) == command.priority:
                     return RegistryChanged(
                         conid=conid, strategy=strategy, changed=False, active=True, detail="already in strategy"
                     )
-                detail = "expected_quantity updated"
+                detail = "priority updated" if same_quantity else "expected_quantity updated"
             else:
                 detail = "added"
             self._persist(
                 LegAdded(
-                    conid=conid, strategy=strategy, source=command.source, expected_quantity=command.expected_quantity
+                    conid=conid,
+                    strategy=strategy,
+                    source=command.source,
+                    expected_quantity=command.expected_quantity,
+                    priority=command.priority,
                 ),
                 events,
             )

@@ -1,44 +1,55 @@
-"""The StreamRouter: which contracts stream, which wait in the queue, and the slot budget.
+"""The StreamRouter: which contracts stream, which wait in the queue, and the one line ledger.
 
 Active contracts (held by a strategy in the registry) stream on a market
-data line; every other known contract is refreshed through the queue. The
-router is the only actor that decides this, so the line count has one owner.
+data line; every other known contract is refreshed by snapshots through the
+queue. The router is the only actor that decides this, and it owns the
+:class:`~actors.line_ledger.LineLedger`, the one place that counts lines:
+streams, and the snapshot lines it lends the worker.
 
-The budget. ``max_lines - snapshot_reserve`` lines are for streams; the
-worker keeps at most ``snapshot_reserve`` snapshots in flight. Streams are
-counted from the moment the router decides to subscribe until the IB actor
-confirms with ``StreamEnded`` that the cancel has left for IB (the IB actor
-delays a cancel until the stream is old enough -- IB answers 354/300 to a
-cancel a few ms after the request -- and sends in order). A freed line is
-reused only after that confirmation, so lines in use never exceed
-``max_lines``, not even between an unsubscribe and the subscribe it makes
-room for.
+Lines. Streams may use the limit less ``min_snapshot_lines``; every line
+not streaming is lent to snapshots. A stream holds its line from the
+decision until the IB actor confirms with ``StreamEnded`` that its cancel
+has left (the IB actor keeps a minimum stream age before cancelling and
+sends in order), so a freed line is reused only after that confirmation.
+The account's true limit is learned from IB's 101 and kept as an event
+(``LineLimitLearned``); it is re-probed upward one line per ``line_probe_s``.
 
-Overflow. Active contracts beyond the budget are served by the queue at
-priority 1 and promoted, oldest first, when a line frees. A 101 from IB
-("max tickers": other clients of the account use lines too) demotes the
-contract the same way and caps new streams at what IB accepted, for
-``line_cap_hold_s``.
+Ranking. When active contracts outnumber stream slots, the best-ranked
+stream (strategy priority, nearest expiry, |delta| x position x multiplier)
+and the rest are served by the queue at the overflow target. A waiting
+contract takes a stream's line only when it outranks it *materially*
+(:func:`actors.freshness.outranks`) and the stream has held its line for
+``min_dwell_s``: no flapping. Every promotion and demotion is an event with
+its reason.
 
-Persist before effect: each decision is a stored event (StreamStarted,
-StreamStopped, OverflowQueued, StreamPromoted, StreamDemoted); the IB
-request and the queue command it causes go out once that event is durable.
-The router does not rebuild its streams from the log on restart: IB
-forgets every stream with the connection, so it starts from the registry
-and the positions IB reports.
+Scheduling. There is no refresh timer. Every contract on the queue path has
+one queue item due when its newest quote passes its target age
+(``monitoring_s``, or ``overflow_s`` for active contracts without a line);
+the queue hands out the most overdue first, and after each snapshot the
+router owes the contract its next refresh. A slow sweep re-owes contracts
+that somehow have no item (idle-only enqueues), so nothing is forgotten.
+
+Persist before effect: each decision is a stored event; the IB request and
+the queue command it causes go out once that event is durable. Streams do
+not survive a restart (IB forgets them with the connection): recovery keeps
+the learned limit and starts with no streams (``RouterRestarted``).
 
 Handles: ContractActivated, ContractDeactivated, LegAdded, LegRemoved (from
-the registry); PositionChanged, MarketUpdate, IbError, ConnectionStateChanged
-StreamEnded (from IB); ActiveAtStart (from the runtime); RefreshAll, RouterStatus (ask).
+the registry); PositionChanged, MarketUpdate(s), IbError, ConnectionStateChanged,
+StreamEnded (from IB); ActiveAtStart (runtime); AcquireLines, ReleaseLines,
+SnapshotDone (worker); RouterStatus, ContractsQuery (ask); RouterTick (timer).
 Emits: StreamStarted, StreamStopped, OverflowQueued, StreamPromoted,
-StreamDemoted (stored); Subscribe / Unsubscribe to IB; Enqueue / EnqueueMany
-/ Cancel to the queue; MarketUpdate to the handlers.
+StreamDemoted, LineLimitLearned, LineLimitProbed, RouterRestarted (stored);
+Subscribe / Unsubscribe to IB; Enqueue / EnqueueMany / Cancel to the queue;
+MarketUpdate to the handlers.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import msgspec
@@ -46,7 +57,9 @@ import pykka
 from loguru import logger
 
 from actors.base import EventSourcedActor
+from actors.freshness import Rank, age_summary, days_to_expiry, outranks
 from actors.handlers import HandlerSet
+from actors.line_ledger import LineLedger
 from actors.ticker import Ticker
 from events.base import Command, Event, Reply
 from events.ib import (
@@ -62,44 +75,88 @@ from events.ib import (
     Unsubscribe,
 )
 from events.queue import Cancel, Enqueue, EnqueueMany, Priority
-from events.registry import ContractActivated, ContractDeactivated
-from events.router import OverflowQueued, StreamDemoted, StreamPromoted, StreamStarted, StreamStopped
+from events.registry import ContractActivated, ContractDeactivated, LegAdded, LegRemoved
+from events.router import (
+    AcquireLines,
+    ContractRow,
+    ContractsQuery,
+    ContractsReply,
+    LineGrant,
+    LineLimitLearned,
+    LineLimitProbed,
+    LinesGranted,
+    OverflowQueued,
+    ReleaseLines,
+    RouterRestarted,
+    SnapshotDone,
+    StreamDemoted,
+    StreamPromoted,
+    StreamStarted,
+    StreamStopped,
+)
 from storage.event_log import EventLog
+from storage.snapshots import SnapshotStore
 
 __all__ = [
     "ActiveAtStart",
-    "RefreshAll",
     "RouterSettings",
     "RouterState",
     "RouterStatus",
     "RouterStatusReply",
+    "RouterTick",
     "StreamRouter",
+    "SweepNow",
 ]
+
+
+#: The due time of a contract that has never had a price: before any real time.
+_NEVER_PRICED_DUE_US = 1
 
 
 class RouterSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_lines: int = 100
-    snapshot_reserve: int = 10
-    refresh_interval_s: float = 60.0
-    line_cap_hold_s: float = 300.0
-
-    @property
-    def stream_budget(self) -> int:
-        return max(0, self.max_lines - self.snapshot_reserve)
-
-
-class RefreshAll(Command, tag="router.refresh_all", frozen=True, kw_only=True):
-    """Enqueue every known non-streaming contract (the periodic refresh)."""
+    #: Lines streams never take: snapshots always have at least these.
+    min_snapshot_lines: int = 2
+    #: Target age of a non-active contract's price.
+    monitoring_s: float = 60.0
+    #: Target age of an active contract's price while it has no line.
+    overflow_s: float = 5.0
+    #: After a limit is learned, try one more line this often.
+    line_probe_s: float = 300.0
+    #: A line held this long without a 101 counts as accepted by IB.
+    proof_s: float = 2.0
+    #: A stream keeps its line at least this long before a better-ranked contract may take it.
+    min_dwell_s: float = 30.0
+    #: At equal priority and expiry, a waiting contract needs this many times the risk to take a line.
+    risk_factor: float = 2.0
+    #: Re-owe a refresh to every queue-path contract without an item this often (a safety net).
+    sweep_s: float = 30.0
+    #: Housekeeping period: proofs by age, probes, re-ranking, reclaiming lost lines.
+    tick_s: float = 0.5
+    #: A lent snapshot line not given back within this is reclaimed (its answer was lost).
+    lost_line_s: float = 120.0
+    #: Snapshot lines before any limit is learned: this many above the proven level at a time.
+    ramp_step: int = 2
 
 
 class RouterStatus(Command, tag="router.status", frozen=True, kw_only=True):
     pass
 
 
+class RouterTick(Command, tag="router.tick", frozen=True, kw_only=True):
+    """Housekeeping (the router's timer sends it; tests may too)."""
+
+
+class SweepNow(Command, tag="router.sweep_now", frozen=True, kw_only=True):
+    """Owe a refresh now to every queue-path contract that has no queue item (the sweep, on demand)."""
+
+
 class ActiveAtStart(Command, tag="router.active_at_start", frozen=True, kw_only=True):
     """What the registry holds when the runtime starts (told after subscribing to it, so nothing is missed)."""
 
     conids: list[int]
+    #: conid -> the highest priority of the strategies holding it (absent: 0).
+    priorities: dict[int, int] = {}
 
 
 class RouterStatusReply(Reply, tag="router.status_reply", frozen=True, kw_only=True):
@@ -108,16 +165,29 @@ class RouterStatusReply(Reply, tag="router.status_reply", frozen=True, kw_only=T
     overflow: int
     active: int
     known: int
+    #: Stream slots: the limit less min_snapshot_lines.
     budget: int
+    #: The learned limit (None until IB's first 101).
     line_cap: int | None = None
+    max_lines: int = 0
+    line_limit: int = 0
+    lines_in_use: int = 0
+    lines_free: int = 0
+    snapshot_lines: int = 0
+    proven_lines: int = 0
+    #: path -> {count, never_priced, p50_s, p99_s, max_s}: the age of each contract's newest quote.
+    ages: dict[str, dict[str, float | int]] = {}
 
 
 class RouterState:
-    """Which contracts stream or wait for a line; changed only by apply(event)."""
+    """Streams, the overflow, and the learned line limit; changed only by apply(event)."""
+
+    snapshot_version: ClassVar[int] = 2
 
     def __init__(self) -> None:
         self.streams: set[int] = set()
         self.overflow: OrderedDict[int, None] = OrderedDict()
+        self.learned_limit: int | None = None
 
     def apply(self, event: Event) -> None:
         match event:
@@ -132,11 +202,18 @@ class RouterState:
             case StreamDemoted(conid=c):
                 self.streams.discard(c)
                 self.overflow[c] = None
+            case LineLimitLearned(limit=limit) | LineLimitProbed(limit=limit):
+                self.learned_limit = limit
+            case RouterRestarted():
+                self.streams.clear()
+                self.overflow.clear()
             case _:
                 pass
 
     def dump(self) -> bytes:
-        return msgspec.json.encode({"streams": sorted(self.streams), "overflow": list(self.overflow)})
+        return msgspec.json.encode(
+            {"streams": sorted(self.streams), "overflow": list(self.overflow), "learned_limit": self.learned_limit}
+        )
 
     @classmethod
     def load(cls, data: bytes) -> RouterState:
@@ -144,11 +221,24 @@ class RouterState:
         state = cls()
         state.streams = set(raw["streams"])
         state.overflow = OrderedDict((c, None) for c in raw["overflow"])
+        state.learned_limit = raw.get("learned_limit")
         return state
 
 
+@dataclass(slots=True)
+class _Contract:
+    """What the router knows of a contract from IB's positions (no line needed)."""
+
+    symbol: str = ""
+    local_symbol: str = ""
+    sec_type: str = ""
+    position: float = 0.0
+    multiplier: float = 1.0
+    expiry: str = ""
+
+
 class StreamRouter(EventSourcedActor[RouterState]):
-    """The hybrid decision and the slot budget (see the module docstring)."""
+    """The hybrid decision and the line ledger (see the module docstring)."""
 
     stream: ClassVar[str] = "router"
     state_type: ClassVar[type[Any]] = RouterState
@@ -161,31 +251,55 @@ class StreamRouter(EventSourcedActor[RouterState]):
         ib: pykka.ActorRef[Any],
         queue: pykka.ActorRef[Any],
         handlers: HandlerSet,
+        snapshots: SnapshotStore | None = None,
+        timer: bool = True,
+        clock: Any = time.monotonic,
     ) -> None:
-        super().__init__(log, None)
+        super().__init__(log, snapshots)
         self.settings = settings
         self.ib = ib
         self.queue = queue
         self.handlers = handlers
+        self._timer = timer
+        self._clock = clock
+        self.ledger = LineLedger(
+            max_lines=settings.max_lines,
+            min_snapshot_lines=min(settings.min_snapshot_lines, settings.max_lines - 1),
+            ramp_step=settings.ramp_step,
+        )
         self.active: set[int] = set()
-        self.positions: dict[int, float] = {}
+        self.contracts: dict[int, _Contract] = {}
+        self.priorities: dict[int, dict[str, int]] = {}
+        #: The newest quote of each contract from any path (stream, queue, portfolio).
+        self.latest: dict[int, MarketUpdate] = {}
+        self.last_error: dict[int, str] = {}
+        #: Contracts whose snapshots cannot succeed (no subscription, no contract): priced by the portfolio only.
+        self.unpriceable: set[int] = set()
         self.subscribed_at: dict[int, float] = {}
+        #: Streams not yet proven accepted by IB: conid -> the line level they were started at.
+        self._unproven: dict[int, int] = {}
         #: Streams decided off but whose cancel has not reached the IB actor yet: they still hold a line.
         self.cancelling: set[int] = set()
-        self.line_cap: int | None = None
-        self._cap_until = 0.0
         self._ticker: Ticker | None = None
+        self._next_probe = 0.0
+        self._next_sweep = 0.0
+        self._swap_pending = False
         self.ticks_forwarded = 0
 
     # ------------------------------------------------------------------ lifecycle
 
-    def recover(self) -> None:
-        """Streams do not survive a restart (IB drops them with the connection): start empty."""
-
     def on_recovered(self) -> None:
-        self._ticker = Ticker(
-            self.actor_ref, RefreshAll(), self.settings.refresh_interval_s, name="router-refresh"
-        ).start()
+        self.ledger.learned = self.state.learned_limit
+        if self.ledger.learned is not None:
+            self.ledger.proven = self.ledger.limit  # IB accepted that many lines before
+            logger.info("router: line limit {} learned earlier (max_lines {})", self.ledger.limit, self.ledger.max_lines)
+        if self.state.streams or self.state.overflow:
+            self.persist(RouterRestarted())
+        now = self._clock()
+        self._next_probe = now + self.settings.line_probe_s
+        self._next_sweep = now + self.settings.sweep_s
+        if self._timer:
+            self._ticker = Ticker(self.actor_ref, RouterTick(), self.settings.tick_s, name="router-tick").start()
 
     def on_stop(self) -> None:
         if self._ticker is not None:
@@ -201,10 +315,19 @@ class StreamRouter(EventSourcedActor[RouterState]):
         # class's envelope checks and the match below (benchmarks/ticks.py).
         kind = type(message)
         if kind is MarketUpdates:
+            latest = self.latest
+            for update in message.updates:
+                previous = latest.get(update.conid)
+                if previous is None or update.ts_us >= previous.ts_us:
+                    latest[update.conid] = update
+            if self._unproven:
+                for update in message.updates:
+                    self._prove_stream(update.conid)
             self.ticks_forwarded += len(message.updates)
             self.handlers.publish(message)
             return None
         if kind is MarketUpdate:
+            self._note_quote(message)
             self.ticks_forwarded += 1
             self.handlers.publish(message)
             return None
@@ -214,20 +337,27 @@ class StreamRouter(EventSourcedActor[RouterState]):
         match command:
             case RouterStatus():
                 return self.status()
-            case RefreshAll():
-                return self._refresh_all()
+            case ContractsQuery():
+                return self.contract_rows()
+            case AcquireLines(n=n):
+                return self._lend(n)
+            case RouterTick():
+                self._tick()
+                return self.status()
+            case SweepNow():
+                self._sweep()
+                return self.status()
         raise TypeError(f"router takes no command {type(command).__name__}")
 
     def handle_message(self, message: Any) -> Any:
         match message:
-            case MarketUpdate():
-                self.ticks_forwarded += 1
-                self.handlers.publish(message)
             case ContractActivated(conid=conid):
                 if conid not in self.active:
                     self.active.add(conid)
                     self._activate(conid, "activated")
-            case ActiveAtStart(conids=conids):
+            case ActiveAtStart(conids=conids, priorities=priorities):
+                for conid, priority in priorities.items():
+                    self.priorities.setdefault(conid, {})["(start)"] = priority
                 for conid in conids:  # an activation told meanwhile by the registry is not repeated
                     if conid not in self.active:
                         self.active.add(conid)
@@ -235,59 +365,104 @@ class StreamRouter(EventSourcedActor[RouterState]):
             case ContractDeactivated(conid=conid):
                 if conid in self.active:
                     self.active.discard(conid)
+                    self.priorities.pop(conid, None)
                     self._deactivate(conid)
+            case LegAdded(conid=conid, strategy=strategy):
+                self.priorities.setdefault(conid, {})[strategy] = getattr(message, "priority", 0)
+            case LegRemoved(conid=conid, strategy=strategy):
+                self.priorities.get(conid, {}).pop(strategy, None)
             case PositionChanged():
                 self._position(message)
             case IbError(kind=IbErrorKind.MAX_TICKERS, conid=conid) if conid is not None:
-                self._demote(conid, message)
+                self._stream_refused(conid, message)
             case ConnectionStateChanged(resubscribe=True) | ConnectionStateChanged(state=ConnectionState.CONNECTED):
                 # also on the first connect: subscribes sent while IB was still connecting were refused
                 # (the IB actor ignores a Subscribe for a stream it already has)
                 self._resubscribe_all(message)
             case StreamEnded(conid=conid):
                 self._line_freed(conid)
-            case RefreshAll():
-                self._refresh_all()
+            case ReleaseLines(line_ids=ids):
+                for line_id in ids:
+                    self.ledger.give_back(line_id)
+                self._fill_lines()
+            case SnapshotDone():
+                self._snapshot_done(message)
+            case RouterTick():
+                self._tick()
+            case SweepNow():
+                self._sweep()
             case _:
                 pass
         return None
 
-    # ------------------------------------------------------------------ decisions
+    # ------------------------------------------------------------------ the ledger
 
-    def lines_held(self) -> int:
+    def stream_lines(self) -> int:
+        """Lines streams hold: streaming, plus cancels that have not left yet."""
         return len(self.state.streams) + len(self.cancelling)
 
-    def _limit(self) -> int:
-        limit = self.settings.stream_budget
-        if self.line_cap is not None:
-            if time.monotonic() >= self._cap_until:
-                logger.info("router: line cap of {} after IB's 101 lifted", self.line_cap)
-                self.line_cap = None
-            else:
-                limit = min(limit, self.line_cap)
-        return limit
+    def lines_held(self) -> int:
+        return self.ledger.lines_held(self.stream_lines())
 
-    def _has_free_line(self) -> bool:
-        return self.lines_held() < self._limit()
+    def _lend(self, n: int) -> LinesGranted:
+        # streams first: lines an overflowed active contract could stream on are not lent to snapshots
+        streams = self.stream_lines()
+        promotable = min(len(self.state.overflow), max(0, self.ledger.stream_slots - streams))
+        n = min(n, self.ledger.snapshot_room(streams) - promotable)
+        lent = self.ledger.lend(n, streams, self._clock()) if n > 0 else []
+        return LinesGranted(
+            lines=[LineGrant(line_id=line.line_id, level=line.level) for line in lent],
+            limit=self.ledger.limit,
+            lines_held=self.lines_held(),
+        )
+
+    def _learn_limit(self, why: str) -> None:
+        """IB refused a request: what is still held is what it accepts."""
+        limit = self.ledger.limit_after_refusal(self.stream_lines())
+        if limit is None:
+            return
+        previous = self.state.learned_limit
+        self.persist(LineLimitLearned(limit=limit, previous=previous, reason=why[:200]))
+        self.ledger.learned = limit
+        self.ledger.proven = min(self.ledger.proven, limit)
+        self._next_probe = self._clock() + self.settings.line_probe_s
+        self.announce("WARNING", "router: IB accepts {} lines ({}; max_lines {})", limit, why, self.ledger.max_lines)
+        self._shed_streams(f"line limit {limit} learned")
+
+    def _shed_streams(self, why: str) -> None:
+        """Streams above the stream slots give their lines back, worst-ranked first."""
+        excess = len(self.state.streams) - self.ledger.stream_slots  # cancels under way are leaving already
+        if excess <= 0:
+            return
+        for conid in sorted(self.state.streams, key=lambda c: self._rank(c).key(), reverse=True)[:excess]:
+            self._demote(conid, why, code=None, cancel=True)
+
+    # ------------------------------------------------------------------ decisions
 
     def _activate(self, conid: int, reason: str) -> None:
         if conid in self.state.streams or conid in self.state.overflow:
             return
-        if self._has_free_line():
-            self.persist(
-                StreamStarted(conid=conid, reason=reason, lines_in_use=self.lines_held() + 1, budget=self._limit())
-            )
-            self._start_stream_after_durable(conid)
+        self.unpriceable.discard(conid)
+        if self.ledger.stream_room(self.stream_lines()):
+            self._start(conid, reason)
         else:
-            self.persist(OverflowQueued(conid=conid, lines_in_use=self.lines_held(), budget=self._limit()))
-            self.announce("INFO", "router: no free line for active {}; served by the queue at top priority", conid)
-            self.after_durable(
-                lambda: self._tell_queue(Enqueue(conid=conid, priority=Priority.ACTIVE_OVERFLOW, reason="overflow"))
+            self.persist(
+                OverflowQueued(conid=conid, lines_in_use=self.lines_held(), budget=self.ledger.stream_slots)
             )
+            self.after_durable(lambda: self._tell_queue(self._owed(conid, "overflow")))
 
-    def _start_stream_after_durable(self, conid: int) -> None:
+    def _start(self, conid: int, reason: str, promoted: bool = False) -> None:
+        level = self.lines_held() + 1
+        if promoted:
+            self.persist(StreamPromoted(conid=conid, reason=reason[:200]))
+        else:
+            self.persist(
+                StreamStarted(conid=conid, reason=reason, lines_in_use=level, budget=self.ledger.stream_slots)
+            )
+        self._unproven[conid] = level
+
         def effect() -> None:
-            self.subscribed_at[conid] = time.monotonic()
+            self.subscribed_at[conid] = self._clock()
             self._tell_queue(Cancel(conid=conid, reason="streaming"))
             self._tell_ib(Subscribe(conid=conid))
 
@@ -296,18 +471,34 @@ class StreamRouter(EventSourcedActor[RouterState]):
     def _deactivate(self, conid: int) -> None:
         if conid in self.state.overflow:
             self.persist(StreamStopped(conid=conid, reason="deactivated while waiting for a line"))
-            self.after_durable(lambda: self._tell_queue(Enqueue(conid=conid, reason="deactivated")))
+            self.after_durable(lambda: self._tell_queue(self._owed(conid, "deactivated")))
             return
         if conid not in self.state.streams:
             return
         self.persist(StreamStopped(conid=conid, reason="deactivated"))
+        self._unproven.pop(conid, None)
         self.cancelling.add(conid)  # holds its line until the IB actor says the cancel is out
-        self._cancel_after_durable(conid)
 
-    def _cancel_after_durable(self, conid: int) -> None:
         def effect() -> None:
-            self._tell_queue(Enqueue(conid=conid, reason="deactivated"))
+            self._tell_queue(self._owed(conid, "deactivated"))
             self._tell_ib(Unsubscribe(conid=conid))
+
+        self.after_durable(effect)
+
+    def _demote(self, conid: int, why: str, *, code: int | None, cancel: bool) -> None:
+        """The stream leaves its line for the queue at the overflow target (``cancel``: we end it at IB)."""
+        self.persist(StreamDemoted(conid=conid, code=code, reason=why[:200]))
+        self._unproven.pop(conid, None)
+        self.announce("INFO", "router: stream {} demoted to the queue ({})", conid, why)
+        if cancel:
+            self.cancelling.add(conid)
+        else:
+            self.subscribed_at.pop(conid, None)
+
+        def effect() -> None:
+            self._tell_queue(self._owed(conid, "demoted"))
+            if cancel:
+                self._tell_ib(Unsubscribe(conid=conid))
 
         self.after_durable(effect)
 
@@ -315,34 +506,24 @@ class StreamRouter(EventSourcedActor[RouterState]):
         if conid in self.cancelling:
             self.cancelling.discard(conid)
             self.subscribed_at.pop(conid, None)
-            self._promote()
+            self._swap_pending = False
+            self._fill_lines()
 
-    def _promote(self) -> None:
-        while self.state.overflow and self._has_free_line():
-            conid = next(iter(self.state.overflow))
-            self.persist(StreamPromoted(conid=conid))
-            self.announce("INFO", "router: line free, {} promoted from the queue to a stream", conid)
-            self._start_stream_after_durable(conid)
+    def _fill_lines(self) -> None:
+        """Give free stream slots to the best-ranked contracts waiting for a line."""
+        while self.state.overflow and self.ledger.stream_room(self.stream_lines()):
+            best = min(self.state.overflow, key=lambda c: self._rank(c).key())
+            self._start(best, "line free", promoted=True)
 
-    def _demote(self, conid: int, error: IbError) -> None:
-        if conid not in self.state.streams:
-            return
-        accepted = max(0, len(self.state.streams) - 1 + len(self.cancelling))
-        self.line_cap = accepted
-        self._cap_until = time.monotonic() + self.settings.line_cap_hold_s
-        self.persist(StreamDemoted(conid=conid, code=error.code, reason=error.message[:200]))
-        self.announce(
-            "WARNING",
-            "router: IB refused a stream for {} ({}); demoted to the queue, streams capped at {} for {:.0f}s",
-            conid,
-            error.code,
-            accepted,
-            self.settings.line_cap_hold_s,
-        )
-        self.subscribed_at.pop(conid, None)
-        self.after_durable(
-            lambda: self._tell_queue(Enqueue(conid=conid, priority=Priority.ACTIVE_OVERFLOW, reason="demoted"))
-        )
+    def _stream_refused(self, conid: int, error: IbError) -> None:
+        # IB refused it: it holds no line (the IB actor confirms with StreamEnded "refused").
+        if conid in self.state.streams:
+            self._demote(conid, f"IB refused the stream: {error.message}", code=error.code, cancel=False)
+        elif conid in self.cancelling:
+            self.cancelling.discard(conid)  # shed meanwhile; its cancel is moot
+        else:
+            return  # not a stream of ours (a snapshot's 101 comes back through SnapshotDone)
+        self._learn_limit(f"101 on stream {conid}")
 
     def _resubscribe_all(self, change: ConnectionStateChanged) -> None:
         streams = sorted(self.state.streams)
@@ -351,54 +532,208 @@ class StreamRouter(EventSourcedActor[RouterState]):
         def resubscribe() -> None:
             # after_durable keeps these behind the Subscribes of StreamStarted/StreamPromoted events that are
             # not durable yet (persist before effect), and in order with the Unsubscribes already queued
-            now = time.monotonic()
+            now = self._clock()
             for conid in streams:
                 self.subscribed_at[conid] = now
                 self._tell_ib(Subscribe(conid=conid))
 
         self.after_durable(resubscribe)
         # cancels that were waiting are moot: IB forgot those streams too
-        for conid in list(self.cancelling):
-            self.cancelling.discard(conid)
-        self._promote()
+        self.cancelling.clear()
+        self._swap_pending = False
+        self._fill_lines()
 
     def _position(self, change: PositionChanged) -> None:
-        previous = self.positions.get(change.conid)
-        self.positions[change.conid] = change.position
-        if change.conid in self.active or previous == change.position:
-            return
-        if change.position == 0:
-            return  # closed: nothing left to price (it is refreshed again if it reopens)
-        reason = "new position" if previous is None else "position changed"
-        self._tell_queue(Enqueue(conid=change.conid, reason=reason))
+        info = self.contracts.get(change.conid)
+        previous = None if info is None else info.position
+        if info is None:
+            info = self.contracts[change.conid] = _Contract()
+        info.symbol, info.sec_type, info.position = change.symbol, change.sec_type, change.position
+        info.multiplier, info.expiry = change.multiplier or 1.0, change.expiry
+        if change.conid in self.active or change.position in (previous, 0):
+            return  # streaming, unchanged, or closed (nothing left to price; refreshed again if it reopens)
+        if previous is None:
+            self._tell_queue(self._owed(change.conid, "new position"))
+        else:
+            self._tell_queue(Enqueue(conid=change.conid, reason="position changed"))  # owed a price now
 
-    def _refresh_all(self) -> Reply | None:
-        due = [
-            Enqueue(conid=c, reason="refresh") for c, qty in self.positions.items() if qty != 0 and c not in self.active
+    # ------------------------------------------------------------------ the scheduler
+
+    def target_s(self, conid: int) -> float:
+        if conid in self.state.streams:
+            return 0.0
+        return self.settings.overflow_s if conid in self.active else self.settings.monitoring_s
+
+    def _owed(self, conid: int, reason: str, *, idle_only: bool = False) -> Enqueue:
+        """The queue item that keeps ``conid`` within its target: due when its newest quote passes the target."""
+        latest = self.latest.get(conid)
+        priority = Priority.ACTIVE_OVERFLOW if conid in self.active else Priority.MONITORING
+        # never priced: the stalest there is (due at the epoch), so it goes before every priced contract
+        due = _NEVER_PRICED_DUE_US if latest is None else latest.ts_us + int(self.target_s(conid) * 1_000_000)
+        return Enqueue(conid=conid, priority=priority, reason=reason, due_us=max(1, due), only_if_idle=idle_only)
+
+    def _on_queue_path(self, conid: int) -> bool:
+        if conid in self.state.streams:
+            return False
+        if conid in self.active:
+            return conid in self.state.overflow
+        info = self.contracts.get(conid)
+        return info is not None and info.position != 0
+
+    def _snapshot_done(self, done: SnapshotDone) -> None:
+        line = self.ledger.give_back(done.line_id)
+        conid = done.conid
+        if done.update is not None:
+            self._note_quote(done.update)
+        match done.outcome:
+            case "ok":
+                if line is not None:
+                    self.ledger.prove(line.level)
+                self.unpriceable.discard(conid)
+                self.last_error.pop(conid, None)
+                if self._on_queue_path(conid):
+                    self._tell_queue(self._owed(conid, "refreshed"))
+            case "refused":
+                self.last_error[conid] = done.error
+                self._learn_limit(f"101 on a snapshot of {conid}")
+            case _:
+                if done.error:
+                    self.last_error[conid] = done.error
+                if done.terminal:
+                    self.unpriceable.add(conid)
+        self._fill_lines()
+
+    def _sweep(self) -> None:
+        owed = [
+            self._owed(conid, "sweep", idle_only=True)
+            for conid in list(self.contracts) + list(self.state.overflow)
+            if self._on_queue_path(conid)
         ]
-        # Active contracts waiting for a line are owed refreshes too, at top priority: without this an
-        # overflowed contract got one snapshot and then nothing until a line freed.
-        due += [
-            Enqueue(conid=c, priority=Priority.ACTIVE_OVERFLOW, reason="overflow refresh") for c in self.state.overflow
-        ]
-        for start in range(0, len(due), 1000):
-            self._tell_queue(EnqueueMany(items=due[start : start + 1000]))
-        if self.line_cap is not None:
-            self._promote()
-        return self.status()
+        for start in range(0, len(owed), 1000):
+            self._tell_queue(EnqueueMany(items=owed[start : start + 1000]))
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def _tick(self) -> None:
+        now = self._clock()
+        for conid, level in list(self._unproven.items()):
+            sent = self.subscribed_at.get(conid)
+            if sent is not None and now - sent >= self.settings.proof_s:
+                self._prove_stream(conid, level)
+        for line in self.ledger.overdue(now, self.settings.lost_line_s):
+            logger.warning("router: snapshot line {} lent {:.0f} s ago never came back; reclaimed", line.line_id, now - line.granted_at)
+            self.ledger.give_back(line.line_id)
+        if now >= self._next_probe:
+            self._next_probe = now + self.settings.line_probe_s
+            target = self.ledger.probe_target()
+            if target is not None:
+                self.persist(LineLimitProbed(limit=target, previous=self.ledger.limit))
+                self.ledger.learned = target
+                logger.info("router: probing for one more line (limit {})", target)
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.settings.sweep_s
+            self._sweep()
+        self._fill_lines()
+        self._rerank(now)
+
+    def _prove_stream(self, conid: int, level: int | None = None) -> None:
+        level = self._unproven.pop(conid, level)
+        if level is not None:
+            self.ledger.prove(level)
+
+    def _note_quote(self, update: MarketUpdate) -> None:
+        previous = self.latest.get(update.conid)
+        if previous is None or update.ts_us >= previous.ts_us:
+            self.latest[update.conid] = update
+        if self._unproven and update.source == "stream":
+            self._prove_stream(update.conid)
+
+    def _rank(self, conid: int) -> Rank:
+        info = self.contracts.get(conid)
+        priority = max(self.priorities.get(conid, {}).values(), default=0)
+        if info is None:
+            return Rank(priority=priority, days=days_to_expiry("", dt.date.today()), risk=0.0, conid=conid)
+        latest = self.latest.get(conid)
+        delta = latest.delta if latest is not None and latest.delta is not None else 1.0
+        risk = abs(delta * info.position * info.multiplier)
+        return Rank(priority=priority, days=days_to_expiry(info.expiry, dt.date.today()), risk=risk, conid=conid)
+
+    def _rerank(self, now: float) -> None:
+        """One swap at a time: the best waiting contract takes the worst stream's line if it materially outranks it."""
+        if self._swap_pending or not self.state.overflow or not self.state.streams:
+            return
+        best = min(self.state.overflow, key=lambda c: self._rank(c).key())
+        settled = [c for c in self.state.streams if now - self.subscribed_at.get(c, now) >= self.settings.min_dwell_s]
+        if not settled:
+            return
+        worst = max(settled, key=lambda c: self._rank(c).key())
+        if outranks(self._rank(best), self._rank(worst), self.settings.risk_factor):
+            self._swap_pending = True
+            self._demote(worst, f"outranked by {best}", code=None, cancel=True)
 
     # ------------------------------------------------------------------ outside world
 
+    def _path(self, conid: int) -> str:
+        if conid in self.state.streams:
+            return "stream"
+        if conid in self.state.overflow:
+            return "overflow"
+        if conid in self.unpriceable:
+            return "portfolio"
+        return "queue"
+
+    def _known(self) -> list[int]:
+        known = {c for c, info in self.contracts.items() if info.position != 0}
+        return sorted(known | self.active)
+
     def status(self) -> RouterStatusReply:
+        now_us = time.time_ns() // 1000
+        by_path: dict[str, list[float | None]] = {"stream": [], "overflow": [], "queue": [], "portfolio": []}
+        for conid in self._known():
+            latest = self.latest.get(conid)
+            by_path[self._path(conid)].append(None if latest is None else max(0.0, (now_us - latest.ts_us) / 1e6))
+        streams = self.stream_lines()
         return RouterStatusReply(
             streams=len(self.state.streams),
             cancelling=len(self.cancelling),
             overflow=len(self.state.overflow),
             active=len(self.active),
-            known=len(self.positions),
-            budget=self.settings.stream_budget,
-            line_cap=self.line_cap,
+            known=len(self.contracts),
+            budget=self.ledger.stream_slots,
+            line_cap=self.ledger.learned,
+            max_lines=self.ledger.max_lines,
+            line_limit=self.ledger.limit,
+            lines_in_use=self.ledger.lines_held(streams),
+            lines_free=self.ledger.lines_free(streams),
+            snapshot_lines=len(self.ledger.snapshots),
+            proven_lines=self.ledger.proven,
+            ages={path: age_summary(ages) for path, ages in by_path.items()},
         )
+
+    def contract_rows(self) -> ContractsReply:
+        now_us = time.time_ns() // 1000
+        rows = []
+        for conid in self._known():
+            info = self.contracts.get(conid) or _Contract()
+            latest = self.latest.get(conid)
+            rows.append(
+                ContractRow(
+                    conid=conid,
+                    symbol=info.symbol,
+                    local_symbol=info.local_symbol,
+                    sec_type=info.sec_type,
+                    path=self._path(conid),  # type: ignore[arg-type]
+                    active=conid in self.active,
+                    position=info.position,
+                    last_quote_us=None if latest is None else latest.ts_us,
+                    age_s=None if latest is None else round(max(0.0, (now_us - latest.ts_us) / 1e6), 3),
+                    source="" if latest is None else latest.source,
+                    data_type="" if latest is None else latest.data_type,
+                    target_s=self.target_s(conid),
+                    last_error=self.last_error.get(conid, ""),
+                )
+            )
+        return ContractsReply(rows=rows, now_us=now_us)
 
     def _tell_ib(self, message: Any) -> None:
         try:

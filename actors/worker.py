@@ -1,27 +1,43 @@
-"""The QueueWorker: refreshes queued contracts with snapshots that hold no line between refreshes.
+"""The QueueWorker: keeps as many snapshots open as the line ledger allows, stalest contracts first.
 
-Every ``poll_interval_s`` it claims up to ``batch_size`` items, snapshots
-them through the IB actor in chunks that fit the snapshot reserve (the IB
-actor's own count of snapshots still open at IB is subtracted first, since a
-snapshot can stay open after its first complete quote), publishes each
-``MarketUpdate`` to the handlers, and acknowledges each item: Succeed,
-Fail (the queue retries with backoff, then dead-letters), or Release when IB
-is disconnected, which counts no attempt. While IB is disconnected it claims
-nothing.
+There is no poll timer and no batch size. The worker borrows snapshot lines
+from the router's ledger (``AcquireLines``), claims exactly that many items
+from the queue -- the queue hands out the contracts furthest past their
+target age first -- and sends one snapshot per contract, so each line comes
+back the moment its own snapshot is over, not when the slowest of a batch
+is. Every answer is published to the handlers, acknowledged to the queue,
+and reported to the router (``SnapshotDone``), which frees the line, learns
+from a 101 and owes the contract its next refresh.
 
-The worker never blocks its own thread on IB or the queue: each step is an
-``ask_async`` whose answer comes back as a message, so disconnects and
-status questions are handled while a batch is in flight.
+Snapshot requests are paced by a token bucket at
+``max_snapshot_msgs_per_s`` (a share of IB's 50 messages/s); a 321
+("snapshot requests limitation exceeded") halves that rate for a while.
+The physical bound of a refresh cycle is therefore
+``N / min(free_lines / snapshot_s, max_snapshot_msgs_per_s)``.
 
-Handles: Poll (timer), ConnectionStateChanged (from IB), WorkerStatus (ask).
-Emits: Claim / Succeed / Fail / Release to the queue; Snapshot and IbStats
-to IB; MarketUpdate(source="queue") to the handlers.
+How a snapshot ended decides the acknowledgement:
+
+* a quote -> Succeed;
+* disconnect, reset, farm blip (DATA_INTERRUPTED), 101, 321 -> Release:
+  not the contract's fault, no attempt counted;
+* no subscription even for delayed data, no such contract -> Fail(terminal):
+  dead-lettered at once, never a retry storm;
+* anything else (no data, timeout) -> Fail: retried with backoff.
+
+The worker never blocks its own thread on IB, the queue or the router: each
+step is an ``ask_async`` whose answer comes back as a message.
+
+Handles: Wake (timer), ConnectionStateChanged (from IB), WorkerStatus (ask).
+Emits: AcquireLines / ReleaseLines / SnapshotDone to the router; Claim /
+Succeed / Fail / Release to the queue; Snapshot to IB;
+MarketUpdate(source="queue") to the handlers.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import deque
+import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -30,35 +46,41 @@ from loguru import logger
 
 from actors.handlers import HandlerSet
 from actors.messaging import ReplyFuture, Request, ask_async
-from actors.ticker import Ticker
 from events.base import Command, Reply
-from events.ib import (
-    ConnectionState,
-    ConnectionStateChanged,
-    IbErrorKind,
-    IbStats,
-    Snapshot,
-    SnapshotResult,
-)
+from events.ib import ConnectionState, ConnectionStateChanged, IbErrorKind, Snapshot, SnapshotFailed, SnapshotResult
 from events.queue import Claim, ClaimedItem, Fail, Release, Succeed
+from events.router import AcquireLines, LineGrant, ReleaseLines, SnapshotDone, SnapshotOutcome
 
-__all__ = ["Poll", "QueueWorker", "WorkerSettings", "WorkerStatus", "WorkerStatusReply"]
+__all__ = ["QueueWorker", "TokenBucket", "Wake", "WorkerSettings", "WorkerStatus", "WorkerStatusReply"]
 
 _UP = {ConnectionState.CONNECTED, ConnectionState.RESTORED_DATA_KEPT, ConnectionState.RESTORED_DATA_LOST}
+#: Not the contract's fault: back to the queue without an attempt.
+_RELEASE_KINDS: dict[IbErrorKind, SnapshotOutcome] = {
+    IbErrorKind.DISCONNECTED: "interrupted",
+    IbErrorKind.DATA_INTERRUPTED: "interrupted",
+    IbErrorKind.CONNECTIVITY_LOST: "interrupted",
+    IbErrorKind.RESTORED_DATA_LOST: "interrupted",
+    IbErrorKind.MAX_TICKERS: "refused",
+    IbErrorKind.SNAPSHOT_RATE_LIMITED: "rate_limited",
+    IbErrorKind.PACING: "rate_limited",
+}
+#: No retry can help until something changes (a subscription, the contract).
+_TERMINAL_KINDS = frozenset({IbErrorKind.NOT_SUBSCRIBED, IbErrorKind.NO_CONTRACT})
 
 
 class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
-    poll_interval_s: float = 5.0
-    batch_size: int = 50
-    snapshot_reserve: int = 10
+    #: Snapshot requests per second at most (IB paces all messages at 50/s).
+    max_snapshot_msgs_per_s: float = 10.0
     lease_s: float = 60.0
     snapshot_timeout_s: float = 11.0
-    #: When the reserve is full, look again after this long.
-    reserve_retry_s: float = 0.05
+    #: With nothing to claim or no line free, look again after this long.
+    idle_s: float = 0.2
+    #: After a 321, the rate stays reduced at least this long.
+    rate_limit_hold_s: float = 10.0
 
 
-class Poll(Command, tag="worker.poll", frozen=True, kw_only=True):
-    """Start a cycle now if none is running (the timer sends it; tests may too)."""
+class Wake(Command, tag="worker.wake", frozen=True, kw_only=True):
+    """Look for work now (the worker's own timers send it; tests may too)."""
 
 
 class WorkerStatus(Command, tag="worker.status", frozen=True, kw_only=True):
@@ -74,26 +96,65 @@ class WorkerStatusReply(Reply, tag="worker.status_reply", frozen=True, kw_only=T
     released: int
     updates_published: int
     snapshots_in_flight: int
+    rate_per_s: float = 0.0
+    mean_snapshot_s: float = 0.0
+
+
+class TokenBucket:
+    """``rate`` tokens a second, at most ``rate`` (one second's worth) saved up; the clock is passed in."""
+
+    def __init__(self, rate: float, now: float) -> None:
+        self.configured = rate
+        self.rate = rate
+        self.tokens = min(1.0, rate)
+        self._at = now
+        self._slow_until = 0.0
+
+    def _refill(self, now: float) -> None:
+        if now >= self._slow_until and self.rate < self.configured:
+            self.rate = min(self.configured, self.rate * 1.25)  # climb back after the hold
+            self._slow_until = now + 1.0
+        self.tokens = min(max(1.0, self.rate), self.tokens + (now - self._at) * self.rate)
+        self._at = now
+
+    def available(self, now: float) -> int:
+        self._refill(now)
+        return int(self.tokens)
+
+    def take(self, n: int, now: float) -> None:
+        self._refill(now)
+        self.tokens -= n
+
+    def wait_s(self, now: float) -> float:
+        """Seconds until one token is there."""
+        self._refill(now)
+        return max(0.0, (1.0 - self.tokens) / self.rate)
+
+    def slow_down(self, now: float, hold_s: float) -> None:
+        """IB said too many snapshots: halve the rate, hold it at least ``hold_s``."""
+        self._refill(now)
+        self.rate = max(self.configured / 16, self.rate / 2)
+        self.tokens = min(self.tokens, 0.0)
+        self._slow_until = now + hold_s
+
+
+class _Granted(msgspec.Struct, frozen=True):
+    lines: list[LineGrant]
+    error: str = ""
 
 
 class _Claimed(msgspec.Struct, frozen=True):
+    lines: list[LineGrant]
     items: list[ClaimedItem]
     error: str = ""
-
-
-class _Capacity(msgspec.Struct, frozen=True):
-    in_flight: int
-    connected: bool
 
 
 class _Snapshotted(msgspec.Struct, frozen=True):
-    items: list[ClaimedItem]
+    item: ClaimedItem
+    line: LineGrant
+    started: float
     result: SnapshotResult | None
     error: str = ""
-
-
-class _Retry(msgspec.Struct, frozen=True):
-    pass
 
 
 class QueueWorker(pykka.ThreadingActor):
@@ -105,64 +166,65 @@ class QueueWorker(pykka.ThreadingActor):
         *,
         queue: pykka.ActorRef[Any],
         ib: pykka.ActorRef[Any],
+        router: pykka.ActorRef[Any],
         handlers: HandlerSet,
         connected: bool = False,
-        timer: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__()
         self.settings = settings
         self.queue = queue
         self.ib = ib
+        self.router = router
         self.handlers = handlers
         self.connected = connected
-        self._timer = timer
-        self._ticker: Ticker | None = None
-        self._pending: deque[ClaimedItem] = deque()
-        self.busy = False
-        self.in_flight = 0
+        self._clock = clock
+        self.bucket = TokenBucket(settings.max_snapshot_msgs_per_s, clock())
+        #: A borrow-and-claim round is under way (one at a time).
+        self.acquiring = False
+        self.open: dict[int, ClaimedItem] = {}  # item id -> item, snapshots sent and not answered
+        self._wake_at: float | None = None
         self.cycles = 0
         self.succeeded = 0
         self.failed = 0
         self.released = 0
         self.updates_published = 0
+        self._snapshot_s_total = 0.0
+        self._snapshots_timed = 0
 
     def on_start(self) -> None:
-        if self._timer:
-            self._ticker = Ticker(self.actor_ref, Poll(), self.settings.poll_interval_s, name="worker-poll").start()
+        self._pump()
 
     def on_stop(self) -> None:
-        if self._ticker is not None:
-            self._ticker.stop()
-        if self._pending:
-            self._release(list(self._pending), "released")
-            self._pending.clear()
+        self._wake_at = None
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, Request):
             if isinstance(message.command, WorkerStatus):
                 message.reply.set(self.status())
-            elif isinstance(message.command, Poll):
-                self._poll()
+            elif isinstance(message.command, Wake):
+                self._pump()
                 message.reply.set(self.status())
             else:
                 message.reply.set_exception(TypeError(f"worker takes no command {type(message.command).__name__}"))
             return None
         match message:
-            case Poll():
-                self._poll()
+            case Wake():
+                self._wake_at = None
+                self._pump()
             case ConnectionStateChanged(state=state):
                 was = self.connected
                 self.connected = state in _UP
                 if was and not self.connected:
-                    logger.warning("worker: IB disconnected ({}); claimed items go back without an attempt", state)
+                    logger.warning("worker: IB disconnected ({}); open snapshots come back without an attempt", state)
+                if self.connected:
+                    self._pump()
+            case _Granted():
+                self._granted(message)
             case _Claimed():
                 self._claimed(message)
-            case _Capacity():
-                self._send_chunk(message)
             case _Snapshotted():
                 self._snapshotted(message)
-            case _Retry():
-                self._next_chunk()
             case _:
                 pass
         return None
@@ -170,118 +232,162 @@ class QueueWorker(pykka.ThreadingActor):
     def status(self) -> WorkerStatusReply:
         return WorkerStatusReply(
             connected=self.connected,
-            busy=self.busy,
+            busy=bool(self.open) or self.acquiring,
             cycles=self.cycles,
             succeeded=self.succeeded,
             failed=self.failed,
             released=self.released,
             updates_published=self.updates_published,
-            snapshots_in_flight=self.in_flight,
+            snapshots_in_flight=len(self.open),
+            rate_per_s=round(self.bucket.rate, 3),
+            mean_snapshot_s=round(self._snapshot_s_total / self._snapshots_timed, 3) if self._snapshots_timed else 0.0,
         )
 
-    # ------------------------------------------------------------------ one cycle
+    # ------------------------------------------------------------------ the loop
 
-    def _poll(self) -> None:
-        if self.busy or not self.connected:
+    def _pump(self) -> None:
+        """Borrow lines for as many snapshots as the message budget allows now."""
+        if self.acquiring or not self.connected:
             return
-        self.busy = True
+        now = self._clock()
+        n = self.bucket.available(now)
+        if n < 1:
+            self._wake_in(self.bucket.wait_s(now))
+            return
+        self.acquiring = True
         self.cycles += 1
-        claim = Claim(n=self.settings.batch_size, lease_s=self.settings.lease_s, worker="worker")
         self._pipe(
-            ask_async(self.queue, claim), lambda r: _Claimed(items=r.items), lambda e: _Claimed(items=[], error=e)
+            ask_async(self.router, AcquireLines(n=n)),
+            lambda r: _Granted(lines=r.lines),
+            lambda e: _Granted(lines=[], error=e),
         )
 
-    def _claimed(self, message: _Claimed) -> None:
-        if message.error:
-            logger.error("worker: claim failed: {}", message.error)
-        self._pending.extend(message.items)
-        self._next_chunk()
-
-    def _next_chunk(self) -> None:
-        if not self._pending:
-            self.busy = False
+    def _granted(self, granted: _Granted) -> None:
+        if granted.error:
+            logger.error("worker: the router did not lend lines: {}", granted.error)
+        if not granted.lines:
+            self.acquiring = False
+            self._wake_in(self.settings.idle_s)
             return
         if not self.connected:
-            self._release(list(self._pending), "disconnected")
-            self._pending.clear()
-            self.busy = False
+            self._give_back(granted.lines)
+            self.acquiring = False
             return
+        claim = Claim(n=len(granted.lines), lease_s=self.settings.lease_s, worker="worker")
+        lines = granted.lines
         self._pipe(
-            ask_async(self.ib, IbStats()),
-            lambda r: _Capacity(in_flight=r.snapshots_in_flight, connected=r.connected),
-            lambda e: _Capacity(in_flight=self.settings.snapshot_reserve, connected=False),
+            ask_async(self.queue, claim),
+            lambda r: _Claimed(lines=lines, items=r.items),
+            lambda e: _Claimed(lines=lines, items=[], error=e),
         )
 
-    def _send_chunk(self, capacity: _Capacity) -> None:
-        if not capacity.connected:
-            self.connected = False
-            self._next_chunk()
+    def _claimed(self, claimed: _Claimed) -> None:
+        self.acquiring = False
+        if claimed.error:
+            logger.error("worker: claim failed: {}", claimed.error)
+        items, lines = claimed.items, claimed.lines
+        self._give_back(lines[len(items) :])
+        if not self.connected:
+            self._release(list(items), "disconnected")
+            self._give_back(lines[: len(items)])
             return
-        room = self.settings.snapshot_reserve - capacity.in_flight
-        if room <= 0:
-            timer = threading.Timer(self.settings.reserve_retry_s, self._tell_self, args=(_Retry(),))
-            timer.daemon = True
-            timer.start()
-            return
-        chunk = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
-        self.in_flight = len(chunk)
-        request = Snapshot(conids=[item.conid for item in chunk], timeout_s=self.settings.snapshot_timeout_s)
-        self._pipe(
-            ask_async(self.ib, request),
-            lambda r: _Snapshotted(items=chunk, result=r),
-            lambda e: _Snapshotted(items=chunk, result=None, error=e),
-        )
+        now = self._clock()
+        self.bucket.take(len(items), now)
+        for item, line in zip(items, lines, strict=False):
+            self.open[item.item_id] = item
+            request = Snapshot(conids=[item.conid], timeout_s=self.settings.snapshot_timeout_s)
+            self._pipe(
+                ask_async(self.ib, request),
+                lambda r, item=item, line=line: _Snapshotted(item=item, line=line, started=now, result=r),
+                lambda e, item=item, line=line: _Snapshotted(item=item, line=line, started=now, result=None, error=e),
+            )
+        if len(items) < len(lines):
+            self._wake_in(self.settings.idle_s)  # nothing more is claimable now
+        else:
+            self._pump()
 
-    def _snapshotted(self, message: _Snapshotted) -> None:
-        self.in_flight = 0
-        items_by_conid: dict[int, list[ClaimedItem]] = {}
-        for item in message.items:
-            items_by_conid.setdefault(item.conid, []).append(item)
-        if message.result is None:
-            logger.error("worker: snapshot request failed: {}", message.error)
-            self._release(message.items, "released")
-            self._next_chunk()
-            return
-        done: list[int] = []
-        for update in message.result.updates:
+    def _snapshotted(self, done: _Snapshotted) -> None:
+        item, line = done.item, done.line
+        self.open.pop(item.item_id, None)
+        now = self._clock()
+        if done.result is None:
+            logger.error("worker: snapshot request for {} failed: {}", item.conid, done.error)
+            self._release([item], "released")
+            self._report(line, item.conid, "interrupted", error=done.error[:200])
+        elif done.result.updates:
+            update = done.result.updates[0]
+            self._snapshot_s_total += now - done.started
+            self._snapshots_timed += 1
             self.handlers.publish(update)
             self.updates_published += 1
-            done.extend(item.item_id for item in items_by_conid.pop(update.conid, []))
-        release: list[ClaimedItem] = []
-        for failure in message.result.failures:
-            items = items_by_conid.pop(failure.conid, [])
-            if failure.kind == IbErrorKind.DISCONNECTED:
-                release.extend(items)
-                continue
-            for item in items:
-                self.failed += 1
-                error = f"{failure.kind}: {failure.message}"[:200]
-                self._tell_queue(Fail(item_id=item.item_id, error=error, code=failure.code))
-        for items in items_by_conid.values():  # the IB actor answered nothing for these
-            release.extend(items)
-        if done:
-            self.succeeded += len(done)
-            self._tell_queue(Succeed(item_ids=done))
-        if release:
-            self._release(release, "disconnected")
-        self._next_chunk()
+            self.succeeded += 1
+            self._tell(self.queue, Succeed(item_ids=[item.item_id], leases=[item.lease_until_us]))
+            self._report(line, item.conid, "ok", update=update)
+        else:
+            failure = (
+                done.result.failures[0]
+                if done.result.failures
+                else SnapshotFailed(conid=item.conid, kind=IbErrorKind.DISCONNECTED, message="no answer")
+            )
+            self._failed(item, line, failure, now)
+        self._pump()
+
+    def _failed(self, item: ClaimedItem, line: LineGrant, failure: SnapshotFailed, now: float) -> None:
+        error = f"{failure.kind}: {failure.message}"[:200]
+        outcome = _RELEASE_KINDS.get(failure.kind)
+        if outcome is not None:
+            if outcome == "rate_limited":
+                self.bucket.slow_down(now, self.settings.rate_limit_hold_s)
+                logger.warning("worker: IB limits snapshots ({}); rate now {:.1f}/s", failure.code, self.bucket.rate)
+            self._release([item], f"{outcome}: {failure.code}")
+            self._report(line, item.conid, outcome, error=error)
+            return
+        terminal = failure.kind in _TERMINAL_KINDS
+        self.failed += 1
+        self._tell(
+            self.queue,
+            Fail(
+                item_id=item.item_id,
+                error=error,
+                code=failure.code,
+                lease_until_us=item.lease_until_us,
+                terminal=terminal,
+            ),
+        )
+        self._report(line, item.conid, "failed", error=error, terminal=terminal)
 
     # ------------------------------------------------------------------ plumbing
+
+    def _report(self, line: LineGrant, conid: int, outcome: SnapshotOutcome, **fields: Any) -> None:
+        self._tell(self.router, SnapshotDone(line_id=line.line_id, conid=conid, outcome=outcome, **fields))
+
+    def _give_back(self, lines: list[LineGrant]) -> None:
+        if lines:
+            self._tell(self.router, ReleaseLines(line_ids=[line.line_id for line in lines]))
 
     def _release(self, items: list[ClaimedItem], reason: str) -> None:
         if not items:
             return
         self.released += len(items)
-        try:
-            self.queue.tell(Release(item_ids=[i.item_id for i in items], reason=reason))
-        except pykka.ActorDeadError:
-            logger.warning("worker: queue gone; {} claimed items return at lease expiry", len(items))
+        self._tell(
+            self.queue,
+            Release(item_ids=[i.item_id for i in items], reason=reason[:200], leases=[i.lease_until_us for i in items]),
+        )
 
-    def _tell_queue(self, message: Any) -> None:
+    def _tell(self, ref: pykka.ActorRef[Any], message: Any) -> None:
         try:
-            self.queue.tell(message)
-        except pykka.ActorDeadError:  # only while shutting down: the leases bring the items back
-            logger.warning("worker: queue gone; {} not sent, the lease returns the items", type(message).__name__)
+            ref.tell(message)
+        except pykka.ActorDeadError:  # only while shutting down: leases bring items back, the ledger reclaims lines
+            logger.warning("worker: {} gone; {} not sent", type(message).__name__, type(message).__name__)
+
+    def _wake_in(self, delay_s: float) -> None:
+        due = self._clock() + delay_s
+        if self._wake_at is not None and self._wake_at <= due:
+            return
+        self._wake_at = due
+        timer = threading.Timer(max(0.0, delay_s), self._tell_self, args=(Wake(),))
+        timer.daemon = True
+        timer.start()
 
     def _tell_self(self, message: Any) -> None:
         try:
@@ -300,3 +406,4 @@ class QueueWorker(pykka.ThreadingActor):
             self._tell_self(message)
 
         future.add_done_callback(done)
+

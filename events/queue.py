@@ -61,9 +61,20 @@ Micros = Annotated[int, msgspec.Meta(ge=0)]
 
 
 class Enqueue(Command, tag="queue.enqueue", frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Owe ``conid`` a refresh.
+
+    ``due_us`` is when its newest quote passes its target age (0: now); claims
+    take the item furthest past its due time first, so the queue is ordered by
+    staleness, not by arrival. With ``only_if_idle`` nothing happens when the
+    contract already has a waiting, processing or dead-lettered item (the
+    router's safety sweep must neither double work nor revive a dead letter).
+    """
+
     conid: Conid
     priority: PriorityValue = Priority.MONITORING
     reason: Reason = ""
+    due_us: Micros = 0
+    only_if_idle: bool = False
 
 
 class EnqueueMany(Command, tag="queue.enqueue_many", frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -92,6 +103,8 @@ class Fail(Command, tag="queue.fail", frozen=True, kw_only=True, forbid_unknown_
     code: int | None = None
     #: The lease Claimed handed out; when given, a Fail under an older lease is stale and ignored.
     lease_until_us: Micros | None = None
+    #: No retry can help (no market data subscription, no such contract): dead-letter at once.
+    terminal: bool = False
 
 
 class Release(Command, tag="queue.release", frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -130,6 +143,7 @@ class ClaimedItem(msgspec.Struct, frozen=True, kw_only=True):
     priority: int
     attempt: int
     lease_until_us: int
+    due_us: int = 0
 
 
 class Claimed(Reply, tag="queue.claimed", frozen=True, kw_only=True):
@@ -157,16 +171,20 @@ class ItemEnqueued(Event, tag="queue.item_enqueued", frozen=True, kw_only=True):
     priority: PriorityValue
     reason: Reason = ""
     enqueued_us: Micros
+    #: When the contract's quote passes its target age; 0 (events before v2 of the scheduler) means enqueued_us.
+    due_us: Micros = 0
 
 
 class ItemReprioritized(Event, tag="queue.item_reprioritized", frozen=True, kw_only=True):
-    """A coalesced enqueue with a better priority upgraded the waiting item."""
+    """A coalesced enqueue with a better priority, or an earlier due time, upgraded the waiting item."""
 
     version: ClassVar[int] = 1
     item_id: ItemId
     conid: Conid
     priority: PriorityValue
     reason: Reason = ""
+    #: A coalesced enqueue that was due earlier moves the item's due time forward (0: unchanged).
+    due_us: Micros = 0
 
 
 class ItemClaimed(Event, tag="queue.item_claimed", frozen=True, kw_only=True):

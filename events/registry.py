@@ -35,6 +35,8 @@ __all__ = [
 
 #: Who asked for a change: "cli", "api", "config", "socket", ... (free text, short).
 Source = Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
+#: A strategy's priority for lines (higher first); 0 unless ``registry add --priority`` says otherwise.
+StrategyPriority = Annotated[int, msgspec.Meta(ge=-1000, le=1000)]
 #: Expected signed position of a strategy leg, for reconciliation.
 ExpectedQuantity = Annotated[float, msgspec.Meta(ge=-1e12, le=1e12)]
 
@@ -46,6 +48,8 @@ class AddActive(Command, tag="registry.add_active", frozen=True, kw_only=True, f
     strategy: StrategyName
     source: Source = "api"
     expected_quantity: ExpectedQuantity | None = None
+    #: The strategy's claim on a market data line: higher streams first when lines are short.
+    priority: StrategyPriority = 0
 
 
 class RemoveActive(Command, tag="registry.remove_active", frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -102,6 +106,8 @@ class LegAdded(Event, tag="registry.leg_added", frozen=True, kw_only=True):
     strategy: StrategyName
     source: Source = "api"
     expected_quantity: ExpectedQuantity | None = None
+    #: The strategy's claim on a market data line: higher streams first when lines are short.
+    priority: StrategyPriority = 0
 
 
 class LegRemoved(Event, tag="registry.leg_removed", frozen=True, kw_only=True):

@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 import msgspec
 
 from events.base import Command, Conid, Event, Reply
+from events.ib import MarketUpdate
 
 __all__ = [
     "AcquireLines",
@@ -174,6 +175,8 @@ class SnapshotDone(Command, tag="router.snapshot_done", frozen=True, kw_only=Tru
     line_id: int
     conid: Conid
     outcome: SnapshotOutcome
-    quote_ts_us: int = 0
-    data_type: str = ""
+    #: The quote it brought (outcome "ok").
+    update: MarketUpdate | None = None
     error: str = ""
+    #: No snapshot of this contract can succeed until something changes (no subscription, no contract).
+    terminal: bool = False

@@ -68,19 +68,54 @@ def test_enqueue_coalesces_and_better_priority_wins(event_log: EventLog) -> None
     assert (stats.pending, stats.by_priority) == (1, {"1": 1})
 
 
-def test_claim_order_is_priority_then_not_before_then_enqueue_time(event_log: EventLog) -> None:
+def test_claim_order_is_staleness_then_priority_then_enqueue_time(event_log: EventLog) -> None:
+    """The item furthest past its due time goes first; priority breaks a tie; a backoff holds an item back."""
     clock = Clock()
     ref = start(event_log, clock, backoff_base_s=1.0)
-    for conid, prio in [(1, 2), (2, 2), (3, 1), (4, 2)]:
+    base = clock.now
+    # conid: (priority, due offset in s): 3 is the most overdue, 1 and 2 share a due time (priority decides),
+    # 4 is not due for a minute but is still served once the others are (the scheduler never idles lines).
+    plan = {1: (2, 10), 2: (1, 10), 3: (2, 5), 4: (2, 60)}
+    for conid, (prio, due_s) in plan.items():
         clock.now += 1
-        ask(ref, Enqueue(conid=conid, priority=prio))
+        ask(ref, Enqueue(conid=conid, priority=prio, due_us=base + due_s * S))
     first = ask(ref, Claim(n=1)).items[0]
-    assert first.conid == 3  # priority 1 first
-    ask(ref, Fail(item_id=first.item_id, error="x"))  # retry after 1 s, priority stays 1
+    assert first.conid == 3
+    ask(ref, Fail(item_id=first.item_id, error="x"))  # retry after 1 s
     got = [c.conid for c in ask(ref, Claim(n=10)).items]
-    assert got == [1, 2, 4]  # conid 3 waits out its backoff
+    assert got == [2, 1, 4]  # conid 3 waits out its backoff
     clock.now += S
     assert [c.conid for c in ask(ref, Claim(n=10)).items] == [3]
+
+
+def test_a_coalesced_enqueue_keeps_the_earlier_due_time_and_idle_only_enqueues_skip_busy_contracts(
+    event_log: EventLog,
+) -> None:
+    clock = Clock()
+    ref = start(event_log, clock, max_attempts=1)
+    base = clock.now
+    ask(ref, Enqueue(conid=1, due_us=base + 50 * S))
+    ask(ref, Enqueue(conid=2, due_us=base + 20 * S))
+    assert ask(ref, Enqueue(conid=1, due_us=base + 90 * S)).changed == 0  # later: nothing to change
+    assert ask(ref, Enqueue(conid=1, due_us=base + 10 * S)).changed == 1  # sooner: moves forward
+    assert [c.conid for c in ask(ref, Claim(n=1)).items] == [1]
+    # idle-only: absorbed while waiting (2), processing (1) or dead-lettered (3); taken when idle (4)
+    ask(ref, Enqueue(conid=3))
+    dead = [c for c in ask(ref, Claim(n=5)).items if c.conid == 3][0]
+    assert ask(ref, Fail(item_id=dead.item_id, error="no subscription", terminal=True)).changed == 1
+    sweep = [Enqueue(conid=c, only_if_idle=True) for c in (1, 2, 3, 4)]
+    assert [ask(ref, e).changed for e in sweep] == [0, 0, 0, 1]
+    stats = ask(ref, QueueStats())
+    assert (stats.pending, stats.processing, stats.failed) == (1, 2, 1)
+
+
+def test_a_terminal_failure_dead_letters_at_once(event_log: EventLog) -> None:
+    ref = start(event_log, Clock(), max_attempts=5)
+    ask(ref, Enqueue(conid=9))
+    item = ask(ref, Claim(n=1)).items[0]
+    ask(ref, Fail(item_id=item.item_id, error="354 not subscribed", code=354, terminal=True))
+    assert ref.proxy().summary(True).get(timeout=5)["items"][0]["status"] == "FAILED"
+    assert types(event_log)[-1] == "item_dead_lettered"
 
 
 def test_fail_backs_off_exponentially_then_dead_letters_and_requeue_revives(event_log: EventLog) -> None:

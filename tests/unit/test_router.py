@@ -32,7 +32,7 @@ from actors.ib_base import AddSubscriber
 from actors.messaging import ask
 from actors.queue import QueueActor
 from actors.registry import RegistryActor
-from actors.router import RefreshAll, RouterSettings, RouterStatus, RouterStatusReply, StreamRouter
+from actors.router import ActiveAtStart, RouterSettings, RouterStatus, RouterStatusReply, StreamRouter, SweepNow
 from actors.worker import QueueWorker, WorkerSettings, WorkerStatus
 from events.ib import (
     Connect,
@@ -92,7 +92,8 @@ class Rig:
         min_stream_age_s: float = 0.0,
         worker: bool = False,
         snapshot_latency_s: float = 0.0,
-        line_cap_hold_s: float = 300.0,
+        line_probe_s: float = 300.0,
+        min_dwell_s: float = 30.0,
         connect: bool = True,
         tap_ib: bool = False,
     ) -> None:
@@ -117,9 +118,12 @@ class Rig:
             log,
             RouterSettings(
                 max_lines=max_lines,
-                snapshot_reserve=reserve,
-                refresh_interval_s=3600,
-                line_cap_hold_s=line_cap_hold_s,
+                min_snapshot_lines=reserve,
+                monitoring_s=3600,
+                line_probe_s=line_probe_s,
+                tick_s=0.05,
+                proof_s=0.05,
+                min_dwell_s=min_dwell_s,
             ),
             ib=self.tap or self.ib,
             queue=self.queue,
@@ -130,9 +134,10 @@ class Rig:
         self.worker: pykka.ActorRef[Any] | None = None
         if worker:
             self.worker = QueueWorker.start(
-                WorkerSettings(poll_interval_s=0.02, batch_size=50, snapshot_reserve=reserve, snapshot_timeout_s=2.0),
+                WorkerSettings(max_snapshot_msgs_per_s=45, snapshot_timeout_s=2.0, idle_s=0.02),
                 queue=self.queue,
                 ib=self.ib,
+                router=self.router,
                 handlers=self.handlers,
             )
             self.ib.tell(AddSubscriber(self.worker))
@@ -173,14 +178,19 @@ class Rig:
         wait_until(settled, timeout=timeout)
         return self.status()
 
-    def router_events(self) -> list[tuple[str, int]]:
-        """(type without prefix, conid) of every stored router event, in seq order.
+    def router_events(self) -> list[tuple[str, int | None]]:
+        """(type without prefix, conid or None) of every stored router event, in seq order.
 
         Asking the router's status first makes sure it has handled what the registry told it before.
         """
         self.status()
         self.log.flush()
-        return [(s.type.removeprefix("router."), s.event.conid) for s in self.log.read(streams=["router"])]  # type: ignore[attr-defined]
+        return [(s.type.removeprefix("router."), getattr(s.event, "conid", None)) for s in self.log.read(streams=["router"])]
+
+    def learned_limits(self) -> list[int]:
+        self.status()
+        self.log.flush()
+        return [s.event.limit for s in self.log.read(streams=["router"]) if s.type == "router.line_limit_learned"]  # type: ignore[attr-defined]
 
     def queue_items(self) -> dict[int, dict[str, Any]]:
         """Live (waiting or processing) queue items by conid."""
@@ -274,41 +284,70 @@ def test_overflow_goes_to_the_queue_at_top_priority_and_is_promoted_when_a_line_
     rig.assert_peak_within_budget()
 
 
-def test_a_101_demotes_the_contract_and_caps_new_streams(rig_factory: Any) -> None:
-    rig = rig_factory(max_lines=12, reserve=3, line_limit=5)  # budget 9, but IB takes only 5
-    rig.activate(*OPTIONS[:7])
-    wait_until(lambda: rig.status().overflow == 2, timeout=5)
+def test_a_101_teaches_the_line_limit_and_streams_leave_the_snapshot_lines(rig_factory: Any) -> None:
+    """max_lines says 12, IB takes 5: the 101s teach 5, and streams shrink to 5 less the 3 snapshot lines."""
+    rig = rig_factory(max_lines=12, reserve=3, line_limit=5)
+    rig.activate(*OPTIONS[:7])  # 7 streams fit the 9 configured slots: IB refuses the 6th and 7th
+    wait_until(lambda: rig.status().line_cap == 5, timeout=5)
     status = rig.settle()
-    assert status.streams == 5
-    assert status.line_cap is not None
-    assert status.line_cap <= 5
+    assert (status.line_cap, status.line_limit, status.budget) == (5, 5, 2)
+    assert (status.streams, status.overflow) == (2, 5)
+    # one event per refusal that lowered it: what was still held after giving the refused line back
+    # ([6, 5], or [5] when the 7th activation arrived after the 6th was refused and overflowed at once)
+    learned = rig.learned_limits()
+    assert learned in ([6, 5], [5])
     events = rig.router_events()
-    # the 6th is refused (101) and demoted; the 7th too, unless the cap from the first 101 was in
-    # place before its activation arrived, which overflows it without asking IB
     demoted = [c for t, c in events if t == "stream_demoted"]
+    # the refused ones, and the worst-ranked streams shed as each 101 lowered the limit
     assert demoted[0] == OPTIONS[5]
-    waiting = demoted + [c for t, c in events if t == "overflow_queued"]
-    assert sorted(waiting) == OPTIONS[5:7]
+    assert OPTIONS[6] in demoted
+    assert len(demoted) == 5
     items = rig.queue_items()
-    assert all(items[c]["priority"] == Priority.ACTIVE_OVERFLOW for c in waiting)
-    # capped: a new activation does not even try IB, it overflows at once
+    assert all(items[c]["priority"] == Priority.ACTIVE_OVERFLOW for c in demoted)
+    # learned: a new activation does not even try IB, it overflows at once
     rig.activate(OPTIONS[7])
     assert ("overflow_queued", OPTIONS[7]) in rig.router_events()
-    assert rig.ib_stats().peak_lines <= 5
-    # a freed line promotes the oldest demoted contract
-    rig.deactivate(OPTIONS[0])
+    assert rig.ib_stats().peak_lines <= 7  # the discovery episode: the two refused requests, nothing more
+    # a freed line goes to the best-ranked waiting contract
+    streaming = [c for c in OPTIONS[:7] if c not in demoted]
+    assert len(streaming) == 2
+    rig.deactivate(*streaming)
+    status = rig.settle()
+    assert (status.streams, status.overflow) == (2, 4)
+    assert sum(t == "stream_promoted" for t, _ in rig.router_events()) == 2
+
+
+def test_the_learned_limit_survives_a_restart_and_is_probed_upward(
+    rig_factory: Any, log_factory: Callable[[], EventLog]
+) -> None:
+    rig = rig_factory(max_lines=12, reserve=3, line_limit=5)
+    rig.activate(*OPTIONS[:7])
+    wait_until(lambda: rig.status().line_cap == 5, timeout=5)
     rig.settle()
-    assert ("stream_promoted", demoted[0]) in rig.router_events()
+    learned = rig.learned_limits()
+    pykka.ActorRegistry.stop_all(timeout=10)
+    rig.log.close()
+    # a new run on the same log: the limit is known, so no 101 is needed to find it again
+    again = Rig(log_factory(), max_lines=12, reserve=3, line_limit=5, line_probe_s=0.3)
+    again.router.tell(ActiveAtStart(conids=OPTIONS[:7]))  # what the runtime tells it from the recovered registry
+    status = again.settle()
+    assert status.streams == 2
+    assert again.learned_limits() == learned  # nothing new learned at start
+    # the probe: one more line after line_probe_s; IB refuses it (101) and the limit is learned back
+    wait_until(lambda: any(t == "line_limit_probed" for t, _ in again.router_events()), timeout=5)
+    wait_until(lambda: len(again.learned_limits()) > len(learned) and again.learned_limits()[-1] == 5, timeout=5)
+    assert again.settle().line_cap in (5, 6)
 
 
-def test_set_line_limit_later_demotes_only_what_does_not_fit(rig_factory: Any) -> None:
+def test_another_client_taking_lines_lowers_the_limit_and_sheds_streams(rig_factory: Any) -> None:
     rig = rig_factory(max_lines=12, reserve=3)
     rig.activate(*OPTIONS[:3])
     rig.settle()
     rig.ib.tell(SetLineLimit(limit=4))  # another client of the account took lines
-    rig.activate(*OPTIONS[3:6])
-    wait_until(lambda: rig.status().overflow == 2, timeout=5)
-    assert rig.settle().streams == 4
+    rig.activate(*OPTIONS[3:6])  # the 5th and 6th are refused
+    wait_until(lambda: rig.status().line_cap == 4, timeout=5)
+    status = rig.settle()
+    assert (status.streams, status.overflow) == (1, 5)  # 4 lines less 3 for snapshots
 
 
 # ---------------------------------------------------------------------- reconnects
@@ -360,7 +399,7 @@ def test_lines_never_exceed_max_lines_with_snapshots_overflow_and_reconnects(rig
         rig.activate(*STOCKS[round_ * 4 : round_ * 4 + 4])
         if round_ == 1:
             rig.ib.tell(InjectDisconnect())
-        rig.router.tell(RefreshAll())
+        rig.router.tell(SweepNow())
         rig.settle()
         rig.assert_peak_within_budget()
     # the worker really did run snapshots meanwhile
@@ -435,7 +474,7 @@ def test_random_activity_never_exceeds_max_lines(tmp_path_factory: pytest.TempPa
 # ---------------------------------------------------------------------- positions and refresh
 
 
-def test_position_changes_and_refresh_enqueue_only_non_active_contracts(rig_factory: Any) -> None:
+def test_position_changes_and_the_sweep_enqueue_only_non_active_contracts(rig_factory: Any) -> None:
     rig = rig_factory()
     rig.activate(OPTIONS[0])
     rig.settle()
@@ -452,7 +491,7 @@ def test_position_changes_and_refresh_enqueue_only_non_active_contracts(rig_fact
     rig.router.tell(PositionChanged(**{**_fields(active_leg), "position": active_leg.position + 1}))
     rig.status()
     wait_until(lambda: set(rig.queue_items()) == {STOCKS[3]}, timeout=5)
-    rig.router.tell(RefreshAll())
+    rig.router.tell(SweepNow())
     wait_until(lambda: set(rig.queue_items()) == set(ALL) - {OPTIONS[0]}, timeout=5)
 
 
@@ -466,13 +505,12 @@ def test_snapshot_latency_can_be_changed_under_load(rig_factory: Any) -> None:
     rig.activate(*OPTIONS[:9])
     rig.settle()
     rig.ib.tell(SetSnapshotLatency(seconds=0.02))
-    rig.router.tell(RefreshAll())
     wait_until(lambda: ask(rig.worker, WorkerStatus()).succeeded >= len(ALL) - 9, timeout=15)
     rig.assert_peak_within_budget()
 
 
-def test_refresh_re_enqueues_overflowed_active_contracts_at_top_priority(rig_factory: Any) -> None:
-    """An active contract waiting for a line is refreshed by the queue every refresh, not once."""
+def test_the_sweep_re_enqueues_overflowed_active_contracts_at_top_priority(rig_factory: Any) -> None:
+    """An active contract waiting for a line is owed refreshes at top priority, not one snapshot only."""
     from events.queue import Claim, Succeed
 
     rig = rig_factory(max_lines=6, reserve=2)  # budget 4
@@ -482,7 +520,7 @@ def test_refresh_re_enqueues_overflowed_active_contracts_at_top_priority(rig_fac
     claimed = ask(rig.queue, Claim(n=1000)).items
     ask(rig.queue, Succeed(item_ids=[i.item_id for i in claimed]))
     assert rig.queue_items() == {}
-    rig.router.tell(RefreshAll())
+    rig.router.tell(SweepNow())
     wait_until(lambda: len(rig.queue_items()) == len(ALL) - 4, timeout=5)
     items = rig.queue_items()
     assert {c for c, i in items.items() if i["priority"] == Priority.ACTIVE_OVERFLOW} == set(OPTIONS[4:6])
@@ -498,7 +536,7 @@ def test_a_closed_position_is_no_longer_refreshed(rig_factory: Any) -> None:
         ask(rig.queue, Cancel(conid=conid, reason="test"))
     closed = next(p for p in POSITIONS if p.conid == STOCKS[2])
     rig.router.tell(PositionChanged(**{**_fields(closed), "position": 0.0}))
-    rig.router.tell(RefreshAll())
+    rig.router.tell(SweepNow())
     wait_until(lambda: set(rig.queue_items()) == set(ALL) - {STOCKS[2]}, timeout=5)
     assert STOCKS[2] not in rig.queue_items()
 
