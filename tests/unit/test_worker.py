@@ -1,24 +1,26 @@
-"""The QueueWorker with a real queue on a real log and the fake IB.
+"""The QueueWorker with a real queue on a real log, the fake IB, and a stub of the router's line ledger.
 
-Cycles are started by asking ``Poll`` (``timer=False``), so each test decides
-exactly when the worker claims; a cycle is over when the worker reports
-itself not busy. Outcomes are read where they are stored: the queue's events
-in the log, the fake IB's counters, and the handler inbox.
+The worker runs continuously (no poll timer): it borrows lines from the
+ledger, claims that many items and snapshots them one request each. The
+ledger stub lends at most ``lines`` lines at once and records what the
+worker reports back, so a test can see that every lent line returns and how
+each snapshot ended. Its clock is a test clock, so the message budget is
+checked by moving time, not by measuring it.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
+import pykka
 import pytest
 
 from actors.fake_ib import FakeIbActor, FakeIbSettings, SetNeverAnswer, SetSnapshotLatency, demo_positions
 from actors.handlers import HandlerSet
-from actors.messaging import ask
+from actors.messaging import Request, ask
 from actors.queue import QueueActor
-from actors.worker import Poll, QueueWorker, WorkerSettings, WorkerStatus, WorkerStatusReply
+from actors.worker import QueueWorker, TokenBucket, Wake, WorkerSettings, WorkerStatus, WorkerStatusReply
 from events.ib import (
     Connect,
     ConnectionState,
@@ -29,6 +31,7 @@ from events.ib import (
     MarketUpdate,
 )
 from events.queue import Enqueue, EnqueueMany, QueueStats, QueueStatsReply
+from events.router import AcquireLines, LineGrant, LinesGranted, ReleaseLines, SnapshotDone
 from storage.event_log import EventLog
 from storage.reader import StoredEvent
 from tests.support import Inbox, wait_until
@@ -37,20 +40,65 @@ POSITIONS = demo_positions(30, 6, seed=7)
 CONIDS = [p.conid for p in POSITIONS]
 
 
-class Rig:
-    """Queue + fake IB + one worker whose handlers feed ``inbox``."""
+class LedgerStub(pykka.ThreadingActor):
+    """Lends at most ``lines`` lines at once; records SnapshotDone reports."""
 
-    def __init__(self, log: EventLog, *, timer: bool = False, **worker: Any) -> None:
+    def __init__(self, lines: int) -> None:
+        super().__init__()
+        self.lines = lines
+        self.lent: set[int] = set()
+        self.next_id = 1
+        self.peak = 0
+        self.done: list[SnapshotDone] = []
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Request) and isinstance(message.command, AcquireLines):
+            n = max(0, min(message.command.n, self.lines - len(self.lent)))
+            grants = [LineGrant(line_id=self.next_id + i, level=len(self.lent) + i + 1) for i in range(n)]
+            self.next_id += n
+            self.lent.update(g.line_id for g in grants)
+            self.peak = max(self.peak, len(self.lent))
+            message.reply.set(LinesGranted(lines=grants, limit=self.lines, lines_held=len(self.lent)))
+        elif isinstance(message, ReleaseLines):
+            self.lent.difference_update(message.line_ids)
+        elif isinstance(message, SnapshotDone):
+            assert message.line_id in self.lent, f"line {message.line_id} reported twice or never lent"
+            self.lent.discard(message.line_id)
+            self.done.append(message)
+        return None
+
+    def outcomes(self) -> list[tuple[int, str]]:
+        return [(d.conid, d.outcome) for d in self.done]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Rig:
+    """Queue + fake IB + ledger stub + one worker whose handlers feed ``inbox``."""
+
+    def __init__(self, log: EventLog, *, lines: int = 3, clock: Clock | None = None, **worker: Any) -> None:
         self.log = log
         self.inbox = Inbox.start()
         assert self.inbox.ref is not None
         self.queue = QueueActor.start(log, max_attempts=3, backoff_base_s=0.05, backoff_cap_s=0.1)
         self.ib = FakeIbActor.start(FakeIbSettings(positions=POSITIONS, line_limit=100), [self.inbox.ref])
-        settings = {"poll_interval_s": 5.0, "batch_size": 50, "snapshot_reserve": 3, "snapshot_timeout_s": 2.0}
+        self.ledger = LedgerStub.start(lines)
+        settings = {"max_snapshot_msgs_per_s": 45.0, "snapshot_timeout_s": 2.0, "idle_s": 0.02}
         settings.update(worker)
         self.settings = WorkerSettings(**settings)
         self.worker = QueueWorker.start(
-            self.settings, queue=self.queue, ib=self.ib, handlers=HandlerSet([self.inbox.ref]), timer=timer
+            self.settings,
+            queue=self.queue,
+            ib=self.ib,
+            router=self.ledger,
+            handlers=HandlerSet([self.inbox.ref]),
+            **({"clock": clock} if clock is not None else {}),
         )
         from actors.ib_base import AddSubscriber
 
@@ -65,11 +113,10 @@ class Rig:
     def status(self) -> WorkerStatusReply:
         return ask(self.worker, WorkerStatus(), timeout=5)
 
-    def poll(self) -> WorkerStatusReply:
-        """One cycle, started now; returns the worker's status once the cycle has finished."""
-        ask(self.worker, Poll(), timeout=5)
-        wait_until(lambda: not self.status().busy, timeout=10)
-        return self.status()
+    def ledger_state(self) -> tuple[int, int, list[tuple[int, str]]]:
+        """(lines still lent, peak lent, outcomes reported)."""
+        proxy = self.ledger.proxy()
+        return len(proxy.lent.get(timeout=5)), proxy.peak.get(timeout=5), proxy.outcomes().get(timeout=5)
 
     def queue_stats(self) -> QueueStatsReply:
         return ask(self.queue, QueueStats(), timeout=5)
@@ -92,124 +139,116 @@ def rig_factory(log_factory: Callable[[], EventLog]) -> Callable[..., Rig]:
     return lambda **kwargs: Rig(log_factory(), **kwargs)
 
 
-def test_one_cycle_claims_at_most_batch_size_publishes_and_succeeds(rig_factory: Any) -> None:
-    rig = rig_factory(batch_size=4)
+def test_every_queued_contract_is_snapshotted_published_acknowledged_and_its_line_returned(rig_factory: Any) -> None:
+    rig = rig_factory(lines=4)
     rig.enqueue(CONIDS[:10])
-    status = rig.poll()
-    assert status.cycles == 1
-    assert status.succeeded == 4
-    assert status.updates_published == 4
-    assert rig.queue_stats().pending == 6
+    wait_until(lambda: rig.status().succeeded == 10, timeout=10)
     updates = rig.inbox.messages(MarketUpdate)
-    assert len(updates) == 4
+    assert sorted(u.conid for u in updates) == sorted(CONIDS[:10])
     assert {u.source for u in updates} == {"queue"}
-    succeeded = {e.event.conid for e in rig.queue_events("item_succeeded")}  # type: ignore[attr-defined]
-    assert succeeded == {u.conid for u in updates}
-    rig.poll()
-    rig.poll()
-    status = rig.poll()
-    assert status.succeeded == 10
     assert rig.queue_stats().pending == 0
-    assert rig.poll().cycles == 5  # an empty queue is a cycle that claims nothing
+    succeeded = {e.event.conid for e in rig.queue_events("item_succeeded")}  # type: ignore[attr-defined]
+    assert succeeded == set(CONIDS[:10])
+    wait_until(lambda: rig.ledger_state()[0] == 0, timeout=5)  # every lent line came back
+    _, _, outcomes = rig.ledger_state()
+    assert sorted(outcomes) == sorted((c, "ok") for c in CONIDS[:10])
 
 
-def test_the_timer_polls_at_the_configured_interval(rig_factory: Any) -> None:
-    rig = rig_factory(timer=True, poll_interval_s=0.1)
-    started = time.monotonic()
-    wait_until(lambda: rig.status().cycles >= 3, timeout=5)
-    elapsed = time.monotonic() - started
-    assert elapsed >= 0.25, f"3 cycles after {elapsed:.3f}s: faster than the 0.1s interval"
-    assert rig.status().cycles <= 3 + int((time.monotonic() - started) / 0.1)
-
-
-def test_snapshots_stay_within_the_reserve(rig_factory: Any) -> None:
-    rig = rig_factory(batch_size=30, snapshot_reserve=3)
+def test_open_snapshots_never_exceed_the_lines_lent(rig_factory: Any) -> None:
+    rig = rig_factory(lines=3)
     rig.ib.tell(SetSnapshotLatency(seconds=0.01))  # snapshots hold their line for a while
     rig.enqueue(CONIDS[:30])
-    status = rig.poll()
-    assert status.succeeded == 30
+    wait_until(lambda: rig.status().succeeded == 30, timeout=15)
     stats = rig.ib_stats()
     assert stats.streams == 0
-    assert 1 <= stats.peak_lines <= 3
+    assert 2 <= stats.peak_lines <= 3  # used the lines it was lent, and no more
+    assert rig.ledger_state()[1] == 3
 
 
-def test_failures_retry_with_backoff_then_dead_letter(rig_factory: Any) -> None:
+def test_the_message_budget_paces_snapshot_requests(rig_factory: Any) -> None:
+    """At 5 requests/s: one at start (the bucket starts with one), then five per second of clock."""
+    clock = Clock()
+    rig = rig_factory(lines=50, clock=clock, max_snapshot_msgs_per_s=5.0)
+    rig.enqueue(CONIDS[:20])
+    wait_until(lambda: rig.status().succeeded == 1, timeout=5)
+    assert ask(rig.worker, Wake()).succeeded == 1  # no time has passed: no token, no request
+    assert rig.ib_stats().snapshots_in_flight == 0
+    clock.now += 1.0
+    ask(rig.worker, Wake())
+    wait_until(lambda: rig.status().succeeded == 6, timeout=5)
+    assert ask(rig.worker, Wake()).succeeded == 6
+    clock.now += 10.0  # a long pause saves up one second's worth at most
+    ask(rig.worker, Wake())
+    wait_until(lambda: rig.status().succeeded == 11, timeout=5)
+    assert ask(rig.worker, Wake()).succeeded == 11
+
+
+def test_a_contract_without_a_contract_definition_is_dead_lettered_at_once(rig_factory: Any) -> None:
     rig = rig_factory()
     unknown = 777  # the fake answers 200 (no contract) for a conid it does not hold
     rig.enqueue([unknown, CONIDS[0]])
-
-    def dead() -> bool:
-        rig.poll()
-        return rig.queue_stats().failed == 1
-
-    wait_until(dead, timeout=10)
-    wait_until(lambda: len(rig.queue_events("item_retry_scheduled")) == 2, timeout=5)
-    retries = rig.queue_events("item_retry_scheduled")
-    assert len(retries) == 2
-    assert {e.event.conid for e in retries} == {unknown}
-    assert all(e.event.error.startswith("no_contract") and e.event.code == 200 for e in retries)  # type: ignore[attr-defined]
-    # each retry waits longer than the one before (exponential backoff)
-    delays = [e.event.not_before_us - e.ts_us for e in retries]  # type: ignore[attr-defined]
-    assert delays[0] > 30_000
-    assert delays[1] > delays[0] + 30_000
+    wait_until(lambda: rig.queue_stats().failed == 1, timeout=10)
     (dead_letter,) = rig.queue_events("item_dead_lettered")
     assert dead_letter.event.conid == unknown  # type: ignore[attr-defined]
+    assert dead_letter.event.code == 200  # type: ignore[attr-defined]
+    assert not rig.queue_events("item_retry_scheduled")  # terminal: no retry storm
     claims = [e for e in rig.queue_events("item_claimed") if e.event.conid == unknown]  # type: ignore[attr-defined]
-    assert len(claims) == 3  # max_attempts
-    assert rig.status().failed == 3
+    assert len(claims) == 1
+    wait_until(lambda: (unknown, "failed") in rig.ledger_state()[2], timeout=5)
+    assert next(d for d in rig.ledger.proxy().done.get() if d.conid == unknown).terminal
 
 
-def test_a_snapshot_that_times_out_fails_with_kind_timeout(rig_factory: Any) -> None:
+def test_a_snapshot_that_times_out_is_retried_with_backoff_then_dead_lettered(rig_factory: Any) -> None:
     rig = rig_factory(snapshot_timeout_s=0.1)
     rig.ib.tell(SetNeverAnswer(conid=CONIDS[1]))
     rig.enqueue(CONIDS[:3])
-    status = rig.poll()
-    assert status.succeeded == 2
-    assert status.failed == 1
-    wait_until(lambda: len(rig.queue_events("item_retry_scheduled")) == 1, timeout=5)
-    (retry,) = rig.queue_events("item_retry_scheduled")
-    assert retry.event.conid == CONIDS[1]
-    assert retry.event.error.startswith("timeout")
-    assert rig.ib_stats().snapshots_in_flight == 0  # the timed-out snapshot gave its line back
+    wait_until(lambda: rig.queue_stats().failed == 1, timeout=10)
+    retries = rig.queue_events("item_retry_scheduled")
+    assert [e.event.conid for e in retries] == [CONIDS[1]] * 2  # type: ignore[attr-defined]
+    assert all(e.event.error.startswith("timeout") for e in retries)  # type: ignore[attr-defined]
+    delays = [e.event.not_before_us - e.ts_us for e in retries]  # type: ignore[attr-defined]
+    assert delays[1] > delays[0]  # exponential backoff
+    assert rig.status().failed == 3  # max_attempts
+    assert rig.ib_stats().snapshots_in_flight == 0  # the timed-out snapshots gave their lines back
+    wait_until(lambda: rig.ledger_state()[0] == 0, timeout=5)
 
 
-def test_disconnect_releases_claimed_items_without_an_attempt_and_claims_nothing(rig_factory: Any) -> None:
-    rig = rig_factory(batch_size=10)
-    rig.ib.tell(SetSnapshotLatency(seconds=30))  # the batch is in flight when IB goes away
+def test_disconnect_releases_open_snapshots_without_an_attempt_and_claims_nothing_until_back(
+    rig_factory: Any,
+) -> None:
+    rig = rig_factory(lines=10)
+    rig.ib.tell(SetSnapshotLatency(seconds=30))  # in flight when IB goes away
     rig.enqueue(CONIDS[:10])
-    ask(rig.worker, Poll())
-    wait_until(lambda: rig.ib_stats().snapshots_in_flight > 0, timeout=5)
+    wait_until(lambda: rig.ib_stats().snapshots_in_flight == 10, timeout=5)
     rig.ib.tell(Disconnect())
     wait_until(lambda: not rig.status().busy, timeout=5)
     assert not rig.status().connected
     stats = rig.queue_stats()
     assert (stats.pending, stats.processing) == (10, 0)
-    released = rig.queue_events("item_released")
-    assert len(released) == 10
-    assert {e.event.reason for e in released} == {"disconnected"}
+    assert len(rig.queue_events("item_released")) == 10
     assert rig.status().failed == 0
     assert not rig.queue_events("item_retry_scheduled")
-    # while disconnected a Poll claims nothing
+    assert {o for _, o in rig.ledger_state()[2]} == {"interrupted"}
     before = len(rig.queue_events("item_claimed"))
-    status = rig.poll()
-    assert status.cycles == 1
+    ask(rig.worker, Wake())  # while disconnected nothing is claimed
     assert len(rig.queue_events("item_claimed")) == before
-    # back up: served, and the first attempt was never counted
     rig.ib.tell(SetSnapshotLatency(seconds=0))
     rig.ib.tell(Connect())
-    wait_until(lambda: rig.status().connected, timeout=5)
-    assert rig.poll().succeeded == 10
+    wait_until(lambda: rig.status().succeeded == 10, timeout=10)
     assert {e.event.attempt for e in rig.queue_events("item_claimed")} == {1}  # type: ignore[attr-defined]
 
 
-def test_a_poll_while_busy_does_not_start_a_second_cycle(rig_factory: Any) -> None:
-    rig = rig_factory(batch_size=5)
-    rig.ib.tell(SetSnapshotLatency(seconds=0.2))
-    rig.enqueue(CONIDS[:10])
-    first = ask(rig.worker, Poll())
-    second = ask(rig.worker, Poll())
-    assert first.busy
-    assert second.busy
-    assert second.cycles == 1
-    wait_until(lambda: not rig.status().busy, timeout=5)
-    assert rig.status().succeeded == 5
+def test_the_token_bucket_halves_on_a_rate_limit_and_climbs_back() -> None:
+    bucket = TokenBucket(10.0, now=0.0)
+    bucket.slow_down(0.0, hold_s=5.0)
+    assert bucket.rate == 5.0
+    assert bucket.available(0.5) == 2  # 0.5 s at 5/s
+    bucket.take(2, 0.5)
+    assert bucket.rate == 5.0  # held
+    bucket.available(6.0)
+    assert 5.0 < bucket.rate <= 10.0  # climbing back after the hold
+    for t in range(7, 30):
+        bucket.available(float(t))
+    assert bucket.rate == 10.0
+
+
