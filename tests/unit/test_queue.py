@@ -101,7 +101,7 @@ def test_a_coalesced_enqueue_keeps_the_earlier_due_time_and_idle_only_enqueues_s
     assert [c.conid for c in ask(ref, Claim(n=1)).items] == [1]
     # idle-only: absorbed while waiting (2), processing (1) or dead-lettered (3); taken when idle (4)
     ask(ref, Enqueue(conid=3))
-    dead = [c for c in ask(ref, Claim(n=5)).items if c.conid == 3][0]
+    dead = next(c for c in ask(ref, Claim(n=5)).items if c.conid == 3)
     assert ask(ref, Fail(item_id=dead.item_id, error="no subscription", terminal=True)).changed == 1
     sweep = [Enqueue(conid=c, only_if_idle=True) for c in (1, 2, 3, 4)]
     assert [ask(ref, e).changed for e in sweep] == [0, 0, 0, 1]
