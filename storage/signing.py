@@ -27,6 +27,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from loguru import logger
 
 __all__ = [
     "Signer",
@@ -147,3 +148,4 @@ def _create(path: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    logger.warning("created a new signing key {}: back it up (docs/operations.md, 'The signing key')", path)
