@@ -40,6 +40,7 @@ from typing import Any
 
 from actors.cli_checks import OneLineParser, data_dir_problem, duration, log_level, port_problem
 from actors.operator_cli import add_parsers as operator_parsers
+from storage.permissions import runtime_dir, set_private_umask
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOG_FAILED = 0, 1, 2, 3
 COMMANDS = ("run", "registry", "status", "replay", "audit", "verify", "digest", "contracts", "queue")
@@ -187,12 +188,12 @@ def resolve_config(args: argparse.Namespace) -> Config:
 
 
 def control_socket_path(data_dir: str) -> Path:
-    """The control socket lives in the data directory (a local runtime dir for object-store URIs)."""
+    """The control socket lives in the data directory (this user's runtime dir for object-store URIs)."""
     if is_local(data_dir):
         return Path(data_dir.removeprefix("file://")) / "slotwise.sock"
     # the CLI and the runtime are different processes: the name must not depend on hash() (randomised per process)
     digest = hashlib.sha256(data_dir.encode()).hexdigest()[:12]
-    return Path(os.environ.get("XDG_RUNTIME_DIR", "/tmp")) / f"slotwise-{digest}.sock"
+    return runtime_dir() / f"slotwise-{digest}.sock"
 
 
 #: Commands the control socket passes on; claims and acks stay with the worker.
@@ -933,6 +934,7 @@ def trusted_keys(config: Config, signer: Signer | None) -> set[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    set_private_umask()  # before any thread: data files 0600, directories 0700 (storage/permissions.py)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config = resolve_config(args)

@@ -7,7 +7,12 @@ through it. One request a line, one answer a line:
     <- {"ok": true, "reply": {"type": "registry.changed", ...}}
     <- {"ok": false, "error": {"code": "invalid", "message": "...", "field": "conid"}}
 
-The socket is owner-only (0600, in a directory we create 0700 if needed).
+The socket is owner-only: 0600, in a directory that is ours alone (the data
+directory, or for object-store data dirs :func:`storage.permissions.runtime_dir`;
+see :func:`storage.permissions.private_dir`). The kernel tells the server who
+connected (``SO_PEERCRED``): a client of another user (root excepted) is
+refused even if a mode was loosened, and a client refuses a socket that
+another user owns.
 Bad input of every kind -- not JSON, not UTF-8, an unknown ``type``, wrong
 field types, a line over ``MAX_LINE`` bytes -- gets an error answer and
 changes nothing; an over-long line also closes that connection. At most
@@ -22,6 +27,7 @@ import contextlib
 import json
 import os
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +35,9 @@ from typing import Any
 
 from loguru import logger
 
-__all__ = ["ControlClient", "ControlServer", "ControlUnavailable", "request"]
+from storage.permissions import private_dir, runtime_dir
+
+__all__ = ["ControlClient", "ControlServer", "ControlUnavailable", "peer_uid", "request"]
 
 MAX_LINE = 64 * 1024
 MAX_CLIENTS = 16
@@ -55,15 +63,15 @@ class ControlServer:
         self.refused = 0
 
     def start(self) -> ControlServer:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        """Bind and serve; raises ``UnsafePathError`` if the socket's directory is not ours alone."""
+        # in /tmp (no XDG_RUNTIME_DIR) a planted link would redirect the socket: refuse one there
+        private_dir(self.path.parent, allow_symlink=self.path.parent != runtime_dir())
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()  # a stale socket of a crashed run (the log lock proved nobody else runs)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)
-        try:
-            sock.bind(str(self.path))
-        finally:
-            os.umask(old_umask)
+        # no umask change here: it is per process and threads are running; the directory keeps others out
+        # until the chmod, and the peer check below holds even if a mode is loosened later
+        sock.bind(str(self.path))
         os.chmod(self.path, 0o600)
         sock.listen(64)
         sock.settimeout(0.5)
@@ -91,6 +99,13 @@ class ControlServer:
                 continue
             except OSError:
                 return
+            uid = peer_uid(conn)
+            if uid not in (os.geteuid(), 0):
+                self.refused += 1
+                logger.warning("control socket: refused a client of uid {} (only this user or root may connect)", uid)
+                _send(conn, _error("forbidden", "only the user running Slotwise (or root) may use its control socket"))
+                conn.close()
+                continue
             if not self._slots.acquire(blocking=False):
                 self.refused += 1
                 _send(conn, {"ok": False, "error": {"code": "busy", "message": "too many control connections"}})
@@ -137,6 +152,12 @@ class ControlServer:
             return _error("internal", f"{type(exc).__name__}: {exc}")
 
 
+def peer_uid(conn: socket.socket) -> int:
+    """The uid of the process at the other end of a Unix socket, as the kernel saw it at connect."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
 def _error(code: str, message: str, field: str | None = None) -> dict[str, Any]:
     error: dict[str, Any] = {"code": code, "message": message}
     if field is not None:
@@ -154,6 +175,12 @@ class ControlClient:
 
     def __init__(self, path: str | os.PathLike[str], timeout: float = 30.0) -> None:
         self.path = Path(path)
+        with contextlib.suppress(FileNotFoundError):  # missing: the connect below says so
+            owner = self.path.stat().st_uid
+            if owner not in (os.geteuid(), 0):
+                raise ControlUnavailable(
+                    f"control socket {self.path} belongs to uid {owner}, not to this user: refusing to talk to it"
+                )
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:

@@ -49,6 +49,7 @@ from storage.hashing import GENESIS_HASH, row_hash
 from storage.lock import DirectoryLock
 from storage.maintenance import WRITER_KEY, Maintenance, append_hooks, keep_table_properties
 from storage.object_fence import refuse_live_writer, release
+from storage.permissions import private_dir
 from storage.reader import StoredEvent, max_seq, read_batches, read_events, table_exists
 from storage.tables import EVENTS_SCHEMA, LogConfig, is_local, table_properties, table_uri
 
@@ -245,7 +246,7 @@ class EventLog:
 
     def _open(self) -> None:
         if self._lock_file is not None:
-            Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+            private_dir(Path(self.data_dir))  # 0700: the log and the P&L are nobody else's business
             self._lock_file.acquire()
         try:
             if table_exists(self.uri, self.storage_options):
