@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
 import threading
@@ -16,7 +18,6 @@ import pytest
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import DeltaError
 
-import storage.event_log as event_log_module
 from events.queue import ItemEnqueued, ItemSucceeded
 from events.registry import LegAdded
 from storage.event_log import EventLog, LogClosedError, LogFailedError, LogFencedError
@@ -26,6 +27,7 @@ from storage.reader import read_batches, read_events
 from storage.tables import EVENTS_SCHEMA, LogConfig
 from storage.verify import verify_log
 from tests.conftest import TEST_LOG_CONFIG
+from tests.support import wait_until
 
 
 def enqueued(i: int, conid: int | None = None) -> ItemEnqueued:
@@ -80,19 +82,24 @@ def test_receipt_callback_runs_when_durable(event_log: EventLog) -> None:
 
 
 def test_ambiguous_commit_failure_is_not_written_twice(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_write = event_log_module.write_deltalake
+    """The commit lands but its answer is lost: the retry must find the batch in the table and not write it again.
+
+    Wraps the writer's one commit call (whichever Delta entry point it uses), so the failure is really injected.
+    """
+    real_append = EventLog._append_table
     calls = {"n": 0}
 
-    def commit_then_lose_the_answer(*args: Any, **kwargs: Any) -> None:
-        real_write(*args, **kwargs)
+    def commit_then_lose_the_answer(self: EventLog, table: pa.Table, batch_no: int) -> None:
+        real_append(self, table, batch_no)
         calls["n"] += 1
         if calls["n"] == 1:
             raise OSError("connection reset after the commit landed")
 
-    monkeypatch.setattr(event_log_module, "write_deltalake", commit_then_lose_the_answer)
+    monkeypatch.setattr(EventLog, "_append_table", commit_then_lose_the_answer)
     with EventLog.open(data_dir, config=TEST_LOG_CONFIG) as log:
         log.append(enqueued(1), stream="queue", key="1").wait(10)
         log.append(enqueued(2), stream="queue", key="2").wait(10)
+    assert calls["n"] >= 1, "the injected failure never ran"
     rows = sum(b.num_rows for b in read_batches(str(data_dir / "events")))
     assert rows == 2
     assert verify_log(str(data_dir / "events")).ok
@@ -235,16 +242,39 @@ def test_the_fast_delta_append_path_is_in_use(event_log: EventLog) -> None:
 def test_old_commit_files_are_cleaned_so_commits_stay_cheap(data_dir: Path) -> None:
     """Each commit lists the log directory: maintenance keeps it short, and never loses an event."""
     config = LogConfig(flush_ms=0, checkpoint_interval=20, compact_every_commits=50, log_retention_minutes=0.01)
+    seq = 0
+
+    def commit_one() -> None:
+        nonlocal seq
+        seq += 1
+        log.append(enqueued(seq), stream="queue", key=str(seq)).wait(10)
+
+    def age_commit_files() -> None:
+        """Make every commit file so far older than the retention, however fast this machine committed them."""
+        past = time.time() - 3600
+        for path in (data_dir / "events" / "_delta_log").glob("0*"):  # commits and checkpoints
+            with contextlib.suppress(FileNotFoundError):  # cleaned meanwhile
+                os.utime(path, (past, past))
+
     with EventLog.open(data_dir, config=config) as log:
-        for i in range(1, 301):
-            log.append(enqueued(i), stream="queue", key=str(i)).wait(10)
+        while seq < 300:
+            commit_one()
+        before = log.stats()["maintenance"]["checkpoints"]
+
+        def two_rounds_after_aging() -> bool:
+            age_commit_files()
+            commit_one()
+            # the first round counted may have started before this aging; the second one surely did not
+            return log.stats()["maintenance"]["checkpoints"] >= before + 2
+
+        wait_until(two_rounds_after_aging, timeout=120, interval=0, what="two checkpoint rounds after aging")
         uri = log.uri
-        checkpoints = log.stats()["maintenance"]["checkpoints"]
-    commit_files = [p for p in (data_dir / "events" / "_delta_log").iterdir() if p.suffix == ".json"]
-    assert checkpoints >= 5
-    assert len(commit_files) < 150, f"{len(commit_files)} commit files kept for 300+ commits"
+    versions = _commit_versions(data_dir)
+    assert before >= 5, f"{before} checkpoints in 300 commits at an interval of 20"
+    assert min(versions) > 300, f"commit files from version {min(versions)} kept, though all had expired"
+    assert len(versions) < 150, f"{len(versions)} commit files kept for {seq} commits"
     assert DeltaTable(uri).metadata().configuration["delta.logRetentionDuration"] == "interval 1 seconds"
-    assert [e.seq for e in read_events(uri)] == list(range(1, 301))
+    assert [e.seq for e in read_events(uri)] == list(range(1, seq + 1))
     assert verify_log(uri).ok
 
 
