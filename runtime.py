@@ -865,7 +865,7 @@ def cmd_verify(args: argparse.Namespace, config: Config) -> int:
             return EXIT_FAILED
         print(
             f"ok: the log holds the digest's head, seq {digest.seq} (hash {digest.hash[:16]}..., signed {digest.time} "
-            f"by key {digest.key_fingerprint[:16]}...); {proof.checkpoints} signed checkpoints up to it agree; "
+            f"by key {digest.key_fingerprint[:16]}...); {_count(proof.checkpoints, 'signed checkpoint')} up to it agree; "
             f"hash chain intact through seq {proof.last_seq}"
         )
         return EXIT_OK
@@ -875,15 +875,20 @@ def cmd_verify(args: argparse.Namespace, config: Config) -> int:
     if trusted is None:
         return EXIT_FAILED
     report = verify_data_dir(data_dir)
-    signed = check_checkpoints(data_dir, trusted) if report.ok else None
-    if report.ok and signed is not None and not signed.ok:
+    signed = check_checkpoints(data_dir, trusted)
+    # a rewrite with a recomputed chain shows first in the checkpoints: name whichever seq comes first
+    if not signed.ok and (report.ok or (signed.first_bad_seq or 0) < (report.first_bad_seq or 0)):
         report.ok, report.first_bad_seq, report.problem = False, signed.first_bad_seq, signed.problem
     if report.ok:
-        checkpoints = f"; {signed.checkpoints} signed checkpoints verified" if signed and signed.checkpoints else ""
+        checkpoints = f"; {_count(signed.checkpoints, 'signed checkpoint')} verified" if signed.checkpoints else ""
         print(f"ok: {report.events} events, seq 1..{report.last_seq}, hash chain intact, every payload decodes{report.detail}{checkpoints}")
         return EXIT_OK
     print(f"BROKEN at seq {report.first_bad_seq}: {report.problem}")
     return EXIT_FAILED
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def cmd_digest(args: argparse.Namespace, config: Config) -> int:
