@@ -22,7 +22,16 @@ to ``position * (mark - avg_cost)``.
 Rows are built at flush time from the newest update and the newest position
 of each contract. A contract with prices but no position from IB gets a row
 with a null position, market value and P&L: its prices are still worth
-keeping. A write that fails is retried with backoff a bounded number of
+keeping.
+
+Portfolio prices (source ``portfolio``: IB's updatePortfolio marks, about
+every 3 minutes, no line) are a *floor*: one is kept only when the contract
+has had no stream or queue quote within ``portfolio_floor_s`` (180 s, IB's
+cadence) of it. A reader asking for the newest row per contract (max ``ts``)
+therefore never gets a portfolio mark in place of a fresher stream or
+snapshot quote, yet a contract nobody can quote still gets a price. The rule
+compares the updates' own ``ts_us``, so it holds whatever order they arrive
+in. A write that fails is retried with backoff a bounded number of
 times; then the rows stay for the next flush (at most one per contract, so the
 buffer is bounded) and an error is logged: a positions-table hiccup never
 stops the runtime.
@@ -111,6 +120,9 @@ class PositionWriter(pykka.ThreadingActor):
         self._write = table_writer or self.table.append
         self._pending: dict[int, MarketUpdate] = {}
         self._positions: dict[int, PositionChanged] = {}
+        #: ts_us of the newest stream/queue quote of each contract, for the portfolio floor rule.
+        self._quoted_us: dict[int, int] = {}
+        self._floor_us = int(self.config.portfolio_floor_s * 1_000_000)
         self._ticker: Ticker | None = None
         self.rows_written = 0
         self.flushes = 0
@@ -142,14 +154,14 @@ class PositionWriter(pykka.ThreadingActor):
 
     def on_receive(self, message: Any) -> Any:
         match message:
-            case MarketUpdate(conid=conid):
+            case MarketUpdate():
                 self.updates_received += 1
-                self._pending[conid] = message
+                self._keep(message)
             case MarketUpdates(updates=updates):
                 self.updates_received += len(updates)
-                pending = self._pending
+                keep = self._keep
                 for update in updates:  # the newest of each contract wins, as one by one
-                    pending[update.conid] = update
+                    keep(update)
             case PositionChanged(conid=conid):
                 self.positions_received += 1
                 self._positions[conid] = message
@@ -165,6 +177,18 @@ class PositionWriter(pykka.ThreadingActor):
             case _:
                 logger.debug("positions writer ignored {!r}", message)
         return None
+
+    def _keep(self, update: MarketUpdate) -> None:
+        conid = update.conid
+        if update.source == "portfolio":
+            quoted = self._quoted_us.get(conid)
+            if quoted is not None and update.ts_us - quoted < self._floor_us:
+                return  # a recent stream/queue quote is better than IB's portfolio mark
+        else:
+            quoted = self._quoted_us.get(conid)
+            if quoted is None or update.ts_us > quoted:
+                self._quoted_us[conid] = update.ts_us
+        self._pending[conid] = update
 
     def stats(self) -> WriterStatsReply:
         return WriterStatsReply(
@@ -259,4 +283,5 @@ class PositionWriter(pykka.ThreadingActor):
             "theta": _finite(update.theta),
             "source": update.source,
             "ts": update.ts_us if update.ts_us > 0 else time.time_ns() // 1000,
+            "data_type": update.data_type,
         }

@@ -5,6 +5,17 @@ Written only by :class:`actors.position_writer.PositionWriter`; read by anyone
 log: rows are derived from IB positions and market updates, so losing a flush
 loses a sample, never a decision. Appends only; ``ts`` is when the prices were
 observed, so "as of" questions filter on it.
+
+``source`` says which path priced a row: ``stream``, ``queue`` (a snapshot)
+or ``portfolio`` (IB's portfolio updates: the line-free floor, written only
+when no stream or queue quote of the contract is recent, so the newest row
+of a contract is never a portfolio mark hiding a fresher quote; see
+:mod:`actors.position_writer`). ``data_type`` is IB's market data type of the
+prices: live, frozen, delayed or delayed_frozen.
+
+Schema evolution: columns are only ever added, at the end and nullable. A
+table written by an older version gets them when it is opened (one metadata
+commit); its old rows read them as null.
 """
 
 from __future__ import annotations
@@ -13,7 +24,7 @@ from typing import Annotated, Any
 
 import msgspec
 import pyarrow as pa
-from deltalake import DeltaTable, write_deltalake
+from deltalake import DeltaTable, Schema, write_deltalake
 
 from storage.durability import sync_commit, sync_new_table
 from storage.maintenance import Maintenance, append_hooks, keep_table_properties
@@ -43,6 +54,8 @@ POSITIONS_SCHEMA = pa.schema(
         pa.field("theta", pa.float64()),
         pa.field("source", pa.string(), nullable=False),
         pa.field("ts", pa.timestamp("us", tz="UTC"), nullable=False),
+        # added with issue 11: null in rows written before it
+        pa.field("data_type", pa.string()),
     ]
 )
 
@@ -58,6 +71,9 @@ class PositionsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     write_retries: Annotated[int, msgspec.Meta(ge=0, le=20)] = 3
     #: First backoff between retries; doubled each time (0.05, 0.1, 0.2 s by default).
     retry_backoff_s: Annotated[float, msgspec.Meta(ge=0, le=10)] = 0.05
+    #: A portfolio price (source "portfolio", IB's updatePortfolio, about every 3 minutes) is written only
+    #: when the contract has had no stream or queue quote for this long: it is a floor, never a mask.
+    portfolio_floor_s: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 180.0
 
 
 class PositionsTable:
@@ -101,6 +117,7 @@ class PositionsTable:
             if self._syncs:
                 sync_new_table(self.uri, created.version())
         dt = DeltaTable(self.uri, storage_options=self.storage_options)
+        _add_missing_columns(dt)
         keep_table_properties(dt, self.config, self.WRITER_ID)
         self._dt = dt
         if self.config.maintenance and self._maintenance is None:
@@ -142,3 +159,15 @@ class PositionsTable:
     def to_arrow(rows: list[dict[str, Any]]) -> pa.Table:
         """Rows (dicts keyed by column) to an Arrow table of the positions schema."""
         return pa.Table.from_pylist(rows, schema=POSITIONS_SCHEMA)
+
+
+def _add_missing_columns(dt: DeltaTable) -> None:
+    """Evolve a table written by an older version: add the columns of :data:`POSITIONS_SCHEMA` it lacks.
+
+    An ALTER (metadata only, no data rewritten) rather than ``schema_mode="merge"`` on every append:
+    it runs once per table, and appends stay plain appends.
+    """
+    have = {f.name for f in dt.schema().fields}
+    missing = [f for f in POSITIONS_SCHEMA if f.name not in have]
+    if missing:
+        dt.alter.add_columns(list(Schema.from_arrow(pa.schema(missing)).fields))

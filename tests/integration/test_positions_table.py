@@ -15,9 +15,9 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
-from deltalake import DeltaTable
+from deltalake import DeltaTable, write_deltalake
 
-from storage.positions_table import PositionsTable
+from storage.positions_table import POSITIONS_SCHEMA, PositionsTable
 from storage.tables import LogConfig
 from tests.support.collector import wait_until
 
@@ -80,3 +80,17 @@ def test_an_existing_table_gets_the_retention_settings(data_dir: Path) -> None:
     config = DeltaTable(table.uri).metadata().configuration
     assert config["delta.logRetentionDuration"] == "interval 120 seconds"
     assert config["delta.checkpointInterval"] == "100"
+
+
+def test_an_old_table_without_data_type_gets_the_column(data_dir: Path) -> None:
+    """A table written before issue 11 (no ``data_type``) is evolved when opened; its old rows read null."""
+    old_schema = pa.schema([f for f in POSITIONS_SCHEMA if f.name != "data_type"])
+    uri = PositionsTable(str(data_dir)).uri
+    now = datetime.now(UTC)
+    old_row = {"conid": 1, "symbol": "X", "mark": 1.0, "source": "stream", "ts": now}
+    write_deltalake(uri, pa.Table.from_pylist([old_row], schema=old_schema), mode="append")
+    table = PositionsTable(str(data_dir), maintenance=LogConfig(maintenance=False))
+    table.append(PositionsTable.to_arrow([{**old_row, "conid": 2, "data_type": "delayed"}]))
+    read = {r["conid"]: r for r in DeltaTable(uri).to_pyarrow_table().to_pylist()}
+    assert (read[1]["data_type"], read[2]["data_type"]) == (None, "delayed")
+    assert DeltaTable(uri).schema().to_arrow().names == list(POSITIONS_SCHEMA.names)

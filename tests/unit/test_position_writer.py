@@ -15,7 +15,7 @@ from deltalake import DeltaTable
 from actors.handlers import HandlerSet
 from actors.messaging import CommandRejected, ask
 from actors.position_writer import PositionWriter, mark_price, valuation
-from events.ib import MarketUpdate, PositionChanged
+from events.ib import MarketUpdate, MarketUpdates, PositionChanged
 from events.positions import Flush, Flushed, WriterStats, WriterStatsReply
 from events.queue import QueueStats
 from storage.positions_table import POSITIONS_COLUMNS, PositionsConfig, PositionsTable
@@ -130,6 +130,43 @@ def test_both_sources_are_written_alike(data_dir: Path) -> None:
     assert {k: v for k, v in written[1].items() if k not in strip} == {
         k: v for k, v in written[2].items() if k not in strip
     }
+
+
+def test_rows_record_the_market_data_type(data_dir: Path) -> None:
+    ref = PositionWriter.start(str(data_dir), QUIET)
+    ref.tell(update(1, last=21.0))
+    ref.tell(MarketUpdate(conid=2, source="queue", ts_us=T0, bid=1.0, ask=1.1, data_type="delayed_frozen"))
+    flush(ref)
+    written = rows(data_dir)
+    assert (written[1]["data_type"], written[2]["data_type"]) == ("live", "delayed_frozen")
+
+
+def test_a_portfolio_mark_never_hides_a_recent_quote(data_dir: Path) -> None:
+    """Newest row per contract: a portfolio mark within the floor of a stream/queue quote is not written."""
+    ref = PositionWriter.start(str(data_dir), PositionsConfig(flush_interval_s=3600, portfolio_floor_s=60))
+    ref.tell(update(1, source="stream", ts_us=T0, last=21.0))
+    ref.tell(update(2, source="queue", ts_us=T0, last=31.0))
+    flush(ref)
+    ref.tell(update(1, source="portfolio", ts_us=T0 + 59_000_000, last=20.0))  # IB's mark, 59 s later
+    ref.tell(update(2, source="portfolio", ts_us=T0 + 59_000_000, last=30.0))
+    assert flush(ref).rows == 0
+    ref.tell(update(1, source="portfolio", ts_us=T0 + 61_000_000, last=20.5))  # no quote for 61 s: the floor
+    flush(ref)
+    newest = {}
+    for row in sorted(row_list(data_dir), key=lambda r: r["ts"]):
+        newest[row["conid"]] = row
+    assert (newest[1]["source"], newest[1]["last"]) == ("portfolio", 20.5)
+    assert (newest[2]["source"], newest[2]["last"]) == ("queue", 31.0)
+
+
+def test_a_portfolio_mark_prices_a_contract_nobody_quotes(data_dir: Path) -> None:
+    ref = PositionWriter.start(str(data_dir), QUIET)
+    ref.tell(position(7, 10, 20.0))
+    ref.tell(MarketUpdates(updates=[update(7, source="portfolio", last=22.0), update(8, source="portfolio", last=5.0)]))
+    flush(ref)
+    written = rows(data_dir)
+    assert (written[7]["source"], written[7]["mark"], written[7]["market_value"]) == ("portfolio", 22.0, 220.0)
+    assert written[8]["source"] == "portfolio"
 
 
 def test_stock_and_option_rows_carry_mark_value_and_pnl(data_dir: Path) -> None:
