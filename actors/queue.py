@@ -32,6 +32,9 @@ Rules, including the ones section 4 leaves open:
   ``terminal`` Fail (no subscription even for delayed data, no such contract)
   dead-letters at once: retrying cannot help and would only storm IB.
   Release and lease expiry do not count an attempt.
+* **Leases expire on their own:** a timer in the actor tells it
+  ``ExpireLeases`` every ``lease_check_s``, so work a worker dropped returns
+  even when no Claim comes (with an injected test clock the test drives it).
 * **Stale acks** (Succeed/Fail/Release of an item that is not PROCESSING, or
   under an older lease when ``leases``/``lease_until_us`` is given) change
   nothing and are listed in ``QueueAck.ignored`` (item id -> why).
@@ -40,7 +43,13 @@ Rules, including the ones section 4 leaves open:
 * **Requeue** puts the newest dead letter of the contract back to PENDING
   with its attempts reset; older dead letters of the same contract, or all of
   them when the contract is already waiting, are cancelled as merged.
-* **Restart:** every PROCESSING item is released (reason ``restart``).
+* **Stop and restart:** a clean stop releases every PROCESSING item (reason
+  ``restart``, no attempt counted) before the final snapshot. An item still
+  PROCESSING at recovery was therefore in flight when the runtime died
+  (crash, kill, power cut): that attempt counts, as a failure would (the
+  retry is not delayed: the restart spaced it), so a contract whose snapshot
+  crashes the process dead-letters after ``max_attempts`` runs instead of
+  crashing every restart forever.
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ from loguru import logger
 from actors.base import EventSourcedActor
 from actors.messaging import CommandRejected, reject
 from actors.queue_state import PROCESSING, QueueItem, QueueState
+from actors.ticker import Ticker
 from events.commands import CommandError, validate_command
 from events.queue import (
     Cancel,
@@ -81,13 +91,15 @@ from events.queue import (
     Succeed,
 )
 from events.registry import ContractActivated
-from storage.event_log import EventLog
+from storage.event_log import EventLog, LogFailedError
 from storage.snapshots import SnapshotStore
 
 __all__ = ["QueueActor", "QueueState"]
 
 _COMMANDS = (Enqueue, EnqueueMany, Claim, Succeed, Fail, Release, Cancel, Requeue, ExpireLeases, QueueStats)
 _RELEASE_REASONS = frozenset({"lease_expired", "disconnected", "restart", "released"})
+#: What a crash-counted attempt records as its error.
+CRASHED_IN_FLIGHT = "in flight when the runtime died (no clean stop)"
 
 
 def wall_clock_us() -> int:
@@ -123,10 +135,19 @@ class QueueActor(EventSourcedActor[QueueState]):
         backoff_base_s: float = 1.0,
         backoff_cap_s: float = 300.0,
         snapshot_every: int | None = None,
+        lease_check_s: float | None = None,
     ) -> None:
+        """``lease_check_s``: how often expired leases are returned; None: every second with the wall
+        clock, never with an injected ``clock`` (a test that moves time sends ExpireLeases itself)."""
         super().__init__(log, snapshots, snapshot_every=snapshot_every)
         if max_attempts < 1 or backoff_base_s < 0 or backoff_cap_s < backoff_base_s:
             raise ValueError("need max_attempts >= 1 and 0 <= backoff_base_s <= backoff_cap_s")
+        if lease_check_s is None:
+            lease_check_s = 1.0 if clock is wall_clock_us else 0.0
+        if lease_check_s < 0:
+            raise ValueError("lease_check_s must be >= 0 (0: no timer)")
+        self.lease_check_s = lease_check_s
+        self._lease_timer: Ticker | None = None
         self.clock = clock
         self.max_attempts = max_attempts
         self.backoff_base_us = int(backoff_base_s * 1_000_000)
@@ -135,9 +156,28 @@ class QueueActor(EventSourcedActor[QueueState]):
     def on_recovered(self) -> None:
         items = self.state.processing_items()
         for item in items:
-            self._return(item, "restart", "")
+            self._count_crash(item)
         if items:
-            logger.info("queue: {} items in flight at the last stop went back to PENDING", len(items))
+            logger.warning(
+                "queue: {} items were in flight when the last run died; each counts as a failed attempt", len(items)
+            )
+        if self.lease_check_s > 0:
+            self._lease_timer = Ticker(self.actor_ref, ExpireLeases(), self.lease_check_s, name="queue-leases").start()
+
+    def on_stop(self) -> None:
+        """Stop the lease timer; give back the work in flight (a clean stop counts no attempt), then snapshot."""
+        if self._lease_timer is not None:
+            self._lease_timer.stop()
+        try:
+            for item in self.state.processing_items():
+                self._return(item, "restart", "clean stop")
+        except LogFailedError:
+            logger.error("queue: the log failed, in-flight items stay PROCESSING (the next start counts them)")
+        super().on_stop()
+
+    def on_failure(self, *_: object) -> None:
+        if self._lease_timer is not None:
+            self._lease_timer.stop()
 
     # ------------------------------------------------------------------ queries (proxy)
 
@@ -317,6 +357,46 @@ class QueueActor(EventSourcedActor[QueueState]):
                 code=command.code,
             )
         )
+
+    def _count_crash(self, item: QueueItem) -> None:
+        """A PROCESSING item found at recovery: its attempt counts, and the last one dead-letters it.
+
+        The count must stay with the contract: a waiting item of the same
+        contract merges into the crashed one (not the other way round, as in
+        ``_merge``), or a contract re-enqueued while in flight would start
+        from zero after every crash and never dead-letter.
+        """
+        attempt = max(item.attempt, 1)
+        waiting = self.state.waiting_item(item.conid)
+        if waiting is not None:
+            why = f"merged into item {item.item_id}, {CRASHED_IN_FLIGHT}"
+            self.persist(ItemCancelled(item_id=waiting.item_id, conid=item.conid, reason=_cut(why)))
+        if attempt >= self.max_attempts:
+            self.persist(
+                ItemDeadLettered(item_id=item.item_id, conid=item.conid, failures=attempt, error=CRASHED_IN_FLIGHT)
+            )
+            return
+        self.persist(
+            ItemRetryScheduled(
+                item_id=item.item_id,
+                conid=item.conid,
+                failures=attempt,
+                not_before_us=item.not_before_us,
+                error=CRASHED_IN_FLIGHT,
+            )
+        )
+        if waiting is not None and (waiting.priority < item.priority or waiting.due_us < item.due_us):
+            better = waiting.priority < item.priority
+            sooner = waiting.due_us < item.due_us
+            self.persist(
+                ItemReprioritized(
+                    item_id=item.item_id,
+                    conid=item.conid,
+                    priority=min(waiting.priority, item.priority),
+                    reason=waiting.reason if better else "",
+                    due_us=waiting.due_us if sooner else 0,
+                )
+            )
 
     def _return(self, item: QueueItem, kind: str, detail: str) -> None:
         """A PROCESSING item goes back to waiting, or merges into the contract's waiting item."""

@@ -126,7 +126,7 @@ def expected_queue_after_restart(dump: bytes) -> QueueState:
     The actor is never started (no thread, no log): its ``persist`` only
     applies, so this is exactly what a recovering actor decides.
     """
-    actor = QueueActor(object())  # type: ignore[arg-type]
+    actor = QueueActor(object(), lease_check_s=0)  # type: ignore[arg-type]
     actor.state = QueueState.load(dump)
 
     def persist(event: Event) -> None:

@@ -218,7 +218,7 @@ def test_bad_commands_are_refused_and_log_nothing(event_log: EventLog) -> None:
     assert event_log.last_seq == 0
 
 
-def test_restart_returns_processing_items_and_rebuilds_the_same_state(data_dir: Path) -> None:
+def test_a_clean_stop_returns_processing_items_and_a_restart_rebuilds_the_same_state(data_dir: Path) -> None:
     clock = Clock()
     log = EventLog.open(data_dir, config=TEST_LOG_CONFIG)
     snaps = SnapshotStore(str(data_dir))
@@ -237,10 +237,14 @@ def test_restart_returns_processing_items_and_rebuilds_the_same_state(data_dir: 
         replayed = QueueState()
         for stored in log.read(streams=["queue"]):
             replayed.apply(stored.event)
-        assert replayed.dump() == before_dump  # pure replay: exactly the durable state
+        stopped = QueueState.load(before_dump)  # what the stop did: give the work in flight back, count nothing
+        for item in stopped.processing_items():
+            stopped.apply(ItemReleased(item_id=item.item_id, conid=item.conid, reason="restart", detail="clean stop"))
+        assert replayed.dump() == stopped.dump()  # pure replay: exactly the durable state
         proxy = QueueActor.start(log, snaps, clock=clock).proxy()
         after = proxy.state.get(timeout=10)
         after.check_invariants()
+        assert after.dump() == stopped.dump()  # nothing was in flight at the stop: recovery changes nothing
         assert after.processing_items() == []
         assert {i for i in in_flight if after.items[i].status == PENDING} == in_flight
         assert after.summary()["pending"] == 40 - 5 - 0  # 35 waiting: 25 never claimed, 9 back, 1 retrying
