@@ -38,7 +38,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from actors.cli_checks import OneLineParser, data_dir_problem, duration, log_level, port_problem
+from actors.cli_checks import OneLineParser, data_dir_problem, duration, log_file_problem, log_level, port_problem
 from actors.operator_cli import add_parsers as operator_parsers
 from storage.permissions import runtime_dir, set_private_umask
 
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--client-id", type=int)
     run.add_argument("--allow-broken-log", action="store_true", help="start even if verify finds a broken hash chain")
     run.add_argument("--log-level", type=log_level, help="TRACE, DEBUG, INFO (default), WARNING, ... or $SLOTWISE_LOG_LEVEL")
+    run.add_argument("--log-file", metavar="PATH", help="also write the log to PATH (rotated at 50 MB, 10 files kept)")
 
     registry = sub.add_parser("registry", help="change or list the active strategies of the running runtime")
     reg_sub = registry.add_subparsers(dest="registry_command", required=True)
@@ -133,11 +134,12 @@ try:
 
     from actors.config import Config, ConfigError, load_config
     from actors.control import ControlServer, ControlUnavailable, request
+    from actors.handlers import HandlerSet
+    from actors.log_bursts import BurstFilter
+    from actors.messaging import CommandRejected, ask
     from actors.operator_cli import CONTROL_REQUESTS as OPERATOR_REQUESTS
     from actors.operator_cli import answer_control as answer_operator
     from actors.operator_cli import cmd_contracts, cmd_queue
-    from actors.handlers import HandlerSet
-    from actors.messaging import CommandRejected, ask
     from events.commands import CommandError, decode_command
     from events.log import RuntimeStarted, RuntimeStopped
     from events.queue import QueueStats, Requeue
@@ -168,9 +170,19 @@ class _InterceptHandler(logging.Handler):
         logger.opt(depth=6, exception=record.exc_info).log(level, record.getMessage())
 
 
-def configure_logging(level: str = "INFO") -> None:
+#: Bursts of alike lines (one per contract, say) are cut to their first few and a summary; the run loop flushes it.
+BURSTS = BurstFilter()
+_LOG_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level:<7} | {name}: {message}"
+
+
+def configure_logging(level: str = "INFO", log_file: str | None = None) -> None:
     logger.remove()
-    logger.add(sys.stderr, level=level, backtrace=False, diagnose=False, format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level:<7} | {name}: {message}")
+    logger.add(sys.stderr, level=level, backtrace=False, diagnose=False, format=_LOG_FORMAT, filter=BURSTS.filter)
+    if log_file:  # loguru rotates and prunes it; checked writable before anything started (cli_checks)
+        logger.add(
+            log_file, level=level, backtrace=False, diagnose=False, format=_LOG_FORMAT, filter=BURSTS.filter,
+            rotation="50 MB", retention=10,
+        )  # fmt: skip
     logging.basicConfig(handlers=[_InterceptHandler()], level=logging.WARNING, force=True)
     for name in ("pykka", "ib_insync", "asyncio"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -411,6 +423,7 @@ class Runtime:
                 break
             wait = 0.5 if deadline is None else max(0.0, min(0.5, deadline - now))
             self.stop_requested.wait(wait)
+            BURSTS.flush(logger)
             dead = [name for name, ref in self.refs.items() if not ref.is_alive()]
             if dead and not self.stop_requested.is_set():
                 # pykka stops an actor whose told message raised; running on without it would be silent damage
@@ -420,10 +433,14 @@ class Runtime:
                 break
             if status_every and time.monotonic() >= next_status:
                 next_status += status_every
-                _print_status(self.status_line())
+                if self.demo:
+                    _print_status(self.status_line())
+                else:  # a service has no terminal: its status goes to the log
+                    logger.info("status: {}", self.status_line())
 
     def stop(self) -> None:
         """Stop in order: no new work, streams cancelled, writers flushed, snapshots, log closed."""
+        BURSTS.flush(logger, final=True)
         logger.info("stopping: {}", self.stop_reason)
         if self.control is not None:
             self.control.stop()
@@ -640,7 +657,7 @@ def run_runtime(config: Config, *, demo: bool, duration: float | None, allow_bro
         runtime.stop()  # actor threads would otherwise keep the process alive
         return EXIT_FAILED
     try:
-        runtime.run(duration, config.runtime.status_interval_s if demo else None)
+        runtime.run(duration, config.runtime.status_interval_s)
     finally:
         if demo:
             _print_status(runtime.status_line())
@@ -951,10 +968,12 @@ def main(argv: list[str] | None = None) -> int:
     problem = data_dir_problem(config.runtime.data_dir, write=args.command == "run")
     if problem is None and args.command == "run" and config.metrics.enabled:
         problem = port_problem(config.metrics.host, config.metrics.port)
+    if problem is None and args.command == "run" and args.log_file:
+        problem = log_file_problem(args.log_file)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_FAILED
-    configure_logging(level)
+    configure_logging(level, getattr(args, "log_file", None))
     if args.command == "run":
         return run_runtime(config, demo=args.demo, duration=args.duration, allow_broken_log=args.allow_broken_log)
     handler = {"registry": cmd_registry, "status": cmd_status, "replay": cmd_replay, "audit": cmd_audit, "verify": cmd_verify, "digest": cmd_digest}

@@ -22,6 +22,7 @@ __all__ = [
     "OneLineParser",
     "data_dir_problem",
     "duration",
+    "log_file_problem",
     "log_level",
     "port_problem",
 ]
@@ -107,3 +108,20 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
+def log_file_problem(path: str) -> str | None:
+    """Why the runtime cannot append its log to ``path``, or None (its directory is created if missing)."""
+    target = Path(path)
+    if target.is_dir():
+        return f"log file {path} is a directory"
+    if target.exists() and not os.access(target, os.W_OK):
+        return f"log file {path} is not writable by this user"
+    existing = target.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"log file {path} cannot be created: {existing} is not a directory"
+    if not target.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        return f"log file {path} cannot be created: {existing} is not writable by this user"
+    return None

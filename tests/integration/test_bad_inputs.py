@@ -96,6 +96,7 @@ CASES = [
     ("env-unknown-key", ["status", "--data-dir", "{dir}"], {"SLOTWISE_IB_PROT": "4002"}, 2, ["SLOTWISE_IB_PROT"]),
     ("flag-out-of-range", ["run", "--demo", "--data-dir", "{dir}", "--ib-port", "99999"], {}, 2, ["ib.port", "command line"]),
     ("unknown-flag", ["status", "--data-dir", "{dir}", "--jsn"], {}, 2, ["--jsn", "--help"]),
+    ("log-file-is-a-directory", ["run", "--demo", "--data-dir", "{dir}", "--log-file", "{tmp}"], {}, 1, ["is a directory"]),
     ("metrics-port-in-use", ["run", "--demo", "--data-dir", "{dir}"],
      {"SLOTWISE_METRICS_ENABLED": "true", "SLOTWISE_METRICS_PORT": "{port}"}, 1, ["{port}", "in use"]),
 ]  # fmt: skip
