@@ -321,3 +321,59 @@ def test_reconnect_reports_positions_again(connect_ib: Start, sim: TwsSimulator)
     assert len(inbox.messages(PositionChanged)) == 320
     assert len(inbox.messages(PositionsComplete)) == 1
     assert sim.stats().by_msg_id[61] == 2  # reqPositions at each connect
+
+
+# ------------------------------------------------------ IB's data realities (issue 11)
+# The behaviours both IB actors share are in tests/contract/test_ib_realities.py; these are the real one's wire.
+
+REQ_MARKET_DATA_TYPE = 59
+CANCEL_MKT_DATA = 2
+
+
+def test_market_data_type_is_requested_at_every_connect(connect_ib: Start, sim: TwsSimulator) -> None:
+    ref, inbox = connect_ib(market_data_type=2)
+    assert sim.stats().by_msg_id.get(REQ_MARKET_DATA_TYPE) == 1
+    sim.drop_connections()
+    inbox.wait_for(is_connected(resubscribe=True), timeout=10)
+    assert sim.stats().by_msg_id.get(REQ_MARKET_DATA_TYPE) == 2
+    sim.configure(market_closed=True)
+    [update] = ask(ref, Snapshot(conids=[1001])).updates
+    assert update.data_type == "frozen"  # the type asked for on the new session, before this request
+
+
+def test_a_snapshot_is_cancelled_at_ib_at_its_first_quote(connect_ib: Start, sim: TwsSimulator) -> None:
+    sim.configure(snapshot_end_delay_s=30.0)  # IB would hold the line for 30 s
+    ref, _ = connect_ib()
+    result = ask(ref, Snapshot(conids=[1001, 1002, 1003]))
+    assert [u.conid for u in result.updates] == [1001, 1002, 1003]
+    wait_until(lambda: sim.stats().open_snapshots == 0, what="the cancels to reach IB")
+    assert sim.stats().by_msg_id.get(CANCEL_MKT_DATA) == 3
+
+
+def test_a_cancel_that_crosses_the_snapshot_end_is_not_news(connect_ib: Start, sim: TwsSimulator) -> None:
+    """IB ends a snapshot at once; our cancel, already on its way, earns a 300 that nobody needs to hear."""
+    sim.configure(snapshot_end_delay_s=0.0)
+    ref, inbox = connect_ib()
+    for _ in range(10):  # until some of our cancels lost the race (IB's end came first at the client)
+        result = ask(ref, Snapshot(conids=STOCKS[:10]))
+        assert (len(result.updates), result.failures) == (10, [])
+        if sim.stats().errors_by_code.get(300):
+            break
+    assert sim.stats().errors_by_code.get(300)
+    ref.tell(Subscribe(conid=CALL))  # published after the 300s on the same path: a barrier for them
+    inbox.wait_for(lambda m: isinstance(m, MarketUpdate) and m.conid == CALL)
+    assert not [m for m in inbox.messages(IbError) if m.code == 300]
+
+
+def test_1102_brings_back_streams_a_blip_killed(connect_ib: Start, sim: TwsSimulator) -> None:
+    ref, inbox = connect_ib(reissue_initial_s=60.0)
+    ref.tell(Subscribe(conid=1001))
+    inbox.wait_for(lambda m: isinstance(m, MarketUpdate) and m.conid == 1001)
+    sim.farm_blip(None)
+    inbox.wait_for(lambda m: isinstance(m, IbError) and m.code == 10182 and m.conid == 1001)
+    sim.farm_ok(announce=False)  # the data is back, said only by the 1102 below
+    inbox.clear()
+    sim.send_error(1102)
+    inbox.wait_for(lambda m: isinstance(m, MarketUpdate) and m.conid == 1001 and m.source == "stream")
+    assert stats(ref).streams == 1
+    assert not inbox.messages(StreamEnded)

@@ -174,6 +174,8 @@ class SimStats:
     peak_lines: int
     streams: int
     open_snapshots: int
+    #: Error messages sent to clients, by code (101, 300, 321, 10182, ...).
+    errors_by_code: dict[int, int] = field(default_factory=dict)
 
 
 def default_universe(n_stocks: int = 300, n_option_strikes: int = 10) -> SimConfig:
@@ -294,6 +296,7 @@ class _Session(asyncio.Protocol):
         self.write(_frame(*fields))
 
     def error(self, req_id: int, code: int, message: str) -> None:
+        self.sim._errors[code] += 1
         self.send(ERR_MSG, 2, req_id, code, message, "")
 
     def close(self) -> None:
@@ -327,6 +330,7 @@ class TwsSimulator:
         self._max_in_window = 0
         self._violations = 0
         self._by_msg_id: Counter[int] = Counter()
+        self._errors: Counter[int] = Counter()
         self._peak_lines = 0
         self._never_answer: set[int] = set()
         self._ticker: asyncio.Task[None] | None = None
@@ -473,16 +477,17 @@ class TwsSimulator:
 
         self._call(blip)
 
-    def farm_ok(self) -> None:
-        """The farm is back: 2104 to every session."""
-        self._call(self._farm_back)
+    def farm_ok(self, announce: bool = True) -> None:
+        """The farm is back: 2104 to every session (``announce=False``: silently, e.g. before a 1102)."""
+        self._call(lambda: self._farm_back(announce))
 
-    def _farm_back(self) -> None:
+    def _farm_back(self, announce: bool = True) -> None:
         if not self._farm_down:
             return
         self._farm_down = False
-        for session in list(self._sessions):
-            session.error(-1, 2104, "Market data farm connection is OK:usfarm")
+        if announce:
+            for session in list(self._sessions):
+                session.error(-1, 2104, "Market data farm connection is OK:usfarm")
 
     def set_line_limit(self, limit: int) -> None:
         def set_limit() -> None:
@@ -504,6 +509,7 @@ class TwsSimulator:
                     peak_lines=self._peak_lines,
                     streams=sum(len(s.streams) for s in self._sessions),
                     open_snapshots=sum(len(s.snapshots) for s in self._sessions),
+                    errors_by_code=dict(self._errors),
                 )
 
         return self._call(read)
