@@ -182,11 +182,31 @@ def load_config(
                     raise ConfigError(f"config key {section}.{key}{where} is no longer used: {_RETIRED[(section, key)]}")
                 raise ConfigError(f"unknown config key {section}.{key}{where} (known: {', '.join(sorted(known))})")
     try:
-        return msgspec.convert(data, Config, strict=False)
+        config = msgspec.convert(data, Config, strict=False)
     except msgspec.ValidationError as exc:
         found = re.search(r"`\$\.(\w+)\.(\w+)", str(exc))
         source = origin.get((found.group(1), found.group(2))) if found else None
         raise ConfigError(f"invalid configuration: {exc}{f' (from {source})' if source else ''}") from None
+    _check_relations(config, origin)
+    return config
+
+
+#: Keys each valid alone but not together: (smaller, larger, may they be equal, what would happen otherwise).
+_RELATIONS = (
+    (("freshness", "min_snapshot_lines"), ("runtime", "max_lines"), False, "streams would get no line"),
+    (("runtime", "retry_backoff_s"), ("runtime", "retry_backoff_cap_s"), True, "the first retry would already pass the cap"),
+)
+
+
+def _check_relations(config: Config, origin: Mapping[tuple[str, str], str]) -> None:
+    for low, high, equal_ok, why in _RELATIONS:
+        a, b = (getattr(getattr(config, section, None), key, None) for section, key in (low, high))
+        if a is None or b is None or a < b or (equal_ok and a == b):
+            continue
+        sources = [f"{'.'.join(k)} from {origin[k]}" for k in (low, high) if k in origin]
+        where = f" ({'; '.join(sources)})" if sources else ""
+        relation = "at most" if equal_ok else "below"
+        raise ConfigError(f"{'.'.join(low)} = {a} must be {relation} {'.'.join(high)} = {b}: {why}{where}")
 
 
 #: SLOTWISE_* variables that are not config keys (read elsewhere).
