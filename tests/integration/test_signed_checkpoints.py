@@ -39,9 +39,11 @@ class SignedLog:
     key: Path
 
 
-def cli(*args: str, key: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLOTWISE_")}
-    env["SLOTWISE_AUDIT_SIGNING_KEY"] = str(key)
+def cli(*args: str, key: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python runtime.py ...`` with the signing key at ``key`` (and ``env`` added)."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLOTWISE_")}
+    full_env["SLOTWISE_AUDIT_SIGNING_KEY"] = str(key)
+    full_env.update(env or {})
     return subprocess.run(
         [sys.executable, str(ROOT / "runtime.py"), *args],
         cwd=ROOT,
@@ -49,7 +51,7 @@ def cli(*args: str, key: Path) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=120,
         check=False,
-        env=env,
+        env=full_env,
     )
 
 
@@ -296,3 +298,36 @@ def test_verify_needs_the_key_once_the_log_is_signed(signed: SignedLog, tmp_path
     result = cli("verify", "--data-dir", str(signed.data), key=tmp_path / "missing.key")
     assert result.returncode == 1
     assert "needed to check the signed checkpoints" in one_line(result)
+
+
+# ---------------------------------------------------------------------- rotation, compaction
+
+
+def test_after_a_rotation_old_checkpoints_verify_with_the_old_public_key(signed: SignedLog, tmp_path: Path) -> None:
+    new_key = tmp_path / "new" / "signing.key"
+    load_signer(new_key, create=True)
+    untrusted = cli("verify", "--data-dir", str(signed.data), key=new_key)
+    assert untrusted.returncode == 1
+    assert "not a trusted key" in one_line(untrusted)
+    old_public = load_signer(signed.key).public_key
+    env = {"SLOTWISE_AUDIT_TRUSTED_KEYS": json.dumps([old_public])}
+    rotated = cli("verify", "--data-dir", str(signed.data), key=new_key, env=env)
+    assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+    run = cli("run", "--demo", "--duration", "0.5", "--data-dir", str(signed.data), "--log-level", "INFO", key=new_key, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"start-up verified from the signed checkpoint at seq {EVENTS}" in run.stderr
+    newest = CheckpointStore(str(signed.data)).newest()
+    assert newest is not None
+    assert newest.statement.public_key == load_signer(new_key).public_key  # signed with the new key from now on
+    assert cli("verify", "--data-dir", str(signed.data), key=new_key, env=env).returncode == 0
+
+
+def test_files_compacted_after_the_newest_checkpoint_mean_one_full_check_not_a_refusal(signed: SignedLog) -> None:
+    """Maintenance may compact after the last checkpoint when a run ends in a crash: that is no tampering."""
+    DeltaTable(str(signed.data / "events")).optimize.compact()
+    run = cli("run", "--demo", "--duration", "0.5", "--data-dir", str(signed.data), "--log-level", "INFO", key=signed.key)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"start-up verified the whole chain (the data files are not those the checkpoint at seq {EVENTS} lists" in run.stderr
+    again = cli("run", "--demo", "--duration", "0.5", "--data-dir", str(signed.data), "--log-level", "INFO", key=signed.key)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "start-up verified from the signed checkpoint at seq" in again.stderr
