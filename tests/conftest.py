@@ -26,12 +26,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-@pytest.fixture(autouse=True)
-def _signing_key_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(scope="session", autouse=True)
+def _signing_key_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Runtimes started by tests (in process or as subprocesses, which inherit the environment) create and
-    use their signing key under a temporary config directory, never the real ~/.config."""
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.getbasetemp() / "xdg-config"))
-    monkeypatch.delenv("SLOTWISE_AUDIT_SIGNING_KEY", raising=False)
+    use their signing key under a temporary config directory, never the real ~/.config.
+
+    Session-scoped, so it is in place before any module-scoped fixture starts a runtime.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.getbasetemp() / "xdg-config"))
+        patch.delenv("SLOTWISE_AUDIT_SIGNING_KEY", raising=False)
+        yield
 
 
 @pytest.fixture(autouse=True)
