@@ -27,6 +27,7 @@ from events.ib import (
     SnapshotResult,
     StreamEnded,
     Subscribe,
+    Unsubscribe,
 )
 from tests.contract.conftest import POSITION_CONIDS, STOCKS, IbHarness, Realities
 from tests.support import wait_until
@@ -137,6 +138,37 @@ def test_a_farm_that_stays_down_is_retried_with_backoff(ib: IbHarness) -> None:
     ib.farm_ok(ref)
     inbox.wait_for(stream_update(a))
     wait_until(lambda: stats(ref).streams == 1, what="the stream to be back")
+
+
+def test_a_stream_requested_while_the_farm_is_down_starts_when_it_is_back(ib: IbHarness) -> None:
+    ref, inbox = ib.start(100, realities=Realities(reissue_initial_s=60.0))
+    ib.farm_blip(ref, None)
+    ref.tell(Subscribe(conid=STOCKS[2]))
+    inbox.wait_for(interrupted(STOCKS[2]))
+    ib.farm_ok(ref)
+    inbox.wait_for(stream_update(STOCKS[2]))
+    assert not inbox.messages(StreamEnded)
+
+
+def test_unsubscribing_an_interrupted_stream_ends_it_for_good(ib: IbHarness) -> None:
+    # dead at IB since the blip: ended at once, not after the minimum stream age a cancel would wait for
+    ref, inbox = ib.start(100, min_stream_age_s=30.0, realities=Realities(reissue_initial_s=60.0))
+    a, b = STOCKS[0], STOCKS[1]
+    ref.tell(Subscribe(conid=a))
+    ref.tell(Subscribe(conid=b))
+    inbox.wait_for(stream_update(a))
+    inbox.wait_for(stream_update(b))
+    ib.farm_blip(ref, None)
+    inbox.wait_for(interrupted(a))
+    inbox.wait_for(interrupted(b))
+    ref.tell(Unsubscribe(conid=a))
+    end = inbox.wait_for(lambda m: isinstance(m, StreamEnded) and m.conid == a)
+    assert end.reason == "cancelled"
+    inbox.clear()
+    ib.farm_ok(ref)
+    inbox.wait_for_count(stream_update(b), count=3)  # b is back and ticking; a stays gone
+    assert not [m for m in inbox.messages() if stream_update(a)(m)]
+    assert stats(ref).streams == 1
 
 
 # ------------------------------------------------------- market data types
