@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
 import pytest
@@ -21,6 +22,7 @@ from storage.event_log import CommitBatch, EventLog, LogFailedError
 from storage.snapshots import SnapshotStore
 from storage.tables import LogConfig
 from tests.conftest import TEST_LOG_CONFIG
+from tests.support import wait_until
 
 
 def enqueued(i: int) -> ItemEnqueued:
@@ -103,3 +105,39 @@ def test_a_snapshot_is_fsynced_before_save_returns(data_dir: Path, synced: list[
     store.save("queue", 2, b"{}")
     table = data_dir / "snapshots"
     assert needed_by(table, 0) | needed_by(table, 1) | {data_dir} <= set(synced)
+
+
+def test_close_while_appending_leaves_no_receipt_unresolved(data_dir: Path) -> None:
+    """Every append close() let in is committed; every later one is refused: none is left hanging."""
+    import threading
+
+    from storage.event_log import LogClosedError
+
+    log = EventLog.open(data_dir, config=TEST_LOG_CONFIG)
+    receipts: list[list[Any]] = [[] for _ in range(4)]
+    started = threading.Barrier(5)
+
+    def produce(t: int) -> None:
+        started.wait()
+        i = 0
+        while True:
+            i += 1
+            try:
+                receipts[t].append(log.append(enqueued(t * 1_000_000 + i), stream="queue", key="k"))
+            except LogClosedError:
+                return
+
+    threads = [threading.Thread(target=produce, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    started.wait()
+    wait_until(lambda: sum(map(len, receipts)) >= 2_000, timeout=30, interval=0.001, what="appends to flow")
+    log.close()
+    for thread in threads:
+        thread.join(10)
+    every = [r for chunk in receipts for r in chunk]
+    hanging = [r.seq for r in every if not r.batch.done]
+    assert not hanging, f"{len(hanging)} receipts neither committed nor failed, from seq {hanging[0]}"
+    assert all(r.durable for r in every)
+    with EventLog.open(data_dir, config=TEST_LOG_CONFIG) as reopened:
+        assert [e.seq for e in reopened.read()] == sorted(r.seq for r in every)
