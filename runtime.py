@@ -39,11 +39,12 @@ from pathlib import Path
 from typing import Any
 
 from actors.cli_checks import OneLineParser, data_dir_problem, duration, log_file_problem, log_level, port_problem
+from actors.fleet_view import add_parser as fleet_parser
 from actors.operator_cli import add_parsers as operator_parsers
 from storage.permissions import runtime_dir, set_private_umask
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOG_FAILED = 0, 1, 2, 3
-COMMANDS = ("run", "registry", "status", "replay", "audit", "verify", "digest", "contracts", "queue")
+COMMANDS = ("run", "registry", "status", "replay", "audit", "verify", "digest", "contracts", "queue", "fleet")
 
 
 # ---------------------------------------------------------------------- command line
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Slotwise keeps every IB position and its market data in sync within IB's market data lines.",
         epilog="With no command, 'run' is assumed. Exit codes: 0 ok, 1 failed, 2 usage, 3 event log failed.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{run,registry,status,replay,audit,verify,digest,contracts,queue}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,registry,status,replay,audit,verify,digest,contracts,queue,fleet}")
 
     def data_dir_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--data-dir", help="data directory or delta-rs URI (default ./data, or $SLOTWISE_DATA_DIR)")
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     digest = sub.add_parser("digest", help="print the newest signed head of the log (JSON), for an auditor to keep")
     data_dir_arg(digest)
     operator_parsers(sub, data_dir_arg)
+    fleet_parser(sub)
     return parser
 
 
@@ -134,6 +136,7 @@ try:
 
     from actors.config import Config, ConfigError, load_config
     from actors.control import ControlServer, ControlUnavailable, request
+    from actors.fleet_view import cmd_fleet
     from actors.handlers import HandlerSet
     from actors.log_bursts import BurstFilter
     from actors.messaging import CommandRejected, ask
@@ -978,6 +981,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_runtime(config, demo=args.demo, duration=args.duration, allow_broken_log=args.allow_broken_log)
     handler = {"registry": cmd_registry, "status": cmd_status, "replay": cmd_replay, "audit": cmd_audit, "verify": cmd_verify, "digest": cmd_digest}
     handler.update(contracts=lambda a, c: cmd_contracts(a, c, _call_runtime), queue=lambda a, c: cmd_queue(a, c, _call_runtime))
+    handler.update(fleet=cmd_fleet)
     try:
         return handler[args.command](args, config)
     except BrokenPipeError:  # `... | head` closed our stdout: the reader has what it wanted

@@ -49,15 +49,17 @@ class RuntimeProcess:
 
     def __init__(
         self,
-        data_dir: Path,
+        data_dir: Path | str,
         *args: str,
         env: dict[str, str] | None = None,
         name: str = "runtime",
         log_dir: Path | None = None,
+        socket: Path | None = None,
     ) -> None:
+        """``data_dir`` may be an ``s3://`` URI: then give ``log_dir`` and ``socket`` (not in the data dir)."""
         self.data_dir = data_dir
-        self.socket = data_dir / "slotwise.sock"
-        log_dir = log_dir or data_dir.parent  # elsewhere when the data's filesystem is to be filled
+        self.socket = socket if socket is not None else Path(data_dir) / "slotwise.sock"
+        log_dir = log_dir or Path(data_dir).parent  # elsewhere when the data's filesystem is to be filled
         self.stdout_path = log_dir / f"{name}.stdout"
         self.stderr_path = log_dir / f"{name}.stderr"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLOTWISE_")}
