@@ -134,6 +134,7 @@ try:
     import pykka
     from loguru import logger
 
+    from actors.base import RecoveryError
     from actors.config import Config, ConfigError, load_config
     from actors.control import ControlServer, ControlUnavailable, request
     from actors.fleet_view import cmd_fleet
@@ -295,6 +296,10 @@ class Runtime:
         writer = PositionWriter.start(self.data_dir, self.config.positions, table_maintenance=self.config.log)
         reconciliation = Reconciliation.start(self.log, snapshots)
         self.refs.update(registry=registry, queue=queue, positions=writer, reconciliation=reconciliation)
+        for recovered in (registry, queue, reconciliation):  # a log an actor cannot replay stops the start here
+            error = recovered.proxy().recovery_error.get(timeout=600)
+            if error is not None:
+                raise error
         if self.demo:
             self._seed_demo_registry(registry, demo_positions)
             demo = self.config.demo
@@ -643,7 +648,7 @@ def run_runtime(config: Config, *, demo: bool, duration: float | None, allow_bro
     except DataDirLocked as exc:
         logger.error("{}", exc)
         return EXIT_FAILED
-    except (BrokenLogError, StartRefused) as exc:
+    except (BrokenLogError, StartRefused, RecoveryError) as exc:
         logger.error("{}", exc)
         runtime.stop()
         return EXIT_FAILED

@@ -104,6 +104,8 @@ class EventSourcedActor(pykka.ThreadingActor, Generic[S]):
         self.state: S = self.state_type()
         self.recovered_from_seq = 0
         self.recovered_events = 0
+        #: Why recovery stopped, if it did: the actor then holds no trustworthy state and changes nothing.
+        self.recovery_error: RecoveryError | None = None
         self.last_seq = 0  # seq of the last event of this stream that was applied
         self._last_batch: CommitBatch | None = None
         self._waiting_batches: set[int] = set()
@@ -113,7 +115,14 @@ class EventSourcedActor(pykka.ThreadingActor, Generic[S]):
     # ------------------------------------------------------------------ lifecycle
 
     def on_start(self) -> None:
-        self.recover()
+        try:
+            self.recover()
+        except RecoveryError as exc:
+            # Not raised: pykka would print a traceback and the actor would vanish silently. The actor stays,
+            # refuses every request with this error, writes nothing at stop; the runtime asks for it and stops.
+            self.recovery_error = exc
+            logger.error("{}", exc)
+            return
         self.on_recovered()
 
     def recover(self) -> None:
@@ -168,6 +177,8 @@ class EventSourcedActor(pykka.ThreadingActor, Generic[S]):
         """Hook: runs after recovery, before the first message (e.g. release leases of a crashed run)."""
 
     def on_stop(self) -> None:
+        if self.recovery_error is not None:
+            return  # a half-recovered state must not reach a snapshot
         try:
             self.log.flush()
         except LogFailedError:
@@ -181,6 +192,11 @@ class EventSourcedActor(pykka.ThreadingActor, Generic[S]):
     # ------------------------------------------------------------------ messages
 
     def on_receive(self, message: Any) -> Any:
+        if self.recovery_error is not None:
+            if isinstance(message, Request):
+                error = self.recovery_error
+                message.reply.set_exception(exc_info=(type(error), error, error.__traceback__))
+            return None
         if isinstance(message, Durable):
             self._run_ready_effects()
             return None

@@ -168,6 +168,8 @@ class QueueActor(EventSourcedActor[QueueState]):
         """Stop the lease timer; give back the work in flight (a clean stop counts no attempt), then snapshot."""
         if self._lease_timer is not None:
             self._lease_timer.stop()
+        if self.recovery_error is not None:
+            return  # recovery stopped: the state is not the log's, so nothing is given back or stored
         try:
             for item in self.state.processing_items():
                 self._return(item, "restart", "clean stop")
