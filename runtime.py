@@ -305,7 +305,15 @@ class Runtime:
             demo = self.config.demo
             positions = demo_positions(demo.stocks, demo.option_strategies, demo.seed)
             ib = FakeIbActor.start(
-                FakeIbSettings(positions=positions, line_limit=rt.max_lines, tick_interval_s=demo.tick_interval_s)
+                FakeIbSettings(
+                    positions=positions,
+                    line_limit=demo.true_lines or rt.max_lines,
+                    tick_interval_s=demo.tick_interval_s,
+                    snapshot_latency_s=demo.snapshot_latency_s,
+                    snapshot_latency_max_s=demo.snapshot_latency_max_s,
+                    portfolio_interval_s=demo.portfolio_interval_s,
+                    seed=demo.seed,
+                )
             )
         else:
             ib = IbActor.start(self.config.ib)

@@ -93,6 +93,13 @@ class DemoSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     tick_interval_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 0.5
     #: Seconds a demo runs when --duration is not given (0 = until stopped).
     default_duration_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    #: A simulated snapshot takes between these many seconds (IB's take up to ~11 s; each holds a line meanwhile).
+    snapshot_latency_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 0.05
+    snapshot_latency_max_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 0.5
+    #: Lines the simulated account really has (0: as many as max_lines); fewer shows the limit being learned.
+    true_lines: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 0
+    #: The account's portfolio updates (a price for every position, no line) this often (0: none).
+    portfolio_interval_s: Annotated[float, msgspec.Meta(ge=0, le=3_600)] = 30.0
 
 
 class AuditSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

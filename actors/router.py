@@ -123,8 +123,8 @@ class RouterSettings(msgspec.Struct, frozen=True, kw_only=True):
     overflow_s: float = 5.0
     #: After a limit is learned, try one more line this often.
     line_probe_s: float = 300.0
-    #: A line held this long without a 101 counts as accepted by IB.
-    proof_s: float = 2.0
+    #: A line held this long without a 101 counts as accepted by IB (IB refuses on receipt).
+    proof_s: float = 1.0
     #: A stream keeps its line at least this long before a better-ranked contract may take it.
     min_dwell_s: float = 30.0
     #: At equal priority and expiry, a waiting contract needs this many times the risk to take a line.
@@ -620,9 +620,16 @@ class StreamRouter(EventSourcedActor[RouterState]):
             sent = self.subscribed_at.get(conid)
             if sent is not None and now - sent >= self.settings.proof_s:
                 self._prove_stream(conid, level)
+        for line in self.ledger.snapshots.values():
+            if now - line.granted_at >= self.settings.proof_s:
+                self.ledger.prove(line.level)  # IB answers a 101 at once: a line it kept this long was accepted
         for line in self.ledger.overdue(now, self.settings.lost_line_s):
             logger.warning("router: snapshot line {} lent {:.0f} s ago never came back; reclaimed", line.line_id, now - line.granted_at)
             self.ledger.give_back(line.line_id)
+        if self.ledger.learned is None and self.ledger.proven >= self.ledger.max_lines:
+            # every configured line was held without a refusal: the ceiling is the limit (a restart skips the ramp)
+            self.persist(LineLimitLearned(limit=self.ledger.max_lines, previous=None, reason="max_lines held without a 101"))
+            self.ledger.learned = self.ledger.max_lines
         if now >= self._next_probe:
             self._next_probe = now + self.settings.line_probe_s
             target = self.ledger.probe_target()

@@ -80,7 +80,7 @@ class LogConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     #: Object storage only (no lock file there): a log whose newest commit is another writer's and
     #: younger than this is refused as in use; an older one is taken over (its writer died, or is
     #: fenced at its next commit). Longer than the quietest gap between a live runtime's commits
-    #: (it re-enqueues every ``refresh_interval_s``); 0 always takes over.
+    #: (every snapshot commits a claim and an acknowledgement); 0 always takes over.
     takeover_after_s: Annotated[float, msgspec.Meta(ge=0)] = 180.0
 
 

@@ -105,9 +105,7 @@ def keep_signal_handlers() -> Iterator[None]:
 
 def _config(data_dir: Path) -> Config:
     return Config(
-        runtime=RuntimeSettings(
-            data_dir=str(data_dir), poll_interval_s=0.3, refresh_interval_s=3.0, snapshot_every=200
-        ),
+        runtime=RuntimeSettings(data_dir=str(data_dir), snapshot_every=200),
         log=LogConfig(flush_ms=2.0, maintenance=False, commit_retries=2, retry_backoff_s=0.01),
         demo=DemoSettings(tick_interval_s=0.2),
     )

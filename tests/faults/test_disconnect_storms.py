@@ -47,8 +47,6 @@ def _config(data_dir: Path, ib: IbSettings | None = None) -> Config:
         runtime=RuntimeSettings(
             data_dir=str(data_dir),
             max_lines=MAX_LINES,
-            poll_interval_s=0.2,
-            refresh_interval_s=2.0,
             lease_s=30.0,
             snapshot_every=500,
         ),

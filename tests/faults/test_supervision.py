@@ -14,7 +14,7 @@ def test_a_dead_actor_stops_the_runtime(tmp_path: Path) -> None:
     config = load_config(
         environ={},
         overrides={
-            "runtime": {"data_dir": str(tmp_path / "data"), "poll_interval_s": 0.2},
+            "runtime": {"data_dir": str(tmp_path / "data")},
             "demo": {"stocks": 5, "option_strategies": 2, "active_strategies": 1, "tick_interval_s": 0.1},
         },
     )

@@ -97,7 +97,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
     port = _free_port()
     config = tmp / "small.toml"
     config.write_text(
-        "[runtime]\npoll_interval_s = 0.5\nbatch_size = 100\nmax_attempts = 2\nretry_backoff_s = 0.2\n"
+        "[runtime]\nmax_attempts = 2\nretry_backoff_s = 0.2\n"
         "status_interval_s = 2.0\nsnapshot_every = 200\n\n"
         f"[metrics]\nenabled = true\nport = {port}\n"
     )

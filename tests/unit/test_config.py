@@ -69,7 +69,25 @@ def test_defaults_match_the_design() -> None:
     config = load_config(environ={})
     assert (config.ib.host, config.ib.port, config.ib.client_id) == ("127.0.0.1", 7497, 1)
     assert (config.runtime.data_dir, config.runtime.max_lines) == ("./data", 100)
-    assert (config.runtime.poll_interval_s, config.runtime.batch_size) == (5.0, 50)
+    fresh = config.freshness  # issue 11 replaced the poll/batch timers by targets and a message budget
+    assert (fresh.monitoring_s, fresh.overflow_s, fresh.max_snapshot_msgs_per_s) == (60.0, 5.0, 10.0)
+    assert (fresh.min_snapshot_lines, fresh.line_probe_s) == (2, 300.0)
+
+
+def test_a_retired_timer_key_says_what_replaced_it(tmp_path: Path) -> None:
+    path = tmp_path / "old.toml"
+    path.write_text("[runtime]\npoll_interval_s = 5.0\n")
+    with pytest.raises(ConfigError, match=r"runtime.poll_interval_s .*no longer used.*max_snapshot_msgs_per_s"):
+        load_config(path, environ={})
+    with pytest.raises(ConfigError, match=r"SLOTWISE_RUNTIME_SNAPSHOT_RESERVE.*min_snapshot_lines"):
+        load_config(environ={"SLOTWISE_RUNTIME_SNAPSHOT_RESERVE": "5"})
+
+
+def test_freshness_settings_come_from_the_file_and_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "f.toml"
+    path.write_text("[freshness]\nmonitoring_s = 30\noverflow_s = 2.5\n")
+    config = load_config(path, environ={"SLOTWISE_FRESHNESS_MONITORING_S": "20"})
+    assert (config.freshness.monitoring_s, config.freshness.overflow_s) == (20.0, 2.5)
 
 
 def test_the_log_level_variable_is_not_a_config_key() -> None:

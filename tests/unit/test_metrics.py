@@ -18,7 +18,7 @@ STATUS: dict[str, Any] = {
     "uptime_s": 12.5,
     "mode": "demo",
     "max_lines": 100,
-    "snapshot_reserve": 10,
+    "min_snapshot_lines": 2,
     "ib": {"connected": True, "state": "connected", "requests_sent": 40},
     "lines_in_use": 93,
     "snapshots_in_flight": 3,

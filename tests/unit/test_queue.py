@@ -294,17 +294,18 @@ class QueueMachine(RuleBasedStateMachine):
     def state(self) -> QueueState:
         return self.q.actor.state
 
-    @rule(conid=CONIDS, priority=st.sampled_from([1, 2]))
-    def enqueue(self, conid: int, priority: int) -> None:
-        self.q(Enqueue(conid=conid, priority=priority))
+    @rule(conid=CONIDS, priority=st.sampled_from([1, 2]), due_s=st.sampled_from([None, -30, 0, 5, 60]))
+    def enqueue(self, conid: int, priority: int, due_s: int | None) -> None:
+        due_us = 0 if due_s is None else max(1, self.clock.now + due_s * 1_000_000)
+        self.q(Enqueue(conid=conid, priority=priority, due_us=due_us))
 
     @rule(n=st.integers(min_value=1, max_value=4), lease_s=st.sampled_from([1.0, 5.0]))
     def claim(self, n: int, lease_s: float) -> None:
         self.q(ExpireLeases())
         now = self.clock.now
         busy = {it.conid for it in self.state.processing_items()}
-        eligible = sorted(
-            (it.priority, it.not_before_us, it.enqueued_us, it.item_id)
+        eligible = sorted(  # the claim order: most overdue first, then priority, then enqueue time
+            (it.due_us, it.priority, it.enqueued_us, it.item_id)
             for it in self.state.items.values()
             if it.status == PENDING and it.not_before_us <= now and it.conid not in busy
         )
