@@ -20,6 +20,11 @@ without and then with fsync before each acknowledgement, and reports both
 what a lone event waits for.
 
 Usage: python benchmarks/event_log.py [--json] [--events N] [--offered N] [--fsync both|on|off]
+       python benchmarks/event_log.py --s3-server | --data-dir s3://bucket/prefix [...]
+
+``--data-dir`` measures object storage (credentials and endpoint from the
+``AWS_*`` variables); ``--s3-server`` starts the tests' loopback S3 server
+(moto, one request at a time) and measures against it.
 """
 
 from __future__ import annotations
@@ -33,11 +38,15 @@ sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
 ]
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import tempfile
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -158,9 +167,9 @@ def latency(log: EventLog, offered_per_s: float, seconds: float) -> dict[str, An
     }
 
 
-def baseline(directory: Path, writes: int) -> dict[str, Any]:
+def baseline(directory: str, writes: int) -> dict[str, Any]:
     """One event per Delta commit, hashed and encoded the same way."""
-    uri = str(directory / "baseline")
+    uri = f"{directory}/baseline"
     prev = GENESIS_HASH
     started = time.perf_counter()
     for i in range(1, writes + 1):
@@ -199,12 +208,27 @@ def main() -> None:
     parser.add_argument(
         "--fsync", choices=["both", "on", "off"], default="both", help="fsync before ack; both: off, then on"
     )
+    parser.add_argument("--data-dir", help="a delta-rs URI (s3://bucket/prefix) to measure object storage instead of --dir")
+    parser.add_argument("--s3-server", action="store_true", help="start the tests' loopback S3 server and use a new bucket there")
     args = parser.parse_args()
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
 
+    server = None
+    if args.s3_server:
+        from tests.support.s3_server import S3Server
+
+        server = S3Server().start()
+        os.environ.update(server.env())
+        args.data_dir = server.create_bucket("slotwise-bench")
     settings = {"both": [False, True], "on": [True], "off": [False]}[args.fsync]
-    results = [measure(args, fsync) for fsync in settings]
+    if args.data_dir:
+        settings = [True]  # fsync is for local disks; an object store's PUT is durable when it answers
+    try:
+        results = [measure(args, fsync) for fsync in settings]
+    finally:
+        if server is not None:
+            server.stop()
     result = results[-1]
     if len(results) == 2:
         result.update({f"nosync_{k}": v for k, v in results[0].items() if k in _COMPARED})
@@ -218,19 +242,28 @@ def main() -> None:
 _COMPARED = ("events_per_s", "ack_p50_ms", "ack_p99_ms", "commit_ms", "latency_achieved_per_s")
 
 
+@contextlib.contextmanager
+def _place(args: argparse.Namespace) -> Iterator[str]:
+    """Where one measurement's tables go: a fresh prefix under ``--data-dir`` (left there), else a temp dir."""
+    if args.data_dir:
+        yield f"{args.data_dir.rstrip('/')}/bench-{uuid.uuid4().hex[:8]}"
+        return
+    with tempfile.TemporaryDirectory(prefix="slotwise-bench-", dir=args.dir) as tmp:
+        yield tmp
+
+
 def measure(args: argparse.Namespace, fsync: bool) -> dict[str, Any]:
     """Phases 1-4 on a fresh log with production settings (maintenance on), fsync as given."""
-    with tempfile.TemporaryDirectory(prefix="slotwise-bench-", dir=args.dir) as tmp:
-        directory = Path(tmp)
+    with _place(args) as directory:
         config = LogConfig(fsync=fsync)
         if args.flush_ms is not None:
             config = msgspec.structs.replace(config, flush_ms=args.flush_ms)
-        log = EventLog.open(directory / "data", config=config)
+        log = EventLog.open(f"{directory}/data", config=config)
         warm_s = warm_up(log, args.warm_commits)
         runs = [(throughput(log, args.events), latency(log, args.offered, args.latency_s)) for _ in range(args.runs)]
         stats = log.stats()
         log.close()
-        intact = verify_log(str(directory / "data" / "events"))
+        intact = verify_log(f"{directory}/data/events")
         base = baseline(directory, args.baseline_writes)
 
     events_per_s = statistics.median(r[0]["events_per_s"] for r in runs)
@@ -256,6 +289,7 @@ def measure(args: argparse.Namespace, fsync: bool) -> dict[str, Any]:
         "runs": args.runs,
         "flush_ms": config.flush_ms,
         "fsync": fsync,
+        "storage": args.data_dir.split("://")[0] if args.data_dir else "local",
         "commit_ms": round(warm_s / max(1, args.warm_commits) * 1000, 2),
     }
 
