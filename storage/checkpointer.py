@@ -54,6 +54,8 @@ class Checkpointer:
         self._stopping = False
         self._backlog = False
         self._thread: threading.Thread | None = None
+        #: Why signing stopped for good (the table does not hold what the writer wrote), or None.
+        self.stopped_because: str | None = None
         newest = self.store.newest()
         self.last_seq, self._last_hash = (newest.seq, newest.statement.hash) if newest else (0, GENESIS_HASH)
         self.written = 0
@@ -82,6 +84,8 @@ class Checkpointer:
         if self._thread is not None:
             self._thread.join(60)
         head = self._head
+        if self.stopped_because is not None:
+            return
         try:
             if self._backlog:
                 self._checkpoint(None, "start")
@@ -106,6 +110,11 @@ class Checkpointer:
                     self._checkpoint(None, "start")
                 elif head is not None:
                     self._checkpoint(head, "every")
+            except CheckpointError as exc:
+                # never sign past rows that do not check out; 'verify' says what is wrong
+                self.stopped_because = str(exc)
+                logger.error("signed checkpoints stop for this run: {}", exc)
+                return
             except Exception as exc:  # noqa: BLE001 - a missed checkpoint costs restart time, never data
                 logger.error("signed checkpoint failed: {}", exc)
                 with self._cond:

@@ -331,3 +331,18 @@ def test_files_compacted_after_the_newest_checkpoint_mean_one_full_check_not_a_r
     again = cli("run", "--demo", "--duration", "0.5", "--data-dir", str(signed.data), "--log-level", "INFO", key=signed.key)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "start-up verified from the signed checkpoint at seq" in again.stderr
+
+
+def test_the_signer_never_signs_a_chain_it_has_not_seen_intact(signed: SignedLog) -> None:
+    """Start-up verification off, checkpoints gone, a row edited: the run goes on, but nothing is signed."""
+    shutil.rmtree(signed.data / "checkpoints")
+    uri = str(signed.data / "events")
+    rows = DeltaTable(uri).to_pyarrow_table().sort_by("seq").to_pylist()
+    rows[149]["payload"] = rows[149]["payload"].replace('"max_lines":100', '"max_lines":999')  # seq 150, hash kept
+    DeltaTable(uri).alter.set_table_properties({"delta.appendOnly": "false"})
+    write_deltalake(uri, pa.Table.from_pylist(rows, schema=EVENTS_SCHEMA), mode="overwrite")
+    env = {"SLOTWISE_RUNTIME_VERIFY_ON_START": "false"}
+    run = cli("run", "--demo", "--duration", "0.5", "--data-dir", str(signed.data), key=signed.key, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "the hash chain does not hold at seq 150" in run.stderr
+    assert CheckpointStore(str(signed.data)).read() == []
