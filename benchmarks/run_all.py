@@ -58,6 +58,8 @@ TARGETS: dict[str, list[Target]] = {
         Target("peak_rss_mb", "<=", 1000),
     ],
     "ticks": [Target("ticks_per_s", ">=", 100_000), Target("p99_latency_ms", "<=", 10)],
+    # issue 13: process start to "ready" on a 1M-event log, start-up verification on
+    "restart": [Target("restart_s", "<=", 1.0)],
 }
 
 
