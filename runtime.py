@@ -152,6 +152,7 @@ try:
     from storage.checkpoints import CheckpointStore
     from storage.event_log import EventLog, LogFailedError
     from storage.lock import DataDirLocked
+    from storage.object_store import export_storage_settings
     from storage.signing import Signer, SigningKeyError, load_signer, resolve_key_path
     from storage.snapshots import SnapshotStore
     from storage.tables import is_local, table_uri
@@ -980,6 +981,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    export_storage_settings(config.storage)  # [storage] -> AWS_*, for every table this process opens
     # refused before anything is opened: a mistake must leave the data directory as it was
     problem = data_dir_problem(config.runtime.data_dir, write=args.command == "run")
     if problem is None and args.command == "run" and config.metrics.enabled:

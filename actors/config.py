@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import msgspec
 
 from events.ib import IbSettings
+from storage.object_store import StorageSettings
 from storage.positions_table import PositionsConfig
 from storage.tables import LogConfig
 
@@ -124,6 +125,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     metrics: MetricsSettings = MetricsSettings()
     demo: DemoSettings = DemoSettings()
     audit: AuditSettings = AuditSettings()
+    storage: StorageSettings = StorageSettings()
 
 
 class ConfigError(ValueError):

@@ -9,6 +9,11 @@ moto's server over HTTP on loopback.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from events.log import RuntimeStopped
@@ -18,6 +23,7 @@ from storage.tables import LogConfig
 from storage.verify import verify_log
 
 CONFIG = LogConfig(flush_ms=2.0, maintenance=False)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _append(log: EventLog, n: int, tag: str) -> int:
@@ -71,3 +77,27 @@ def test_a_taken_over_writer_is_fenced_by_the_conditional_commit(bucket: str) ->
     report = verify_log(f"{data_dir}/events")
     assert report.ok, report.problem
     assert report.last_seq == 6
+
+
+def test_storage_section_alone_reaches_the_server(bucket: str, tmp_path: Path) -> None:
+    """Endpoint and credentials only in ``[storage]`` of the config file: the CLI still finds the bucket."""
+    data_dir = f"{bucket}/account-a"
+    with EventLog.open(data_dir, config=CONFIG) as log:
+        _append(log, 3, "a")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SLOTWISE_"))}
+    config = tmp_path / "slotwise.toml"
+    server = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")}
+    config.write_text(
+        "[storage]\n"
+        f'endpoint_url = "{server["AWS_ENDPOINT_URL"]}"\n'
+        "allow_http = true\n"
+        f'region = "{server["AWS_REGION"]}"\n'
+        f'access_key_id = "{server["AWS_ACCESS_KEY_ID"]}"\n'
+        f'secret_access_key = "{server["AWS_SECRET_ACCESS_KEY"]}"\n'
+    )
+    verify = subprocess.run(
+        [sys.executable, str(ROOT / "runtime.py"), "verify", "--config", str(config), "--data-dir", data_dir],
+        check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert verify.stdout.startswith("ok: 3 events")
