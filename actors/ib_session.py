@@ -463,6 +463,10 @@ class IbSession:
         # else: on_sent schedules it, so the age counts from when IB got the request
 
     def _ended(self, conid: int, reason: StreamEndReason, code: int | None = None) -> None:
+        # Ticks decoded in this loop iteration wait in the buffer for a call_soon flush, which a timer due
+        # now (a cancel leaving the pacer) runs before: publish them first, so no update of the stream can
+        # follow its StreamEnded.
+        self._flush_ticks()
         self._publish(StreamEnded(conid=conid, reason=reason, code=code, ts_us=now_us()))
 
     def _schedule_cancel(self, stream: MdRequest) -> None:
