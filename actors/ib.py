@@ -16,7 +16,8 @@ Handles:
 Emits (told to every subscriber):
     PositionChanged, PositionsComplete (IB's positionEnd: at every
     (re)connect, before CONNECTED, and after RequestPositions),
-    MarketUpdate(source="stream"), StreamEnded (a stream's line is free at
+    MarketUpdate(source="stream"), MarketUpdate(source="portfolio") (IB's
+    portfolio marks, no line), StreamEnded (a stream's line is free at
     IB; see events.ib.StreamEnded), ConnectionStateChanged, IbError.
     Snapshot answers (MarketUpdate(source="queue") and SnapshotFailed) come
     back in the SnapshotResult reply.

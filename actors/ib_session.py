@@ -28,7 +28,21 @@ without greeks. A snapshot that ends with some price but no complete quote
 answers what it has; one that ends with nothing answers NO_DATA; one still
 open at the timeout answers TIMEOUT and is cancelled at IB (or withdrawn
 from the pacer if its request never left). An open snapshot counts as a
-line until IB ends it or we cancel it.
+line until IB ends it or we cancel it, and a snapshot answered by its first
+complete quote is cancelled at once (IB would hold it until tickSnapshotEnd,
+up to ~11 s): whenever a Snapshot is answered, none of its requests holds a
+line any more, or its cancel is already in the pacer ahead of anything sent
+later.
+
+IB's data realities (docs/operations.md, "IB's data realities"):
+reqMarketDataType(``market_data_type``) goes out at every connect before
+CONNECTED; each quote carries the request's ``marketDataType`` as
+``data_type``. A reset (1100/1101) or a farm blip (10182) interrupts open
+snapshots (DATA_INTERRUPTED). Streams a blip killed (10182, socket up) stay
+ours without a StreamEnded and are re-requested here once IB says the data
+is back (2104/2106/1102), or after a doubling backoff. Portfolio updates
+(updatePortfolio, from the account subscription connectAsync makes) are
+published as MarketUpdate(source="portfolio").
 """
 
 from __future__ import annotations
