@@ -13,7 +13,9 @@ from actors.fake_ib import (
     FakeIbSettings,
     InjectDisconnect,
     InjectError,
+    InjectFarmBlip,
     PushTicks,
+    SetMarketClosed,
     SetNeverAnswer,
     SetSnapshotLatency,
     demo_positions,
@@ -234,3 +236,30 @@ def test_unknown_conid_is_no_contract(conid: int) -> None:
     assert ask(ref, Snapshot(conids=[conid])).failures[0].kind == IbErrorKind.NO_CONTRACT
     ref.tell(Subscribe(conid=conid))
     assert inbox.wait_for(lambda m: isinstance(m, IbError)).kind == IbErrorKind.NO_CONTRACT
+
+
+def test_a_farm_blip_with_a_duration_recovers_by_itself() -> None:
+    ref, inbox = start(reissue_initial_s=60.0)  # only the farm's own return can bring the stream back in time
+    ref.tell(Subscribe(conid=STOCKS[0]))
+    inbox.wait_for(lambda m: isinstance(m, MarketUpdate) and m.conid == STOCKS[0])
+    ref.tell(InjectFarmBlip(down_s=0.05))
+    inbox.wait_for(lambda m: isinstance(m, IbError) and m.code == 10182 and m.conid == STOCKS[0])
+    inbox.clear()
+    inbox.wait_for(lambda m: isinstance(m, MarketUpdate) and m.conid == STOCKS[0])
+    assert stats(ref).streams == 1
+    assert not inbox.messages(StreamEnded)
+
+
+def test_closing_the_market_takes_live_bid_and_ask_away() -> None:
+    ref, inbox = start(market_data_type=1)
+    ref.tell(Subscribe(conid=STOCKS[0]))
+    inbox.wait_for(lambda m: isinstance(m, MarketUpdate) and m.bid is not None)
+    ref.tell(SetMarketClosed(closed=True))
+    ref.tell(PushTicks())
+    closed = inbox.wait_for(lambda m: isinstance(m, MarketUpdate) and m.bid is None)
+    assert (closed.ask, closed.data_type) == (None, "live")
+    assert closed.last is not None
+    ref.tell(SetMarketClosed(closed=False))
+    inbox.clear()
+    ref.tell(PushTicks())
+    assert inbox.wait_for(lambda m: isinstance(m, MarketUpdate)).bid is not None
