@@ -158,11 +158,13 @@ class _Rows:
         self.uri, self.storage_options = uri, storage_options
         seq_parts: list[np.ndarray] = []
         prefix_parts: list[pa.Array] = []
-        # an unreadable file ends the rows here: the chain check names it; what was read is compared
+        #: False when a file could not be read: rows past it are unknown, not missing (the chain check names it)
+        self.complete = False
         with contextlib.suppress(Exception):
             for batch in read_batches(uri, columns=["seq", "hash"], storage_options=storage_options):
                 seq_parts.append(batch.column("seq").to_numpy())
                 prefix_parts.append(pc.utf8_slice_codeunits(batch.column("hash"), 0, 16))
+            self.complete = True
         self.seqs = np.concatenate(seq_parts) if seq_parts else np.empty(0, np.int64)
         self.prefixes = pa.chunked_array(prefix_parts, pa.string()) if prefix_parts else pa.chunked_array([], pa.string())
         self.last_seq = int(self.seqs[-1]) if len(self.seqs) else 0
@@ -182,6 +184,8 @@ class _Rows:
             idx = pc.index(same, False).as_py()
             if idx >= 0:
                 return first_seq + idx
+        if missing is not None and missing > self.last_seq and not self.complete:
+            return None  # past an unreadable file: unknown, and the chain check reports that file
         return missing
 
     def full_hash(self, seq: int) -> str | None:
@@ -198,7 +202,7 @@ def _compare(report: AttestReport, rows: _Rows, checkpoint: Checkpoint, signed_b
         report.fail(st.seq, f"the checkpoint at seq {st.seq} is malformed ({len(anchors)} row anchors for {st.seq - st.prev_seq} rows)")
         return
     bad = rows.first_mismatch(st.prev_seq + 1, anchors)
-    if bad is None and rows.full_hash(st.seq) != st.hash:
+    if bad is None and rows.complete and rows.full_hash(st.seq) != st.hash:
         bad = st.seq
     if bad is None:
         return
@@ -262,7 +266,9 @@ def verify_digest(data_dir: str, digest: Digest, storage_options: dict[str, str]
     report.checkpoints = len(signed)
     for cp in signed:
         _compare(report, rows, cp, "the checkpoint")
-    if rows.last_seq < digest.seq:
+    if not rows.complete:
+        pass  # an unreadable file: the chain check above named it
+    elif rows.last_seq < digest.seq:
         report.fail(rows.last_seq + 1, f"truncated: the log ends at seq {rows.last_seq}, before the digest's head at seq {digest.seq}")
     elif rows.full_hash(digest.seq) != digest.hash:
         named = " (no checkpoint signed by the digest's key is left to name the first changed seq)" if report.ok else ""
@@ -320,8 +326,11 @@ def verify_start(data_dir: str, trusted: set[str], storage_options: dict[str, st
                 f"data file {f.path} (seq {f.min_seq}..{f.max_seq}) is not the file signed at seq {st.seq}: its {changed} changed",
             )
             return report
+    report.last_seq, report.checkpoints = st.seq, 1
+    if last == st.seq:
+        return report  # a clean stop signed the head: no row after it to re-hash
     tail = verify_log(uri, storage_options, after=(st.seq, st.hash))
-    report.events, report.last_seq, report.checkpoints = tail.events, tail.last_seq, 1
+    report.events, report.last_seq = tail.events, tail.last_seq
     if not tail.ok:
         report.fail(tail.first_bad_seq, tail.problem)
     return report

@@ -346,3 +346,26 @@ def test_the_signer_never_signs_a_chain_it_has_not_seen_intact(signed: SignedLog
     assert run.returncode == 0, run.stderr[-3000:]
     assert "the hash chain does not hold at seq 150" in run.stderr
     assert CheckpointStore(str(signed.data)).read() == []
+
+
+def test_rows_after_the_newest_checkpoint_are_rehashed_at_start(signed: SignedLog) -> None:
+    """A run that ended without a checkpoint (a crash) left rows after it: those the start re-hashes."""
+    import pyarrow.parquet as pq
+
+    log = EventLog.open(signed.data, config=LogConfig(flush_ms=2.0, maintenance=False))
+    for i in range(50):  # no signing thread: as if the run had been killed before its next checkpoint
+        log.append(RuntimeStarted(writer_id="w", pid=i, host="h", mode="run", max_lines=100), stream="runtime", key="runtime")
+        if i == 24:
+            log.flush()  # two commits: the edited file is not the one holding the last seq, which opening reads
+    log.close()
+    events = DeltaTable(str(signed.data / "events"))
+    adds = pa.table(events.get_add_actions(flatten=True)).to_pylist()
+    tail = min((a for a in adds if a["min.seq"] > EVENTS), key=lambda a: a["min.seq"])
+    path = signed.data / "events" / tail["path"]
+    table = pq.read_table(path)
+    payloads = table.column("payload").to_pylist()
+    payloads[0] = payloads[0].replace('"max_lines":100', '"max_lines":999')
+    pq.write_table(table.set_column(table.schema.get_field_index("payload"), "payload", pa.array(payloads, pa.string())), path)
+    run = cli("run", "--demo", "--duration", "0.5", "--data-dir", str(signed.data), key=signed.key)
+    assert run.returncode == 1
+    assert f"the event log is broken at seq {tail['min.seq']}: hash chain broken" in run.stderr
