@@ -149,7 +149,7 @@ try:
     from events.queue import QueueStats, Requeue
     from events.registry import AddActive, AddActiveMany, ListActive, RemoveActive, RemoveActiveMany
     from storage.checkpointer import Checkpointer
-    from storage.checkpoints import CheckpointStore
+    from storage.checkpoints import CheckpointStore, CheckpointsUnreadable
     from storage.event_log import EventLog, LogFailedError
     from storage.lock import DataDirLocked
     from storage.object_store import export_storage_settings
@@ -272,7 +272,10 @@ class Runtime:
         self.log.add_failure_listener(self._on_log_failure)
         self._verify_on_start()
         if self.signer is not None:
-            Checkpointer(self.log, self.signer, every=self.config.audit.checkpoint_every).start()
+            try:
+                Checkpointer(self.log, self.signer, every=self.config.audit.checkpoint_every).start()
+            except CheckpointsUnreadable as exc:
+                raise StartRefused(str(exc)) from None
         snapshots = SnapshotStore(self.data_dir)
         self.log.append(
             RuntimeStarted(
@@ -396,7 +399,8 @@ class Runtime:
                 logger.info("start-up verified the whole chain ({}); the next start begins at a checkpoint", report.reason)
         if report.ok:
             return
-        message = f"the event log is broken at seq {report.first_bad_seq}: {report.problem}"
+        where = "" if report.first_bad_seq is None else f" at seq {report.first_bad_seq}"
+        message = f"the event log is broken{where}: {report.problem}"
         if not self.allow_broken_log:
             raise BrokenLogError(f"{message}. Run 'python runtime.py verify' for details; --allow-broken-log starts anyway.")
         logger.error("{}; starting anyway (--allow-broken-log)", message)
@@ -917,7 +921,7 @@ def cmd_verify(args: argparse.Namespace, config: Config) -> int:
         checkpoints = f"; {_count(signed.checkpoints, 'signed checkpoint')} verified" if signed.checkpoints else ""
         print(f"ok: {report.events} events, seq 1..{report.last_seq}, hash chain intact, every payload decodes{report.detail}{checkpoints}")
         return EXIT_OK
-    print(f"BROKEN at seq {report.first_bad_seq}: {report.problem}")
+    print(f"BROKEN{'' if report.first_bad_seq is None else f' at seq {report.first_bad_seq}'}: {report.problem}")
     return EXIT_FAILED
 
 
@@ -935,7 +939,11 @@ def cmd_digest(args: argparse.Namespace, config: Config) -> int:
     trusted = _cli_trusted_keys(config, data_dir)
     if trusted is None:
         return EXIT_FAILED
-    newest = CheckpointStore(data_dir).newest()
+    try:
+        newest = CheckpointStore(data_dir).newest()
+    except CheckpointsUnreadable as exc:
+        print(f"error: {exc}; run 'python runtime.py verify'", file=sys.stderr)
+        return EXIT_FAILED
     if newest is None:
         print(f"error: no signed checkpoint in {data_dir} yet (one is written every [audit] checkpoint_every events and at every clean stop)", file=sys.stderr)
         return EXIT_FAILED
