@@ -31,7 +31,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from storage.checkpoints import Checkpoint, CheckpointStore, DataFile, FileHasher, Statement, table_data_files
+from storage.checkpoints import (
+    Checkpoint,
+    CheckpointStore,
+    CheckpointsUnreadable,
+    DataFile,
+    FileHasher,
+    Statement,
+    table_data_files,
+)
 from storage.reader import open_table, read_batches, table_exists
 from storage.signing import fingerprint, signature_valid
 from storage.tables import table_uri
@@ -215,7 +223,11 @@ def _compare(report: AttestReport, rows: _Rows, checkpoint: Checkpoint, signed_b
 def check_checkpoints(data_dir: str, trusted: set[str], storage_options: dict[str, str] | None = None) -> AttestReport:
     """Every checkpoint: a valid signature by a trusted key, of this table, over rows the log still holds."""
     report = AttestReport()
-    checkpoints = CheckpointStore(data_dir, storage_options).read()
+    try:
+        checkpoints = CheckpointStore(data_dir, storage_options).read()
+    except CheckpointsUnreadable as exc:
+        report.fail(None, str(exc))
+        return report
     report.checkpoints = len(checkpoints)
     if not checkpoints:
         return report
@@ -255,9 +267,14 @@ def verify_digest(data_dir: str, digest: Digest, storage_options: dict[str, str]
     if not chain.ok:
         report.fail(chain.first_bad_seq, chain.problem)
     rows = _Rows(uri, storage_options)
+    try:
+        stored = CheckpointStore(data_dir, storage_options).read()
+    except CheckpointsUnreadable as exc:
+        report.fail(None, f"{exc} (the digest alone still bounds a rewrite)")
+        stored = []
     signed = [
         cp
-        for cp in CheckpointStore(data_dir, storage_options).read()
+        for cp in stored
         if cp.statement.public_key == digest.public_key
         and cp.statement.table_id == digest.table_id
         and cp.seq <= digest.seq
@@ -281,8 +298,12 @@ def verify_digest(data_dir: str, digest: Digest, storage_options: dict[str, str]
 
 def verify_start(data_dir: str, trusted: set[str], storage_options: dict[str, str] | None = None) -> AttestReport:
     """The start-up check: from the newest trusted checkpoint when its files are intact, else in full."""
-    store = CheckpointStore(data_dir, storage_options)
-    newest = store.newest()
+    try:
+        newest = CheckpointStore(data_dir, storage_options).newest()
+    except CheckpointsUnreadable as exc:
+        report = AttestReport(method="checkpoint")
+        report.fail(None, str(exc))
+        return report
     if newest is None:
         return _full(data_dir, trusted, storage_options, "no signed checkpoint yet")
     st = newest.statement

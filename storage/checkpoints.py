@@ -42,6 +42,7 @@ __all__ = [
     "STATEMENT_FORMAT",
     "Checkpoint",
     "CheckpointStore",
+    "CheckpointsUnreadable",
     "DataFile",
     "FileHasher",
     "Statement",
@@ -248,6 +249,10 @@ class FileHasher:
 _FILES = msgspec.json.Decoder(tuple[DataFile, ...])
 
 
+class CheckpointsUnreadable(ValueError):
+    """The ``checkpoints`` table exists but cannot be read; the message is one line."""
+
+
 class CheckpointStore:
     """Append-only ``<data dir>/checkpoints``; each append is durable (fsynced) before it returns."""
 
@@ -292,9 +297,20 @@ class CheckpointStore:
                 _fsync_newest_commit(Path(self.uri.removeprefix("file://")))
 
     def read(self, *, with_details: bool = True, seq: int | None = None) -> list[Checkpoint]:
-        """Every checkpoint (or those at ``seq``), oldest first; without details: no files, no row prefixes."""
+        """Every checkpoint (or those at ``seq``), oldest first; without details: no files, no row prefixes.
+
+        A table that cannot be read raises :class:`CheckpointsUnreadable` (one line): the data directory
+        was damaged or tampered with, and every caller reports it as such.
+        """
         if not self.exists():
             return []
+        try:
+            return self._read(with_details, seq)
+        except Exception as exc:  # noqa: BLE001 - Delta, Arrow and OS errors alike
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CheckpointsUnreadable(f"the checkpoints table {self.uri} cannot be read: {first}") from None
+
+    def _read(self, with_details: bool, seq: int | None) -> list[Checkpoint]:
         dt = open_table(self.uri, self.storage_options)
         columns = None if with_details else [n for n in CHECKPOINTS_SCHEMA.names if n not in ("files", "row_hashes")]
         expr = None if seq is None else pc.field("seq") == seq

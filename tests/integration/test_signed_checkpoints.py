@@ -369,3 +369,18 @@ def test_rows_after_the_newest_checkpoint_are_rehashed_at_start(signed: SignedLo
     run = cli("run", "--demo", "--duration", "0.5", "--data-dir", str(signed.data), key=signed.key)
     assert run.returncode == 1
     assert f"the event log is broken at seq {tail['min.seq']}: hash chain broken" in run.stderr
+
+
+def test_an_unreadable_checkpoints_table_is_one_line_and_refuses_the_start(signed: SignedLog) -> None:
+    for part in (signed.data / "checkpoints").glob("*.parquet"):
+        part.unlink()
+    result = cli("verify", "--data-dir", str(signed.data), key=signed.key)
+    assert result.returncode == 1
+    assert one_line(result).startswith("BROKEN: the checkpoints table")
+    digest = cli("digest", "--data-dir", str(signed.data), key=signed.key)
+    assert digest.returncode == 1
+    assert "cannot be read" in one_line(digest)
+    run = cli("run", "--demo", "--duration", "0.5", "--data-dir", str(signed.data), key=signed.key)
+    assert run.returncode == 1
+    assert "the event log is broken: the checkpoints table" in run.stderr
+    assert "Traceback" not in run.stderr
