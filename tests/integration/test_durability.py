@@ -141,3 +141,42 @@ def test_close_while_appending_leaves_no_receipt_unresolved(data_dir: Path) -> N
     assert all(r.durable for r in every)
     with EventLog.open(data_dir, config=TEST_LOG_CONFIG) as reopened:
         assert [e.seq for e in reopened.read()] == sorted(r.seq for r in every)
+
+
+def test_a_positions_flush_is_fsynced_before_append_returns(data_dir: Path, synced: list[Path]) -> None:
+    from datetime import UTC, datetime
+
+    from storage.positions_table import PositionsTable
+
+    table = PositionsTable(str(data_dir), maintenance=LogConfig(maintenance=False))
+    row = {"conid": 1, "symbol": "X", "position": 1.0, "mark": 1.0, "source": "stream", "ts": datetime.now(UTC)}
+    table.append(PositionsTable.to_arrow([row]))
+    table.close()
+    positions = data_dir / "positions"
+    version = DeltaTable(str(positions)).version()
+    assert needed_by(positions, 0) | needed_by(positions, version) | {data_dir} <= set(synced)
+
+
+def test_a_checkpoint_is_fsynced_before_older_commit_files_are_cleaned(
+    data_dir: Path, synced: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from storage.maintenance import checkpoint_then_clean
+
+    with EventLog.open(data_dir, config=TEST_LOG_CONFIG) as log:
+        for i in range(1, 4):
+            log.append(enqueued(i), stream="queue", key=str(i)).wait(10)
+    table = data_dir / "events"
+    at_cleanup: list[set[Path]] = []
+    real_cleanup = DeltaTable.cleanup_metadata
+
+    def cleaning(self: DeltaTable, *args: Any, **kwargs: Any) -> None:
+        at_cleanup.append(set(synced))
+        real_cleanup(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeltaTable, "cleanup_metadata", cleaning)
+    dt = DeltaTable(str(table))
+    checkpoint_then_clean(dt, LogConfig())
+    log_dir = table / "_delta_log"
+    checkpoint = log_dir / f"{dt.version():020d}.checkpoint.parquet"
+    assert checkpoint.exists()
+    assert {checkpoint, log_dir / "_last_checkpoint", log_dir} <= at_cleanup[0]
