@@ -637,6 +637,9 @@ class FakeIbActor(pykka.ThreadingActor):
         if not self._connected:
             self._fail_rest(batch, IbErrorKind.DISCONNECTED, IB_NOT_CONNECTED, "not connected")
             return
+        if self._state == ConnectionState.CONNECTIVITY_LOST:  # as the real actor: nothing answers until 1101/1102
+            self._fail_rest(batch, IbErrorKind.DATA_INTERRUPTED, 1100, "IB connectivity lost")
+            return
         self._batches.add(batch)
         generation = next(self._generation)
         for conid in batch.conids:

@@ -617,6 +617,14 @@ class IbSession:
                 )
             self._reply(batch)
             return
+        if self.state == ConnectionState.CONNECTIVITY_LOST:
+            # 1100: IB itself is unreachable behind a live socket; nothing would answer until 1101/1102.
+            for conid in unique:
+                batch.failures[conid] = SnapshotFailed(
+                    conid=conid, kind=IbErrorKind.DATA_INTERRUPTED, code=1100, message="IB connectivity lost"
+                )
+            self._reply(batch)
+            return
         self._batches.add(batch)
         batch.timer = self._loop.call_later(timeout_s, self._expire, batch)
         for conid in unique:

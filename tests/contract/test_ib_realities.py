@@ -94,6 +94,17 @@ def test_a_reset_interrupts_open_snapshots(ib: IbHarness, code: int) -> None:
     wait_until(lambda: stats(ref).snapshots_in_flight == 0, what="the interrupted snapshot's line to be free")
 
 
+def test_snapshots_while_ib_is_unreachable_are_interrupted_at_once(ib: IbHarness) -> None:
+    ref, inbox = ib.start(100)
+    ib.reset(ref, 1100)
+    inbox.wait_for(lambda m: isinstance(m, ConnectionStateChanged) and m.state == ConnectionState.CONNECTIVITY_LOST)
+    result = snapshot(ref, STOCKS[0], timeout_s=30)  # not a 30 s timeout: an answer at once
+    assert [(f.kind, f.code) for f in result.failures] == [(IbErrorKind.DATA_INTERRUPTED, 1100)]
+    ib.reset(ref, 1102)
+    inbox.wait_for(lambda m: isinstance(m, ConnectionStateChanged) and m.state == ConnectionState.RESTORED_DATA_KEPT)
+    assert [u.conid for u in snapshot(ref, STOCKS[0]).updates] == [STOCKS[0]]
+
+
 def test_a_farm_blip_interrupts_open_snapshots(ib: IbHarness) -> None:
     ref, _ = ib.start(100, realities=Realities(snapshot_delay_s=5.0))
     future = open_snapshot(ref, STOCKS[0])
