@@ -9,6 +9,7 @@ limit, and portfolio updates give every position a price without a line.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pykka
@@ -143,8 +144,11 @@ def test_a_farm_that_stays_down_is_retried_with_backoff(ib: IbHarness) -> None:
     a = STOCKS[0]
     ref.tell(Subscribe(conid=a))
     inbox.wait_for(stream_update(a))
+    started = time.monotonic()
     ib.farm_blip(ref, None)
-    inbox.wait_for_count(interrupted(a), count=3)  # the blip, then two re-requests the farm refused
+    inbox.wait_for_count(interrupted(a), count=4)  # the blip, then three re-requests the farm refused
+    # never a storm: the waits double, 0.05 + 0.1 + 0.2 s at least before the third re-request
+    assert time.monotonic() - started >= 0.35
     assert not inbox.messages(StreamEnded)
     ib.farm_ok(ref)
     inbox.wait_for(stream_update(a))
