@@ -44,7 +44,7 @@ from loguru import logger
 
 from events.base import Event
 from events.codec import encode_event
-from storage.durability import sync_commit, sync_new_table
+from storage.durability import sync_commit, sync_commit_files_between, sync_new_table
 from storage.hashing import GENESIS_HASH, row_hash
 from storage.lock import DirectoryLock
 from storage.maintenance import WRITER_KEY, Maintenance, append_hooks, keep_table_properties
@@ -222,6 +222,7 @@ class EventLog:
         self._writer: threading.Thread | None = None
         self._dt: DeltaTable | None = None
         self._known_version = -1
+        self._synced_version = -1  # the newest version this writer made durable (or found at open)
         self._batch_no = 0
         self._chain_hash = GENESIS_HASH
         self.durable_seq = 0
@@ -269,6 +270,7 @@ class EventLog:
                 if self._syncs:
                     sync_new_table(self.uri, self._dt.version())
             self._known_version = self._dt.version()
+            self._synced_version = self._known_version
             self._fast_append = self._make_fast_append()
         except BaseException:
             if self._lock_file is not None:
@@ -307,6 +309,9 @@ class EventLog:
         changed = keep_table_properties(self._dt, self.config, self.writer_id)
         if changed:
             logger.info("event log table properties set: {}", changed)
+            if self._syncs:
+                self._dt.update_incremental()
+                sync_commit(self.uri, self._dt.version())
 
     def add_failure_listener(self, fn: Callable[[LogFailedError], None]) -> None:
         """``fn(error)`` runs once, on the writer thread, when the log gives up."""
@@ -564,8 +569,12 @@ class EventLog:
             return
         if version is None:  # found committed after an ambiguous failure: which version is not known
             os.sync()
+            assert self._dt is not None
+            self._synced_version = self._dt.version()
             return
+        sync_commit_files_between(self.uri, self._synced_version, version)  # maintenance's commits before ours
         sync_commit(self.uri, version)
+        self._synced_version = version
 
     def _write_with_retries(self, table: pa.Table, batch_no: int) -> int | None:
         """Commit ``table`` as batch ``batch_no``; the version it got, or None if a retry found it already there."""

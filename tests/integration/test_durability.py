@@ -180,3 +180,23 @@ def test_a_checkpoint_is_fsynced_before_older_commit_files_are_cleaned(
     checkpoint = log_dir / f"{dt.version():020d}.checkpoint.parquet"
     assert checkpoint.exists()
     assert {checkpoint, log_dir / "_last_checkpoint", log_dir} <= at_cleanup[0]
+
+
+def test_a_maintenance_commit_between_two_appends_is_synced_before_the_next_ack(
+    data_dir: Path, synced: list[Path]
+) -> None:
+    """An unsynced commit file below an acknowledged one could be empty after a power cut: the table unreadable."""
+    from deltalake.transaction import CommitProperties
+
+    from storage.maintenance import WRITER_KEY
+
+    with EventLog.open(data_dir, config=TEST_LOG_CONFIG) as log:
+        log.append(enqueued(1), stream="queue", key="1").wait(10)
+        maintenance = DeltaTable(log.uri)  # as the maintenance thread's handle: tagged with this writer's id
+        maintenance.alter.set_table_properties(
+            {"delta.checkpointInterval": "77"}, commit_properties=CommitProperties(custom_metadata={WRITER_KEY: log.writer_id})
+        )
+        between = maintenance.version()
+        synced.clear()
+        log.append(enqueued(2), stream="queue", key="2").wait(10)
+    assert data_dir / "events" / "_delta_log" / f"{between:020d}.json" in synced
