@@ -232,6 +232,8 @@ class Runtime:
         self.actor_failure: str | None = None
         self.started_at = time.monotonic()
         self.log: EventLog | None = None
+        #: RuntimeStarted is in the log; only then does a stop append RuntimeStopped (a refused start appends nothing)
+        self.announced = False
         self.refs: dict[str, pykka.ActorRef[Any]] = {}
         self.handlers = HandlerSet()
         self.control: ControlServer | None = None
@@ -288,6 +290,7 @@ class Runtime:
             stream="runtime",
             key="runtime",
         )
+        self.announced = True
         registry = RegistryActor.start(self.log, snapshots, snapshot_every=rt.snapshot_every)
         queue = QueueActor.start(
             self.log,
@@ -479,7 +482,7 @@ class Runtime:
                 pass
         pykka.ActorRegistry.stop_all(timeout=10)
         if self.log is not None:
-            if self.log.failed is None:
+            if self.log.failed is None and self.announced:
                 try:
                     self.log.append(RuntimeStopped(reason=self.stop_reason[:200]), stream="runtime", key="runtime")
                 except LogFailedError:
