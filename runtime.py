@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("conids", nargs="+", type=int, metavar="CONID")
         p.add_argument("--strategy", required=True)
         p.add_argument("--expected-quantity", type=float, help="(add) expected position, for reconciliation")
+        if name == "add":
+            p.add_argument(
+                "--priority",
+                type=int,
+                default=0,
+                help="the strategy's claim on a line when lines are short: higher streams first (default 0)",
+            )
         data_dir_arg(p)
     listing = reg_sub.add_parser("list", help="list active contracts and their strategies")
     listing.add_argument("--json", action="store_true")
@@ -732,7 +739,16 @@ def cmd_registry(args: argparse.Namespace, config: Config) -> int:
             print(f"{len(registry)} active contracts")
         return EXIT_OK
     if args.registry_command == "add":
-        items = [{"conid": c, "strategy": args.strategy, "source": "cli", "expected_quantity": args.expected_quantity} for c in args.conids]
+        items = [
+            {
+                "conid": c,
+                "strategy": args.strategy,
+                "source": "cli",
+                "expected_quantity": args.expected_quantity,
+                "priority": args.priority,
+            }
+            for c in args.conids
+        ]
         payload: dict[str, Any] = {"type": "registry.add_active_many", "items": items}
     else:
         items = [{"conid": c, "strategy": args.strategy, "source": "cli"} for c in args.conids]

@@ -47,6 +47,7 @@ MarketUpdate to the handlers.
 from __future__ import annotations
 
 import datetime as dt
+import operator
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -108,6 +109,9 @@ __all__ = [
     "SweepNow",
 ]
 
+
+_CONID = operator.attrgetter("conid")
+_OPTION_TYPES = frozenset({"OPT", "FOP"})
 
 #: The due time of a contract that has never had a price: before any real time.
 _NEVER_PRICED_DUE_US = 1
@@ -284,6 +288,7 @@ class StreamRouter(EventSourcedActor[RouterState]):
         self._next_probe = 0.0
         self._next_sweep = 0.0
         self._swap_pending = False
+        self._demoted_at: dict[int, float] = {}
         self.ticks_forwarded = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -315,13 +320,11 @@ class StreamRouter(EventSourcedActor[RouterState]):
         # class's envelope checks and the match below (benchmarks/ticks.py).
         kind = type(message)
         if kind is MarketUpdates:
-            latest = self.latest
-            for update in message.updates:
-                previous = latest.get(update.conid)
-                if previous is None or update.ts_us >= previous.ts_us:
-                    latest[update.conid] = update
+            updates = message.updates
+            # every quote is stamped when it arrives, so the last to arrive is the newest (one C-level update)
+            self.latest.update(zip(map(_CONID, updates), updates, strict=True))
             if self._unproven:
-                for update in message.updates:
+                for update in updates:
                     self._prove_stream(update.conid)
             self.ticks_forwarded += len(message.updates)
             self.handlers.publish(message)
@@ -649,9 +652,7 @@ class StreamRouter(EventSourcedActor[RouterState]):
             self.ledger.prove(level)
 
     def _note_quote(self, update: MarketUpdate) -> None:
-        previous = self.latest.get(update.conid)
-        if previous is None or update.ts_us >= previous.ts_us:
-            self.latest[update.conid] = update
+        self.latest[update.conid] = update
         if self._unproven and update.source == "stream":
             self._prove_stream(update.conid)
 
@@ -661,7 +662,10 @@ class StreamRouter(EventSourcedActor[RouterState]):
         if info is None:
             return Rank(priority=priority, days=days_to_expiry("", dt.date.today()), risk=0.0, conid=conid)
         latest = self.latest.get(conid)
-        delta = latest.delta if latest is not None and latest.delta is not None else 1.0
+        if latest is not None and latest.delta is not None:
+            delta = latest.delta
+        else:  # not known yet: an at-the-money guess for options, so a quote arriving moves ranks both ways
+            delta = 0.5 if info.sec_type in _OPTION_TYPES else 1.0
         risk = abs(delta * info.position * info.multiplier)
         return Rank(priority=priority, days=days_to_expiry(info.expiry, dt.date.today()), risk=risk, conid=conid)
 
@@ -669,13 +673,17 @@ class StreamRouter(EventSourcedActor[RouterState]):
         """One swap at a time: the best waiting contract takes the worst stream's line if it materially outranks it."""
         if self._swap_pending or not self.state.overflow or not self.state.streams:
             return
-        best = min(self.state.overflow, key=lambda c: self._rank(c).key())
-        settled = [c for c in self.state.streams if now - self.subscribed_at.get(c, now) >= self.settings.min_dwell_s]
-        if not settled:
+        dwell = self.settings.min_dwell_s
+        # both sides dwell: a stream keeps its line a while, and a contract that just lost one cannot claim it back
+        waiting = [c for c in self.state.overflow if now - self._demoted_at.get(c, -dwell) >= dwell]
+        settled = [c for c in self.state.streams if now - self.subscribed_at.get(c, now) >= dwell]
+        if not waiting or not settled:
             return
+        best = min(waiting, key=lambda c: self._rank(c).key())
         worst = max(settled, key=lambda c: self._rank(c).key())
         if outranks(self._rank(best), self._rank(worst), self.settings.risk_factor):
             self._swap_pending = True
+            self._demoted_at[worst] = now
             self._demote(worst, f"outranked by {best}", code=None, cancel=True)
 
     # ------------------------------------------------------------------ outside world

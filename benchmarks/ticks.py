@@ -152,8 +152,8 @@ def run(streams: int, ticks: int, offered: int, latency_s: float) -> dict[str, A
             probe = LatencyProbe.start()
             handlers = HandlerSet()
             handlers.add(writer, accepts=(MarketUpdate, PositionChanged), batches=True)  # as runtime.py wires it
-            settings = RouterSettings(max_lines=streams + 10, snapshot_reserve=10, refresh_interval_s=3600)
-            router = StreamRouter.start(log, settings, ib=ib, queue=queue, handlers=handlers)
+            settings = RouterSettings(max_lines=streams + 10, min_snapshot_lines=10, monitoring_s=3600)
+            router = StreamRouter.start(log, settings, ib=ib, queue=queue, handlers=handlers, timer=False)
             ib.tell(AddSubscriber(router))
             ib.tell(Connect())
             for p in positions:

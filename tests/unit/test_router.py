@@ -32,7 +32,15 @@ from actors.ib_base import AddSubscriber
 from actors.messaging import ask
 from actors.queue import QueueActor
 from actors.registry import RegistryActor
-from actors.router import ActiveAtStart, RouterSettings, RouterStatus, RouterStatusReply, StreamRouter, SweepNow
+from actors.router import (
+    ActiveAtStart,
+    RouterSettings,
+    RouterStatus,
+    RouterStatusReply,
+    RouterTick,
+    StreamRouter,
+    SweepNow,
+)
 from actors.worker import QueueWorker, WorkerSettings, WorkerStatus
 from events.ib import (
     Connect,
@@ -94,6 +102,7 @@ class Rig:
         snapshot_latency_s: float = 0.0,
         line_probe_s: float = 300.0,
         min_dwell_s: float = 30.0,
+        clock: Callable[[], float] | None = None,
         connect: bool = True,
         tap_ib: bool = False,
     ) -> None:
@@ -128,6 +137,7 @@ class Rig:
             ib=self.tap or self.ib,
             queue=self.queue,
             handlers=self.handlers,
+            **({"clock": clock} if clock is not None else {}),
         )
         self.registry.proxy().add_subscriber(self.router).get(timeout=5)
         self.ib.tell(AddSubscriber(self.router))
@@ -555,3 +565,57 @@ def test_streams_decided_before_ib_first_connects_are_sent_once_it_does(rig_fact
     rig.connect()
     wait_until(lambda: rig.ib_stats().streams == 3, timeout=5)
     assert rig.settle().streams == 3
+
+
+# ---------------------------------------------------------------------- ranking and the ledger
+
+
+class ManualClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_higher_priority_strategy_takes_a_line_once_the_holder_has_dwelt(rig_factory: Any) -> None:
+    clock = ManualClock()
+    rig = rig_factory(max_lines=6, reserve=2, min_dwell_s=1.0, clock=clock)  # 4 stream slots
+    rig.activate(*OPTIONS[:4])
+    rig.settle()
+    urgent = OPTIONS[4]
+    ask(rig.registry, AddActive(conid=urgent, strategy="urgent", priority=5))
+    wait_until(lambda: rig.status().overflow == 1, timeout=5)
+    ask(rig.router, RouterTick())
+    assert "stream_demoted" not in [t for t, _ in rig.router_events()]  # the holders have not dwelt yet
+    clock.now += 1.0
+    ask(rig.router, RouterTick())
+    wait_until(lambda: ("stream_promoted", urgent) in rig.router_events(), timeout=5)
+    status = rig.settle()
+    assert (status.streams, status.overflow) == (4, 1)
+    rig.log.flush()
+    demotions = [s.event for s in rig.log.read(streams=["router"]) if s.type == "router.stream_demoted"]
+    assert len(demotions) == 1
+    assert demotions[0].reason == f"outranked by {urgent}"  # type: ignore[attr-defined]
+    # no flapping: within a dwell, the contract that lost its line cannot claim one back
+    clock.now += 0.9
+    for _ in range(5):
+        ask(rig.router, RouterTick())
+    assert [t for t, _ in rig.router_events()].count("stream_demoted") == 1
+    # and the urgent contract keeps its line for good: nothing outranks priority 5
+    for _ in range(5):
+        clock.now += 1.0
+        ask(rig.router, RouterTick())
+        rig.settle()
+    assert urgent not in [c for t, c in rig.router_events() if t == "stream_demoted"]
+    rig.assert_peak_within_budget()
+
+
+def test_holding_every_configured_line_without_a_101_makes_max_lines_the_known_limit(rig_factory: Any) -> None:
+    rig = rig_factory(max_lines=8, reserve=2, worker=True, snapshot_latency_s=0.2)
+    rig.activate(*OPTIONS[:3])
+    wait_until(lambda: rig.status().line_cap == 8, timeout=15)  # the ramp reached the ceiling: proven
+    rig.log.flush()
+    (learned,) = [s.event for s in rig.log.read(streams=["router"]) if s.type == "router.line_limit_learned"]
+    assert learned.reason == "max_lines held without a 101"  # type: ignore[attr-defined]
+    rig.assert_peak_within_budget()
