@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from actors.config import ConfigError, load_config
 from actors.fake_ib_demo import demo_positions
 from tests.integration.test_end_to_end import ROOT, cli, wait_for
 
@@ -38,6 +39,7 @@ NOT_HERE = {
     r"runtime\.py --config slotwise\.toml": "runs against a real TWS / IB Gateway",
     r"runtime\.py --ib-host ": "runs against a real IB Gateway",
     r"^python demo_with_faults\.py": "a script the page defines inline, with faults injected into the demo",
+    r"(--data-dir|--root) s3://": "object storage: tests/s3 runs these against a loopback S3 server",
 }
 #: Commands that need the runtime stopped (the page says so): run after the demo ends.
 AFTER_STOP = (r"optimize\.compact",)
@@ -192,3 +194,19 @@ def test_every_command_shown_runs(demo: Demo) -> None:
         ran += 1
     assert ran >= 15
     assert not failures, "\n".join(failures)
+
+
+def test_every_toml_block_shown_is_a_valid_config(tmp_path: Path) -> None:
+    blocks = [
+        (page, block)
+        for page in PAGES
+        for block in re.findall(r"^```toml\n(.*?)^```", page.read_text(), flags=re.MULTILINE | re.DOTALL)
+    ]
+    assert blocks
+    for n, (page, block) in enumerate(blocks):
+        path = tmp_path / f"{n}.toml"
+        path.write_text(block)
+        try:
+            load_config(path, environ={})
+        except ConfigError as exc:
+            pytest.fail(f"{page.relative_to(ROOT)}: a config block is refused: {exc}")
