@@ -26,7 +26,7 @@ import msgspec
 import pyarrow as pa
 from deltalake import DeltaTable, Schema, write_deltalake
 
-from storage.durability import sync_commit, sync_new_table
+from storage.durability import sync_commit, sync_commit_files_between, sync_new_table
 from storage.maintenance import Maintenance, append_hooks, keep_table_properties
 from storage.tables import LogConfig, is_local, table_properties, table_uri
 
@@ -98,6 +98,7 @@ class PositionsTable:
         self.storage_options = storage_options
         self.config = maintenance or LogConfig()
         self._dt: DeltaTable | None = None
+        self._synced_version = -1
         self._maintenance: Maintenance | None = None
 
     def ensure(self) -> DeltaTable:
@@ -117,9 +118,11 @@ class PositionsTable:
             if self._syncs:
                 sync_new_table(self.uri, created.version())
         dt = DeltaTable(self.uri, storage_options=self.storage_options)
+        opened = dt.version()  # commits after it (columns, properties) are synced with the next flush
         _add_missing_columns(dt)
         keep_table_properties(dt, self.config, self.WRITER_ID)
         self._dt = dt
+        self._synced_version = max(self._synced_version, opened)
         if self.config.maintenance and self._maintenance is None:
             self._maintenance = Maintenance(
                 self.uri, self.config, self.WRITER_ID, self.storage_options, table="positions"
@@ -133,7 +136,9 @@ class PositionsTable:
         try:
             write_deltalake(dt, rows, mode="append", post_commithook_properties=append_hooks(self.config, dt))
             if self._syncs:  # on disk before the writer reports the flush
+                sync_commit_files_between(self.uri, self._synced_version, dt.version())  # maintenance's, in between
                 sync_commit(self.uri, dt.version())
+                self._synced_version = dt.version()
         except BaseException:
             self._dt = None  # whatever state the handle is in, the next append opens the table afresh
             raise

@@ -200,3 +200,21 @@ def test_a_maintenance_commit_between_two_appends_is_synced_before_the_next_ack(
         synced.clear()
         log.append(enqueued(2), stream="queue", key="2").wait(10)
     assert data_dir / "events" / "_delta_log" / f"{between:020d}.json" in synced
+
+
+def test_a_positions_flush_syncs_the_commits_since_the_last_one(data_dir: Path, synced: list[Path]) -> None:
+    from datetime import UTC, datetime
+
+    from storage.positions_table import PositionsTable
+
+    table = PositionsTable(str(data_dir), maintenance=LogConfig(maintenance=False))
+    row = {"conid": 1, "symbol": "X", "position": 1.0, "mark": 1.0, "source": "stream", "ts": datetime.now(UTC)}
+    table.append(PositionsTable.to_arrow([row]))
+    table.append(PositionsTable.to_arrow([row]))
+    other = DeltaTable(table.uri)  # a commit that is not a flush: maintenance's compaction, as from its thread
+    other.optimize.compact()
+    assert other.version() == 3
+    synced.clear()
+    table.append(PositionsTable.to_arrow([row]))
+    table.close()
+    assert data_dir / "positions" / "_delta_log" / f"{other.version():020d}.json" in synced
