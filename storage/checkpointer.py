@@ -74,7 +74,7 @@ class Checkpointer:
     def _on_commit(self, seq: int, head: str, version: int) -> None:
         with self._cond:
             self._head = (seq, head, version)
-            if seq - self.last_seq >= self.every:
+            if self._due():
                 self._cond.notify()
 
     def _on_close(self) -> None:
@@ -109,7 +109,7 @@ class Checkpointer:
                 if backlog:
                     self._checkpoint(None, "start")
                 elif head is not None:
-                    self._checkpoint(head, "every")
+                    self._checkpoint(head, "first" if self.last_seq == 0 else "every")
             except CheckpointError as exc:
                 # never sign past rows that do not check out; 'verify' says what is wrong
                 self.stopped_because = str(exc)
@@ -121,7 +121,10 @@ class Checkpointer:
                     self._cond.wait(5.0)  # not in a tight loop; the next commit past the mark tries again
 
     def _due(self) -> bool:
-        return self._head is not None and self._head[0] - self.last_seq >= self.every
+        """Every ``every`` events; and at once for a log that has none yet, so ``digest`` has a head from the start."""
+        if self._head is None:
+            return False
+        return self._head[0] - self.last_seq >= self.every or self.last_seq == 0
 
     def _checkpoint(self, head: tuple[int, str, int | None] | None, reason: str) -> None:
         """Sign ``head`` (seq, hash, Delta version; None: the table's newest state, re-hashed)."""
