@@ -8,12 +8,17 @@ show; :class:`Rank` orders active contracts for the few lines there are.
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["NO_EXPIRY_DAYS", "Rank", "age_summary", "days_to_expiry", "outranks"]
+__all__ = ["AGE_BUCKETS_S", "NO_EXPIRY_DAYS", "Rank", "age_summary", "days_to_expiry", "outranks"]
+
+#: Upper bounds (s) of the age histogram the metrics export: around the default targets (5 s overflow, 60 s).
+AGE_BUCKETS_S = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0)
 
 #: A contract without an expiry (a stock) sorts after every dated one of the same priority.
 NO_EXPIRY_DAYS = 1_000_000
@@ -74,8 +79,9 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(k, len(sorted_values) - 1)]
 
 
-def age_summary(ages: Iterable[float | None]) -> dict[str, float | int]:
-    """Count, never-priced count and p50 / p99 / max age (seconds) of the newest quotes of a set of contracts."""
+def age_summary(ages: Iterable[float | None]) -> dict[str, Any]:
+    """Count, never-priced count, p50 / p99 / max age (s) of the newest quotes of a set of contracts,
+    and ``le``: how many priced contracts are at most each of :data:`AGE_BUCKETS_S` old (cumulative)."""
     known: list[float] = []
     never = 0
     for age in ages:
@@ -90,4 +96,5 @@ def age_summary(ages: Iterable[float | None]) -> dict[str, float | int]:
         "p50_s": round(_percentile(known, 50), 3),
         "p99_s": round(_percentile(known, 99), 3),
         "max_s": round(known[-1], 3) if known else 0.0,
+        "le": {f"{bound:g}": bisect.bisect_right(known, bound) for bound in AGE_BUCKETS_S},
     }

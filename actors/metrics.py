@@ -34,8 +34,14 @@ SnapshotFn = Callable[[], Mapping[str, Any]]
 #: (name, type, help, how to read it from a status dict). Names follow Prometheus' conventions:
 #: base units, ``_total`` for counters.
 _SCALARS: tuple[tuple[str, str, str, Callable[[Mapping[str, Any]], Any]], ...] = (
-    ("slotwise_lines_in_use", "gauge", "Market data lines in use at IB (streams and open snapshots).",
+    ("slotwise_lines_in_use", "gauge", "Market data lines in use (the line ledger: streams and open snapshots).",
      lambda s: s.get("lines_in_use")),
+    ("slotwise_lines_free", "gauge", "Lines neither streaming nor snapshotting under the current limit.",
+     lambda s: s.get("lines_free")),
+    ("slotwise_line_limit", "gauge", "Lines the ledger holds at most: the learned limit, never above max_lines.",
+     lambda s: s.get("line_limit")),
+    ("slotwise_line_limit_learned", "gauge", "The account's line limit learned from IB's 101 (absent until one).",
+     lambda s: s.get("learned_line_limit")),
     ("slotwise_lines_budget", "gauge", "Market data lines of the account (config runtime.max_lines).",
      lambda s: s.get("max_lines")),
     ("slotwise_stream_budget", "gauge", "Lines streams may use: max_lines minus the snapshot reserve.",
@@ -97,6 +103,38 @@ def _family(name: str, kind: str, help_text: str, samples: list[tuple[str, str]]
         yield f"{name}{labels} {value}"
 
 
+def _age_families(status: Mapping[str, Any]) -> Iterator[str]:
+    """The age of each contract's newest quote, per path, as gauges (ages go up and down: not a counter histogram).
+
+    ``slotwise_quote_age_contracts{path,le}`` counts priced contracts at most
+    ``le`` seconds old (cumulative, as Prometheus buckets are, ``+Inf`` = all
+    priced); ``slotwise_quote_age_seconds{path,quantile}`` gives p50, p99 and the
+    max (quantile 1); ``slotwise_never_priced{path}`` the contracts with no price.
+    """
+    ages = (status.get("freshness") or {}).get("ages") or {}
+    buckets: list[tuple[str, str]] = []
+    quantiles: list[tuple[str, str]] = []
+    never: list[tuple[str, str]] = []
+    for path, summary in sorted(ages.items()):
+        p = _label(path)
+        for le, n in (summary.get("le") or {}).items():
+            buckets.append((f'{{path="{p}",le="{_label(le)}"}}', str(n)))
+        priced = int(summary.get("count", 0)) - int(summary.get("never_priced", 0))
+        buckets.append((f'{{path="{p}",le="+Inf"}}', str(priced)))
+        for q, key in (("0.5", "p50_s"), ("0.99", "p99_s"), ("1", "max_s")):
+            if (v := _number(summary.get(key))) is not None and priced:
+                quantiles.append((f'{{path="{p}",quantile="{q}"}}', v))
+        never.append((f'{{path="{p}"}}', str(int(summary.get("never_priced", 0)))))
+    if buckets:
+        yield from _family(
+            "slotwise_quote_age_contracts", "gauge", "Priced contracts whose newest quote is at most le seconds old.", buckets
+        )
+    if quantiles:
+        yield from _family("slotwise_quote_age_seconds", "gauge", "Age of the newest quote per path.", quantiles)
+    if never:
+        yield from _family("slotwise_never_priced", "gauge", "Known contracts without any price yet.", never)
+
+
 def render(status: Mapping[str, Any]) -> str:
     """The exposition text of one status dict; a metric the status lacks is left out, not reported as 0."""
     lines: list[str] = []
@@ -112,6 +150,7 @@ def render(status: Mapping[str, Any]) -> str:
     ]
     if by_status:
         lines.extend(_family("slotwise_queue_items", "gauge", "Queue items by status.", by_status))
+    lines.extend(_age_families(status))
     state = (status.get("ib") or {}).get("state")
     if isinstance(state, str):
         samples = [(f'{{state="{_label(state)}"}}', "1")]

@@ -179,8 +179,8 @@ class RouterStatusReply(Reply, tag="router.status_reply", frozen=True, kw_only=T
     lines_free: int = 0
     snapshot_lines: int = 0
     proven_lines: int = 0
-    #: path -> {count, never_priced, p50_s, p99_s, max_s}: the age of each contract's newest quote.
-    ages: dict[str, dict[str, float | int]] = {}
+    #: path -> {count, never_priced, p50_s, p99_s, max_s, le}: the age of each contract's newest quote.
+    ages: dict[str, dict[str, Any]] = {}
 
 
 class RouterState:

@@ -90,5 +90,8 @@ def test_days_to_expiry_reads_ib_dates() -> None:
 
 def test_age_summary_counts_the_never_priced_apart() -> None:
     summary = age_summary([1.0, 2.0, None, 3.0, 10.0])
+    le = summary.pop("le")
     assert summary == {"count": 5, "never_priced": 1, "p50_s": 2.0, "p99_s": 10.0, "max_s": 10.0}
-    assert age_summary([]) == {"count": 0, "never_priced": 0, "p50_s": 0.0, "p99_s": 0.0, "max_s": 0.0}
+    assert (le["1"], le["5"], le["15"], le["900"]) == (1, 3, 4, 4)  # cumulative; the unpriced one in none
+    empty = age_summary([])
+    assert (empty["count"], empty["max_s"], set(empty["le"].values())) == (0, 0.0, {0})

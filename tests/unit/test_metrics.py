@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from actors.config import MetricsSettings
+from actors.freshness import age_summary
 from actors.metrics import CONTENT_TYPE, MetricsServer, render
 
 STATUS: dict[str, Any] = {
@@ -32,6 +33,17 @@ STATUS: dict[str, Any] = {
     "durable_seq": 927,
     "events_per_s": 10.0,
     "log": {"commits": 30, "commit_ms_p50": 6.5, "commit_ms_max": 58.0, "failed": None},
+    "line_limit": 80,
+    "learned_line_limit": 80,
+    "lines_free": 3,
+    "freshness": {
+        "monitoring_s": 60.0,
+        "overflow_s": 5.0,
+        "ages": {
+            "queue": age_summary([0.5, 12.0, 40.0, 70.0, None]),
+            "stream": age_summary([0.1, 0.2]),
+        },
+    },
 }
 
 #: A sample line of the text format 0.0.4: name, optional labels, a float value.
@@ -167,3 +179,18 @@ def test_off_by_default_and_loopback_only() -> None:
     settings = MetricsSettings()
     assert settings.enabled is False
     assert settings.host == "127.0.0.1"
+
+
+def test_quote_ages_and_the_learned_line_limit_are_exported() -> None:
+    samples = _samples(render(STATUS))
+    assert samples["slotwise_line_limit_learned"] == 80
+    assert samples["slotwise_line_limit"] == 80
+    assert samples["slotwise_lines_free"] == 3
+    # cumulative buckets of the priced contracts' ages; the unpriced one only in slotwise_never_priced
+    assert samples['slotwise_quote_age_contracts{path="queue",le="1"}'] == 1
+    assert samples['slotwise_quote_age_contracts{path="queue",le="15"}'] == 2
+    assert samples['slotwise_quote_age_contracts{path="queue",le="60"}'] == 3
+    assert samples['slotwise_quote_age_contracts{path="queue",le="+Inf"}'] == 4
+    assert samples['slotwise_never_priced{path="queue"}'] == 1
+    assert samples['slotwise_quote_age_seconds{path="queue",quantile="1"}'] == 70.0
+    assert samples['slotwise_quote_age_seconds{path="stream",quantile="0.5"}'] == 0.1
