@@ -63,8 +63,9 @@ class FreshnessSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     monitoring_s: Seconds = 60.0
     #: Target age (s) of an active contract's price while it has no line (overflow).
     overflow_s: Seconds = 5.0
-    #: Snapshot requests per second at most: the share of IB's 50 messages/s snapshots may use.
-    max_snapshot_msgs_per_s: Annotated[float, msgspec.Meta(gt=0, le=45)] = 10.0
+    #: Snapshot requests per second at most: the share of IB's 50 messages/s snapshots may use. Each snapshot
+    #: answered before IB ends it is also cancelled (one more message), so at most 20: both fit the 45/s pacer.
+    max_snapshot_msgs_per_s: Annotated[float, msgspec.Meta(gt=0, le=20)] = 10.0
     #: Lines streams never take, so snapshots always have some.
     min_snapshot_lines: Annotated[int, msgspec.Meta(ge=1, le=1_000)] = 2
     #: After IB's 101 taught a lower limit, try one line more this often (s).

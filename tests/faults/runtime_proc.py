@@ -28,8 +28,7 @@ RUNTIME = ROOT / "runtime.py"
 #: A demo that does a lot in a few seconds: fast worker polls and refreshes,
 #: snapshots every 200 events of a stream, quick ticks.
 FAST_ENV = {
-    "SLOTWISE_RUNTIME_POLL_INTERVAL_S": "0.3",
-    "SLOTWISE_RUNTIME_REFRESH_INTERVAL_S": "3",
+    "SLOTWISE_FRESHNESS_MONITORING_S": "3",
     "SLOTWISE_RUNTIME_SNAPSHOT_EVERY": "200",
     "SLOTWISE_RUNTIME_LEASE_S": "30",
     "SLOTWISE_DEMO_TICK_INTERVAL_S": "0.2",

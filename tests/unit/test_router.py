@@ -338,15 +338,17 @@ def test_the_learned_limit_survives_a_restart_and_is_probed_upward(
     pykka.ActorRegistry.stop_all(timeout=10)
     rig.log.close()
     # a new run on the same log: the limit is known, so no 101 is needed to find it again
-    again = Rig(log_factory(), max_lines=12, reserve=3, line_limit=5, line_probe_s=0.3)
+    again = Rig(log_factory(), max_lines=12, reserve=3, line_limit=5, line_probe_s=1.0)
     again.router.tell(ActiveAtStart(conids=OPTIONS[:7]))  # what the runtime tells it from the recovered registry
     status = again.settle()
     assert status.streams == 2
     assert again.learned_limits() == learned  # nothing new learned at start
-    # the probe: one more line after line_probe_s; IB refuses it (101) and the limit is learned back
-    wait_until(lambda: any(t == "line_limit_probed" for t, _ in again.router_events()), timeout=5)
-    wait_until(lambda: len(again.learned_limits()) > len(learned) and again.learned_limits()[-1] == 5, timeout=5)
-    assert again.settle().line_cap in (5, 6)
+    # the probe: one more line after line_probe_s; a stream takes it, IB refuses it (101), the limit is learned back
+    wait_until(lambda: any(t == "line_limit_probed" for t, _ in again.router_events()), timeout=10)
+    events = again.router_events()
+    probed_at = [t for t, _ in events].index("line_limit_probed")
+    wait_until(lambda: "line_limit_learned" in [t for t, _ in again.router_events()[probed_at:]], timeout=10)
+    assert again.learned_limits()[len(learned)] == 5  # the first thing learned after the probe: 5 again
 
 
 def test_another_client_taking_lines_lowers_the_limit_and_sheds_streams(rig_factory: Any) -> None:
