@@ -60,6 +60,12 @@ TARGETS: dict[str, list[Target]] = {
     "ticks": [Target("ticks_per_s", ">=", 100_000), Target("p99_latency_ms", "<=", 10)],
     # issue 13: process start to "ready" on a 1M-event log, start-up verification on
     "restart": [Target("restart_s", "<=", 1.0)],
+    # issue 11: the worst quote age of non-active contracts against the physical bound of a refresh cycle
+    "freshness": [
+        Target("staleness_vs_bound", "<=", 1.25),
+        Target("never_priced", "<=", 0),
+        Target("errors_101", "<=", 10),
+    ],
 }
 
 
