@@ -2,7 +2,7 @@
 """Slotwise: the composition root and the command line.
 
     python runtime.py [run] [--config FILE] [--data-dir DIR] [--demo] [--duration S]
-                      [--ib-host H] [--ib-port P] [--client-id N]
+                      [--ib-host H] [--ib-port P] [--client-id N] [--log-level L] [--log-file PATH]
     python runtime.py registry add|remove CONID [CONID ...] --strategy NAME [--data-dir DIR]
     python runtime.py registry list [--data-dir DIR] [--json]
     python runtime.py status  [--data-dir DIR] [--json]
@@ -11,6 +11,8 @@
                               [--format table|jsonl|csv]
     python runtime.py verify  [--data-dir DIR] [--digest FILE]
     python runtime.py digest  [--data-dir DIR]
+    python runtime.py contracts [--json] [--path stream|queue|overflow|portfolio] [--stale-over S] [--offline]
+    python runtime.py queue dead-letters [--json] [--offline] | queue requeue CONID [CONID ...]
 
 ``run`` builds the actor graph (DESIGN.md section 2) and runs until SIGINT or
 SIGTERM (or ``--duration``), then stops it in order: no new work, streams
