@@ -151,6 +151,9 @@ def test_a_dead_letter_is_listed_shown_and_requeued(running: RuntimeProc) -> Non
     assert row["strategies"] == ["spx-ic"]
     listing = cli("queue", "dead-letters", *running.dir_args())
     assert str(UNKNOWN_CONID) in listing.stdout
+    offline = cli("queue", "dead-letters", "--offline", "--json", *running.dir_args())
+    assert offline.returncode == 0, offline.stderr
+    assert item["item_id"] in [i["item_id"] for i in json.loads(offline.stdout) if i["status"] == "FAILED"]
 
     def requeued_events() -> list[dict[str, Any]]:
         """The dead letter back: requeued, or (an item already waiting) merged into the waiting one."""
