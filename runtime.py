@@ -469,7 +469,7 @@ class Runtime:
                 if self.demo:
                     _print_status(self.status_line())
                 else:  # a service has no terminal: its status goes to the log
-                    logger.info("status: {}", self.status_line())
+                    logger.bind(periodic=True).info("status: {}", self.status_line())
 
     def stop(self) -> None:
         """Stop in order: no new work, streams cancelled, writers flushed, snapshots, log closed."""
@@ -788,12 +788,23 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     ib = status.get("ib", {})
     print(f"uptime          {status['uptime_s']} s ({status['mode']})")
     print(f"IB              {ib.get('state')}{'' if ib.get('connected') else ' (not connected)'}")
+    learned = status.get("learned_line_limit")
+    limit = f"{status.get('line_limit')} ({'known' if learned is not None else 'max_lines; not yet known'})"
     print(
-        f"lines in use    {status.get('lines_in_use')} / {status['max_lines']} "
-        f"(streams {status.get('streams')} of a stream budget of {status.get('stream_budget')}, "
-        f"snapshots in flight {status.get('snapshots_in_flight')})"
+        f"lines in use    {status.get('lines_in_use')} of {limit}: streams {status.get('streams')} "
+        f"(at most {status.get('stream_budget')}), snapshots {status.get('snapshot_lines')}, free {status.get('lines_free')}"
     )
     print(f"active          {status.get('active')} (overflow waiting for a line: {status.get('overflow')})")
+    fresh = status.get("freshness") or {}
+    for path, a in sorted((fresh.get("ages") or {}).items()):
+        if a.get("count"):
+            unpriced = f", {a['never_priced']} never priced" if a.get("never_priced") else ""
+            print(
+                f"age {path:<11} {a['count']} contracts: p50 {a['p50_s']:.1f} s, p99 {a['p99_s']:.1f} s, "
+                f"max {a['max_s']:.1f} s{unpriced}"
+            )
+    if fresh:
+        print(f"targets         {fresh.get('monitoring_s'):g} s, overflow {fresh.get('overflow_s'):g} s")
     print(f"queue           pending {q.get('pending')}, processing {q.get('processing')}, failed {q.get('failed')}")
     print(f"dead letters    {status.get('dead_letters')}")
     print(f"positions       {status.get('positions_rows_written')} rows written")
