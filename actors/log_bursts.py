@@ -7,7 +7,8 @@ Lines are alike when they come from the same place in the code (module,
 function, line number). Within a window, the first ``keep`` of them are
 written; the rest are counted, and when the window closes one line says how
 many were left out and quotes the first of them. ERROR and above are never
-held back.
+held back, nor lines bound with ``periodic=True`` (the status line: alike by
+design, and wanted every time).
 
 The runtime (the only module that configures loguru) installs
 :meth:`BurstFilter.filter` on every sink and calls :meth:`BurstFilter.flush`
@@ -58,7 +59,7 @@ class BurstFilter:
         return bool(extra[_DECISION])
 
     def _decide(self, record: dict[str, Any]) -> bool:
-        if record["level"].no >= _ERROR_NO or record["extra"].get("burst_summary"):
+        if record["level"].no >= _ERROR_NO or record["extra"].get("burst_summary") or record["extra"].get("periodic"):
             return True
         key = (record["name"] or "", record["function"], record["line"])
         now = self.clock()
