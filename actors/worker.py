@@ -19,7 +19,9 @@ How a snapshot ended decides the acknowledgement:
 
 * a quote -> Succeed;
 * disconnect, reset, farm blip (DATA_INTERRUPTED), 101, 321 -> Release:
-  not the contract's fault, no attempt counted;
+  not the contract's fault, no attempt counted (an interruption also pauses
+  new snapshots, 0.5 s doubling to 8 s, and sends one at a time until a
+  quote comes through again; 321 halves the rate);
 * no subscription even for delayed data, no such contract -> Fail(terminal):
   dead-lettered at once, never a retry storm;
 * anything else (no data, timeout) -> Fail: retried with backoff.
@@ -77,6 +79,10 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     idle_s: float = 0.2
     #: After a 321, the rate stays reduced at least this long.
     rate_limit_hold_s: float = 10.0
+    #: Snapshots cut by a reset or a farm blip pause new ones this long, doubling while it lasts...
+    interrupted_pause_s: float = 0.5
+    #: ...up to this; the first quote that comes through ends the pause.
+    interrupted_pause_max_s: float = 8.0
 
 
 class Wake(Command, tag="worker.wake", frozen=True, kw_only=True):
@@ -184,6 +190,9 @@ class QueueWorker(pykka.ThreadingActor):
         self.acquiring = False
         self.open: dict[int, ClaimedItem] = {}  # item id -> item, snapshots sent and not answered
         self._wake_at: float | None = None
+        #: While IB's data farm is away every snapshot comes back interrupted: no point asking at full rate.
+        self._pause_s = 0.0
+        self._paused_until = 0.0
         self.cycles = 0
         self.succeeded = 0
         self.failed = 0
@@ -250,10 +259,17 @@ class QueueWorker(pykka.ThreadingActor):
         if self.acquiring or not self.connected:
             return
         now = self._clock()
+        if now < self._paused_until:
+            self._wake_in(self._paused_until - now)
+            return
         n = self.bucket.available(now)
         if n < 1:
             self._wake_in(self.bucket.wait_s(now))
             return
+        if self._pause_s > 0:  # after an interruption: one snapshot at a time tries whether data is back
+            if self.open:
+                return
+            n = 1
         self.acquiring = True
         self.cycles += 1
         self._pipe(
@@ -323,6 +339,7 @@ class QueueWorker(pykka.ThreadingActor):
             self.succeeded += 1
             self._tell(self.queue, Succeed(item_ids=[item.item_id], leases=[item.lease_until_us]))
             self._report(line, item.conid, "ok", update=update)
+            self._pause_s = 0.0
         else:
             failure = (
                 done.result.failures[0]
@@ -339,6 +356,12 @@ class QueueWorker(pykka.ThreadingActor):
             if outcome == "rate_limited":
                 self.bucket.slow_down(now, self.settings.rate_limit_hold_s)
                 logger.warning("worker: IB limits snapshots ({}); rate now {:.1f}/s", failure.code, self.bucket.rate)
+            elif outcome == "interrupted" and now >= self._paused_until:
+                # the first cut, or the one probe after a pause: back off further (the others cut at the same
+                # moment say nothing new)
+                s = self.settings
+                self._pause_s = min(s.interrupted_pause_max_s, max(s.interrupted_pause_s, 2 * self._pause_s))
+                self._paused_until = now + self._pause_s
             self._release([item], f"{outcome}: {failure.code}")
             self._report(line, item.conid, outcome, error=error)
             return

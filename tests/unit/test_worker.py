@@ -16,7 +16,15 @@ from typing import Any
 import pykka
 import pytest
 
-from actors.fake_ib import FakeIbActor, FakeIbSettings, SetNeverAnswer, SetSnapshotLatency, demo_positions
+from actors.fake_ib import (
+    FakeIbActor,
+    FakeIbSettings,
+    InjectFarmBlip,
+    InjectFarmOk,
+    SetNeverAnswer,
+    SetSnapshotLatency,
+    demo_positions,
+)
 from actors.handlers import HandlerSet
 from actors.messaging import Request, ask
 from actors.queue import QueueActor
@@ -252,3 +260,31 @@ def test_the_token_bucket_halves_on_a_rate_limit_and_climbs_back() -> None:
     assert bucket.rate == 10.0
 
 
+
+
+def test_a_farm_blip_pauses_snapshots_with_backoff_until_quotes_come_through_again(rig_factory: Any) -> None:
+    """Every snapshot cut by the blip goes back without an attempt, and the next waits longer: no storm."""
+    clock = Clock()
+    rig = rig_factory(lines=5, clock=clock, max_snapshot_msgs_per_s=20.0)
+    rig.ib.tell(InjectFarmBlip(down_s=None))
+    rig.enqueue(CONIDS[:5])
+
+    def outcomes() -> list[str]:
+        return [o for _, o in rig.ledger_state()[2]]
+
+    wait_until(lambda: outcomes() == ["interrupted"], timeout=5)
+    ask(rig.worker, Wake())
+    assert outcomes() == ["interrupted"]  # paused: nothing new is asked while the clock stands still
+    clock.now += 0.6  # past the first pause (0.5 s)
+    ask(rig.worker, Wake())
+    wait_until(lambda: len(outcomes()) == 2, timeout=5)
+    clock.now += 0.6  # the second pause is 1 s: still paused
+    ask(rig.worker, Wake())
+    assert len(outcomes()) == 2
+    rig.ib.tell(InjectFarmOk())
+    clock.now += 0.5
+    ask(rig.worker, Wake())
+    wait_until(lambda: rig.status().succeeded == 5, timeout=10)
+    assert rig.status().failed == 0
+    assert len(rig.queue_events("item_released")) == 2  # back without an attempt
+    assert not rig.queue_events("item_retry_scheduled")
