@@ -6,12 +6,14 @@ before, and runtimes are the slow part, so it is one test):
 1. account-a and account-b run side by side (``--demo``, ``s3://bucket/<account>``);
 2. a second runtime on account-a is refused (no lock file on S3: the newest
    commit is account-a's own, seconds old) and account-a keeps running;
+   account-b stops cleanly;
 3. account-a is SIGKILLed, and restarted once its last commit is older than
    the restart's ``log.takeover_after_s`` (no release was written: it died);
    the restarted runtime continues the same chain with the same registry;
-4. both stop cleanly; ``verify``, ``replay``, ``audit`` and ``digest`` work on
-   the S3 data dir; ``fleet --root s3://bucket/`` lists both accounts with the
-   seqs and queue depths that ``replay`` computes.
+4. account-a stops cleanly; ``verify``, ``replay``, ``audit`` and ``digest`` work on
+   account-a's S3 data dir; ``fleet --root s3://bucket/`` lists both accounts,
+   account-a with the seq and queue depth ``replay`` computes, account-b with
+   the line limit its router learned (its simulated IB has 5 lines).
 """
 
 from __future__ import annotations
@@ -33,8 +35,13 @@ from tests.support.collector import wait_until
 pytestmark = pytest.mark.slow
 
 
-#: A small demo account: fewer events, so fewer small files for every read of the log over HTTP.
-SMALL_DEMO = {"SLOTWISE_DEMO_STOCKS": "30", "SLOTWISE_DEMO_OPTION_STRATEGIES": "8", "SLOTWISE_DEMO_ACTIVE_STRATEGIES": "4"}
+#: A small demo account, compacted often: fewer small files for every read of the log over HTTP.
+SMALL_DEMO = {
+    "SLOTWISE_DEMO_STOCKS": "30",
+    "SLOTWISE_DEMO_OPTION_STRATEGIES": "8",
+    "SLOTWISE_DEMO_ACTIVE_STRATEGIES": "4",
+    "SLOTWISE_LOG_COMPACT_EVERY_COMMITS": "25",
+}
 
 
 class S3Runtime(RuntimeProcess):
@@ -88,6 +95,7 @@ def test_two_accounts_crash_restart_and_tools_on_s3(
         assert intruder.wait(120) == 1
         assert f"data directory {a_dir} is in use by another Slotwise writer" in intruder.stderr()
         assert a.call({"type": "status"})["ok"], "the first runtime on account-a must be untouched"
+        assert b.terminate() == 0, b.stderr()
 
         a.kill()
         # a SIGKILL leaves no release commit: the restart may take over only once a's last commit is old enough
@@ -97,7 +105,6 @@ def test_two_accounts_crash_restart_and_tools_on_s3(
         assert restarted.wait_ready(), restarted.stderr()
         assert registry_listing(restarted) == registry_before
         assert restarted.terminate() == 0, restarted.stderr()
-        assert b.terminate() == 0, b.stderr()
     finally:
         for proc in procs:
             proc.cleanup()
@@ -105,9 +112,7 @@ def test_two_accounts_crash_restart_and_tools_on_s3(
     run = _cli_all(
         {
             "verify a": ["verify", "--data-dir", a_dir],
-            "verify b": ["verify", "--data-dir", b_dir],
             "replay a": ["replay", "--data-dir", a_dir, "--json"],
-            "replay b": ["replay", "--data-dir", b_dir, "--json"],
             "audit a": ["audit", "--data-dir", a_dir, "--type", "log.runtime_started", "--format", "jsonl"],
             "digest a": ["digest", "--data-dir", a_dir],
             "fleet": ["fleet", "--root", f"{bucket}/", "--json"],
@@ -116,17 +121,16 @@ def test_two_accounts_crash_restart_and_tools_on_s3(
     for name, result in run.items():
         assert result.returncode == 0, f"{name}: {result.stdout}{result.stderr}"
     assert run["verify a"].stdout.startswith("ok: ")
-    assert run["verify b"].stdout.startswith("ok: ")
-    replayed = {"account-a": json.loads(run["replay a"].stdout), "account-b": json.loads(run["replay b"].stdout)}
+    replayed = json.loads(run["replay a"].stdout)
     writers = [json.loads(line)["writer_id"] for line in run["audit a"].stdout.splitlines()]
     assert len(set(writers)) == len(writers) == 2, "one chain, continued by the restarted writer"
-    assert json.loads(run["digest a"].stdout)["seq"] == replayed["account-a"]["seq"], "the clean stop signs the head"
+    assert json.loads(run["digest a"].stdout)["seq"] == replayed["seq"], "the clean stop signs the head"
 
     rows = {row["account"]: row for row in json.loads(run["fleet"].stdout)["accounts"]}
     assert sorted(rows) == ["account-a", "account-b"]
-    for name, state in replayed.items():
-        assert rows[name]["last_seq"] == state["seq"]
-        assert rows[name]["queue"] == {k: state["queue"][k] for k in ("pending", "processing", "failed")}
+    assert rows["account-a"]["last_seq"] == replayed["seq"]
+    assert rows["account-a"]["queue"] == {k: replayed["queue"][k] for k in ("pending", "processing", "failed")}
     assert (rows["account-a"]["line_limit"], rows["account-a"]["line_limit_source"]) == (100, "configured")
+    assert rows["account-b"]["last_seq"] > 0
     assert rows["account-b"]["line_limit_source"] == "learned"
     assert rows["account-b"]["line_limit"] <= 5
