@@ -23,6 +23,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -166,12 +167,19 @@ def test_every_command_shown_runs(demo: Demo) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLOTWISE_")}
     failures = []
 
-    def run(page: str, line: int, command: str) -> None:
-        local = _localise(command, root, scratch)
+    def run(page: str, line: int, command: str, local: str) -> None:
         result = subprocess.run(local, shell=True, cwd=root, capture_output=True, text=True, timeout=120, env=env, check=False)
         if result.returncode != 0 or "Traceback" in result.stderr:
             failures.append(f"{page}:{line}: {command}\n  -> exit {result.returncode}: {result.stderr.strip()[-500:]}")
 
+    def run_chain(chain: list[tuple[str, int, str, str]]) -> None:
+        for page, line, command, local in chain:
+            run(page, line, command, local)
+
+    # two at a time (most of each command is interpreter start-up); a command that reads a file an
+    # earlier one wrote (`> digest.json`) joins that one's chain, which keeps page order
+    chains: list[list[tuple[str, int, str, str]]] = []
+    writers: dict[str, list[tuple[str, int, str, str]]] = {}
     ran = 0
     shapes: set[str] = set()
     for page, line, command in page_commands():
@@ -185,12 +193,21 @@ def test_every_command_shown_runs(demo: Demo) -> None:
         if any(re.search(p, command) for p in AFTER_STOP):
             later.append((page, line, command))
             continue
-        run(page, line, command)
+        item = (page, line, command, _localise(command, root, scratch))  # in page order: each directory's place
+        chain = next((c for name, c in writers.items() if name in command), None)
+        if chain is None:
+            chain = []
+            chains.append(chain)
+        chain.append(item)
+        for written in re.findall(r">\s*(\S+)", command):
+            writers[written] = chain
         ran += 1
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(run_chain, chains))
     assert demo.proc.poll() is None, "the demo must still run after every command"
     assert demo.stop() == 0
     for page, line, command in later:
-        run(page, line, command)
+        run(page, line, command, _localise(command, root, scratch))
         ran += 1
     assert ran >= 15
     assert not failures, "\n".join(failures)
