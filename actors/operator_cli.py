@@ -118,7 +118,7 @@ def _ask(call_runtime: CallRuntime, data_dir: str, payload: dict[str, Any]) -> d
     return answer["reply"]
 
 
-def _offline_view(args: argparse.Namespace, config: Any) -> dict[str, Any] | None:
+def _offline_view(config: Any) -> dict[str, Any] | None:
     from storage.reader import table_exists
     from storage.tables import table_uri
 
@@ -136,10 +136,7 @@ def cmd_contracts(args: argparse.Namespace, config: Any, call_runtime: CallRunti
     """One row per known contract, from the running runtime or (``--offline``) the tables."""
     from actors.contracts_view import filter_rows, render_table
 
-    if args.offline:
-        view = _offline_view(args, config)
-    else:
-        view = _ask(call_runtime, config.runtime.data_dir, {"type": "contracts"})
+    view = _offline_view(config) if args.offline else _ask(call_runtime, config.runtime.data_dir, {"type": "contracts"})
     if view is None:
         return EXIT_FAILED
     rows = filter_rows(view["rows"], path=args.path, stale_over=args.stale_over)

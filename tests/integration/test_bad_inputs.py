@@ -128,3 +128,13 @@ def test_a_data_dir_the_user_cannot_write_is_refused_before_anything_is_written(
     result = _as_unprivileged(["run", "--demo", "--data-dir", str(data_dir)])
     assert_refused(result, 1, str(data_dir), "not writable")
     assert list(unwritable_parent.iterdir()) == []
+
+
+def test_a_log_level_is_accepted_in_any_case(tmp_path: Path) -> None:
+    """``warning`` means WARNING: loguru's own names are upper-case, people type either."""
+    ran = cli("run", "--demo", "--duration", "0.5", "--log-level", "warning", "--data-dir", str(tmp_path / "data"))
+    assert ran.returncode == 0, ran.stderr
+    assert " INFO " not in ran.stderr
+    asked = cli("status", "--data-dir", str(tmp_path / "data"), env={"SLOTWISE_LOG_LEVEL": "debug"})
+    assert asked.returncode == 1  # no runtime runs there now: not a usage error (2)
+    assert "no Slotwise runtime is running" in asked.stderr
