@@ -214,10 +214,12 @@ def test_every_command_shown_runs(demo: Demo) -> None:
 
 
 def test_every_toml_block_shown_is_a_valid_config(tmp_path: Path) -> None:
+    """``toml`` blocks, and what ``$ cat X.toml`` prints in a transcript, load as a config."""
     blocks = [
         (page, block)
         for page in PAGES
-        for block in re.findall(r"^```toml\n(.*?)^```", page.read_text(), flags=re.MULTILINE | re.DOTALL)
+        for pattern in (r"^```toml\n(.*?)^```", r"^\$ cat \S+\.toml\n(.*?)^(?:\$ |```)")
+        for block in re.findall(pattern, page.read_text(), flags=re.MULTILINE | re.DOTALL)
     ]
     assert blocks
     for n, (page, block) in enumerate(blocks):
