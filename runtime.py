@@ -13,6 +13,7 @@
     python runtime.py digest  [--data-dir DIR]
     python runtime.py contracts [--json] [--path stream|queue|overflow|portfolio] [--stale-over S] [--offline]
     python runtime.py queue dead-letters [--json] [--offline] | queue requeue CONID [CONID ...]
+    python runtime.py fleet   --root DIR-OR-URI [--json]   (every account's data dir under a root)
 
 ``run`` builds the actor graph (DESIGN.md section 2) and runs until SIGINT or
 SIGTERM (or ``--duration``), then stops it in order: no new work, streams
