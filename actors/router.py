@@ -508,7 +508,8 @@ class StreamRouter(EventSourcedActor[RouterState]):
     def _line_freed(self, conid: int) -> None:
         if conid in self.cancelling:
             self.cancelling.discard(conid)
-            self.subscribed_at.pop(conid, None)
+            if conid not in self.state.streams:  # re-activated meanwhile: the new stream keeps its start time
+                self.subscribed_at.pop(conid, None)
             self._swap_pending = False
             self._fill_lines()
 
