@@ -24,7 +24,6 @@ import os
 import threading
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from pathlib import Path
 
 import msgspec
 import pyarrow as pa
@@ -33,6 +32,7 @@ import pyarrow.fs as pafs
 from deltalake import DeltaTable, write_deltalake
 from deltalake.fs import DeltaStorageHandler
 
+from storage.durability import sync_commit, sync_new_table
 from storage.reader import open_table, table_exists
 from storage.signing import Signer, fingerprint, signature_valid
 from storage.tables import is_local, table_uri
@@ -293,8 +293,9 @@ class CheckpointStore:
         row = row.set_column(1, "ts", pa.array([st.ts_us], pa.int64()).cast(pa.timestamp("us", tz="UTC")))
         with self._lock:
             write_deltalake(self.uri, row, mode="append", storage_options=self.storage_options)
-            if is_local(self.data_dir):
-                _fsync_newest_commit(Path(self.uri.removeprefix("file://")))
+            if is_local(self.uri):  # on disk before a start may rely on it and skip re-hashing what it covers
+                version = DeltaTable(self.uri).version()
+                (sync_new_table if version == 0 else sync_commit)(self.uri, version)
 
     def read(self, *, with_details: bool = True, seq: int | None = None) -> list[Checkpoint]:
         """Every checkpoint (or those at ``seq``), oldest first; without details: no files, no row prefixes.
@@ -354,23 +355,3 @@ class CheckpointStore:
             statement=statement, signature=str(row["signature"]), reason=str(row["reason"]), files=files,
             row_hashes=row_hashes, details=with_details,
         )
-
-
-def _fsync_newest_commit(table_dir: Path) -> None:
-    """fsync the newest commit of a local Delta table: its data files, its log entry, their directories."""
-    log_dir = table_dir / "_delta_log"
-    newest = max(log_dir.glob("*.json"), key=lambda p: int(p.stem))
-    for line in newest.read_text().splitlines():
-        add = msgspec.json.decode(line).get("add") if line.strip() else None
-        if add:
-            _fsync(table_dir / add["path"])
-    for path in (newest, log_dir, table_dir, table_dir.parent):
-        _fsync(path)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -384,3 +384,27 @@ def test_an_unreadable_checkpoints_table_is_one_line_and_refuses_the_start(signe
     assert run.returncode == 1
     assert "the event log is broken: the checkpoints table" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_a_signed_checkpoint_is_on_disk_before_it_counts(signed: SignedLog, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start trusts the newest checkpoint instead of re-hashing: its file and commit are fsynced when written."""
+    import storage.durability as durability
+
+    synced: list[Path] = []
+    real = durability.fsync
+
+    def recording(path: str | os.PathLike[str]) -> None:
+        synced.append(Path(path))
+        real(path)
+
+    monkeypatch.setattr(durability, "fsync", recording)
+    newest = CheckpointStore(str(signed.data)).newest()
+    assert newest is not None
+    forge(signed.data, load_signer(signed.key))  # a genuine key this time: an ordinary append of a checkpoint
+    table = signed.data / "checkpoints"
+    version = DeltaTable(str(table)).version()
+    commit = table / "_delta_log" / f"{version:020d}.json"
+    added = [table / json.loads(line)["add"]["path"] for line in commit.read_text().splitlines() if '"add"' in line]
+    assert added
+    for path in [*added, table, commit, commit.parent]:
+        assert path in synced, f"{path} was not fsynced"
