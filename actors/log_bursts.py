@@ -4,7 +4,9 @@ Why: one event often touches many contracts at once -- thirty contracts
 registered that IB does not hold, a hundred streams IB answers "delayed"
 for at start-up -- and one line per contract buries the line that matters.
 Lines are alike when they come from the same place in the code (module,
-function, line number). Within a window, the first ``keep`` of them are
+function, line number) and start with the same word: one line of shared
+code (an actor base class saying "registry recovered", "queue recovered")
+speaks for different things, a per-contract line does not. Within a window, the first ``keep`` of them are
 written; the rest are counted, and when the window closes one line says how
 many were left out and quotes the first of them. ERROR and above are never
 held back, nor lines bound with ``periodic=True`` (the status line: alike by
@@ -48,7 +50,7 @@ class BurstFilter:
         self.keep = keep
         self.window_s = window_s
         self.clock = clock
-        self._sites: dict[tuple[str, str, int], _Site] = {}
+        self._sites: dict[tuple[str, str, int, str], _Site] = {}
         self._lock = threading.Lock()
 
     def filter(self, record: dict[str, Any]) -> bool:
@@ -61,7 +63,8 @@ class BurstFilter:
     def _decide(self, record: dict[str, Any]) -> bool:
         if record["level"].no >= _ERROR_NO or record["extra"].get("burst_summary") or record["extra"].get("periodic"):
             return True
-        key = (record["name"] or "", record["function"], record["line"])
+        message = record["message"]
+        key = (record["name"] or "", record["function"], record["line"], message.split(" ", 1)[0])
         now = self.clock()
         with self._lock:
             site = self._sites.get(key)
