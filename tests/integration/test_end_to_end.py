@@ -38,7 +38,7 @@ def write_config(path: Path, **sections: dict[str, Any]) -> Path:
     """A TOML config: fast polls and flushes, a small demo; ``sections`` override or add keys."""
     values: dict[str, dict[str, Any]] = {
         "runtime": {"max_lines": 30, "status_interval_s": 60.0},
-        "freshness": {"min_snapshot_lines": 5, "max_snapshot_msgs_per_s": 45.0, "monitoring_s": 3600.0},
+        "freshness": {"min_snapshot_lines": 5, "max_snapshot_msgs_per_s": 20.0, "monitoring_s": 3600.0},
         "demo": {
             "stocks": DEMO_STOCKS,
             "option_strategies": DEMO_STRATEGIES,
