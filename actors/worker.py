@@ -19,9 +19,10 @@ How a snapshot ended decides the acknowledgement:
 
 * a quote -> Succeed;
 * disconnect, reset, farm blip (DATA_INTERRUPTED), 101, 321 -> Release:
-  not the contract's fault, no attempt counted (an interruption also pauses
-  new snapshots, 0.5 s doubling to 8 s, and sends one at a time until a
-  quote comes through again; 321 halves the rate);
+  not the contract's fault, no attempt counted (a farm blip also pauses new
+  snapshots, 0.5 s doubling to 8 s, and sends one at a time until a quote
+  comes through or IB reports the connection back; 321 halves the rate;
+  while the socket is down nothing is claimed at all);
 * no subscription even for delayed data, no such contract -> Fail(terminal):
   dead-lettered at once, never a retry storm;
 * anything else (no data, timeout) -> Fail: retried with backoff.
@@ -227,6 +228,7 @@ class QueueWorker(pykka.ThreadingActor):
                 if was and not self.connected:
                     logger.warning("worker: IB disconnected ({}); open snapshots come back without an attempt", state)
                 if self.connected:
+                    self._pause_s = self._paused_until = 0.0  # IB says data flows again
                     self._pump()
             case _Granted():
                 self._granted(message)
@@ -356,9 +358,9 @@ class QueueWorker(pykka.ThreadingActor):
             if outcome == "rate_limited":
                 self.bucket.slow_down(now, self.settings.rate_limit_hold_s)
                 logger.warning("worker: IB limits snapshots ({}); rate now {:.1f}/s", failure.code, self.bucket.rate)
-            elif outcome == "interrupted" and now >= self._paused_until:
-                # the first cut, or the one probe after a pause: back off further (the others cut at the same
-                # moment say nothing new)
+            elif failure.kind == IbErrorKind.DATA_INTERRUPTED and now >= self._paused_until:
+                # a farm blip (the socket stays up, so no connection state stops the claims): the first cut, or
+                # the one probe after a pause, backs off further; the others cut at the same moment say nothing new
                 s = self.settings
                 self._pause_s = min(s.interrupted_pause_max_s, max(s.interrupted_pause_s, 2 * self._pause_s))
                 self._paused_until = now + self._pause_s
