@@ -361,7 +361,9 @@ class StreamRouter(EventSourcedActor[RouterState]):
             case ActiveAtStart(conids=conids, priorities=priorities):
                 for conid, priority in priorities.items():
                     self.priorities.setdefault(conid, {})["(start)"] = priority
-                for conid in conids:  # an activation told meanwhile by the registry is not repeated
+                # the highest priorities take the lines first (expiry and risk are known once IB sends positions;
+                # the re-ranking then moves lines where they materially belong)
+                for conid in sorted(conids, key=lambda c: (-priorities.get(c, 0), c)):
                     if conid not in self.active:
                         self.active.add(conid)
                         self._activate(conid, "active at start")

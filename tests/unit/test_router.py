@@ -621,3 +621,12 @@ def test_holding_every_configured_line_without_a_101_makes_max_lines_the_known_l
     (learned,) = [s.event for s in rig.log.read(streams=["router"]) if s.type == "router.line_limit_learned"]
     assert learned.reason == "max_lines held without a 101"  # type: ignore[attr-defined]
     rig.assert_peak_within_budget()
+
+
+def test_at_start_the_highest_priorities_take_the_lines_first(rig_factory: Any) -> None:
+    rig = rig_factory(max_lines=6, reserve=2)  # 4 stream slots for 6 active contracts
+    rig.router.tell(ActiveAtStart(conids=OPTIONS[:6], priorities={OPTIONS[5]: 3, OPTIONS[4]: 2}))
+    status = rig.settle()
+    assert (status.streams, status.overflow) == (4, 2)
+    started = [c for t, c in rig.router_events() if t == "stream_started"]
+    assert started[:2] == [OPTIONS[5], OPTIONS[4]]
