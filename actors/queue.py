@@ -27,6 +27,9 @@ Rules, including the ones section 4 leaves open:
   ``ExpireLeases`` and before every Claim.
 * **Idle-only enqueue** (``only_if_idle``): absorbed when the contract has any
   waiting, processing or dead-lettered item.
+* **Never priced, then priced elsewhere** (``reschedule_never_priced``): a
+  waiting item due as never priced takes the command's (later) due time, so
+  the portfolio floor's price lets active contracts without a line go first.
 * **Fail:** retry after ``min(backoff_base_s * 2**(attempt-1), backoff_cap_s)``
   until ``max_attempts`` attempts have failed, then FAILED (dead letter). A
   ``terminal`` Fail (no subscription even for delayed data, no such contract)
@@ -66,6 +69,7 @@ from actors.queue_state import PROCESSING, QueueItem, QueueState
 from actors.ticker import Ticker
 from events.commands import CommandError, validate_command
 from events.queue import (
+    NEVER_PRICED_DUE_US,
     Cancel,
     Claim,
     Claimed,
@@ -261,6 +265,23 @@ class QueueActor(EventSourcedActor[QueueState]):
     def _enqueue(self, command: Enqueue, now: int, ignored: dict[str, str]) -> int:
         conid = command.conid
         waiting = self.state.waiting_item(conid)
+        if (
+            command.reschedule_never_priced
+            and waiting is not None
+            and waiting.due_us == NEVER_PRICED_DUE_US
+            and command.due_us > NEVER_PRICED_DUE_US
+        ):
+            self.persist(
+                ItemReprioritized(
+                    item_id=waiting.item_id,
+                    conid=conid,
+                    priority=waiting.priority,
+                    reason="priced elsewhere: due by that price",
+                    due_us=command.due_us,
+                    exact_due=True,
+                )
+            )
+            return 1
         if command.only_if_idle and (
             waiting is not None or self.state.processing_item(conid) is not None or self.state.dead_letters(conid)
         ):

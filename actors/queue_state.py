@@ -334,7 +334,7 @@ class QueueState:
                 if event.reason:
                     item.reason = event.reason
                 if event.due_us:
-                    item.due_us = min(item.due_us, event.due_us)
+                    item.due_us = event.due_us if event.exact_due else min(item.due_us, event.due_us)
                 self._enter(item, item.status)
             case ItemClaimed():
                 item = self._get(event)

@@ -75,7 +75,7 @@ from events.ib import (
     Subscribe,
     Unsubscribe,
 )
-from events.queue import Cancel, Enqueue, EnqueueMany, Priority
+from events.queue import NEVER_PRICED_DUE_US, Cancel, Enqueue, EnqueueMany, Priority
 from events.registry import ContractActivated, ContractDeactivated, LegAdded, LegRemoved
 from events.router import (
     AcquireLines,
@@ -112,10 +112,6 @@ __all__ = [
 
 _CONID = operator.attrgetter("conid")
 _OPTION_TYPES = frozenset({"OPT", "FOP"})
-
-#: The due time of a contract that has never had a price: before any real time.
-_NEVER_PRICED_DUE_US = 1
-
 
 class RouterSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_lines: int = 100
@@ -302,7 +298,7 @@ class StreamRouter(EventSourcedActor[RouterState]):
             self.persist(RouterRestarted())
         now = self._clock()
         self._next_probe = now + self.settings.line_probe_s
-        self._next_sweep = now + self.settings.sweep_s
+        self._next_sweep = now + min(self.settings.sweep_s, 3.0)  # soon after the first positions and portfolio
         if self._timer:
             self._ticker = Ticker(self.actor_ref, RouterTick(), self.settings.tick_s, name="router-tick").start()
 
@@ -575,7 +571,7 @@ class StreamRouter(EventSourcedActor[RouterState]):
         latest = self.latest.get(conid)
         priority = Priority.ACTIVE_OVERFLOW if conid in self.active else Priority.MONITORING
         # never priced: the stalest there is (due at the epoch), so it goes before every priced contract
-        due = _NEVER_PRICED_DUE_US if latest is None else latest.ts_us + int(self.target_s(conid) * 1_000_000)
+        due = NEVER_PRICED_DUE_US if latest is None else latest.ts_us + int(self.target_s(conid) * 1_000_000)
         return Enqueue(conid=conid, priority=priority, reason=reason, due_us=max(1, due), only_if_idle=idle_only)
 
     def _on_queue_path(self, conid: int) -> bool:
@@ -610,11 +606,16 @@ class StreamRouter(EventSourcedActor[RouterState]):
         self._fill_lines()
 
     def _sweep(self) -> None:
-        owed = [
-            self._owed(conid, "sweep", idle_only=True)
-            for conid in list(self.contracts) + list(self.state.overflow)
-            if self._on_queue_path(conid)
-        ]
+        """Owe a refresh to queue-path contracts without an item; date never-priced items by a portfolio price."""
+        owed = []
+        for conid in list(self.contracts) + list(self.state.overflow):
+            if not self._on_queue_path(conid):
+                continue
+            item = self._owed(conid, "sweep", idle_only=True)
+            latest = self.latest.get(conid)
+            if latest is not None and latest.source == "portfolio":
+                item = msgspec.structs.replace(item, reschedule_never_priced=True)
+            owed.append(item)
         for start in range(0, len(owed), 1000):
             self._tell_queue(EnqueueMany(items=owed[start : start + 1000]))
 

@@ -18,6 +18,7 @@ import msgspec
 from events.base import Command, Conid, Event, Reply
 
 __all__ = [
+    "NEVER_PRICED_DUE_US",
     "Cancel",
     "Claim",
     "Claimed",
@@ -60,6 +61,10 @@ ItemId = Annotated[int, msgspec.Meta(gt=0)]
 Micros = Annotated[int, msgspec.Meta(ge=0)]
 
 
+#: The due time of a contract that has never had a price: before any real time, the stalest there is.
+NEVER_PRICED_DUE_US = 1
+
+
 class Enqueue(Command, tag="queue.enqueue", frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Owe ``conid`` a refresh.
 
@@ -75,6 +80,9 @@ class Enqueue(Command, tag="queue.enqueue", frozen=True, kw_only=True, forbid_un
     reason: Reason = ""
     due_us: Micros = 0
     only_if_idle: bool = False
+    #: A waiting item due as never priced (``NEVER_PRICED_DUE_US``) takes ``due_us`` instead, even if later:
+    #: the contract got a price elsewhere (the portfolio floor), so it is no longer the stalest there is.
+    reschedule_never_priced: bool = False
 
 
 class EnqueueMany(Command, tag="queue.enqueue_many", frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -185,6 +193,8 @@ class ItemReprioritized(Event, tag="queue.item_reprioritized", frozen=True, kw_o
     reason: Reason = ""
     #: A coalesced enqueue that was due earlier moves the item's due time forward (0: unchanged).
     due_us: Micros = 0
+    #: ``due_us`` replaces the item's due time even if later (a never-priced item that got a price elsewhere).
+    exact_due: bool = False
 
 
 class ItemClaimed(Event, tag="queue.item_claimed", frozen=True, kw_only=True):

@@ -16,6 +16,7 @@ from actors.queue import QueueActor, QueueState
 from actors.queue_state import PENDING
 from events.base import Event
 from events.queue import (
+    NEVER_PRICED_DUE_US,
     Cancel,
     Claim,
     Enqueue,
@@ -373,3 +374,18 @@ TestQueueStateMachine = QueueMachine.TestCase
 TestQueueStateMachine.settings = settings(
     max_examples=60, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
+
+
+def test_a_never_priced_item_priced_elsewhere_takes_that_price_s_due_time(event_log: EventLog) -> None:
+    """The portfolio floor's price dates a never-priced item, so a contract that is truly overdue goes first."""
+    clock = Clock()
+    ref = start(event_log, clock)
+    base = clock.now
+    ask(ref, Enqueue(conid=1, due_us=NEVER_PRICED_DUE_US))  # a monitoring contract, never priced
+    ask(ref, Enqueue(conid=2, priority=1, due_us=base + 5 * S))  # an active one without a line, due in 5 s
+    assert ask(ref, Enqueue(conid=2, due_us=base + 90 * S, reschedule_never_priced=True)).changed == 0  # priced
+    later = Enqueue(conid=1, due_us=base + 60 * S, only_if_idle=True, reschedule_never_priced=True)
+    assert ask(ref, later).changed == 1
+    assert ask(ref, later).changed == 0  # once dated, the rule no longer applies
+    assert [c.conid for c in ask(ref, Claim(n=2)).items] == [2, 1]
+    assert types(event_log)[-3] == "item_reprioritized"
