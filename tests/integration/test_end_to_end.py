@@ -249,7 +249,7 @@ def test_sigkill_mid_run_and_restart_lose_no_queue_work(tmp_path: Path, runtimes
     data_dir = tmp_path / "data"
     config = write_config(
         tmp_path / "c.toml",
-        demo={"stocks": 120, "snapshot_latency_s": 1.5, "snapshot_latency_max_s": 1.5},
+        demo={"stocks": 50, "snapshot_latency_s": 1.0, "snapshot_latency_max_s": 1.0},
         runtime={"max_lines": 400},
     )
     rt = runtimes(data_dir, config)
