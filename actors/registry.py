@@ -91,6 +91,10 @@ class RegistryState:
             return prios.get(strategy, 0)
         return max(prios.values(), default=0) if conid in self._legs else 0
 
+    def leg_priorities(self) -> dict[int, dict[str, int]]:
+        """A copy of conid -> {strategy: priority}, non-zero priorities only."""
+        return {conid: dict(prios) for conid, prios in self._priorities.items()}
+
     def has_leg(self, conid: int, strategy: str) -> bool:
         return strategy in self._legs.get(conid, ())
 
@@ -203,10 +207,9 @@ class RegistryActor(EventSourcedActor[RegistryState]):
     def strategies_of(self, conid: int) -> frozenset[str]:
         return self.state.strategies_of(conid)
 
-    def priorities(self) -> dict[int, int]:
-        """conid -> the highest priority of its strategies, for active contracts with a non-zero one."""
-        out = {conid: self.state.priority_of(conid) for conid in self.state.all_active()}
-        return {conid: p for conid, p in out.items() if p}
+    def priorities(self) -> dict[int, dict[str, int]]:
+        """conid -> {strategy: priority} for the legs with a non-zero priority."""
+        return self.state.leg_priorities()
 
     def expected_quantity(self, conid: int, strategy: str) -> float | None:
         return self.state.expected_quantity(conid, strategy)

@@ -155,8 +155,8 @@ class ActiveAtStart(Command, tag="router.active_at_start", frozen=True, kw_only=
     """What the registry holds when the runtime starts (told after subscribing to it, so nothing is missed)."""
 
     conids: list[int]
-    #: conid -> the highest priority of the strategies holding it (absent: 0).
-    priorities: dict[int, int] = {}
+    #: conid -> {strategy: priority} for legs with a non-zero priority (absent: 0).
+    priorities: dict[int, dict[str, int]] = {}
 
 
 class RouterStatusReply(Reply, tag="router.status_reply", frozen=True, kw_only=True):
@@ -355,11 +355,12 @@ class StreamRouter(EventSourcedActor[RouterState]):
                     self.active.add(conid)
                     self._activate(conid, "activated")
             case ActiveAtStart(conids=conids, priorities=priorities):
-                for conid, priority in priorities.items():
-                    self.priorities.setdefault(conid, {})["(start)"] = priority
+                for conid, legs in priorities.items():
+                    self.priorities.setdefault(conid, {}).update(legs)  # later LegAdded events update them
                 # the highest priorities take the lines first (expiry and risk are known once IB sends positions;
                 # the re-ranking then moves lines where they materially belong)
-                for conid in sorted(conids, key=lambda c: (-priorities.get(c, 0), c)):
+                top = {c: max(legs.values(), default=0) for c, legs in priorities.items()}
+                for conid in sorted(conids, key=lambda c: (-top.get(c, 0), c)):
                     if conid not in self.active:
                         self.active.add(conid)
                         self._activate(conid, "active at start")

@@ -55,7 +55,7 @@ from events.ib import (
     Subscribe,
 )
 from events.queue import Priority
-from events.registry import AddActive, RemoveActive
+from events.registry import AddActive, LegAdded, RemoveActive
 from storage.event_log import EventLog
 from tests.conftest import TEST_LOG_CONFIG
 from tests.support import Inbox, wait_until
@@ -627,8 +627,24 @@ def test_holding_every_configured_line_without_a_101_makes_max_lines_the_known_l
 
 def test_at_start_the_highest_priorities_take_the_lines_first(rig_factory: Any) -> None:
     rig = rig_factory(max_lines=6, reserve=2)  # 4 stream slots for 6 active contracts
-    rig.router.tell(ActiveAtStart(conids=OPTIONS[:6], priorities={OPTIONS[5]: 3, OPTIONS[4]: 2}))
+    rig.router.tell(ActiveAtStart(conids=OPTIONS[:6], priorities={OPTIONS[5]: {"a": 3}, OPTIONS[4]: {"b": 2}}))
     status = rig.settle()
     assert (status.streams, status.overflow) == (4, 2)
     started = [c for t, c in rig.router_events() if t == "stream_started"]
     assert started[:2] == [OPTIONS[5], OPTIONS[4]]
+
+
+def test_a_priority_known_at_start_is_the_strategy_s_own_and_can_be_lowered(rig_factory: Any) -> None:
+    """Start-up priorities are per strategy, so a later change of that strategy's priority replaces them."""
+    clock = ManualClock()
+    rig = rig_factory(max_lines=6, reserve=2, min_dwell_s=1.0, clock=clock)  # 4 stream slots
+    rig.router.tell(ActiveAtStart(conids=OPTIONS[:5], priorities={OPTIONS[4]: {"s1": 5}}))
+    rig.settle()
+    assert OPTIONS[4] in [c for t, c in rig.router_events() if t == "stream_started"]
+    # what the registry tells when that leg's priority is lowered to 0 and a waiting leg's raised: the line moves
+    rig.router.tell(LegAdded(conid=OPTIONS[4], strategy="s1", priority=0))
+    waiting = next(c for t, c in rig.router_events() if t == "overflow_queued")
+    rig.router.tell(LegAdded(conid=waiting, strategy="s1", priority=1))
+    clock.now += 1.0
+    ask(rig.router, RouterTick())
+    wait_until(lambda: ("stream_promoted", waiting) in rig.router_events(), timeout=5)
