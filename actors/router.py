@@ -35,8 +35,8 @@ not survive a restart (IB forgets them with the connection): recovery keeps
 the learned limit and starts with no streams (``RouterRestarted``).
 
 Handles: ContractActivated, ContractDeactivated, LegAdded, LegRemoved (from
-the registry); PositionChanged, MarketUpdate(s), IbError, ConnectionStateChanged,
-StreamEnded (from IB); ActiveAtStart (runtime); AcquireLines, ReleaseLines,
+the registry); PositionChanged, MarketUpdate(s), ConnectionStateChanged,
+StreamEnded (from IB; a "refused" one demotes the stream, and its 101 teaches the limit); ActiveAtStart (runtime); AcquireLines, ReleaseLines,
 SnapshotDone (worker); RouterStatus, ContractsQuery (ask); RouterTick (timer).
 Emits: StreamStarted, StreamStopped, OverflowQueued, StreamPromoted,
 StreamDemoted, LineLimitLearned, LineLimitProbed, RouterRestarted (stored);
@@ -66,8 +66,6 @@ from events.base import Command, Event, Reply
 from events.ib import (
     ConnectionState,
     ConnectionStateChanged,
-    IbError,
-    IbErrorKind,
     MarketUpdate,
     MarketUpdates,
     PositionChanged,
@@ -285,6 +283,9 @@ class StreamRouter(EventSourcedActor[RouterState]):
         self._next_sweep = 0.0
         self._swap_pending = False
         self._demoted_at: dict[int, float] = {}
+        #: Contracts IB refused to stream for a reason other than lines: not promoted again before this time.
+        self._refused_until: dict[int, float] = {}
+        self._refusals: dict[int, int] = {}
         self.ticks_forwarded = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -375,12 +376,13 @@ class StreamRouter(EventSourcedActor[RouterState]):
                 self.priorities.get(conid, {}).pop(strategy, None)
             case PositionChanged():
                 self._position(message)
-            case IbError(kind=IbErrorKind.MAX_TICKERS, conid=conid) if conid is not None:
-                self._stream_refused(conid, message)
             case ConnectionStateChanged(resubscribe=True) | ConnectionStateChanged(state=ConnectionState.CONNECTED):
                 # also on the first connect: subscribes sent while IB was still connecting were refused
                 # (the IB actor ignores a Subscribe for a stream it already has)
                 self._resubscribe_all(message)
+            case StreamEnded(conid=conid, reason="refused", code=code):
+                # stream-specific: an IbError's conid may belong to a snapshot of the same contract
+                self._stream_refused(conid, code)
             case StreamEnded(conid=conid):
                 self._line_freed(conid)
             case ReleaseLines(line_ids=ids):
@@ -512,21 +514,38 @@ class StreamRouter(EventSourcedActor[RouterState]):
             self._swap_pending = False
             self._fill_lines()
 
+    def _may_stream(self, conid: int, now: float) -> bool:
+        """False while a contract IB refused to stream (no subscription, competing session, ...) waits out its backoff."""
+        return self._refused_until.get(conid, 0.0) <= now
+
     def _fill_lines(self) -> None:
         """Give free stream slots to the best-ranked contracts waiting for a line."""
+        now = self._clock()
         while self.state.overflow and self.ledger.stream_room(self.stream_lines()):
-            best = min(self.state.overflow, key=lambda c: self._rank(c).key())
+            waiting = [c for c in self.state.overflow if self._may_stream(c, now)]
+            if not waiting:
+                return
+            best = min(waiting, key=lambda c: self._rank(c).key())
             self._start(best, "line free", promoted=True)
 
-    def _stream_refused(self, conid: int, error: IbError) -> None:
-        # IB refused it: it holds no line (the IB actor confirms with StreamEnded "refused").
+    def _stream_refused(self, conid: int, code: int | None) -> None:
+        """IB refused or killed the stream: it holds no line (StreamEnded "refused" follows the IbError)."""
         if conid in self.state.streams:
-            self._demote(conid, f"IB refused the stream: {error.message}", code=error.code, cancel=False)
+            self.cancelling.discard(conid)  # the refusal answers a cancel still pending for it too
+            self._demote(conid, f"IB refused the stream (error {code})", code=code, cancel=False)
         elif conid in self.cancelling:
             self.cancelling.discard(conid)  # shed meanwhile; its cancel is moot
         else:
-            return  # not a stream of ours (a snapshot's 101 comes back through SnapshotDone)
-        self._learn_limit(f"101 on stream {conid}")
+            return
+        self.last_error[conid] = f"stream refused: {code}"
+        if code == 101:
+            self._learn_limit(f"101 on stream {conid}")
+        else:
+            # not a matter of lines (no subscription, no contract, a competing session): the queue serves it,
+            # and promoting it again at once would only earn the same refusal -- back off, doubling to an hour
+            n = self._refusals[conid] = self._refusals.get(conid, 0) + 1
+            self._refused_until[conid] = self._clock() + min(3600.0, 60.0 * 2 ** (n - 1))
+        self._fill_lines()
 
     def _resubscribe_all(self, change: ConnectionStateChanged) -> None:
         streams = sorted(self.state.streams)
@@ -680,7 +699,11 @@ class StreamRouter(EventSourcedActor[RouterState]):
             return
         dwell = self.settings.min_dwell_s
         # both sides dwell: a stream keeps its line a while, and a contract that just lost one cannot claim it back
-        waiting = [c for c in self.state.overflow if now - self._demoted_at.get(c, -dwell) >= dwell]
+        waiting = [
+            c
+            for c in self.state.overflow
+            if now - self._demoted_at.get(c, -dwell) >= dwell and self._may_stream(c, now)
+        ]
         settled = [c for c in self.state.streams if now - self.subscribed_at.get(c, now) >= dwell]
         if not waiting or not settled:
             return

@@ -19,10 +19,11 @@ How a snapshot ended decides the acknowledgement:
 
 * a quote -> Succeed;
 * disconnect, reset, farm blip (DATA_INTERRUPTED), 101, 321 -> Release:
-  not the contract's fault, no attempt counted (a farm blip also pauses new
-  snapshots, 0.5 s doubling to 8 s, and sends one at a time until a quote
-  comes through or IB reports the connection back; 321 halves the rate;
-  while the socket is down nothing is claimed at all);
+  not the contract's fault, no attempt counted (a farm blip, a competing
+  session or a 101 also pauses new snapshots, 0.5 s doubling to 8 s, and
+  sends one at a time until a quote comes through or IB reports the
+  connection back; 321 halves the rate; while the socket is down nothing is
+  claimed at all);
 * no subscription even for delayed data, no such contract -> Fail(terminal):
   dead-lettered at once, never a retry storm;
 * anything else (no data, timeout) -> Fail: retried with backoff.
@@ -63,10 +64,14 @@ _RELEASE_KINDS: dict[IbErrorKind, SnapshotOutcome] = {
     IbErrorKind.DATA_INTERRUPTED: "interrupted",
     IbErrorKind.CONNECTIVITY_LOST: "interrupted",
     IbErrorKind.RESTORED_DATA_LOST: "interrupted",
+    IbErrorKind.COMPETING_SESSION: "interrupted",  # 10197: another login took the data, not this contract's fault
     IbErrorKind.MAX_TICKERS: "refused",
     IbErrorKind.SNAPSHOT_RATE_LIMITED: "rate_limited",
     IbErrorKind.PACING: "rate_limited",
 }
+#: Answers that say "not now" for every contract alike (a farm blip, a competing session, no free line at IB:
+#: other clients of the account hold them): new snapshots pause with backoff instead of asking at full rate.
+_PAUSING_KINDS = frozenset({IbErrorKind.DATA_INTERRUPTED, IbErrorKind.COMPETING_SESSION, IbErrorKind.MAX_TICKERS})
 #: No retry can help until something changes (a subscription, the contract).
 _TERMINAL_KINDS = frozenset({IbErrorKind.NOT_SUBSCRIBED, IbErrorKind.NO_CONTRACT})
 
@@ -358,7 +363,7 @@ class QueueWorker(pykka.ThreadingActor):
             if outcome == "rate_limited":
                 self.bucket.slow_down(now, self.settings.rate_limit_hold_s)
                 logger.warning("worker: IB limits snapshots ({}); rate now {:.1f}/s", failure.code, self.bucket.rate)
-            elif failure.kind == IbErrorKind.DATA_INTERRUPTED and now >= self._paused_until:
+            elif failure.kind in _PAUSING_KINDS and now >= self._paused_until:
                 # a farm blip (the socket stays up, so no connection state stops the claims): the first cut, or
                 # the one probe after a pause, backs off further; the others cut at the same moment say nothing new
                 s = self.settings

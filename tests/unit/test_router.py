@@ -100,6 +100,7 @@ class Rig:
         min_stream_age_s: float = 0.0,
         worker: bool = False,
         snapshot_latency_s: float = 0.0,
+        errors: dict[int, int] | None = None,
         line_probe_s: float = 300.0,
         min_dwell_s: float = 30.0,
         clock: Callable[[], float] | None = None,
@@ -119,6 +120,7 @@ class Rig:
                 line_limit=line_limit,
                 min_stream_age_s=min_stream_age_s,
                 snapshot_latency_s=snapshot_latency_s,
+                errors=errors or {},
             ),
             [self.inbox.ref],
         )
@@ -648,3 +650,33 @@ def test_a_priority_known_at_start_is_the_strategy_s_own_and_can_be_lowered(rig_
     clock.now += 1.0
     ask(rig.router, RouterTick())
     wait_until(lambda: ("stream_promoted", waiting) in rig.router_events(), timeout=5)
+
+
+def test_a_stream_refused_for_no_subscription_goes_to_the_queue_and_is_not_asked_again_at_once(
+    rig_factory: Any,
+) -> None:
+    """Not a matter of lines: no limit is learned, no line stays counted, and no re-subscribe storm."""
+    refused = OPTIONS[1]
+    rig = rig_factory(max_lines=8, reserve=2, errors={refused: 354})
+    rig.activate(*OPTIONS[:3])
+    wait_until(lambda: ("stream_demoted", refused) in rig.router_events(), timeout=5)
+    status = rig.settle()
+    assert (status.streams, status.overflow) == (2, 1)
+    assert status.line_cap is None  # nothing learned about lines
+    assert status.lines_in_use == 2  # the refused stream holds no line in the ledger
+    assert rig.queue_items()[refused]["priority"] == Priority.ACTIVE_OVERFLOW  # served by snapshots instead
+    for _ in range(5):  # lines are free, but the refused contract waits out its backoff
+        ask(rig.router, RouterTick())
+    assert ("stream_promoted", refused) not in rig.router_events()
+    assert rig.ib_stats().streams == 2
+
+
+def test_a_snapshot_s_101_does_not_demote_a_stream_of_the_same_contract(rig_factory: Any) -> None:
+    """Only the stream's own StreamEnded ends a stream: an IbError carries the conid of snapshots too."""
+    rig = rig_factory(max_lines=8, reserve=2)
+    rig.activate(OPTIONS[0])
+    rig.settle()
+    rig.router.tell(IbError(code=101, kind=IbErrorKind.MAX_TICKERS, conid=OPTIONS[0], message="a snapshot's 101"))
+    status = rig.settle()
+    assert (status.streams, status.line_cap) == (1, None)
+    assert "stream_demoted" not in [t for t, _ in rig.router_events()]

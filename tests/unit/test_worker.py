@@ -151,6 +151,7 @@ def test_every_queued_contract_is_snapshotted_published_acknowledged_and_its_lin
     rig = rig_factory(lines=4)
     rig.enqueue(CONIDS[:10])
     wait_until(lambda: rig.status().succeeded == 10, timeout=10)
+    wait_until(lambda: len(rig.inbox.messages(MarketUpdate)) == 10, timeout=5)  # the handler gets them by tell
     updates = rig.inbox.messages(MarketUpdate)
     assert sorted(u.conid for u in updates) == sorted(CONIDS[:10])
     assert {u.source for u in updates} == {"queue"}
