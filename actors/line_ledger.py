@@ -57,8 +57,11 @@ class LineLedger:
         self.ramp_step = max(1, ramp_step)
         #: The limit taught by IB's 101s (and raised by probes); None until the first 101.
         self.learned: int | None = None
-        #: The most lines known to have been held at once without a refusal.
+        #: The most lines known to have been held at once without a refusal (lowered with a learned limit).
         self.proven = 0
+        #: The most lines ever proven in this run: a limit learned below it means other clients of the
+        #: account took lines for a while, and the probe may climb back faster.
+        self.peak_proven = 0
         self.snapshots: dict[int, SnapshotLine] = {}
         self._next_line_id = 1
 
@@ -117,6 +120,7 @@ class LineLedger:
 
     def prove(self, level: int) -> bool:
         """``level`` lines were held together and IB served them; True if that is news."""
+        self.peak_proven = max(self.peak_proven, level)
         if level > self.proven:
             self.proven = level
             return True
@@ -133,8 +137,16 @@ class LineLedger:
             return accepted
         return None
 
-    def probe_target(self) -> int | None:
-        """The limit one line higher, if there is room below the ceiling to probe."""
+    @property
+    def below_peak(self) -> bool:
+        """The learned limit is below what this run once held: lines were taken, and may be given back."""
+        return self.learned is not None and self.learned < self.peak_proven
+
+    def probe_target(self, step: int = 1) -> int | None:
+        """The limit ``step`` lines higher (never past the peak once proven, nor past ``max_lines``), or None."""
         if self.learned is None or self.learned >= self.max_lines:
             return None
-        return self.learned + 1
+        target = self.learned + max(1, step)
+        if self.below_peak:
+            target = min(target, self.peak_proven)
+        return min(target, self.max_lines)

@@ -280,6 +280,7 @@ class StreamRouter(EventSourcedActor[RouterState]):
         self.cancelling: set[int] = set()
         self._ticker: Ticker | None = None
         self._next_probe = 0.0
+        self._probe_step = 1
         self._next_sweep = 0.0
         self._swap_pending = False
         self._demoted_at: dict[int, float] = {}
@@ -429,9 +430,14 @@ class StreamRouter(EventSourcedActor[RouterState]):
         self.persist(LineLimitLearned(limit=limit, previous=previous, reason=why[:200]))
         self.ledger.learned = limit
         self.ledger.proven = min(self.ledger.proven, limit)
-        self._next_probe = self._clock() + self.settings.line_probe_s
+        self._probe_step = 1
+        self._next_probe = self._clock() + self._probe_interval()
         self.announce("WARNING", "router: IB accepts {} lines ({}; max_lines {})", limit, why, self.ledger.max_lines)
         self._shed_streams(f"line limit {limit} learned")
+
+    def _probe_interval(self) -> float:
+        """A tenth of line_probe_s while below the level this run once held, else line_probe_s."""
+        return self.settings.line_probe_s / (10 if self.ledger.below_peak else 1)
 
     def _shed_streams(self, why: str) -> None:
         """Streams above the stream slots give their lines back, worst-ranked first."""
@@ -658,12 +664,16 @@ class StreamRouter(EventSourcedActor[RouterState]):
             self.persist(LineLimitLearned(limit=self.ledger.max_lines, previous=None, reason="max_lines held without a 101"))
             self.ledger.learned = self.ledger.max_lines
         if now >= self._next_probe:
-            self._next_probe = now + self.settings.line_probe_s
-            target = self.ledger.probe_target()
+            # below a level this run once held (other clients took lines for a while): climb back quickly,
+            # doubling the step each probe IB accepts; above it, one line per line_probe_s
+            climbing = self.ledger.below_peak
+            target = self.ledger.probe_target(self._probe_step if climbing else 1)
             if target is not None:
                 self.persist(LineLimitProbed(limit=target, previous=self.ledger.limit))
                 self.ledger.learned = target
-                logger.info("router: probing for one more line (limit {})", target)
+                logger.info("router: probing for more lines (limit {})", target)
+            self._probe_step = min(64, self._probe_step * 2) if climbing else 1
+            self._next_probe = now + self._probe_interval()
         if now >= self._next_sweep:
             self._next_sweep = now + self.settings.sweep_s
             self._sweep()

@@ -95,3 +95,18 @@ def test_age_summary_counts_the_never_priced_apart() -> None:
     assert (le["1"], le["5"], le["15"], le["900"]) == (1, 3, 4, 4)  # cumulative; the unpriced one in none
     empty = age_summary([])
     assert (empty["count"], empty["max_s"], set(empty["le"].values())) == (0, 0.0, {0})
+
+
+def test_below_the_peak_this_run_held_the_probe_may_climb_back_in_bigger_steps() -> None:
+    ledger = LineLedger(max_lines=100, min_snapshot_lines=2)
+    ledger.prove(60)  # this run held 60 lines at once
+    ledger.learned = 60
+    assert not ledger.below_peak
+    assert ledger.probe_target(step=8) == 68  # above the peak: the caller steps by one (tested in the router)
+    ledger.learned = 5  # other clients of the account took lines for a while
+    assert ledger.below_peak
+    assert ledger.probe_target(step=1) == 6
+    assert ledger.probe_target(step=16) == 21
+    assert ledger.probe_target(step=64) == 60  # never past what this run proved
+    ledger.learned = 100
+    assert ledger.probe_target(step=4) is None  # at the ceiling

@@ -680,3 +680,27 @@ def test_a_snapshot_s_101_does_not_demote_a_stream_of_the_same_contract(rig_fact
     status = rig.settle()
     assert (status.streams, status.line_cap) == (1, None)
     assert "stream_demoted" not in [t for t, _ in rig.router_events()]
+
+
+def test_after_other_clients_give_lines_back_the_limit_climbs_back_in_doubling_steps(rig_factory: Any) -> None:
+    rig = rig_factory(max_lines=12, reserve=2, line_probe_s=5.0)  # 10 stream slots; probes 0.5 s apart below the peak
+    rig.activate(*OPTIONS[:9])
+    rig.settle()
+    wait_until(lambda: rig.status().proven_lines >= 9, timeout=5)  # held unrefused: proven by age
+    rig.deactivate(*OPTIONS[3:9])
+    rig.settle()
+    rig.ib.tell(SetLineLimit(limit=4))  # another client of the account holds all but 4 lines
+    rig.activate(*STOCKS[:4])  # the 4th line is given, the 5th refused: 4 learned, below the 9 this run held
+    wait_until(lambda: rig.status().line_cap == 4, timeout=5)
+    rig.ib.tell(SetLineLimit(limit=UNLIMITED))  # ...and gives them back
+    rig.log.flush()
+
+    def probes() -> list[int]:
+        rig.status()
+        rig.log.flush()
+        return [s.event.limit for s in rig.log.read(streams=["router"]) if s.type == "router.line_limit_probed"]  # type: ignore[attr-defined]
+
+    # a tenth of line_probe_s apart (line_probe_s itself would take 15 s for three), doubling while IB accepts,
+    # never past the 9 lines once held
+    wait_until(lambda: len(probes()) >= 3, timeout=10)
+    assert probes()[:3] == [5, 7, 9]
