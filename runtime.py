@@ -584,7 +584,7 @@ class Runtime:
             return f"{path} {a['count']} p50 {a['p50_s']:.1f}s max {a['max_s']:.1f}s{never}"
 
         limit = s.get("line_limit", s["max_lines"])
-        learned = "" if s.get("learned_line_limit") is None else " learned"
+        learned = "" if s.get("learned_line_limit") is None else " known"
         return (
             f"lines {s.get('lines_in_use', '?')}/{limit}{learned} (streams {s.get('streams', '?')}, "
             f"snapshots {s.get('snapshot_lines', '?')}) | age {age('stream')}, {age('overflow')}, {age('queue')}"
