@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["AGE_BUCKETS_S", "NO_EXPIRY_DAYS", "Rank", "age_summary", "days_to_expiry", "outranks"]
+__all__ = ["AGE_BUCKETS_S", "NO_EXPIRY_DAYS", "Rank", "age_summary", "days_to_expiry", "outranks", "percentile"]
 
 #: Upper bounds (s) of the age histogram the metrics export: around the default targets (5 s overflow, 60 s).
 AGE_BUCKETS_S = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0)
@@ -71,7 +71,7 @@ def outranks(challenger: Rank, holder: Rank, risk_factor: float) -> bool:
     return challenger.risk > max(holder.risk, 1e-12) * risk_factor
 
 
-def _percentile(sorted_values: list[float], q: float) -> float:
+def percentile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank percentile of an ascending list (q in 0..100)."""
     if not sorted_values:
         return 0.0
@@ -93,8 +93,8 @@ def age_summary(ages: Iterable[float | None]) -> dict[str, Any]:
     return {
         "count": len(known) + never,
         "never_priced": never,
-        "p50_s": round(_percentile(known, 50), 3),
-        "p99_s": round(_percentile(known, 99), 3),
+        "p50_s": round(percentile(known, 50), 3),
+        "p99_s": round(percentile(known, 99), 3),
         "max_s": round(known[-1], 3) if known else 0.0,
         "le": {f"{bound:g}": bisect.bisect_right(known, bound) for bound in AGE_BUCKETS_S},
     }

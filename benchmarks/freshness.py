@@ -45,6 +45,7 @@ from typing import Any
 import pyarrow.compute as pc
 from deltalake import DeltaTable
 
+from actors.freshness import percentile
 from tests.simulator import TwsSimulator, default_universe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,13 +127,6 @@ def ages_over(times: dict[int, list[float]], start: float, end: float, step: flo
     return ages, unpriced
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
-
-
 def main() -> int:
     args = parse_args()
     low, high = delay_range(args.snapshot_delay)
@@ -191,7 +185,8 @@ def main() -> int:
     ages, unpriced_at_start = ages_over(times, window_start, window_end, args.sample_s)
     never = sum(1 for quotes in times.values() if not quotes)
     worst = max(ages) if ages else float("nan")
-    p99 = percentile(ages, 99)
+    ages.sort()  # the same nearest-rank percentile as the runtime's status (actors.freshness)
+    p99 = percentile(ages, 99) if ages else float("nan")
     refreshes = sum(1 for q in times.values() for t in q if window_start <= t <= window_end)
     result = {
         "positions": len(universe.positions),
@@ -207,7 +202,7 @@ def main() -> int:
         "bound_cycle_s": round(bound_cycle_s, 2),
         "worst_age_s": round(worst, 2),
         "p99_age_s": round(p99, 2),
-        "p50_age_s": round(percentile(ages, 50), 2),
+        "p50_age_s": round(percentile(ages, 50), 2) if ages else float("nan"),
         "staleness_vs_bound": round(worst / bound_cycle_s, 3),
         "p99_vs_bound": round(p99 / bound_cycle_s, 3),
         "refreshes_per_s": round(refreshes / max(1e-9, window_end - window_start), 2),
