@@ -17,7 +17,7 @@ Rules, including the ones section 4 leaves open:
   item would return to PENDING (release, lease expiry, restart, retry after
   Fail) and its contract already has a waiting item, it is cancelled
   instead, "merged into" the waiting item, which takes the better of the two
-  priorities. One refresh is owed, not two; the failure count of the merged
+  priorities and the earlier of the two due times. One refresh is owed, not two; the failure count of the merged
   item is dropped with it.
 * **Claim order: staleness.** The item whose contract's quote is furthest
   past its target age (earliest ``due_us``) first, then the better priority,
@@ -300,21 +300,27 @@ class QueueActor(EventSourcedActor[QueueState]):
                 )
             )
             return 1
-        better = command.priority < waiting.priority
-        sooner = due < waiting.due_us
-        if better or sooner:
-            self.persist(
-                ItemReprioritized(
-                    item_id=waiting.item_id,
-                    conid=conid,
-                    priority=min(command.priority, waiting.priority),
-                    reason=command.reason if better else "",
-                    due_us=due if sooner else 0,
-                )
-            )
+        if self._absorb(waiting, command.priority, due, command.reason):
             return 1
         ignored[str(conid)] = f"coalesced into waiting item {waiting.item_id}"
         return 0
+
+    def _absorb(self, target: QueueItem, priority: int, due_us: int, reason: str) -> bool:
+        """``target`` keeps the better priority and the earlier due time of what merges into it; True if it changed."""
+        better = priority < target.priority
+        sooner = due_us < target.due_us
+        if not (better or sooner):
+            return False
+        self.persist(
+            ItemReprioritized(
+                item_id=target.item_id,
+                conid=target.conid,
+                priority=min(priority, target.priority),
+                reason=reason if better else "",
+                due_us=due_us if sooner else 0,
+            )
+        )
+        return True
 
     def _claim(self, command: Claim, now: int) -> Claimed:
         self._expire(now)
@@ -408,18 +414,8 @@ class QueueActor(EventSourcedActor[QueueState]):
                 error=CRASHED_IN_FLIGHT,
             )
         )
-        if waiting is not None and (waiting.priority < item.priority or waiting.due_us < item.due_us):
-            better = waiting.priority < item.priority
-            sooner = waiting.due_us < item.due_us
-            self.persist(
-                ItemReprioritized(
-                    item_id=item.item_id,
-                    conid=item.conid,
-                    priority=min(waiting.priority, item.priority),
-                    reason=waiting.reason if better else "",
-                    due_us=waiting.due_us if sooner else 0,
-                )
-            )
+        if waiting is not None:
+            self._absorb(item, waiting.priority, waiting.due_us, waiting.reason)
 
     def _return(self, item: QueueItem, kind: str, detail: str) -> None:
         """A PROCESSING item goes back to waiting, or merges into the contract's waiting item."""
@@ -430,12 +426,9 @@ class QueueActor(EventSourcedActor[QueueState]):
             self._merge(item, waiting, f"{kind}: merged into waiting item {waiting.item_id}")
 
     def _merge(self, item: QueueItem, waiting: QueueItem, why: str) -> None:
-        priority, reason = item.priority, item.reason
+        priority, due_us, reason = item.priority, item.due_us, item.reason
         self.persist(ItemCancelled(item_id=item.item_id, conid=item.conid, reason=_cut(why)))
-        if priority < waiting.priority:
-            self.persist(
-                ItemReprioritized(item_id=waiting.item_id, conid=waiting.conid, priority=priority, reason=reason)
-            )
+        self._absorb(waiting, priority, due_us, reason)
 
     def _expire(self, now: int) -> int:
         expired = self.state.expired(now)

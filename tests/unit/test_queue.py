@@ -389,3 +389,15 @@ def test_a_never_priced_item_priced_elsewhere_takes_that_price_s_due_time(event_
     assert ask(ref, later).changed == 0  # once dated, the rule no longer applies
     assert [c.conid for c in ask(ref, Claim(n=2)).items] == [2, 1]
     assert types(event_log)[-3] == "item_reprioritized"
+
+
+def test_a_released_item_merging_into_a_waiting_one_keeps_the_earlier_due_time(event_log: EventLog) -> None:
+    clock = Clock()
+    ref = start(event_log, clock)
+    base = clock.now
+    ask(ref, Enqueue(conid=1, due_us=base + 1 * S))
+    claimed = ask(ref, Claim(n=1)).items[0]
+    ask(ref, Enqueue(conid=1, due_us=base + 90 * S))  # owed again while in flight: a second, later item
+    ask(ref, Enqueue(conid=2, due_us=base + 30 * S))
+    ask(ref, Release(item_ids=[claimed.item_id], reason="disconnected"))  # merges into the waiting item
+    assert [c.conid for c in ask(ref, Claim(n=2)).items] == [1, 2]  # conid 1 is still due at +1 s
