@@ -256,6 +256,10 @@ class EventLog:
                     refuse_live_writer(self._dt, self.data_dir, self.writer_id, self.config.takeover_after_s)
                 self._recover_tail()
                 self._apply_table_properties()
+                if self._syncs:
+                    # a run killed between a commit and its fsync left that tail in the page cache only; this
+                    # run replays and builds on it, so it goes to disk before anything new is acknowledged
+                    os.sync()
             else:
                 self._dt = DeltaTable.create(
                     self.uri,
