@@ -81,6 +81,9 @@ class SnapshotStore:
                 return
             try:
                 metrics = dt.delete(f"stream = '{stream}' AND seq > {int(seq)}")
+                if is_local(self.uri) and metrics.get("num_deleted_rows"):
+                    # on disk before the log grows past ``seq`` again: a power cut must not bring them back
+                    sync_commit(self.uri, DeltaTable(self.uri).version())
             except Exception as exc:  # noqa: BLE001 - see the docstring
                 logger.error("could not discard snapshots of {} past seq {}: {!r}", stream, seq, exc)
                 return

@@ -107,6 +107,19 @@ def test_a_snapshot_is_fsynced_before_save_returns(data_dir: Path, synced: list[
     assert needed_by(table, 0) | needed_by(table, 1) | {data_dir} <= set(synced)
 
 
+def test_discarding_snapshots_beyond_the_log_is_fsynced(data_dir: Path, synced: list[Path]) -> None:
+    """A power cut must not bring back a snapshot recovery discarded: the log may grow past its seq again."""
+    store = SnapshotStore(str(data_dir))
+    store.save("queue", 1, b"{}")
+    store.save("queue", 9, b"{}")
+    store.discard_after("queue", 1)
+    table = data_dir / "snapshots"
+    commit = table / "_delta_log" / f"{DeltaTable(str(table)).version():020d}.json"
+    assert commit in synced
+    assert store.latest("queue") is not None
+    assert store.latest("queue").seq == 1  # type: ignore[union-attr]
+
+
 def test_close_while_appending_leaves_no_receipt_unresolved(data_dir: Path) -> None:
     """Every append close() let in is committed; every later one is refused: none is left hanging."""
     import threading
