@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from actors.ib_client import client_problem
 from events.ib import IbSettings
 from storage.object_store import StorageSettings
 from storage.positions_table import PositionsConfig
@@ -191,6 +192,7 @@ def load_config(
                 if (section, key) in _RETIRED:
                     raise ConfigError(f"config key {section}.{key}{where} is no longer used: {_RETIRED[(section, key)]}")
                 raise ConfigError(f"unknown config key {section}.{key}{where} (known: {', '.join(sorted(known))})")
+    _check_client(data, origin)
     try:
         config = msgspec.convert(data, Config, strict=False)
     except msgspec.ValidationError as exc:
@@ -217,6 +219,16 @@ def _check_relations(config: Config, origin: Mapping[tuple[str, str], str]) -> N
         where = f" ({'; '.join(sources)})" if sources else ""
         relation = "at most" if equal_ok else "below"
         raise ConfigError(f"{'.'.join(low)} = {a} must be {relation} {'.'.join(high)} = {b}: {why}{where}")
+
+
+def _check_client(data: Mapping[str, Mapping[str, Any]], origin: Mapping[tuple[str, str], str]) -> None:
+    """``[ib] client``: a library Slotwise knows, and installed here (found, not imported)."""
+    if "client" not in data.get("ib", {}):
+        return  # the default, ib_insync, is a base dependency
+    problem = client_problem(str(data["ib"]["client"]))
+    if problem is not None:
+        where = f" (from {origin[('ib', 'client')]})" if ("ib", "client") in origin else ""
+        raise ConfigError(f"{problem}{where}")
 
 
 #: SLOTWISE_* variables that are not config keys (read elsewhere).

@@ -1,16 +1,17 @@
-"""The asyncio side of the IB actor: ib_insync's IB object and everything that touches it.
+"""The asyncio side of the IB actor: the client library's IB object and everything that touches it.
 
-This is the only module that imports the client library (switching to
-ib_async is the one import below). Everything here runs in the IB actor's
+The library (ib_insync or ib_async, ``[ib] client``) comes from
+:mod:`actors.ib_client`, which hides where the two differ; the names below
+are ib_insync's and hold for both. Everything here runs in the IB actor's
 loop thread; the pykka actor calls in with ``call_soon_threadsafe`` /
 ``run_coroutine_threadsafe`` and gets messages back through ``publish``
 (which ``tell``s the actor) and through reply futures (pykka futures are
 thread-safe). ib_insync's mutable objects (Contract, Ticker, Position) stay
 here; only frozen messages from :mod:`events.ib` leave.
 
-Streams: one reqMktData per conid with its own Contract copy, so that
-ib_insync gives each request its own Ticker (it keys tickers by
-``id(contract)``) and a snapshot never mixes with a stream of the same conid.
+Streams: one reqMktData per conid with its own Contract copy and its own
+Ticker (``ClientLib.start_ticker``), so a snapshot never mixes with a
+stream of the same conid.
 
 A stream's end is confirmed with StreamEnded (see events.ib.StreamEnded):
 after an Unsubscribe once its cancelMktData has left the pacer (a cancel
@@ -51,12 +52,12 @@ import asyncio
 import random
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pykka
-from ib_insync import IB, Contract, PortfolioItem, Position, Ticker  # the one place the client library is imported
 from loguru import logger
 
+from actors.ib_client import load_client
 from actors.ib_pacing import PacedMessage, Pacer
 from actors.ib_quotes import (
     DATA_BACK_CODES,
@@ -94,6 +95,9 @@ from events.ib import (
     classify_ib_code,
 )
 
+if TYPE_CHECKING:  # for the annotations only: both libraries have these classes
+    from ib_insync import Contract, PortfolioItem, Position, Ticker
+
 __all__ = ["IbSession"]
 
 
@@ -105,7 +109,8 @@ class IbSession:
         self._publish = publish
         self._tick_buffer: list[MarketUpdate] = []
         self._loop = asyncio.get_running_loop()
-        self.ib = IB()
+        self._lib = load_client(settings.client)
+        self.ib = self._lib.IB()
         self.pacer = Pacer(self._loop, self._write, settings.pacing_per_s, window_s=1.0 + settings.pacing_guard_s)
         # Every framed message ib_insync sends goes through our pacer (see actors.ib_pacing).
         self.ib.client.sendMsg = self._send_msg  # type: ignore[method-assign]
@@ -291,7 +296,7 @@ class IbSession:
         exchange = c.exchange or ("SMART" if c.secType in SMART_TYPES else "")
         if not exchange:
             return  # unknown routing: reqContractDetails will tell
-        self.contracts[c.conId] = Contract(
+        self.contracts[c.conId] = self._lib.Contract(
             conId=c.conId,
             symbol=c.symbol,
             secType=c.secType,
@@ -315,7 +320,7 @@ class IbSession:
             pending = self._loop.create_future()
             self._resolving[conid] = pending
             try:
-                request = self.ib.reqContractDetailsAsync(Contract(conId=conid))  # paced at the wire
+                request = self.ib.reqContractDetailsAsync(self._lib.Contract(conId=conid))  # paced at the wire
                 details = await asyncio.wait_for(request, self.settings.snapshot_timeout_s)
                 if details:
                     contract = details[0].contract
@@ -334,7 +339,7 @@ class IbSession:
     def _new_request(self, conid: int, contract: Contract, snapshot: bool) -> MdRequest:
         """Send one reqMktData (through the pacer) with its own Contract copy and Ticker."""
         req = MdRequest(conid=conid, snapshot=snapshot, sec_type=contract.secType)
-        req.contract = Contract(
+        req.contract = self._lib.Contract(
             **{
                 k: getattr(contract, k)
                 for k in (
@@ -353,7 +358,7 @@ class IbSession:
             }
         )
         req.req_id = self.ib.client.getReqId()
-        req.ticker = self.ib.wrapper.startTicker(req.req_id, req.contract, "mktData")
+        req.ticker = self._lib.start_ticker(self.ib.wrapper, req.req_id, req.contract)
         self._by_req[req.req_id] = req
 
         def on_sent(at: float) -> None:
@@ -406,11 +411,7 @@ class IbSession:
 
     def _release_ticker(self, req: MdRequest) -> None:
         self._cancelled_snapshots.discard(req.req_id)
-        w = self.ib.wrapper
-        if w.reqId2Ticker.get(req.req_id) is req.ticker:
-            w.reqId2Ticker.pop(req.req_id, None)
-        if req.contract is not None and w.tickers.get(id(req.contract)) is req.ticker:
-            w.tickers.pop(id(req.contract), None)
+        self._lib.release_ticker(self.ib.wrapper, req.req_id, req.contract, req.ticker)
 
     def lines_in_use(self) -> int:
         return len(self._by_req)

@@ -155,6 +155,8 @@ class IbSettings(msgspec.Struct, frozen=True, kw_only=True):
     ticks: IB refuses them with snapshot=True (error 321).
     """
 
+    #: The client library the IB actor drives (actors/ib_client.py): "ib_async" needs the extra `.[ib_async]`.
+    client: Literal["ib_insync", "ib_async"] = "ib_insync"
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 7497
     client_id: int = 1

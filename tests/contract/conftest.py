@@ -1,5 +1,9 @@
 """The IB harnesses the contract suite runs against: the fake actor, and the real one on the simulator.
 
+The real actor runs once per client library (``[ib] client``): ib_insync and
+ib_async. The ib_async run is skipped only where ib_async is not installed
+(the test extra installs it, so CI runs it).
+
 Both see the same account (the simulator's default universe), so a test can
 name the same conids whichever implementation it drives. IB's data realities
 (:class:`Realities`) are named once here and translated into the fake's
@@ -17,6 +21,7 @@ import pytest
 
 from actors.fake_ib import FakeIbActor, FakeIbSettings, InjectDisconnect, InjectError, InjectFarmBlip, InjectFarmOk
 from actors.ib import IbActor
+from actors.ib_client import CLIENTS, client_problem
 from events.ib import Connect, ConnectionState, ConnectionStateChanged, IbSettings, PositionChanged
 from tests.simulator import SimConfig, TwsSimulator, default_universe
 from tests.support import Inbox
@@ -94,9 +99,11 @@ def _wait_connected(inbox: Inbox) -> None:
     inbox.wait_for(lambda m: isinstance(m, ConnectionStateChanged) and m.state == ConnectionState.CONNECTED, timeout=10)
 
 
-@pytest.fixture(params=["fake", "real"])
+@pytest.fixture(params=["fake", *CLIENTS])
 def ib(request: pytest.FixtureRequest) -> Iterator[IbHarness]:
     config = _universe()
+    if request.param != "fake" and (problem := client_problem(request.param)) is not None:
+        pytest.skip(problem)
     if request.param == "fake":
 
         def start_fake(
@@ -164,6 +171,7 @@ def ib(request: pytest.FixtureRequest) -> Iterator[IbHarness]:
             connect_timeout_s=5,
             market_data_type=r.market_data_type,
             reissue_initial_s=r.reissue_initial_s,
+            client=request.param,
         )
         ref = IbActor.start(settings, [inbox.ref])
         ref.tell(Connect())
@@ -172,7 +180,7 @@ def ib(request: pytest.FixtureRequest) -> Iterator[IbHarness]:
 
     try:
         yield IbHarness(
-            "real",
+            request.param,
             start_real,
             lambda _ref: sim.drop_connections(),
             reset=lambda _ref, code: sim.send_error(code),

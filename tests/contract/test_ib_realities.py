@@ -227,6 +227,17 @@ def test_no_delayed_data_either_is_not_subscribed(ib: IbHarness) -> None:
     assert [(f.kind, f.code) for f in result.failures] == [(IbErrorKind.NOT_SUBSCRIBED, 10168)]
 
 
+def test_a_competing_session_refuses_snapshots_and_streams(ib: IbHarness) -> None:
+    """10197: another login of the account took the data; not this contract's fault."""
+    ref, inbox = ib.start(100, realities=Realities(refused={STOCKS[5]: 10197}))
+    result = snapshot(ref, STOCKS[5])
+    assert [(f.kind, f.code) for f in result.failures] == [(IbErrorKind.COMPETING_SESSION, 10197)]
+    ref.tell(Subscribe(conid=STOCKS[5]))
+    end = inbox.wait_for(lambda m: isinstance(m, StreamEnded) and m.conid == STOCKS[5])
+    assert (end.reason, end.code) == ("refused", 10197)
+    assert stats(ref).lines_in_use == 0
+
+
 def test_closed_market_live_bid_and_ask_are_no_quote(ib: IbHarness) -> None:
     ref, inbox = ib.start(100, realities=Realities(market_data_type=1, market_closed=True))
     [update] = snapshot(ref, STOCKS[0]).updates

@@ -98,6 +98,8 @@ CASES = [
      ["min_snapshot_lines", "runtime.max_lines", "SLOTWISE_FRESHNESS_MIN_SNAPSHOT_LINES"]),
     ("backoff-past-its-cap", ["run", "--demo", "--data-dir", "{dir}"], {"SLOTWISE_RUNTIME_RETRY_BACKOFF_S": "500"}, 2,
      ["retry_backoff_cap_s"]),
+    ("ib-client-unknown", ["run", "--demo", "--data-dir", "{dir}"], {"SLOTWISE_IB_CLIENT": "ib_bogus"}, 2,
+     ["ib.client = 'ib_bogus'", "'ib_async'", "SLOTWISE_IB_CLIENT"]),
     ("flag-out-of-range", ["run", "--demo", "--data-dir", "{dir}", "--ib-port", "99999"], {}, 2, ["ib.port", "command line"]),
     ("unknown-flag", ["status", "--data-dir", "{dir}", "--jsn"], {}, 2, ["--jsn", "--help"]),
     ("log-file-is-a-directory", ["run", "--demo", "--data-dir", "{dir}", "--log-file", "{tmp}"], {}, 1, ["is a directory"]),

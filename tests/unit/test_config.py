@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -51,6 +52,8 @@ def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
         ("", {"SLOTWISE_NOPE_X": "1"}, "SLOTWISE_NOPE_X"),
         ("", {"SLOTWISE_IB_PORT": "99999"}, "ib.port"),
         ("not toml = = =", {}, "not valid TOML"),
+        ("[ib]\nclient = 'ib_bogus'\n", {}, "ib.client = 'ib_bogus' is not one of 'ib_insync', 'ib_async'"),
+        ("", {"SLOTWISE_IB_CLIENT": "ib-async"}, "'ib-async' is not one of 'ib_insync', 'ib_async' (from environment variable SLOTWISE_IB_CLIENT)"),
     ],
 )
 def test_bad_configuration_is_refused_naming_the_key(tmp_path: Path, text: str, environ: dict[str, str], message: str) -> None:
@@ -58,6 +61,19 @@ def test_bad_configuration_is_refused_naming_the_key(tmp_path: Path, text: str, 
     path.write_text(text)
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(path, environ=environ)
+
+
+def test_an_ib_client_that_is_not_installed_is_refused_with_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ib_async" else real_find_spec(name, *a))
+    with pytest.raises(ConfigError, match=re.escape("ib.client = 'ib_async' but ib_async is not installed (pip install '.[ib_async]')")):
+        load_config(environ={"SLOTWISE_IB_CLIENT": "ib_async"})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ib_async") is None, reason="ib_async is not installed (the test extra installs it)")
+def test_both_ib_clients_are_accepted() -> None:
+    assert load_config(environ={}).ib.client == "ib_insync"
+    assert load_config(environ={"SLOTWISE_IB_CLIENT": "ib_async"}).ib.client == "ib_async"
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
