@@ -112,6 +112,10 @@ class WorkerStatusReply(Reply, tag="worker.status_reply", frozen=True, kw_only=T
     mean_snapshot_s: float = 0.0
 
 
+#: Token counts are floats: this much short of a whole token counts as the token.
+_TOKEN_SLACK = 1e-9
+
+
 class TokenBucket:
     """``rate`` tokens a second, at most ``rate`` (one second's worth) saved up; the clock is passed in."""
 
@@ -131,7 +135,9 @@ class TokenBucket:
 
     def available(self, now: float) -> int:
         self._refill(now)
-        return int(self.tokens)
+        # a token refilled in pieces can sum to 0.9999999999999998: counted as whole, or the wait for the
+        # missing 2e-16 rounds away and a caller that sleeps wait_s() would wake at the same instant forever
+        return int(self.tokens + _TOKEN_SLACK)
 
     def take(self, n: int, now: float) -> None:
         self._refill(now)
@@ -140,7 +146,7 @@ class TokenBucket:
     def wait_s(self, now: float) -> float:
         """Seconds until one token is there."""
         self._refill(now)
-        return max(0.0, (1.0 - self.tokens) / self.rate)
+        return max(0.0, (1.0 - _TOKEN_SLACK - self.tokens) / self.rate)
 
     def slow_down(self, now: float, hold_s: float) -> None:
         """IB said too many snapshots: halve the rate, hold it at least ``hold_s``."""
@@ -182,7 +188,10 @@ class QueueWorker(pykka.ThreadingActor):
         handlers: HandlerSet,
         connected: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        call_later: Callable[[float, Callable[[], None]], None] | None = None,
     ) -> None:
+        """``clock`` and ``call_later`` (run a function after a delay; default a daemon timer thread) are
+        injected together by the what-if simulator, which drives this same code on simulated time."""
         super().__init__()
         self.settings = settings
         self.queue = queue
@@ -191,6 +200,7 @@ class QueueWorker(pykka.ThreadingActor):
         self.handlers = handlers
         self.connected = connected
         self._clock = clock
+        self._call_later = call_later or _timer_thread
         self.bucket = TokenBucket(settings.max_snapshot_msgs_per_s, clock())
         #: A borrow-and-claim round is under way (one at a time).
         self.acquiring = False
@@ -415,9 +425,7 @@ class QueueWorker(pykka.ThreadingActor):
         if self._wake_at is not None and self._wake_at <= due:
             return
         self._wake_at = due
-        timer = threading.Timer(max(0.0, delay_s), self._tell_self, args=(Wake(),))
-        timer.daemon = True
-        timer.start()
+        self._call_later(max(0.0, delay_s), lambda: self._tell_self(Wake()))
 
     def _tell_self(self, message: Any) -> None:
         try:
@@ -437,3 +445,8 @@ class QueueWorker(pykka.ThreadingActor):
 
         future.add_done_callback(done)
 
+
+def _timer_thread(delay_s: float, fn: Callable[[], None]) -> None:
+    timer = threading.Timer(delay_s, fn)
+    timer.daemon = True
+    timer.start()

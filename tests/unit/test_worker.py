@@ -263,6 +263,23 @@ def test_the_token_bucket_halves_on_a_rate_limit_and_climbs_back() -> None:
     assert bucket.rate == 10.0
 
 
+def test_a_token_refilled_in_pieces_is_whole_and_its_wait_moves_time_on() -> None:
+    """Found by the what-if simulator: refills summed to 0.9999999999999998 tokens at t=0.5, and the wait
+    for the rest (2e-16 s) did not move a float clock at all, so a worker sleeping wait_s() woke at the same
+    instant forever. The exact sequence of the worker's calls:"""
+    bucket = TokenBucket(10.0, now=0.0)
+    bucket.available(0.0)
+    bucket.take(0, 0.0)
+    bucket.available(0.2)
+    bucket.available(0.4)
+    bucket.take(5, 0.4)
+    for now in (0.4, 0.481426, 0.497803):
+        assert bucket.available(now) == 0
+        bucket.wait_s(now)
+    now = 0.5
+    assert bucket.available(now) == 1 or now + bucket.wait_s(now) > now
+
+
 
 
 def test_a_farm_blip_pauses_snapshots_with_backoff_until_quotes_come_through_again(rig_factory: Any) -> None:
