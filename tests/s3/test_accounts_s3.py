@@ -22,7 +22,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -74,11 +76,16 @@ def _newest_commit_age_s(data_dir: str) -> float:
     return time.time() - int(newest["timestamp"]) / 1000
 
 
-def test_two_accounts_crash_restart_and_tools_on_s3(
-    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
-    (tmp_path / "run").mkdir(mode=0o700)
+@pytest.fixture
+def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A short $XDG_RUNTIME_DIR: a socket path has at most 107 bytes, and tmp_path is long (longer under xdist)."""
+    with tempfile.TemporaryDirectory(prefix="sw-") as path:  # 0700, as a runtime dir must be
+        monkeypatch.setenv("XDG_RUNTIME_DIR", path)
+        yield Path(path)
+
+
+@pytest.mark.usefixtures("runtime_dir")
+def test_two_accounts_crash_restart_and_tools_on_s3(bucket: str, tmp_path: Path) -> None:
     a_dir, b_dir = f"{bucket}/account-a", f"{bucket}/account-b"
     procs: list[RuntimeProcess] = []
     try:
