@@ -143,7 +143,7 @@ def test_allow_broken_log_proceeds_past_a_broken_chain(demo_log: Path, tmp_path:
     assert refused.returncode == EXIT_FAILED, refused.stderr[-3000:]
     assert f"the event log is broken at seq {bad_seq}: hash chain broken" in refused.stderr, refused.stderr[-3000:]
 
-    allowed = _cli("run", "--demo", "--duration", "3", "--allow-broken-log", "--data-dir", str(data_dir))
+    allowed = _cli("run", "--demo", "--duration", "1", "--allow-broken-log", "--data-dir", str(data_dir))
     assert allowed.returncode == EXIT_OK, allowed.stderr[-3000:]
     assert "starting anyway (--allow-broken-log)" in allowed.stderr
     # the damage is still there and still named: nothing papered over it
@@ -154,6 +154,6 @@ def test_allow_broken_log_proceeds_past_a_broken_chain(demo_log: Path, tmp_path:
 
 def test_allow_broken_log_proceeds_past_an_unreadable_file(demo_log: Path, tmp_path: Path) -> None:
     data_dir, _ = _damaged(demo_log, tmp_path, _truncate)
-    allowed = _cli("run", "--demo", "--duration", "3", "--allow-broken-log", "--data-dir", str(data_dir))
+    allowed = _cli("run", "--demo", "--duration", "1", "--allow-broken-log", "--data-dir", str(data_dir))
     assert allowed.returncode == EXIT_OK, allowed.stderr[-3000:]
     assert _cli("verify", "--data-dir", str(data_dir)).returncode == EXIT_FAILED

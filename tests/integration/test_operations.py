@@ -27,7 +27,7 @@ DOCS = ROOT / "docs"
 SMALL_DEMO = """
 [runtime]
 max_lines = 20
-status_interval_s = 0.5
+status_interval_s = 0.25
 [demo]
 stocks = 10
 option_strategies = 3
