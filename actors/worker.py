@@ -113,7 +113,7 @@ class WorkerStatusReply(Reply, tag="worker.status_reply", frozen=True, kw_only=T
 
 
 #: Token counts are floats: this much short of a whole token counts as the token.
-_TOKEN_SLACK = 1e-9
+_TOKEN_SLACK = 1e-6
 
 
 class TokenBucket:
@@ -146,7 +146,10 @@ class TokenBucket:
     def wait_s(self, now: float) -> float:
         """Seconds until one token is there."""
         self._refill(now)
-        return max(0.0, (1.0 - _TOKEN_SLACK - self.tokens) / self.rate)
+        if self.tokens + _TOKEN_SLACK >= 1.0:
+            return 0.0
+        # at least a microsecond: a shorter wait may not move a float clock on (see available())
+        return max(1e-6, (1.0 - self.tokens) / self.rate)
 
     def slow_down(self, now: float, hold_s: float) -> None:
         """IB said too many snapshots: halve the rate, hold it at least ``hold_s``."""
