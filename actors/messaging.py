@@ -12,6 +12,8 @@ A refused command comes back to the caller as a raised
 
 from __future__ import annotations
 
+import queue
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -61,20 +63,49 @@ class Request:
         return f"Request({self.command!r})"
 
 
-class ReplyFuture(pykka.ThreadingFuture[Any]):
+class ReplyFuture(pykka.Future[Any]):
     """A pykka future that can also call back when settled.
 
     An actor must never block its own thread waiting for another actor's
     answer; with a callback it can have the answer told to itself instead.
     Callbacks run on the thread that settles the future: keep them short
     (typically one ``tell``).
+
+    Lighter than pykka's ThreadingFuture (one lock; an Event only when
+    someone actually blocks in ``get`` before the answer): a snapshot takes
+    three asks, and the what-if simulator runs a day's worth of them, so
+    a round trip costs ~3 µs instead of ~16.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self._callbacks: list[Callable[[ReplyFuture], None]] = []
-        self._settled = False
         self._lock = threading.Lock()
+        self._callbacks: list[Callable[[ReplyFuture], None]] = []
+        self._waiter: threading.Event | None = None
+        self._settled = False
+        self._value: Any = None
+        self._exc_info: Any = None
+
+    def get(self, *, timeout: float | None = None) -> Any:
+        if self._get_hook is not None:
+            return super().get(timeout=timeout)
+        if not self._settled:
+            with self._lock:
+                waiter = None
+                if not self._settled:
+                    if self._waiter is None:
+                        self._waiter = threading.Event()
+                    waiter = self._waiter
+            if waiter is not None and not waiter.wait(timeout):
+                raise pykka.Timeout(f"{timeout} seconds")
+        if self._exc_info is not None:
+            exc_type, exc_value, exc_traceback = self._exc_info
+            if exc_value is None:
+                exc_value = exc_type()
+            if exc_value.__traceback__ is not exc_traceback:
+                raise exc_value.with_traceback(exc_traceback)
+            raise exc_value
+        return self._value
 
     def add_done_callback(self, fn: Callable[[ReplyFuture], None]) -> None:
         with self._lock:
@@ -84,17 +115,25 @@ class ReplyFuture(pykka.ThreadingFuture[Any]):
         fn(self)
 
     def set(self, value: Any = None) -> None:
-        super().set(value)
-        self._run_callbacks()
+        self._settle(value, None)
 
     def set_exception(self, exc_info: Any = None) -> None:
-        super().set_exception(exc_info)
-        self._run_callbacks()
+        if exc_info is None:
+            exc_info = sys.exc_info()
+        elif isinstance(exc_info, BaseException):
+            exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
+        self._settle(None, exc_info)
 
-    def _run_callbacks(self) -> None:
+    def _settle(self, value: Any, exc_info: Any) -> None:
         with self._lock:
+            if self._settled:
+                raise queue.Full  # as pykka's futures: an answer is given once
+            self._value, self._exc_info = value, exc_info
             self._settled = True
             callbacks, self._callbacks = self._callbacks, []
+            waiter = self._waiter
+        if waiter is not None:
+            waiter.set()
         for fn in callbacks:
             try:
                 fn(self)
