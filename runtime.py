@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +160,7 @@ try:
     from events.queue import QueueStats, Requeue
     from events.registry import AddActive, AddActiveMany, ListActive, RemoveActive, RemoveActiveMany
     from storage.checkpointer import Checkpointer
-    from storage.checkpoints import CheckpointStore, CheckpointsUnreadable
+    from storage.checkpoints import CheckpointStore, CheckpointsUnreadable, FileHasher
     from storage.event_log import EventLog, LogFailedError
     from storage.lock import DataDirLocked
     from storage.object_store import export_storage_settings
@@ -248,15 +249,14 @@ class Runtime:
         self.handlers = HandlerSet()
         self.control: ControlServer | None = None
         self.metrics: Any = None
+        self._prehash: FileHasher | None = None
         self._rate = (time.monotonic(), 0)
         self.events_per_s = 0.0
 
     # ---------------------------------------------------------------- start
 
     def start(self) -> None:
-        from actors.fake_ib import FakeIbActor, FakeIbSettings
         from actors.fake_ib_demo import demo_positions
-        from actors.ib import IbActor
         from actors.ib_base import AddSubscriber
         from actors.position_writer import PositionWriter
         from actors.queue import QueueActor
@@ -280,27 +280,14 @@ class Runtime:
             self.signer = audit_signer(self.config, create=not CheckpointStore(self.data_dir).exists())
         except SigningKeyError as exc:
             raise StartRefused(str(exc)) from None
+        self._prehash = self._prefetch_signed_files()
         self.log = EventLog.open(self.data_dir, config=self.config.log)
         self.log.add_failure_listener(self._on_log_failure)
-        self._verify_on_start()
-        if self.signer is not None:
-            try:
-                Checkpointer(self.log, self.signer, every=self.config.audit.checkpoint_every).start()
-            except CheckpointsUnreadable as exc:
-                raise StartRefused(str(exc)) from None
-        snapshots = SnapshotStore(self.data_dir)
-        self.log.append(
-            RuntimeStarted(
-                writer_id=self.log.writer_id,
-                pid=os.getpid(),
-                host=socket.gethostname(),
-                mode="demo" if self.demo else "run",
-                max_lines=rt.max_lines,
-            ),
-            stream="runtime",
-            key="runtime",
-        )
-        self.announced = True
+        # The start-up check and the actors' recovery only read the log: they run at once. Each actor waits
+        # for the check's verdict before it appends or tells anyone anything (EventLog.wait_start_check), and
+        # nothing else appends before it either (RuntimeStarted, the checkpointer, the positions writer).
+        start_check = self._start_check()
+        snapshots = SnapshotStore(self.data_dir, preload=True)  # one read serves every actor's recovery
         registry = RegistryActor.start(self.log, snapshots, snapshot_every=rt.snapshot_every)
         queue = QueueActor.start(
             self.log,
@@ -310,15 +297,11 @@ class Runtime:
             backoff_cap_s=rt.retry_backoff_cap_s,
             snapshot_every=rt.snapshot_every,
         )
-        writer = PositionWriter.start(self.data_dir, self.config.positions, table_maintenance=self.config.log)
         reconciliation = Reconciliation.start(self.log, snapshots)
-        self.refs.update(registry=registry, queue=queue, positions=writer, reconciliation=reconciliation)
-        for recovered in (registry, queue, reconciliation):  # a log an actor cannot replay stops the start here
-            error = recovered.proxy().recovery_error.get(timeout=600)
-            if error is not None:
-                raise error
+        self.refs.update(registry=registry, queue=queue, reconciliation=reconciliation)
         if self.demo:
-            self._seed_demo_registry(registry, demo_positions)
+            from actors.fake_ib import FakeIbActor, FakeIbSettings
+
             demo = self.config.demo
             positions = demo_positions(demo.stocks, demo.option_strategies, demo.seed)
             ib = FakeIbActor.start(
@@ -333,9 +316,10 @@ class Runtime:
                 )
             )
         else:
-            ib = IbActor.start(self.config.ib)
+            from actors.ib import IbActor  # ib_insync: imported only by a runtime that talks to IB
+
+            ib = IbActor.start(self.config.ib)  # it connects at Connect, below
         self.refs["ib"] = ib
-        self.handlers.add(writer, accepts=(MarketUpdate, PositionChanged), batches=True)
         fresh = self.config.freshness
         router_settings = RouterSettings(
             max_lines=rt.max_lines,
@@ -347,8 +331,6 @@ class Runtime:
             risk_factor=fresh.risk_factor,
             lost_line_s=max(60.0, 4 * self.config.ib.snapshot_timeout_s),
         )
-        # subscribe first, then read the registry: an activation may arrive twice, never not at all
-        registry_proxy = registry.proxy()
         router = StreamRouter.start(
             self.log,
             router_settings,
@@ -357,6 +339,34 @@ class Runtime:
             handlers=self.handlers,
             snapshots=snapshots,
         )
+        self.refs["router"] = router
+        checkpointer = start_check()  # a broken log raises here; the actors then stay inert and write nothing
+        if checkpointer is not None:
+            checkpointer.start()
+        self.log.append(
+            RuntimeStarted(
+                writer_id=self.log.writer_id,
+                pid=os.getpid(),
+                host=socket.gethostname(),
+                mode="demo" if self.demo else "run",
+                max_lines=rt.max_lines,
+            ),
+            stream="runtime",
+            key="runtime",
+        )
+        self.announced = True
+        self.log.start_check_done(True)
+        writer = PositionWriter.start(self.data_dir, self.config.positions, table_maintenance=self.config.log)
+        self.refs["positions"] = writer
+        for recovered in (registry, queue, reconciliation, router):  # a log an actor cannot replay stops the start here
+            error = recovered.proxy().recovery_error.get(timeout=600)
+            if error is not None:
+                raise error
+        if self.demo:
+            self._seed_demo_registry(registry, demo_positions)
+        self.handlers.add(writer, accepts=(MarketUpdate, PositionChanged), batches=True)
+        # subscribe first, then read the registry: an activation may arrive twice, never not at all
+        registry_proxy = registry.proxy()
         registry_proxy.add_subscriber(router).get(timeout=10)
         registry_proxy.add_subscriber(reconciliation).get(timeout=10)
         router.tell(
@@ -376,7 +386,7 @@ class Runtime:
             router=router,
             handlers=self.handlers,
         )
-        self.refs.update(router=router, worker=worker)
+        self.refs["worker"] = worker
         for ref in (router, worker, writer, reconciliation):
             ib.tell(AddSubscriber(ref))
         _ = PositionsComplete
@@ -392,6 +402,81 @@ class Runtime:
             fresh.overflow_s,
         )
 
+    def _prefetch_signed_files(self) -> FileHasher | None:
+        """Start hashing the data files of the newest signed checkpoint, for the start-up check (or None).
+
+        Hashing them is most of the check's work (sha256 of every file it
+        signed: ~210 MB on a million-event log); begun here, it runs while
+        the log opens and the actors start. It may begin before the log's
+        lock is taken: Delta never rewrites a file in place, and a file
+        changed after this read would be as changed after a later one; the
+        check compares every listed file either way.
+        """
+        if not self.config.runtime.verify_on_start or self.signer is None:
+            return None
+        store = CheckpointStore(self.data_dir)
+        if not store.exists():
+            return None
+        hasher = FileHasher(table_uri(self.data_dir, "events"))
+
+        def prefetch() -> None:
+            try:
+                newest = store.newest()
+            except CheckpointsUnreadable:
+                return  # the check reports it
+            if newest is not None:
+                hasher.prefetch([f.path for f in newest.files], workers=min(8, os.cpu_count() or 1))
+
+        threading.Thread(target=prefetch, name="prehash", daemon=True).start()
+        return hasher
+
+    def _start_check(self) -> Callable[[], Checkpointer | None]:
+        """Start the start-up check in a thread; the call returned waits for it and raises what it raised.
+
+        It reads the log (the newest signed checkpoint's files, then the
+        tail, or the whole chain) while the actors recover from it, which
+        also only reads: on a million-event log they are the two longest
+        steps of a start. The log holds every actor's first append until the
+        verdict (``EventLog.expect_start_check``). Once the log passed, the
+        thread also builds the signer's checkpointer (its constructor only
+        reads the newest checkpoint); the call returns it, not yet started.
+        """
+        assert self.log is not None
+        log, signer = self.log, self.signer
+
+        def checkpointer() -> Checkpointer | None:
+            if signer is None:
+                return None
+            try:
+                return Checkpointer(log, signer, every=self.config.audit.checkpoint_every)
+            except CheckpointsUnreadable as exc:
+                raise StartRefused(str(exc)) from None
+
+        if not self.config.runtime.verify_on_start:
+            return checkpointer
+        log.expect_start_check()
+        failure: list[BaseException] = []
+        made: list[Checkpointer | None] = []
+
+        def check() -> None:
+            try:
+                self._verify_on_start()
+                made.append(checkpointer())
+            except BaseException as exc:  # noqa: BLE001 - handed to the starting thread, which raises it
+                failure.append(exc)
+
+        thread = threading.Thread(target=check, name="start-check", daemon=True)
+        thread.start()
+
+        def wait() -> Checkpointer | None:
+            thread.join()
+            if failure:
+                log.start_check_done(False)
+                raise failure[0]
+            return made[0]
+
+        return wait
+
     def _verify_on_start(self) -> None:
         from storage.attest import verify_start
         from storage.verify import verify_log
@@ -401,7 +486,10 @@ class Runtime:
         if self.signer is None:
             report: Any = verify_log(table_uri(self.data_dir, "events"))
         else:
-            report = verify_start(self.data_dir, trusted_keys(self.config, self.signer))
+            assert self.log is not None
+            report = verify_start(
+                self.data_dir, trusted_keys(self.config, self.signer), events=self.log.start_view(), hasher=self._prehash
+            )
             if report.ok and report.method == "checkpoint":
                 logger.info(
                     "start-up verified from the signed checkpoint at seq {}: its data files, then {} later events",
@@ -476,6 +564,8 @@ class Runtime:
         """Stop in order: no new work, streams cancelled, writers flushed, snapshots, log closed."""
         BURSTS.flush(logger, final=True)
         logger.info("stopping: {}", self.stop_reason)
+        if self.log is not None:
+            self.log.start_check_done(False)  # a start that failed before the verdict: the actors stay inert
         if self.control is not None:
             self.control.stop()
         if self.metrics is not None:

@@ -25,6 +25,13 @@ snapshot of the actor's stream, then replay only the later events of that
 stream (the seq filter prunes files by their statistics). A snapshot past
 the log's last durable seq (its events never landed) is ignored, reported and
 discarded; an event recovery cannot apply stops it with the seq named.
+Recovery only reads, so it runs while the runtime's start-up check reads
+the same log; what an actor does after it (``on_recovered``, which may
+append) waits for the check's verdict (``EventLog.wait_start_check``), and
+an actor whose log the check refused stays inert. A clean stop writes a
+snapshot if the stream changed, or at the log's end if the stream's newest
+snapshot lags it by ``snapshot_every`` events, so the next start's replay
+scans only the tail.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import pykka
+from deltalake import DeltaTable
 from loguru import logger
 
 from actors.messaging import CommandRejected, Request, reject
@@ -43,7 +51,7 @@ from storage.event_log import CommitBatch, EventLog, LogFailedError
 from storage.reader import read_seq_events
 from storage.snapshots import SnapshotStore, StoredSnapshot
 
-__all__ = ["Durable", "EventSourcedActor", "EventSourcedState", "RecoveryError"]
+__all__ = ["Durable", "EventSourcedActor", "EventSourcedState", "RecoveryError", "StartRefusedError"]
 
 
 class RecoveryError(RuntimeError):
@@ -54,6 +62,15 @@ class RecoveryError(RuntimeError):
         super().__init__(f"{stream} cannot recover: event seq {seq} ({tag}) does not apply: {cause}")
         self.stream = stream
         self.seq = seq
+
+
+class StartRefusedError(RecoveryError):
+    """The start-up check refused the log after this actor recovered: it stays inert and writes nothing."""
+
+    def __init__(self, stream: str) -> None:
+        RuntimeError.__init__(self, f"{stream} did not start: the start-up check refused the event log")
+        self.stream = stream
+        self.seq = 0
 
 
 class EventSourcedState(Protocol):
@@ -106,6 +123,8 @@ class EventSourcedActor(pykka.ThreadingActor, Generic[S]):
         self.recovered_events = 0
         #: Why recovery stopped, if it did: the actor then holds no trustworthy state and changes nothing.
         self.recovery_error: RecoveryError | None = None
+        #: Snapshots of this stream past this seq name events the log does not hold (see _usable_snapshot).
+        self._stale_after: int | None = None
         self.last_seq = 0  # seq of the last event of this stream that was applied
         self._last_batch: CommitBatch | None = None
         self._waiting_batches: set[int] = set()
@@ -116,16 +135,28 @@ class EventSourcedActor(pykka.ThreadingActor, Generic[S]):
 
     def on_start(self) -> None:
         try:
-            self.recover()
+            self.recover(self.log.start_view())  # the start's shared view: nothing of this stream was appended since
         except RecoveryError as exc:
             # Not raised: pykka would print a traceback and the actor would vanish silently. The actor stays,
             # refuses every request with this error, writes nothing at stop; the runtime asks for it and stops.
             self.recovery_error = exc
             logger.error("{}", exc)
             return
+        except Exception:
+            # a damaged table can fail the read itself; if the start-up check refuses the log, it says why
+            if not self.log.wait_start_check():
+                self.recovery_error = StartRefusedError(self.stream)
+                return
+            raise
+        # recovery only read; what follows may append, and must not build on a log the start-up check refuses
+        if not self.log.wait_start_check():
+            self.recovery_error = StartRefusedError(self.stream)
+            return
+        self._discard_stale_snapshots()
         self.on_recovered()
 
-    def recover(self) -> None:
+    def recover(self, source: DeltaTable | None = None) -> None:
+        """Rebuild the state from the newest usable snapshot and the later events of ``source`` (default: the table now)."""
         self.state = self.state_type()
         self.last_seq = 0
         from_seq = 1
@@ -138,8 +169,9 @@ class EventSourcedActor(pykka.ThreadingActor, Generic[S]):
         count = 0
         apply = self.state.apply
         seq = self.last_seq
+        events = self.log.uri if source is None else source
         for seq, event in read_seq_events(
-            self.log.uri, storage_options=self.log.storage_options, streams=[self.stream], from_seq=from_seq
+            events, storage_options=self.log.storage_options, streams=[self.stream], from_seq=from_seq
         ):
             try:
                 apply(event)
@@ -170,8 +202,13 @@ class EventSourcedActor(pykka.ThreadingActor, Generic[S]):
             snap.seq,
             backed,
         )
-        self.snapshots.discard_after(self.stream, backed)
+        self._stale_after = backed  # discarded once the start-up check accepted the log: recovery only reads
         return self.snapshots.latest(self.stream, at_or_before=backed)
+
+    def _discard_stale_snapshots(self) -> None:
+        if self._stale_after is not None and self.snapshots is not None:
+            self.snapshots.discard_after(self.stream, self._stale_after)
+        self._stale_after = None
 
     def on_recovered(self) -> None:
         """Hook: runs after recovery, before the first message (e.g. release leases of a crashed run)."""
@@ -186,8 +223,9 @@ class EventSourcedActor(pykka.ThreadingActor, Generic[S]):
             self._run_ready_effects()  # every batch is resolved now: askers of lost events get the error
             return
         self._run_ready_effects()
-        if self._since_snapshot:
-            self._write_snapshot_now()
+        lags = self.log.durable_seq - self.last_seq >= self.snapshot_every
+        if self._since_snapshot or lags:
+            self._write_snapshot_now(at_head=lags)
 
     # ------------------------------------------------------------------ messages
 
@@ -256,6 +294,7 @@ class EventSourcedActor(pykka.ThreadingActor, Generic[S]):
         since = self._since_snapshot
         self.log.flush()
         self.recover()
+        self._discard_stale_snapshots()
         self._since_snapshot = since
 
     def after_durable(self, effect: Callable[[], None], request: Request | None = None) -> None:
@@ -328,15 +367,25 @@ class EventSourcedActor(pykka.ThreadingActor, Generic[S]):
         # written once seq is durable; off the actor's thread so messages keep flowing
         self.after_durable(lambda: _background(write))
 
-    def _write_snapshot_now(self) -> None:
-        if self.snapshots is None or self.last_seq == 0:
+    def _write_snapshot_now(self, *, at_head: bool = False) -> None:
+        """Snapshot the state at this stream's last event, or (``at_head``) at the log's durable end.
+
+        A stream quiet for a long time keeps a snapshot far behind the log's
+        end, and every start scans all events since it to find the few of
+        this stream (the registry of a busy account: 100,000 rows and a
+        second of a start, growing). At a clean stop every event of this
+        stream is applied and the log is flushed, so the state is also the
+        stream's state after the durable end: a snapshot there (the seq
+        names another stream's event, as verify allows) lets the next start
+        begin at the end.
+        """
+        seq = self.log.durable_seq if at_head else self.last_seq
+        if self.snapshots is None or seq == 0:
             return
-        if self.last_seq > self.log.durable_seq:  # never a snapshot of events the log does not hold
-            logger.error("{}: no snapshot at seq {}, the log is durable only to {}", self.stream, self.last_seq, self.log.durable_seq)
+        if seq > self.log.durable_seq:  # never a snapshot of events the log does not hold
+            logger.error("{}: no snapshot at seq {}, the log is durable only to {}", self.stream, seq, self.log.durable_seq)
             return
-        self.snapshots.save(
-            self.stream, self.last_seq, self.state.dump(), getattr(self.state_type, "snapshot_version", 1)
-        )
+        self.snapshots.save(self.stream, seq, self.state.dump(), getattr(self.state_type, "snapshot_version", 1))
         self._since_snapshot = 0
 
 

@@ -33,6 +33,7 @@ from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import msgspec
+from deltalake import DeltaTable
 from loguru import logger
 
 from actors.base import EventSourcedActor
@@ -51,6 +52,7 @@ from events.reconciliation import (
 )
 from events.registry import ContractActivated, ContractDeactivated, LegAdded, LegRemoved
 from storage.event_log import EventLog
+from storage.reader import read_seq_events
 from storage.snapshots import SnapshotStore
 
 __all__ = ["Reconciliation", "ReconciliationConfig", "ReconciliationState"]
@@ -136,12 +138,23 @@ class Reconciliation(EventSourcedActor[ReconciliationState]):
         #: conids IB mentioned since the last PositionsComplete (a full round ends with one)
         self._seen_this_round: set[int] = set()
         self._ticker: Ticker | None = None
+        self._start_legs: dict[int, dict[str, float | None]] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
+    def on_start(self) -> None:
+        # it only reads, as recovery does: done while the start-up check runs rather than after its verdict
+        if self.config.registry_stream is not None:
+            try:
+                self._start_legs = self._registry_from_log(self.config.registry_stream, self.log.start_view())
+            except Exception:  # noqa: BLE001 - read again after the check's verdict, where a failure counts
+                self._start_legs = None
+        super().on_start()
+
     def on_recovered(self) -> None:
         if self.config.registry_stream is not None:
-            self.legs = self._registry_from_log(self.config.registry_stream)
+            legs, self._start_legs = self._start_legs, None
+            self.legs = legs if legs is not None else self._registry_from_log(self.config.registry_stream)
         # contracts deactivated while we were down: their open conditions are over
         for conid in {conid for conid, _ in self.state.open}:
             if not self._active(conid):
@@ -151,8 +164,10 @@ class Reconciliation(EventSourcedActor[ReconciliationState]):
                 self.actor_ref, Reconcile(), self.config.reconcile_interval_s, name="reconcile"
             ).start()
 
-    def _registry_from_log(self, stream: str) -> dict[int, dict[str, float | None]]:
+    def _registry_from_log(self, stream: str, source: DeltaTable | None = None) -> dict[int, dict[str, float | None]]:
         """The registry's legs, as the registry itself recovers them: its newest snapshot, then later events.
+
+        ``source``: the events table to read (the start's shared view); by default, as it is now.
 
         Reading the registry's whole stream from seq 1 would grow with the
         log forever (and stop at any unreadable old file).
@@ -165,9 +180,16 @@ class Reconciliation(EventSourcedActor[ReconciliationState]):
         if snap is not None:
             registry = RegistryState.load(snap.state)
             from_seq = snap.seq + 1
-        for stored in self.log.read(streams=[stream], from_seq=from_seq):
-            if isinstance(stored.event, RegistryEvent):
-                registry.apply(stored.event)
+        # seq and event only, found in two passes (storage.reader.read_seq_events): the registry is often
+        # quiet for many events since its snapshot, and this runs on every start
+        for _, event in read_seq_events(
+            self.log.uri if source is None else source,
+            storage_options=self.log.storage_options,
+            streams=[stream],
+            from_seq=from_seq,
+        ):
+            if isinstance(event, RegistryEvent):
+                registry.apply(event)
         return registry.legs()
 
     def on_stop(self) -> None:

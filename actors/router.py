@@ -307,8 +307,9 @@ class StreamRouter(EventSourcedActor[RouterState]):
     def on_stop(self) -> None:
         if self._ticker is not None:
             self._ticker.stop()
-        for conid in sorted(self.state.streams | self.cancelling):
-            self._tell_ib(Unsubscribe(conid=conid))
+        if self.recovery_error is None:  # a router that never started holds no stream of this run
+            for conid in sorted(self.state.streams | self.cancelling):
+                self._tell_ib(Unsubscribe(conid=conid))
         super().on_stop()
 
     # ------------------------------------------------------------------ messages

@@ -30,6 +30,7 @@ import msgspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from deltalake import DeltaTable
 
 from storage.checkpoints import (
     Checkpoint,
@@ -296,8 +297,22 @@ def verify_digest(data_dir: str, digest: Digest, storage_options: dict[str, str]
 # ---------------------------------------------------------------------- start-up
 
 
-def verify_start(data_dir: str, trusted: set[str], storage_options: dict[str, str] | None = None) -> AttestReport:
-    """The start-up check: from the newest trusted checkpoint when its files are intact, else in full."""
+def verify_start(
+    data_dir: str,
+    trusted: set[str],
+    storage_options: dict[str, str] | None = None,
+    *,
+    events: DeltaTable | None = None,
+    hasher: FileHasher | None = None,
+) -> AttestReport:
+    """The start-up check: from the newest trusted checkpoint when its files are intact, else in full.
+
+    ``events`` is the events table already open (the runtime shares one with
+    the actors' recovery: each open re-reads the Delta log); by default it is
+    opened here. ``hasher`` may have started hashing the files already
+    (:meth:`FileHasher.prefetch`); every listed file is still read and
+    compared, only perhaps earlier.
+    """
     try:
         newest = CheckpointStore(data_dir, storage_options).newest()
     except CheckpointsUnreadable as exc:
@@ -322,7 +337,7 @@ def verify_start(data_dir: str, trusted: set[str], storage_options: dict[str, st
     if not table_exists(uri, storage_options):
         report.fail(1, f"a checkpoint signed seq 1..{st.seq} but there is no events table")
         return report
-    dt = open_table(uri, storage_options)
+    dt = open_table(uri, storage_options) if events is None else events
     if dt.metadata().id != st.table_id:
         report.fail(1, "the events table is not the one the checkpoints were signed for (its Delta table id changed)")
         return report
@@ -335,7 +350,8 @@ def verify_start(data_dir: str, trusted: set[str], storage_options: dict[str, st
     covered = [f for f in files if f[2] <= st.seq]
     if {f[0] for f in covered} != set(listed) or any(f[3] > st.seq or f[1] != listed[f[0]].size for f in covered):
         return _full(data_dir, trusted, storage_options, f"the data files are not those the checkpoint at seq {st.seq} lists (compacted since?)")
-    for f, measured in zip(newest.files, _measure_files(FileHasher(uri, storage_options), newest.files), strict=True):
+    hasher = hasher if hasher is not None else FileHasher(uri, storage_options)
+    for f, measured in zip(newest.files, _measure_files(hasher, newest.files), strict=True):
         if measured is None:
             report.fail(f.min_seq, f"data file {f.path} (seq {f.min_seq}..{f.max_seq}), signed at seq {st.seq}, is missing")
             return report

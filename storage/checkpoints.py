@@ -23,6 +23,7 @@ import hashlib
 import os
 import threading
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import msgspec
@@ -33,7 +34,7 @@ from deltalake import DeltaTable, write_deltalake
 from deltalake.fs import DeltaStorageHandler
 
 from storage.durability import sync_commit, sync_new_table
-from storage.reader import open_table, table_exists
+from storage.reader import open_table, plain_dataset, table_exists
 from storage.signing import Signer, fingerprint, signature_valid
 from storage.tables import is_local, table_uri
 
@@ -209,11 +210,36 @@ class FileHasher:
         self._local = is_local(events_uri)
         self._fs = None if self._local else pafs.PyFileSystem(DeltaStorageHandler(events_uri, storage_options))
         self._cache: dict[str, tuple[int, str]] | None = {} if cache else None
+        self._started: dict[str, Future[tuple[int, str]]] = {}
+        self._started_lock = threading.Lock()
+
+    def prefetch(self, paths: Iterable[str], workers: int = 2) -> None:
+        """Start reading and hashing ``paths`` in the background; :meth:`size_and_sha256` of one waits for it.
+
+        The runtime starts this before it opens the log, so the start-up
+        check finds the signed files (a million-event log: ~210 MB, the
+        larger part of its work) hashed or being hashed. hashlib releases
+        the GIL, so this runs beside the Python work of the start.
+        """
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prehash")
+        with self._started_lock:
+            for path in paths:
+                if path not in self._started:
+                    self._started[path] = pool.submit(self._measure, path)
+        pool.shutdown(wait=False)
 
     def size_and_sha256(self, path: str) -> tuple[int, str]:
         """Raises FileNotFoundError if the file is gone."""
         if self._cache is not None and path in self._cache:
             return self._cache[path]
+        with self._started_lock:
+            started = self._started.get(path)
+        result = started.result() if started is not None else self._measure(path)
+        if self._cache is not None:
+            self._cache[path] = result
+        return result
+
+    def _measure(self, path: str) -> tuple[int, str]:
         digest = hashlib.sha256()
         size = 0
         if self._local:
@@ -227,10 +253,7 @@ class FileHasher:
                 while chunk := f.read(1 << 20):
                     digest.update(chunk)
                     size += len(chunk)
-        result = (size, digest.hexdigest())
-        if self._cache is not None:
-            self._cache[path] = result
-        return result
+        return size, digest.hexdigest()
 
     def describe(self, files: list[tuple[str, int, int, int]]) -> list[DataFile]:
         out = []
@@ -306,27 +329,35 @@ class CheckpointStore:
         if not self.exists():
             return []
         try:
-            return self._read(with_details, seq)
+            return self._read(open_table(self.uri, self.storage_options), with_details, seq)
         except Exception as exc:  # noqa: BLE001 - Delta, Arrow and OS errors alike
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise CheckpointsUnreadable(f"the checkpoints table {self.uri} cannot be read: {first}") from None
+            raise self._unreadable(exc) from None
 
-    def _read(self, with_details: bool, seq: int | None) -> list[Checkpoint]:
-        dt = open_table(self.uri, self.storage_options)
+    def _unreadable(self, exc: Exception) -> CheckpointsUnreadable:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return CheckpointsUnreadable(f"the checkpoints table {self.uri} cannot be read: {first}")
+
+    def _read(self, dt: DeltaTable, with_details: bool, seq: int | None) -> list[Checkpoint]:
         columns = None if with_details else [n for n in CHECKPOINTS_SCHEMA.names if n not in ("files", "row_hashes")]
         expr = None if seq is None else pc.field("seq") == seq
-        table = dt.to_pyarrow_dataset().to_table(columns=columns, filter=expr)
+        table = plain_dataset(dt).to_table(columns=columns, filter=expr)
         table = table.set_column(table.schema.get_field_index("ts"), "ts", table.column("ts").cast(pa.int64()))
         out = [self._from_row(row, with_details) for row in table.to_pylist()]
         out.sort(key=lambda c: (c.seq, c.statement.ts_us))
         return out
 
     def newest(self) -> Checkpoint | None:
-        """The checkpoint with the highest seq, with its file list."""
-        heads = self.read(with_details=False)
-        if not heads:
+        """The checkpoint with the highest seq, with its file list (both reads from one open of the table)."""
+        if not self.exists():
             return None
-        full = [c for c in self.read(seq=heads[-1].seq) if c.signature == heads[-1].signature]
+        try:
+            dt = open_table(self.uri, self.storage_options)
+            heads = self._read(dt, False, None)
+            if not heads:
+                return None
+            full = [c for c in self._read(dt, True, heads[-1].seq) if c.signature == heads[-1].signature]
+        except Exception as exc:  # noqa: BLE001 - as in read()
+            raise self._unreadable(exc) from None
         return full[-1] if full else heads[-1]
 
     @staticmethod

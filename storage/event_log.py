@@ -50,7 +50,7 @@ from storage.lock import DirectoryLock
 from storage.maintenance import WRITER_KEY, Maintenance, append_hooks, keep_table_properties
 from storage.object_fence import refuse_live_writer, release
 from storage.permissions import private_dir
-from storage.reader import StoredEvent, max_seq, read_batches, read_events, table_exists
+from storage.reader import StoredEvent, max_seq, open_table, read_batches, read_events, table_exists
 from storage.tables import EVENTS_SCHEMA, LogConfig, is_local, table_properties, table_uri
 
 __all__ = [
@@ -236,6 +236,13 @@ class EventLog:
         self._maintenance: Maintenance | None = None
         self._type_info: dict[type, tuple[str, int]] = {}
         self._fast_append: Callable[[pa.Table, CommitProperties, PostCommitHookProperties], None] | None = None
+        # the start-up check's verdict: open (True) unless a check was announced and has not passed
+        self._check_done = threading.Event()
+        self._check_done.set()
+        self._check_passed = True
+        self._view_lock = threading.Lock()
+        self._start_view: DeltaTable | None = None
+        self._view_seq = -1
 
     # ------------------------------------------------------------------ open / close
 
@@ -317,6 +324,47 @@ class EventLog:
                 self._dt.update_incremental()
                 sync_commit(self.uri, self._dt.version())
 
+    # ------------------------------------------------------------------ the start-up check
+
+    def expect_start_check(self) -> None:
+        """Announce a start-up check of what this log holds: :meth:`wait_start_check` waits for its verdict.
+
+        The check only reads, and so does actors' recovery: both run at
+        once. What an actor does after recovering (append, tell others) must
+        wait until the check has accepted the log, so nothing is built on a
+        log that turns out broken.
+        """
+        self._check_passed = False
+        self._check_done.clear()
+
+    def start_check_done(self, passed: bool) -> None:
+        """The verdict of the announced check (the first one given counts)."""
+        if not self._check_done.is_set():
+            self._check_passed = passed
+            self._check_done.set()
+
+    def wait_start_check(self) -> bool:
+        """Whether the start-up check accepted the log; True at once when none was announced."""
+        self._check_done.wait()
+        return self._check_passed
+
+    def start_view(self) -> DeltaTable:
+        """A read-only DeltaTable of ``events`` holding every event appended so far, shared by its readers.
+
+        For the start: the check and every actor's recovery read the table
+        at once, and each open re-reads the Delta log (about 60 ms on a
+        million-event log, several times that when the opens compete for
+        the CPU). delta-rs guards a table with a mutex, so threads may share
+        one. It is handed out again only while nothing was appended since
+        every event before it was durable at its open; otherwise a new one
+        is opened (an actor started later recovers what was appended).
+        """
+        with self._view_lock:
+            if self._start_view is None or self.last_seq != self._view_seq:
+                seq = self.durable_seq  # before the open: the table holds at least this
+                self._start_view, self._view_seq = open_table(self.uri, self.storage_options), seq
+            return self._start_view
+
     def add_failure_listener(self, fn: Callable[[LogFailedError], None]) -> None:
         """``fn(error)`` runs once, on the writer thread, when the log gives up."""
         self._failure_listeners.append(fn)
@@ -366,6 +414,7 @@ class EventLog:
         last seq is waited for; every row appended before that moment is
         either committed or failed, never left unresolved. Safe to call twice.
         """
+        self.start_check_done(False)  # a check still running never accepts a closed log
         if self._closed:
             return
         with self._mutex:

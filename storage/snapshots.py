@@ -23,6 +23,7 @@ from deltalake import DeltaTable, write_deltalake
 from loguru import logger
 
 from storage.durability import sync_commit, sync_new_table
+from storage.reader import plain_dataset
 from storage.tables import SNAPSHOTS_SCHEMA, is_local, table_uri
 
 __all__ = ["SnapshotStore", "StoredSnapshot"]
@@ -40,11 +41,17 @@ class StoredSnapshot(msgspec.Struct, frozen=True, kw_only=True):
 class SnapshotStore:
     """Append-only store of actor snapshots; thread-safe; one commit per snapshot."""
 
-    def __init__(self, data_dir: str, storage_options: dict[str, str] | None = None) -> None:
+    def __init__(self, data_dir: str, storage_options: dict[str, str] | None = None, *, preload: bool = False) -> None:
+        """``preload``: the first :meth:`latest` reads the newest snapshot of every stream at once (see there)."""
         self.uri = table_uri(str(data_dir), "snapshots")
         self.storage_options = storage_options
         self._lock = threading.Lock()
         self.saved = 0
+        self._preload = preload
+        #: stream -> its newest intact snapshot, read once for the start; dropped at the first write
+        self._newest: dict[str, StoredSnapshot] | None = None
+        #: streams whose newest snapshot was corrupt: read the usual way, which skips to an older one
+        self._unsure: set[str] = set()
 
     def save(self, stream: str, seq: int, state: bytes, v: int = 1) -> None:
         """Store ``state`` as the state of ``stream`` after event ``seq`` (which must be durable)."""
@@ -60,6 +67,7 @@ class SnapshotStore:
             schema=SNAPSHOTS_SCHEMA,
         )
         with self._lock:
+            self._forget_newest()
             write_deltalake(self.uri, row, mode="append", storage_options=self.storage_options)
             if is_local(self.uri):  # on disk before recovery may rely on it and skip the events it covers
                 version = DeltaTable(self.uri).version()
@@ -76,6 +84,7 @@ class SnapshotStore:
         if not stream.isidentifier():
             raise ValueError(f"not a stream name: {stream!r}")
         with self._lock:
+            self._forget_newest()
             dt = self._table()
             if dt is None:
                 return
@@ -93,17 +102,54 @@ class SnapshotStore:
         """The newest intact snapshot of ``stream`` (optionally not after seq ``at_or_before``).
 
         Reads the ``seq`` column to choose, then only that snapshot's state:
-        recovery must not read every state ever saved.
+        recovery must not read every state ever saved. A store made with
+        ``preload`` answers the start's calls (one per actor, all at once) from
+        one read of every stream's newest snapshot instead of an open of the
+        table and two scans each, until anything is written.
         """
+        if self._preload:
+            known, snap = self._preloaded(stream)
+            if known and (snap is None or at_or_before is None or snap.seq <= at_or_before):
+                return snap
         dt = self._table()
         if dt is None:
             return None
         expr = self._filter(stream, at_or_before)
-        seqs = dt.to_pyarrow_dataset().to_table(filter=expr, columns=["seq"]).column("seq").to_pylist()
+        seqs = plain_dataset(dt).to_table(filter=expr, columns=["seq"]).column("seq").to_pylist()
         for seq in sorted(set(seqs), reverse=True):
             for snap in self._read(dt, expr & (pc.field("seq") == seq)):
                 return snap  # the newest intact one; a corrupt one was skipped with a warning
         return None
+
+    def _preloaded(self, stream: str) -> tuple[bool, StoredSnapshot | None]:
+        """(whether the preload knows ``stream``'s newest snapshot, that snapshot or None if it has none)."""
+        with self._lock:
+            if not self._preload:
+                return False, None
+            if self._newest is None:
+                self._newest, self._unsure = self._read_newest()
+            if stream in self._unsure:
+                return False, None
+            return True, self._newest.get(stream)
+
+    def _read_newest(self) -> tuple[dict[str, StoredSnapshot], set[str]]:
+        dt = self._table()
+        if dt is None:
+            return {}, set()
+        heads = plain_dataset(dt).to_table(columns=["stream", "seq"]).group_by("stream").aggregate([("seq", "max")])
+        wanted = list(zip(heads.column("stream").to_pylist(), heads.column("seq_max").to_pylist(), strict=True))
+        if not wanted:
+            return {}, set()
+        expr = pc.scalar(False)
+        for stream, seq in wanted:
+            expr = expr | ((pc.field("stream") == stream) & (pc.field("seq") == seq))
+        newest: dict[str, StoredSnapshot] = {}
+        for snap in self._read(dt, expr):
+            newest.setdefault(snap.stream, snap)
+        return newest, {stream for stream, _ in wanted} - set(newest)
+
+    def _forget_newest(self) -> None:
+        self._preload, self._newest = False, None
 
     def all(self, stream: str | None = None, at_or_before: int | None = None) -> Iterator[StoredSnapshot]:
         """Every intact snapshot (verify compares each with the events)."""
@@ -128,7 +174,7 @@ class SnapshotStore:
 
     @staticmethod
     def _read(dt: DeltaTable, expr: pc.Expression) -> Iterator[StoredSnapshot]:
-        table = dt.to_pyarrow_dataset().to_table(filter=expr)
+        table = plain_dataset(dt).to_table(filter=expr)
         table = table.set_column(2, "ts", table.column("ts").cast(pa.int64()))
         for row in table.to_pylist():
             snap = StoredSnapshot(
