@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from deltalake import DeltaTable
 
+from actors.control import ControlUnavailable, request
 from actors.fake_ib_demo import demo_positions
 from tests.support.collector import wait_until
 
@@ -103,9 +104,21 @@ class RuntimeProc:
             return None
         return json.loads(result.stdout)
 
+    def socket_status(self) -> dict[str, Any] | None:
+        """What ``status --json`` prints, read from the control socket it reads: for polling, which would
+        otherwise start an interpreter per poll (the CLI itself is run by ``status`` and tests/integration/test_runtime_cli.py)."""
+        try:
+            answer = request(self.data_dir / "slotwise.sock", {"type": "status"}, timeout=30)
+        except (ControlUnavailable, OSError, ValueError):
+            answer = {"ok": False}
+        if not answer["ok"]:
+            assert self.proc.poll() is None, f"runtime exited with {self.proc.returncode}:\n{self.log_tail()}"
+            return None
+        return answer["reply"]
+
     def wait_status(self, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str) -> dict[str, Any]:
         def check() -> dict[str, Any] | None:
-            status = self.status()
+            status = self.socket_status()
             return status if status is not None and predicate(status) else None
 
         return wait_for(check, timeout, what)
@@ -249,7 +262,7 @@ def test_sigkill_mid_run_and_restart_lose_no_queue_work(tmp_path: Path, runtimes
     data_dir = tmp_path / "data"
     config = write_config(
         tmp_path / "c.toml",
-        demo={"stocks": 50, "snapshot_latency_s": 1.0, "snapshot_latency_max_s": 1.0},
+        demo={"stocks": 50, "snapshot_latency_s": 0.5, "snapshot_latency_max_s": 0.5},
         runtime={"max_lines": 400},
     )
     rt = runtimes(data_dir, config)

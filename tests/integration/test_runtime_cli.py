@@ -30,7 +30,9 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RuntimeProc]:
 
 
 def test_status_json_while_running(running: RuntimeProc) -> None:
-    status = running.wait_status(lambda s: s["worker"]["cycles"] >= 1, 20, "a worker cycle")
+    running.wait_status(lambda s: s["worker"]["cycles"] >= 1, 20, "a worker cycle")
+    status = running.status()  # the CLI's own output
+    assert status is not None
     for key in ("uptime_s", "mode", "max_lines", "lines_in_use", "streams", "overflow", "queue", "last_seq", "ib"):
         assert key in status, key
     assert status["mode"] == "demo"
