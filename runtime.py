@@ -14,6 +14,7 @@
     python runtime.py contracts [--json] [--path stream|queue|overflow|portfolio] [--stale-over S] [--offline]
     python runtime.py queue dead-letters [--json] [--offline] | queue requeue CONID [CONID ...]
     python runtime.py fleet   --root DIR-OR-URI [--json]   (every account's data dir under a root)
+    python runtime.py what-if [--data-dir DIR] [--max-lines 60,100,200] [--monitoring-s 30,60] [--json] [--plot F]
 
 ``run`` builds the actor graph (DESIGN.md section 2) and runs until SIGINT or
 SIGTERM (or ``--duration``), then stops it in order: no new work, streams
@@ -45,10 +46,11 @@ from typing import Any
 from actors.cli_checks import OneLineParser, data_dir_problem, duration, log_file_problem, log_level, port_problem
 from actors.fleet_view import add_parser as fleet_parser
 from actors.operator_cli import add_parsers as operator_parsers
+from actors.what_if_cli import add_parser as what_if_parser
 from storage.permissions import runtime_dir, set_private_umask
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOG_FAILED = 0, 1, 2, 3
-COMMANDS = ("run", "registry", "status", "replay", "audit", "verify", "digest", "contracts", "queue", "fleet")
+COMMANDS = ("run", "registry", "status", "replay", "audit", "verify", "digest", "contracts", "queue", "fleet", "what-if")
 
 
 # ---------------------------------------------------------------------- command line
@@ -60,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Slotwise keeps every IB position and its market data in sync within IB's market data lines.",
         epilog="With no command, 'run' is assumed. Exit codes: 0 ok, 1 failed, 2 usage, 3 event log failed.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{run,registry,status,replay,audit,verify,digest,contracts,queue,fleet}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,registry,status,replay,audit,verify,digest,contracts,queue,fleet,what-if}")
 
     def data_dir_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--data-dir", help="data directory or delta-rs URI (default ./data, or $SLOTWISE_DATA_DIR)")
@@ -125,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_dir_arg(digest)
     operator_parsers(sub, data_dir_arg)
     fleet_parser(sub)
+    what_if_parser(sub, data_dir_arg)
     return parser
 
 
@@ -350,6 +353,7 @@ class Runtime:
                 host=socket.gethostname(),
                 mode="demo" if self.demo else "run",
                 max_lines=rt.max_lines,
+                freshness={f: float(getattr(self.config.freshness, f)) for f in self.config.freshness.__struct_fields__},
             ),
             stream="runtime",
             key="runtime",
@@ -1128,10 +1132,17 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"registry": cmd_registry, "status": cmd_status, "replay": cmd_replay, "audit": cmd_audit, "verify": cmd_verify, "digest": cmd_digest}
     handler.update(contracts=lambda a, c: cmd_contracts(a, c, _call_runtime), queue=lambda a, c: cmd_queue(a, c, _call_runtime))
     handler.update(fleet=cmd_fleet)
+    handler["what-if"] = _cmd_what_if
     try:
         return handler[args.command](args, config)
     except BrokenPipeError:  # `... | head` closed our stdout: the reader has what it wanted
         return _stdout_closed()
+
+
+def _cmd_what_if(args: argparse.Namespace, config: Config) -> int:
+    from actors.what_if_cli import cmd_what_if
+
+    return cmd_what_if(args, config)
 
 
 def _log_level(args: argparse.Namespace) -> str:

@@ -19,6 +19,9 @@ class RuntimeStarted(Event, tag="log.runtime_started", frozen=True, kw_only=True
     host: str
     mode: str = "run"
     max_lines: int = 0
+    #: The run's ``[freshness]`` settings (name -> value), so ``what-if`` replays a day with what was running.
+    #: Empty in runs before it was recorded.
+    freshness: dict[str, float] = {}
 
 
 class RuntimeStopped(Event, tag="log.runtime_stopped", frozen=True, kw_only=True):

@@ -1,0 +1,246 @@
+"""``python runtime.py what-if``: would more lines, or other targets, have kept the positions fresher?
+
+    python runtime.py what-if [--data-dir D] [--since T] [--until T] [--max-lines 60,100,200]
+                              [--monitoring-s 30,60] [--json] [--plot FILE.png|FILE.html]
+
+Re-runs the recorded period through the real router, queue and worker on
+simulated time (:mod:`actors.what_if_sim`), once per configuration, and
+prints the faithfulness check first: the configuration that was running,
+replayed, against what the positions table recorded. Only then the rows of
+the other configurations, which are as trustworthy as that check says.
+
+A row "N lines" is an account with N market data lines and ``max_lines``
+N; ``--monitoring-s`` varies the target age of non-active contracts. Every
+other setting is the one the record says was running. Nothing in the data
+directory changes. Argument parsing needs the standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+__all__ = ["add_parser", "cmd_what_if", "positive_list"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: Extra lines of one IB "quote booster" pack: the default second row.
+BOOSTER_PACK_LINES = 100
+
+
+def positive_list(kind: type) -> Any:
+    """argparse type: a comma-separated list of positive numbers (``60,100,200``)."""
+
+    def parse(text: str) -> list[Any]:
+        values = []
+        for part in text.split(","):
+            try:
+                value = kind(part.strip())
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{part.strip()!r} in {text!r} is not a {'whole ' if kind is int else ''}number") from None
+            if not math.isfinite(value) or value <= 0:
+                raise argparse.ArgumentTypeError(f"{part.strip()!r} in {text!r} must be a number > 0")
+            values.append(value)
+        if len(values) > 12:
+            raise argparse.ArgumentTypeError(f"{text!r}: at most 12 values")
+        return sorted(set(values))
+
+    return parse
+
+
+def iso_time(text: str) -> str:
+    try:
+        datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO-8601 time (e.g. 2026-11-30T14:30:00Z)") from None
+    return text
+
+
+def add_parser(sub: Any, data_dir_arg: Any) -> None:
+    """Add ``what-if`` to the command line's subparsers."""
+    p = sub.add_parser("what-if", help="replay the recorded period with other line counts or targets: how fresh would it have been?")
+    data_dir_arg(p)
+    p.add_argument("--since", type=iso_time, help="ISO-8601 start of the period (default: the first run recorded)")
+    p.add_argument("--until", type=iso_time, help="ISO-8601 end of the period (default: the last thing recorded)")
+    p.add_argument(
+        "--max-lines",
+        type=positive_list(int),
+        help=f"line counts to try, comma-separated (default: as run, and as run + {BOOSTER_PACK_LINES}: a booster pack)",
+    )
+    p.add_argument("--monitoring-s", type=positive_list(float), help="target ages (s) of non-active contracts to try (default: as run)")
+    p.add_argument("--json", action="store_true", help="one JSON object: period, faithfulness, a row per configuration")
+    p.add_argument("--plot", metavar="FILE", help="write a chart: FILE.png, or FILE.html (the chart and the table in one page)")
+
+
+def _plot_problem(path: str | None) -> str | None:
+    if path is None:
+        return None
+    if not path.lower().endswith((".png", ".html")):
+        return f"--plot {path!r}: the file must end in .png or .html"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "--plot needs matplotlib, which is not installed (pip install '.[plot]')"
+    return None
+
+
+def cmd_what_if(args: argparse.Namespace, config: Any) -> int:
+    """Replay, print (or --json), and --plot; exit 1 when the data directory holds nothing to replay."""
+    problem = _plot_problem(args.plot)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    from actors.what_if_report import faithfulness, figures_of_outcome, figures_of_record
+    from actors.what_if_sim import simulate
+    from storage.recorded_day import NoRecordError, read_recorded_day
+
+    data_dir = config.runtime.data_dir
+    try:
+        day = read_recorded_day(data_dir, since=args.since, until=args.until)
+    except NoRecordError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    as_run = _as_run(day, config)
+    configs = [as_run] + [
+        _variant(as_run, lines, monitoring)
+        for lines in (args.max_lines or [as_run.max_lines, as_run.max_lines + BOOSTER_PACK_LINES])
+        for monitoring in (args.monitoring_s or [as_run.monitoring_s])
+    ]
+    recorded = figures_of_record(day, monitoring_s=as_run.monitoring_s, overflow_s=as_run.overflow_s)
+    rows = []
+    for sim_config in configs:
+        started = time.process_time()
+        outcome = simulate(day, sim_config)
+        figures = figures_of_outcome(day, outcome)
+        figures.extra["replay_cpu_s"] = round(time.process_time() - started, 2)
+        rows.append(figures)
+    check = faithfulness(recorded, rows[0])
+    report = _report(day, as_run, check, rows)
+    if args.plot:
+        from actors.what_if_plot import write_plot
+
+        try:
+            write_plot(args.plot, report)
+        except OSError as exc:
+            print(f"error: --plot {args.plot}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_FAILED
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+    else:
+        _print(report)
+        if args.plot:
+            print(f"chart written to {args.plot}")
+    return EXIT_OK
+
+
+def _as_run(day: Any, config: Any) -> Any:
+    """The configuration the record says was running; [freshness] from the config where the log predates it."""
+    from actors.what_if_sim import SimConfig
+
+    fresh, rt = config.freshness, config.runtime
+    settings = {f: getattr(fresh, f) for f in fresh.__struct_fields__} | day.settings
+    max_lines = day.max_lines or rt.max_lines
+    return SimConfig(
+        label="as run",
+        max_lines=max_lines,
+        true_lines=day.true_lines or max_lines,
+        learned_at_start=day.learned_at_start,
+        monitoring_s=float(settings["monitoring_s"]),
+        overflow_s=float(settings["overflow_s"]),
+        max_snapshot_msgs_per_s=float(settings["max_snapshot_msgs_per_s"]),
+        min_snapshot_lines=int(settings["min_snapshot_lines"]),
+        line_probe_s=float(settings["line_probe_s"]),
+        min_dwell_s=float(settings["min_dwell_s"]),
+        risk_factor=float(settings["risk_factor"]),
+        max_attempts=rt.max_attempts,
+        retry_backoff_s=rt.retry_backoff_s,
+        retry_backoff_cap_s=rt.retry_backoff_cap_s,
+        lease_s=rt.lease_s,
+        snapshot_timeout_s=config.ib.snapshot_timeout_s,
+        as_run=True,
+    )
+
+
+def _variant(as_run: Any, lines: int, monitoring_s: float) -> Any:
+    """An account with ``lines`` lines (configured and at IB), and the as-run settings otherwise.
+
+    What the runtime knew of its limit at the start carries over: an account
+    that had learned its limit would know the new one too.
+    """
+    from dataclasses import replace
+
+    label = f"{lines} lines" + ("" if monitoring_s == as_run.monitoring_s else f", monitoring {monitoring_s:g} s")
+    return replace(
+        as_run,
+        label=label,
+        max_lines=lines,
+        true_lines=lines,
+        learned_at_start=None if as_run.learned_at_start is None else lines,
+        monitoring_s=monitoring_s,
+        min_snapshot_lines=min(as_run.min_snapshot_lines, lines - 1) if lines > 1 else 1,
+        as_run=False,
+    )
+
+
+def _iso(ts_us: int) -> str:
+    return datetime.fromtimestamp(ts_us / 1e6, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _report(day: Any, as_run: Any, check: Any, rows: list[Any]) -> dict[str, Any]:
+    return {
+        "period": {
+            "since": _iso(day.start_us),
+            "until": _iso(day.end_us),
+            "duration_s": round(day.duration_s, 1),
+            "contracts": len(day.contracts),
+            "active_at_start": len(day.active_at_start),
+            "registry_changes": len(day.active_changes),
+            "snapshots_recorded": day.snapshots_recorded,
+            "interruptions": len(day.interruptions_us),
+            "down_s": round(sum(b - a for a, b in day.down) / 1e6, 1),
+            "line_limit_recorded": day.true_lines,
+            "settings_recorded": bool(day.settings),
+        },
+        "faithfulness": check.to_json() | {"as_run": check.replayed.to_json()},
+        "rows": [row.to_json() for row in rows],
+    }
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def _ages(figures: dict[str, Any]) -> str:
+    return f"{_fmt(figures['p50_s'])}/{_fmt(figures['p99_s'])}/{_fmt(figures['max_s'])}"
+
+
+def _print(report: dict[str, Any]) -> None:
+    period, check = report["period"], report["faithfulness"]
+    print(
+        f"what-if over {period['since']} .. {period['until']} ({period['duration_s']:g} s): {period['contracts']} contracts, "
+        f"{period['snapshots_recorded']} snapshots recorded, IB's line limit {_fmt(period['line_limit_recorded'])}"
+    )
+    if not period["settings_recorded"]:
+        print("note: this log predates recorded [freshness] settings; the config file's (or the defaults) stand in for them")
+    verdict = "faithful" if check["faithful"] else "NOT faithful: read the rows below as rough"
+    print(f"faithfulness (the as-run configuration replayed vs the positions table; p99 within {check['within']:.0%} or 1 s): {verdict}")
+    for path, name in (("active", "active contracts"), ("other", "other contracts")):
+        p = check["p99"][path]
+        print(f"  p99 age of {name:<17} recorded {_fmt(p['recorded_s']):>8} s   replayed {_fmt(p['replayed_s']):>8} s   {'ok' if p['ok'] else 'differs'}")
+    header = f"{'configuration':<28} {'streamed':>8} {'active p50/p99/max s':>22} {'other p50/p99/max s':>22} {'missed':>7} {'past target':>12} {'snap/s':>7} {'101s':>5}"
+    print(header)
+    for row in [check["recorded"], *report["rows"]]:
+        share = "-" if row["streamed_share"] is None else f"{row['streamed_share']:.0%}"
+        print(
+            f"{row['label']:<28} {share:>8} {_ages(row['active']):>22} {_ages(row['other']):>22} {row['missed_contracts']:>7} "
+            f"{row['missed_s']:>10g} s {row['snapshot_msgs_per_s']:>7g} {row['extra'].get('refusals_101', '-'):>5}"
+        )
+    worst = report["rows"][0]["worst"]
+    if worst:
+        names = ", ".join(f"{w['symbol'] or w['conid']} ({w['over_target_s']:g} s)" for w in worst)
+        print(f"longest past target, as run: {names}")
+    sys.stdout.flush()

@@ -1,0 +1,528 @@
+"""What-if replay: the real router, queue and worker, re-run on simulated time against a replaying IB.
+
+The scheduler and the line ledger are not re-implemented here. The same
+:class:`~actors.router.StreamRouter`, :class:`~actors.queue.QueueActor` and
+:class:`~actors.worker.QueueWorker` the runtime starts are built as plain
+objects (never started as pykka actors) and driven by a discrete-event loop:
+
+* their clocks read the loop's simulated time (the constructors take a
+  clock; the worker also takes ``call_later`` for its wake-ups);
+* their peers are :class:`SimRef`\\ s, whose ``tell`` puts the message on the
+  loop at the current simulated instant, in order, so every ask and reply
+  still goes through ``on_receive`` as in production;
+* their log is a :class:`MemoryLog` that is durable at once, so
+  ``after_durable`` effects run in order without a disk;
+* IB is :class:`ReplayingIb`: the account's true line count (a request
+  beyond it gets 101, as IB answers), each contract's recorded snapshot
+  latencies and outcomes in order, recorded farm blips, and the time no
+  runtime ran (a disconnect).
+
+Nothing sleeps: a recorded trading day runs as fast as the decisions can be
+computed (``benchmarks/what_if.py``). IB's portfolio marks are replayed as the
+positions table kept them (the router dates never-priced contracts by
+them). What the loop cannot know is left out and said so in
+docs/audit.md: portfolio marks the writer did not keep, the
+contracts' expiries and multipliers (not in the positions table; ranking
+falls back to priority and |delta| x position), and quotes of streams
+between rows (a stream is modelled as one quote per ``stream_tick_s``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from actors.handlers import HandlerSet
+from actors.messaging import Request
+from actors.queue import QueueActor
+from actors.router import ActiveAtStart, RouterSettings, RouterTick, StreamRouter
+from actors.worker import QueueWorker, WorkerSettings
+from events.base import Event
+from events.ib import (
+    ConnectionState,
+    ConnectionStateChanged,
+    IbErrorKind,
+    MarketUpdate,
+    MarketUpdates,
+    PositionChanged,
+    Snapshot,
+    SnapshotFailed,
+    SnapshotResult,
+    StreamEnded,
+    Subscribe,
+    Unsubscribe,
+    classify_ib_code,
+)
+from events.registry import ContractActivated, ContractDeactivated, LegAdded, LegRemoved
+from storage.event_log import Receipt
+from storage.recorded_day import RecordedDay, SnapshotSample
+
+__all__ = ["MemoryLog", "ReplayingIb", "SimConfig", "SimLoop", "SimOutcome", "SimRef", "SimulationStuck", "simulate"]
+
+#: IB's snapshot latency when a contract has no recorded snapshot (IB documents "up to 11 s"; most take ~1-2 s).
+DEFAULT_SNAPSHOT_S = 1.0
+#: A farm blip recorded at t cuts the snapshots that end within this many seconds of t.
+BLIP_WINDOW_S = 1.0
+#: How often the replaying IB tells the router that its streams still tick (the router's view of their age).
+STREAM_HEARTBEAT_S = 5.0
+#: The IB actor's minimum stream age before a cancel leaves (events.ib.IbSettings.min_stream_age_s).
+MIN_STREAM_AGE_S = 1.0
+#: Messages at one simulated instant beyond which the loop reports a livelock instead of hanging.
+MAX_STEPS_AT_ONE_INSTANT = 1_000_000
+#: A new stream's first tick arrives this long after the request.
+FIRST_TICK_S = 0.3
+
+
+class SimulationStuck(RuntimeError):
+    """The simulated actors kept exchanging messages without time moving on (a livelock in the code under test)."""
+
+
+class SimLoop:
+    """A discrete-event loop on simulated time: a heap of (time, order, action).
+
+    ``now`` counts seconds from the period's start, not from the epoch: at
+    epoch scale a double resolves only ~0.2 µs, and a token bucket's tiny
+    waits would then never move time on. ``clock_us`` gives the epoch time
+    the log and the quotes use.
+    """
+
+    def __init__(self, start_us: int) -> None:
+        self.start_us = start_us
+        self.now = 0.0
+        self._heap: list[tuple[float, int, Callable[[Any], Any], Any]] = []
+        #: Messages for the current instant, in the order they were sent (most of the traffic: no heap needed).
+        self._ready: deque[tuple[Callable[[Any], Any], Any]] = deque()
+        self._order = itertools.count()
+        self.steps = 0
+
+    def at(self, t: float, fn: Callable[[Any], Any], arg: Any = None) -> None:
+        if t <= self.now:
+            self._ready.append((fn, arg))
+        else:
+            heapq.heappush(self._heap, (t, next(self._order), fn, arg))
+
+    def soon(self, fn: Callable[[Any], Any], arg: Any = None) -> None:
+        self._ready.append((fn, arg))
+
+    def clock_s(self) -> float:
+        return self.now
+
+    def clock_us(self) -> int:
+        return self.start_us + int(self.now * 1_000_000)
+
+    def at_us(self, ts_us: int, fn: Callable[[Any], Any], arg: Any = None) -> None:
+        """Schedule at an epoch time in µs (recorded times)."""
+        self.at((ts_us - self.start_us) / 1e6, fn, arg)
+
+    def call_later(self, delay_s: float, fn: Callable[[], None]) -> None:
+        self.at(self.now + delay_s, lambda _: fn())
+
+    def run_until(self, end_s: float) -> None:
+        """Run every action due up to ``end_s``; the instant's messages first, then the next due time."""
+        heap, ready, pop, popleft = self._heap, self._ready, heapq.heappop, self._ready.popleft
+        steps = 0
+        while True:
+            at_once = 0
+            while ready:
+                fn, arg = popleft()
+                fn(arg)
+                at_once += 1
+                if at_once > MAX_STEPS_AT_ONE_INSTANT:
+                    raise SimulationStuck(f"more than {MAX_STEPS_AT_ONE_INSTANT} steps at t={self.now:.6f} s: time does not move on")
+            steps += at_once
+            if not heap or heap[0][0] > end_s:
+                break
+            t, _, fn, arg = pop(heap)
+            self.now = t
+            fn(arg)
+            steps += 1
+        self.steps += steps
+        self.now = end_s
+
+
+class SimRef:
+    """Stands in for a pykka ActorRef: ``tell`` delivers to ``on_receive`` on the loop, in order."""
+
+    def __init__(self, loop: SimLoop, target: Any) -> None:
+        self._loop = loop
+        self._receive = target.on_receive
+
+    def tell(self, message: Any) -> None:
+        self._loop.soon(self._receive, message)
+
+    def is_alive(self) -> bool:
+        return True
+
+
+class MemoryLog:
+    """The event log of a simulation: every append is durable at once; keeps nothing but the count."""
+
+    uri = "memory://what-if"
+    storage_options = None
+    opened_seq = 0
+
+    def __init__(self) -> None:
+        self.durable_seq = 0
+
+    def append(self, event: Event, *, stream: str, key: str) -> Receipt:
+        self.durable_seq += 1
+        return Receipt(self.durable_seq, None)  # type: ignore[arg-type]  # no batch: durable already
+
+    def flush(self) -> None:
+        return None
+
+
+class _Recorder:
+    """The handlers of a simulation: keeps the time of every snapshot quote per contract."""
+
+    def __init__(self) -> None:
+        self.quotes: dict[int, list[int]] = defaultdict(list)
+
+    def publish(self, message: Any) -> int:
+        if type(message) is MarketUpdate and message.source == "queue":
+            self.quotes[message.conid].append(message.ts_us)
+        return 1
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    """One configuration to replay: the account's lines and the settings the runtime would run with."""
+
+    label: str
+    #: [runtime] max_lines.
+    max_lines: int
+    #: The account's true line count at IB.
+    true_lines: int
+    #: What the router knows of the limit at the start (a restart keeps the learned limit).
+    learned_at_start: int | None
+    monitoring_s: float = 60.0
+    overflow_s: float = 5.0
+    max_snapshot_msgs_per_s: float = 10.0
+    min_snapshot_lines: int = 2
+    line_probe_s: float = 300.0
+    min_dwell_s: float = 30.0
+    risk_factor: float = 2.0
+    max_attempts: int = 5
+    retry_backoff_s: float = 1.0
+    retry_backoff_cap_s: float = 300.0
+    lease_s: float = 60.0
+    snapshot_timeout_s: float = 11.0
+    as_run: bool = False
+
+
+@dataclass(slots=True)
+class SimOutcome:
+    """What a simulated period produced: quote times per contract and what the scheduler spent."""
+
+    config: SimConfig
+    #: conid -> sorted quote times (µs): snapshot answers and stream ticks.
+    quotes: dict[int, np.ndarray]
+    #: conid -> [(start_us, end_us)] while a stream of it was ticking.
+    streamed: dict[int, list[tuple[int, int]]]
+    snapshots_sent: int
+    refusals_101: int
+    events_appended: int
+    loop_steps: int
+    final_limit: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ReplayingIb:
+    """IB as the record says it behaved: a true line count, recorded snapshot latencies, blips and outages."""
+
+    def __init__(self, loop: SimLoop, day: RecordedDay, true_lines: int, snapshot_timeout_s: float) -> None:
+        self.loop = loop
+        self.true_lines = true_lines
+        self.timeout_s = snapshot_timeout_s
+        self.router: SimRef | None = None
+        self.connected = True
+        self.streams: dict[int, float] = {}  # conid -> subscribed at
+        self.ticking: dict[int, float] = {}  # conid -> first tick at
+        self.open_snapshots = 0
+        self.snapshots_sent = 0
+        self.refusals_101 = 0
+        self.streamed: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        self._samples = {c: itertools.cycle(s) for c, s in day.snapshots.items() if s}
+        everyone = [s for samples in day.snapshots.values() for s in samples if s.outcome == "ok"]
+        self._fallback = itertools.cycle(everyone or [SnapshotSample(DEFAULT_SNAPSHOT_S, "ok")])
+        self._blips = (np.array(sorted(day.interruptions_us), dtype=np.int64) - day.start_us) / 1e6
+        self._deltas = {c.conid: c.delta for c in day.contracts}
+        self._epoch = 0  # bumped at every disconnect: answers of an older connection are void
+
+    # ------------------------------------------------------------------ lines
+
+    def lines_used(self) -> int:
+        return len(self.streams) + self.open_snapshots
+
+    def on_receive(self, message: Any) -> None:
+        if isinstance(message, Request):
+            command = message.command
+            if isinstance(command, Snapshot):
+                self._snapshot(command.conids[0], message)
+            else:
+                message.reply.set_exception(TypeError(f"what-if IB takes no {type(command).__name__}"))
+            return
+        match message:
+            case Subscribe(conid=conid):
+                self._subscribe(conid)
+            case Unsubscribe(conid=conid):
+                self._unsubscribe(conid)
+            case _:
+                pass
+
+    def _subscribe(self, conid: int) -> None:
+        if not self.connected or conid in self.streams:
+            return  # down: the router resubmits on reconnect; already streaming: IB ignores the duplicate
+        if self.lines_used() >= self.true_lines:
+            self.refusals_101 += 1
+            self._tell_router(StreamEnded(conid=conid, reason="refused", code=101, ts_us=self.loop.clock_us()))
+            return
+        now = self.loop.now
+        self.streams[conid] = now
+        self.loop.at(now + FIRST_TICK_S, self._first_tick, (conid, now))
+
+    def _first_tick(self, arg: tuple[int, float]) -> None:
+        conid, since = arg
+        if self.streams.get(conid) != since:
+            return  # cancelled, or lost with the connection, before it ticked
+        self.ticking[conid] = self.loop.now
+        self._tell_router(MarketUpdate(conid=conid, source="stream", ts_us=self.loop.clock_us(), delta=self._deltas.get(conid)))
+
+    def _unsubscribe(self, conid: int) -> None:
+        since = self.streams.get(conid)
+        if since is None:
+            self._tell_router(StreamEnded(conid=conid, reason="cancelled", ts_us=self.loop.clock_us()))
+            return
+        leaves = max(self.loop.now, since + MIN_STREAM_AGE_S)
+        self.loop.at(leaves, self._cancel_leaves, (conid, since))
+
+    def _cancel_leaves(self, arg: tuple[int, float]) -> None:
+        conid, since = arg
+        if self.streams.get(conid) != since:
+            return
+        self._end_stream(conid)
+        self._tell_router(StreamEnded(conid=conid, reason="cancelled", ts_us=self.loop.clock_us()))
+
+    def _end_stream(self, conid: int) -> None:
+        self.streams.pop(conid, None)
+        first = self.ticking.pop(conid, None)
+        if first is not None:
+            self.streamed[conid].append((self.loop.start_us + int(first * 1e6), self.loop.clock_us()))
+
+    def heartbeat(self, _: Any = None) -> None:
+        if self.ticking and self.router is not None:
+            ts = self.loop.clock_us()
+            self._tell_router(MarketUpdates(updates=[MarketUpdate(conid=c, source="stream", ts_us=ts) for c in self.ticking]))
+        self.loop.at(self.loop.now + STREAM_HEARTBEAT_S, self.heartbeat)
+
+    # ------------------------------------------------------------------ snapshots
+
+    def _snapshot(self, conid: int, request: Request) -> None:
+        if not self.connected:
+            self._answer(request, conid, IbErrorKind.DISCONNECTED, None)
+            return
+        self.snapshots_sent += 1
+        if self.lines_used() >= self.true_lines:
+            self.refusals_101 += 1
+            self._answer(request, conid, IbErrorKind.MAX_TICKERS, 101)
+            return
+        sample = next(self._samples.get(conid, self._fallback))
+        self.open_snapshots += 1
+        latency = min(sample.latency_s, self.timeout_s)
+        self.loop.at(self.loop.now + latency, self._snapshot_ends, (conid, request, sample, self._epoch))
+
+    def _snapshot_ends(self, arg: tuple[int, Request, SnapshotSample, int]) -> None:
+        conid, request, sample, epoch = arg
+        if epoch != self._epoch:
+            return  # the connection it was sent on is gone; its line and its answer went with it
+        self.open_snapshots -= 1
+        if self._in_blip(self.loop.now):
+            self._answer(request, conid, IbErrorKind.DATA_INTERRUPTED, 10182)
+        elif sample.outcome == "ok":
+            update = MarketUpdate(conid=conid, source="queue", ts_us=self.loop.clock_us(), delta=self._deltas.get(conid))
+            request.reply.set(SnapshotResult(updates=[update]))
+        else:
+            kind = classify_ib_code(sample.code) if sample.code is not None else IbErrorKind.TIMEOUT
+            self._answer(request, conid, kind, sample.code)
+
+    def _in_blip(self, now_s: float) -> bool:
+        blips = self._blips
+        if not len(blips):
+            return False
+        i = int(np.searchsorted(blips, now_s))
+        near = [blips[j] for j in (i - 1, i) if 0 <= j < len(blips)]
+        return any(abs(b - now_s) <= BLIP_WINDOW_S for b in near)
+
+    @staticmethod
+    def _answer(request: Request, conid: int, kind: IbErrorKind, code: int | None) -> None:
+        request.reply.set(SnapshotResult(failures=[SnapshotFailed(conid=conid, kind=kind, code=code, message="what-if")]))
+
+    # ------------------------------------------------------------------ the connection
+
+    def disconnect(self, peers: Iterable[SimRef]) -> None:
+        if not self.connected:
+            return
+        self.connected = False
+        self._epoch += 1
+        for conid in list(self.streams):
+            self._end_stream(conid)
+        self.open_snapshots = 0
+        for peer in peers:
+            peer.tell(ConnectionStateChanged(state=ConnectionState.DISCONNECTED, detail="what-if: runtime down"))
+
+    def reconnect(self, peers: Iterable[SimRef]) -> None:
+        if self.connected:
+            return
+        self.connected = True
+        for peer in peers:
+            peer.tell(ConnectionStateChanged(state=ConnectionState.CONNECTED, resubscribe=True))
+
+    def finish(self) -> None:
+        for conid in list(self.ticking):
+            self._end_stream(conid)
+
+    def _tell_router(self, message: Any) -> None:
+        if self.router is not None:
+            self.router.tell(message)
+
+
+def simulate(day: RecordedDay, config: SimConfig) -> SimOutcome:
+    """Re-run ``day`` with ``config`` through the real router, queue and worker; nothing sleeps."""
+    loop = SimLoop(day.start_us)
+    log = MemoryLog()
+    recorder = _Recorder()
+    handlers: HandlerSet = recorder  # type: ignore[assignment]  # publish() is all the actors use
+    ib = ReplayingIb(loop, day, config.true_lines, config.snapshot_timeout_s)
+    ib_ref = SimRef(loop, ib)
+
+    queue = QueueActor(
+        log,  # type: ignore[arg-type]
+        clock=loop.clock_us,
+        max_attempts=config.max_attempts,
+        backoff_base_s=config.retry_backoff_s,
+        backoff_cap_s=max(config.retry_backoff_cap_s, config.retry_backoff_s),
+        lease_check_s=0.0,
+    )
+    queue_ref = _bind(loop, queue)
+    router = StreamRouter(
+        log,  # type: ignore[arg-type]
+        RouterSettings(
+            max_lines=config.max_lines,
+            min_snapshot_lines=config.min_snapshot_lines,
+            monitoring_s=config.monitoring_s,
+            overflow_s=config.overflow_s,
+            line_probe_s=config.line_probe_s,
+            min_dwell_s=config.min_dwell_s,
+            risk_factor=config.risk_factor,
+            lost_line_s=max(60.0, 4 * config.snapshot_timeout_s),
+        ),
+        ib=ib_ref,  # type: ignore[arg-type]
+        queue=queue_ref,  # type: ignore[arg-type]
+        handlers=handlers,
+        timer=False,
+        clock=loop.clock_s,
+    )
+    router_ref = _bind(loop, router)
+    ib.router = router_ref
+    worker = QueueWorker(
+        WorkerSettings(
+            max_snapshot_msgs_per_s=config.max_snapshot_msgs_per_s,
+            lease_s=config.lease_s,
+            snapshot_timeout_s=config.snapshot_timeout_s,
+        ),
+        queue=queue_ref,  # type: ignore[arg-type]
+        ib=ib_ref,  # type: ignore[arg-type]
+        router=router_ref,  # type: ignore[arg-type]
+        handlers=handlers,
+        clock=loop.clock_s,
+        call_later=loop.call_later,
+    )
+    worker_ref = _bind(loop, worker)
+
+    # start as a restart does: what the router learned of the limit, no streams, an empty queue
+    router.state.learned_limit = config.learned_at_start
+    router.on_recovered()
+    queue.on_recovered()
+    router_ref.tell(
+        ActiveAtStart(conids=sorted(day.active_at_start), priorities={c: dict(p) for c, p in day.active_at_start.items()})
+    )
+    for contract in day.contracts:
+        loop.at_us(contract.appeared_us, router.on_receive, _position(contract))
+    for conid, marks in day.portfolio.items():
+        for ts_us in marks[marks >= day.start_us].tolist():
+            loop.at_us(ts_us, router.on_receive, MarketUpdate(conid=conid, source="portfolio", ts_us=ts_us))
+    for change in day.active_changes:
+        for message in _registry_messages(change):
+            loop.at_us(change.ts_us, router.on_receive, message)
+            if isinstance(message, ContractActivated):
+                loop.at_us(change.ts_us, queue.on_receive, message)
+    peers = (router_ref, worker_ref)
+    for down_us, up_us in day.down:
+        loop.at_us(down_us, lambda _: ib.disconnect(peers))
+        loop.at_us(up_us, lambda _: ib.reconnect(peers))
+    for peer in peers:
+        peer.tell(ConnectionStateChanged(state=ConnectionState.CONNECTED))
+    tick_s = router.settings.tick_s
+
+    def tick(_: Any) -> None:
+        router.on_receive(RouterTick())
+        loop.at(loop.now + tick_s, tick)
+
+    loop.at(loop.now + tick_s, tick)
+    loop.at(loop.now + STREAM_HEARTBEAT_S, ib.heartbeat)
+    loop.run_until((day.end_us - day.start_us) / 1e6)
+    ib.finish()
+
+    quotes = {c: np.asarray(t, dtype=np.int64) for c, t in recorder.quotes.items()}
+    return SimOutcome(
+        config=config,
+        quotes=quotes,
+        streamed=dict(ib.streamed),
+        snapshots_sent=ib.snapshots_sent,
+        refusals_101=ib.refusals_101,
+        events_appended=log.durable_seq,
+        loop_steps=loop.steps,
+        final_limit=router.ledger.limit,
+    )
+
+
+def _bind(loop: SimLoop, actor: Any) -> SimRef:
+    """A SimRef to ``actor``, which also becomes the actor's own ref (what it tells itself comes back on the loop).
+
+    pykka keeps an actor's ref in ``_actor_ref`` behind a read-only property; an actor that is never started
+    has no thread to receive on, so the loop takes its place.
+    """
+    ref = SimRef(loop, actor)
+    actor._actor_ref = ref
+    return ref
+
+
+def _position(contract: Any) -> PositionChanged:
+    return PositionChanged(
+        account="what-if",
+        conid=contract.conid,
+        symbol=contract.symbol,
+        sec_type=contract.sec_type,
+        position=contract.position or 1.0,  # held in the period: a zero at its last row still needed prices
+        avg_cost=0.0,
+        ts_us=contract.appeared_us,
+    )
+
+
+def _registry_messages(change: Any) -> list[Event]:
+    match change.kind:
+        case "leg_added":
+            return [LegAdded(conid=change.conid, strategy=change.strategy, priority=change.priority)]
+        case "leg_removed":
+            return [LegRemoved(conid=change.conid, strategy=change.strategy)]
+        case "activated":
+            return [ContractActivated(conid=change.conid, strategy=change.strategy)]
+        case "deactivated":
+            return [ContractDeactivated(conid=change.conid, strategy=change.strategy)]
+    return []

@@ -1,0 +1,399 @@
+"""A recorded period, read back from the event log and the positions table, for what-if replay.
+
+``what-if`` re-runs a period through the real scheduler and line ledger
+(:mod:`actors.what_if_sim`). What it needs from the record, and where each
+part comes from:
+
+* **the configuration that was running**: ``RuntimeStarted`` (``max_lines``
+  and the ``[freshness]`` settings; runs recorded before those were stored
+  get the defaults, and the report says so);
+* **the account's true line count**: the newest ``LineLimitLearned`` (IB's
+  101 taught it, or every configured line was held without one); none
+  learned means the run never met the limit, so ``max_lines`` is a floor;
+* **which contracts were held, and when each first appeared**: the
+  positions table (every row of a contract, from any path);
+* **which contracts were active, with their priorities, and when that
+  changed**: the registry's ``LegAdded``/``ContractActivated``/
+  ``ContractDeactivated`` events;
+* **how long IB took to answer each snapshot, and how it ended**: the
+  queue's ``ItemClaimed`` to ``ItemSucceeded``/``ItemRetryScheduled``/
+  ``ItemDeadLettered`` of the same item (the log's own timestamps), per
+  contract, in order;
+* **farm blips and resets**: snapshots given back as ``interrupted``;
+* **time the runtime was not running**: ``RuntimeStopped`` to the next
+  ``RuntimeStarted``;
+* **what freshness was actually had**: the times of every stream and
+  snapshot row of the positions table (one row per contract per flush),
+  for the faithfulness check.
+
+Nothing here writes: the data directory is only read.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from events.base import Event
+from events.ib import IbErrorKind, classify_ib_code
+from events.log import RuntimeStarted, RuntimeStopped
+from events.queue import ItemClaimed, ItemDeadLettered, ItemReleased, ItemRetryScheduled, ItemSucceeded
+from events.registry import ContractActivated, ContractDeactivated, LegAdded, LegRemoved
+from events.router import (
+    LineLimitLearned,
+    RouterRestarted,
+    StreamDemoted,
+    StreamPromoted,
+    StreamStarted,
+    StreamStopped,
+)
+from storage.reader import open_table, read_events, table_exists, to_utc
+from storage.tables import table_uri
+
+__all__ = ["ActiveChange", "NoRecordError", "RecordedContract", "RecordedDay", "SnapshotSample", "read_recorded_day"]
+
+_TYPES = [
+    "log.runtime_started",
+    "log.runtime_stopped",
+    "registry.leg_added",
+    "registry.leg_removed",
+    "registry.contract_activated",
+    "registry.contract_deactivated",
+    "router.line_limit_learned",
+    "router.stream_started",
+    "router.stream_promoted",
+    "router.stream_demoted",
+    "router.stream_stopped",
+    "router.restarted",
+    "queue.item_claimed",
+    "queue.item_succeeded",
+    "queue.item_retry_scheduled",
+    "queue.item_dead_lettered",
+    "queue.item_released",
+]
+
+#: Failures no retry fixes: the simulated IB answers every snapshot of such a contract the same way.
+_TERMINAL_KINDS = frozenset({IbErrorKind.NOT_SUBSCRIBED, IbErrorKind.NO_CONTRACT})
+
+
+class NoRecordError(ValueError):
+    """The data directory holds no period that can be replayed (one line for the user)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotSample:
+    """One recorded snapshot: how long IB took, and how it ended (``ok``, ``failed`` or ``terminal``)."""
+
+    latency_s: float
+    outcome: str
+    code: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedContract:
+    conid: int
+    symbol: str
+    sec_type: str
+    position: float
+    #: The newest known delta (options), for the router's ranking; None when never recorded.
+    delta: float | None
+    #: When the contract was first seen in the period (its first positions row, or the period start).
+    appeared_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveChange:
+    ts_us: int
+    conid: int
+    strategy: str
+    #: "leg_added", "leg_removed", "activated" or "deactivated"
+    kind: str
+    priority: int = 0
+
+
+@dataclass(slots=True)
+class RecordedDay:
+    start_us: int
+    end_us: int
+    max_lines: int
+    #: The run's [freshness] settings; empty when the log predates their recording.
+    settings: dict[str, float]
+    #: The account's line count as IB taught it (None: never learned, the run never met the limit).
+    true_lines: int | None
+    #: What the router knew of the limit when the period began (a restart keeps it).
+    learned_at_start: int | None
+    contracts: list[RecordedContract]
+    #: conid -> {strategy: priority}: the registry when the period began.
+    active_at_start: dict[int, dict[str, int]]
+    active_changes: list[ActiveChange]
+    snapshots: dict[int, list[SnapshotSample]]
+    interruptions_us: list[int]
+    #: Periods (start_us, end_us) the runtime was not running.
+    down: list[tuple[int, int]]
+    #: conid -> sorted times (µs) of stream and snapshot rows in the positions table.
+    quotes: dict[int, np.ndarray] = field(default_factory=dict)
+    #: conid -> sorted times (µs) of rows that came from a stream (part of ``quotes``).
+    stream_quotes: dict[int, np.ndarray] = field(default_factory=dict)
+    #: conid -> times (µs) of IB's portfolio marks the positions table kept (the router dates never-priced
+    #: contracts by them; the writer keeps one only when the contract had no fresher quote).
+    portfolio: dict[int, np.ndarray] = field(default_factory=dict)
+    #: The usual gap between a stream's rows (one row per contract per positions flush).
+    stream_tick_s: float = 1.0
+    #: conid -> [(start_us, end_us)] while the router held a stream for it (its decisions, as recorded).
+    streamed: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    #: Snapshots the worker claimed in the period (one request each).
+    snapshots_claimed: int = 0
+
+    @property
+    def duration_s(self) -> float:
+        return (self.end_us - self.start_us) / 1e6
+
+    @property
+    def snapshots_recorded(self) -> int:
+        return sum(len(v) for v in self.snapshots.values())
+
+
+def _us(value: datetime | str | None) -> int | None:
+    if value is None:
+        return None
+    return int(to_utc(value).timestamp() * 1_000_000)
+
+
+def read_recorded_day(
+    data_dir: str,
+    *,
+    since: datetime | str | None = None,
+    until: datetime | str | None = None,
+    storage_options: dict[str, str] | None = None,
+) -> RecordedDay:
+    """Read the period [since, until] (default: everything recorded) of ``data_dir``."""
+    events_uri = table_uri(data_dir, "events")
+    positions_uri = table_uri(data_dir, "positions")
+    if not table_exists(events_uri, storage_options):
+        raise NoRecordError(f"no event log in {data_dir}")
+    if not table_exists(positions_uri, storage_options):
+        raise NoRecordError(f"no positions table in {data_dir}: nothing was priced, nothing to compare with")
+    since_us, until_us = _us(since), _us(until)
+    if since_us is not None and until_us is not None and until_us <= since_us:
+        raise NoRecordError("--until must be after --since")
+    reader = _LogReader(since_us)
+    for stored in read_events(events_uri, types=_TYPES, until=until, storage_options=storage_options):
+        reader.take(stored.ts_us, stored.event)
+    if reader.first_start_us is None:
+        raise NoRecordError(f"no run recorded in {data_dir} (no RuntimeStarted event)")
+    start_us = since_us if since_us is not None else reader.first_start_us
+    last_us = reader.last_us
+    quotes, stream_quotes, portfolio, contracts, positions_last = _read_positions(positions_uri, start_us, until_us, storage_options)
+    end_us = until_us if until_us is not None else max(last_us, positions_last)
+    if end_us <= start_us:
+        raise NoRecordError("the period holds no time after the first run started")
+    if not contracts:
+        raise NoRecordError("no position was priced in the period")
+    return RecordedDay(
+        start_us=start_us,
+        end_us=end_us,
+        max_lines=reader.max_lines,
+        settings=reader.settings,
+        true_lines=reader.learned,
+        learned_at_start=reader.learned_at_start,
+        contracts=contracts,
+        active_at_start={c: dict(legs) for c, legs in reader.legs_at_start.items() if legs},
+        active_changes=reader.changes,
+        snapshots=dict(reader.samples),
+        interruptions_us=reader.interruptions,
+        down=reader.down_periods(end_us),
+        quotes=quotes,
+        stream_quotes=stream_quotes,
+        portfolio=portfolio,
+        stream_tick_s=_usual_gap_s(stream_quotes),
+        streamed=reader.stream_periods(end_us),
+        snapshots_claimed=reader.claimed,
+    )
+
+
+class _LogReader:
+    """One pass over the log's events: the state when the period starts, and the changes after it.
+
+    The period starts at ``since``, or else at the first ``RuntimeStarted``.
+    """
+
+    def __init__(self, since_us: int | None) -> None:
+        self.since_us = since_us
+        self.first_start_us: int | None = None  # the period's start, once reached
+        self.last_us = 0
+        self.max_lines = 0
+        self.settings: dict[str, float] = {}
+        self._config_fixed = False
+        self.learned: int | None = None
+        self.learned_at_start: int | None = None
+        self.legs: dict[int, dict[str, int]] = defaultdict(dict)
+        self.legs_at_start: dict[int, dict[str, int]] = {}
+        self.changes: list[ActiveChange] = []
+        self.claims: dict[int, tuple[int, int]] = {}  # item id -> (claimed at, conid)
+        self.samples: dict[int, list[SnapshotSample]] = defaultdict(list)
+        self.interruptions: list[int] = []
+        self.down: list[tuple[int, int]] = []
+        self._stopped_at: int | None = None
+        self._ran = False
+        self.streaming: dict[int, int] = {}
+        self.streamed: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        self.claimed = 0
+
+    def take(self, ts_us: int, event: Event) -> None:
+        self.last_us = max(self.last_us, ts_us)
+        started = self.first_start_us is not None
+        if not started and (ts_us >= self.since_us if self.since_us is not None else isinstance(event, RuntimeStarted)):
+            started = True
+            self.first_start_us = self.since_us if self.since_us is not None else ts_us
+            self.legs_at_start = {c: dict(legs) for c, legs in self.legs.items() if legs}
+            self.learned_at_start = self.learned
+            if self._stopped_at is not None:  # the period starts while no runtime ran
+                self.down.append((self.first_start_us, self.first_start_us))
+        match event:
+            case RuntimeStarted():
+                if not self._config_fixed:  # the run in effect at the start (or the first after it) is "as run"
+                    self.max_lines = event.max_lines
+                    self.settings = dict(event.freshness)
+                    self._config_fixed = started
+                if started and self.down and self.down[-1][0] == self.down[-1][1]:
+                    self.down[-1] = (self.down[-1][0], ts_us)
+                self._stopped_at = None
+                self._ran = True
+            case RuntimeStopped():
+                self._end_streams(ts_us)
+                self._stopped_at = ts_us
+                if started:
+                    self.down.append((ts_us, ts_us))
+            case LineLimitLearned(limit=limit):
+                self.learned = limit
+            case LegAdded(conid=c, strategy=s, priority=p):
+                self.legs[c][s] = p
+                self._change(started, ActiveChange(ts_us, c, s, "leg_added", p))
+            case LegRemoved(conid=c, strategy=s):
+                self.legs[c].pop(s, None)
+                self._change(started, ActiveChange(ts_us, c, s, "leg_removed"))
+            case ContractActivated(conid=c, strategy=s):
+                self._change(started, ActiveChange(ts_us, c, s, "activated"))
+            case ContractDeactivated(conid=c, strategy=s):
+                self._change(started, ActiveChange(ts_us, c, s, "deactivated"))
+            case StreamStarted(conid=c) | StreamPromoted(conid=c):
+                self.streaming.setdefault(c, ts_us)
+            case StreamDemoted(conid=c) | StreamStopped(conid=c):
+                begun = self.streaming.pop(c, None)
+                if begun is not None:
+                    self.streamed[c].append((begun, ts_us))
+            case RouterRestarted():
+                self._end_streams(ts_us)
+            case ItemClaimed(item_id=i, conid=c):
+                if started:
+                    self.claims[i] = (ts_us, c)
+                    self.claimed += 1
+            case ItemSucceeded(item_id=i):
+                self._sample(i, ts_us, "ok", None)
+            case ItemRetryScheduled(item_id=i, code=code):
+                self._sample(i, ts_us, "failed", code)
+            case ItemDeadLettered(item_id=i, code=code):
+                terminal = code is not None and classify_ib_code(code) in _TERMINAL_KINDS
+                self._sample(i, ts_us, "terminal" if terminal else "failed", code)
+            case ItemReleased(item_id=i, detail=detail):
+                self.claims.pop(i, None)
+                if started and detail.startswith("interrupted"):
+                    self.interruptions.append(ts_us)
+            case _:
+                pass
+
+    def down_periods(self, end_us: int) -> list[tuple[int, int]]:
+        """Stopped-to-started gaps; a gap still open (or a stop never followed by a start) runs to ``end_us``."""
+        return [(a, end_us if a == b else b) for a, b in self.down if a < end_us]
+
+    def _end_streams(self, ts_us: int) -> None:
+        for conid, begun in self.streaming.items():
+            self.streamed[conid].append((begun, ts_us))
+        self.streaming.clear()
+
+    def stream_periods(self, end_us: int) -> dict[int, list[tuple[int, int]]]:
+        """Stream periods that overlap the period (a stream still held at the end runs to ``end_us``)."""
+        self._end_streams(end_us)
+        start = self.first_start_us or 0
+        return {
+            c: [(max(a, start), min(b, end_us)) for a, b in spans if b > start and a < end_us]
+            for c, spans in self.streamed.items()
+        }
+
+    def _change(self, started: bool, change: ActiveChange) -> None:
+        if started:
+            self.changes.append(change)
+
+    def _sample(self, item_id: int, ts_us: int, outcome: str, code: int | None) -> None:
+        claimed = self.claims.pop(item_id, None)
+        if claimed is not None:
+            self.samples[claimed[1]].append(SnapshotSample(max(0.0, (ts_us - claimed[0]) / 1e6), outcome, code))
+
+
+def _read_positions(
+    uri: str, start_us: int, until_us: int | None, storage_options: dict[str, str] | None
+) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], dict[int, np.ndarray], list[RecordedContract], int]:
+    """Quote times per contract (stream and snapshot rows; stream rows; portfolio rows), and every contract held."""
+    ts_type = pa.timestamp("us", tz="UTC")
+    expr = None
+    if until_us is not None:
+        expr = pc.field("ts") <= pa.scalar(until_us, ts_type)
+    table = (
+        open_table(uri, storage_options)
+        .to_pyarrow_dataset()
+        .to_table(columns=["conid", "symbol", "sec_type", "position", "delta", "source", "ts"], filter=expr)
+    )
+    if table.num_rows == 0:
+        return {}, {}, {}, [], 0
+    table = table.sort_by([("conid", "ascending"), ("ts", "ascending")])
+    conids = table.column("conid").to_numpy()
+    ts = table.column("ts").cast(pa.int64()).to_numpy()
+    sources = table.column("source").to_pylist()
+    symbols = table.column("symbol").to_pylist()
+    sec_types = table.column("sec_type").to_pylist()
+    positions = table.column("position").to_pylist()
+    deltas = table.column("delta").to_pylist()
+    is_quote = np.array([s in ("stream", "queue") for s in sources])
+    is_stream = np.array([s == "stream" for s in sources])
+    is_portfolio = np.array([s == "portfolio" for s in sources])
+    quotes: dict[int, np.ndarray] = {}
+    stream_quotes: dict[int, np.ndarray] = {}
+    portfolio: dict[int, np.ndarray] = {}
+    contracts = []
+    bounds = np.flatnonzero(np.diff(conids)) + 1
+    for lo, hi in zip(np.concatenate(([0], bounds)), np.concatenate((bounds, [len(conids)])), strict=True):
+        conid = int(conids[lo])
+        window = slice(lo, hi)
+        quotes[conid] = ts[window][is_quote[window]]
+        stream_quotes[conid] = ts[window][is_stream[window]]
+        portfolio[conid] = ts[window][is_portfolio[window]]
+        held = [p for p in positions[lo:hi] if p is not None]
+        known_deltas = [d for d in deltas[lo:hi] if d is not None]
+        if held and held[-1] == 0 and all(p == 0 for p in held):
+            continue  # never held in the record: nothing to price
+        contracts.append(
+            RecordedContract(
+                conid=conid,
+                symbol=symbols[hi - 1] or "",
+                sec_type=sec_types[hi - 1] or "",
+                position=float(held[-1]) if held else 0.0,
+                delta=known_deltas[-1] if known_deltas else None,
+                appeared_us=max(start_us, int(ts[lo])),
+            )
+        )
+    return quotes, stream_quotes, portfolio, contracts, int(ts.max())
+
+
+def _usual_gap_s(stream_quotes: dict[int, np.ndarray]) -> float:
+    """The median gap between consecutive stream rows of a contract (1 s: one positions flush, if none)."""
+    gaps = [np.diff(t) for t in stream_quotes.values() if len(t) > 1]
+    if not gaps:
+        return 1.0
+    joined = np.concatenate(gaps)
+    joined = joined[joined > 0]
+    return float(np.median(joined)) / 1e6 if len(joined) else 1.0
