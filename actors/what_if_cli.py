@@ -241,6 +241,6 @@ def _print(report: dict[str, Any]) -> None:
         )
     worst = report["rows"][0]["worst"]
     if worst:
-        names = ", ".join(f"{w['symbol'] or w['conid']} ({w['over_target_s']:g} s)" for w in worst)
+        names = ", ".join(f"{w['symbol']} {w['conid']} ({w['over_target_s']:g} s)" for w in worst)
         print(f"longest past target, as run: {names}")
     sys.stdout.flush()

@@ -58,7 +58,7 @@ def render_png(report: dict[str, Any]) -> bytes:
     ages_ax.legend(fontsize=7, loc="upper right")
     worst = as_run["worst"]
     if worst:
-        names = [str(w["symbol"] or w["conid"]) for w in worst][::-1]
+        names = [f"{w['symbol']} {w['conid']}" for w in worst][::-1]
         worst_ax.barh(names, [w["over_target_s"] for w in worst][::-1], color="tab:red")
         worst_ax.set_xlabel("seconds past target age")
     else:

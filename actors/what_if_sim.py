@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from loguru import logger
 
 from actors.handlers import HandlerSet
 from actors.messaging import Request
@@ -230,6 +231,8 @@ class SimOutcome:
     events_appended: int
     loop_steps: int
     final_limit: int
+    #: conid -> snapshot requests that reached IB.
+    asked: dict[int, int] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -246,6 +249,8 @@ class ReplayingIb:
         self.ticking: dict[int, float] = {}  # conid -> first tick at
         self.open_snapshots = 0
         self.snapshots_sent = 0
+        #: conid -> snapshot requests that reached IB.
+        self.asked: Counter[int] = Counter()
         self.refusals_101 = 0
         self.streamed: dict[int, list[tuple[int, int]]] = defaultdict(list)
         self._samples = {c: itertools.cycle(s) for c, s in day.snapshots.items() if s}
@@ -328,14 +333,16 @@ class ReplayingIb:
             self._answer(request, conid, IbErrorKind.DISCONNECTED, None)
             return
         self.snapshots_sent += 1
+        self.asked[conid] += 1
         if self.lines_used() >= self.true_lines:
             self.refusals_101 += 1
             self._answer(request, conid, IbErrorKind.MAX_TICKERS, 101)
             return
         sample = next(self._samples.get(conid, self._fallback))
         self.open_snapshots += 1
-        latency = min(sample.latency_s, self.timeout_s)
-        self.loop.at(self.loop.now + latency, self._snapshot_ends, (conid, request, sample, self._epoch))
+        if sample.latency_s > self.timeout_s:  # the IB actor gives up at its timeout: no quote, an attempt counted
+            sample = SnapshotSample(self.timeout_s, "failed", None)
+        self.loop.at(self.loop.now + sample.latency_s, self._snapshot_ends, (conid, request, sample, self._epoch))
 
     def _snapshot_ends(self, arg: tuple[int, Request, SnapshotSample, int]) -> None:
         conid, request, sample, epoch = arg
@@ -393,7 +400,10 @@ class ReplayingIb:
 
 
 def simulate(day: RecordedDay, config: SimConfig) -> SimOutcome:
-    """Re-run ``day`` with ``config`` through the real router, queue and worker; nothing sleeps."""
+    """Re-run ``day`` with ``config`` through the real router, queue and worker; nothing sleeps.
+
+    The ``actors`` modules' log lines are off while it runs (in this process: ``what-if`` has its own).
+    """
     loop = SimLoop(day.start_us)
     log = MemoryLog()
     recorder = _Recorder()
@@ -476,7 +486,12 @@ def simulate(day: RecordedDay, config: SimConfig) -> SimOutcome:
 
     loop.at(loop.now + tick_s, tick)
     loop.at(loop.now + STREAM_HEARTBEAT_S, ib.heartbeat)
-    loop.run_until((day.end_us - day.start_us) / 1e6)
+    # the actors' operator lines (a limit learned, a stream demoted) describe a day that is not happening
+    logger.disable("actors")
+    try:
+        loop.run_until((day.end_us - day.start_us) / 1e6)
+    finally:
+        logger.enable("actors")
     ib.finish()
 
     quotes = {c: np.asarray(t, dtype=np.int64) for c, t in recorder.quotes.items()}
@@ -489,6 +504,7 @@ def simulate(day: RecordedDay, config: SimConfig) -> SimOutcome:
         events_appended=log.durable_seq,
         loop_steps=loop.steps,
         final_limit=router.ledger.limit,
+        asked=dict(ib.asked),
     )
 
 

@@ -185,6 +185,8 @@ def read_recorded_day(
     for stored in read_events(events_uri, types=_TYPES, until=until, storage_options=storage_options):
         reader.take(stored.ts_us, stored.event)
     if reader.first_start_us is None:
+        if since_us is not None:
+            raise NoRecordError(f"nothing recorded after --since {since}: the log ends before it")
         raise NoRecordError(f"no run recorded in {data_dir} (no RuntimeStarted event)")
     start_us = since_us if since_us is not None else reader.first_start_us
     last_us = reader.last_us

@@ -1,0 +1,151 @@
+"""``what-if`` on a day recorded by the demo: the replay of what ran matches the record; more lines help.
+
+One short demo run is recorded per module (20 s, 87 contracts, 30 lines
+configured of which IB really has 24, so the run learns its limit with
+101s). Every check then goes through the real command line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNTIME = str(ROOT / "runtime.py")
+
+DEMO_CONFIG = """
+[runtime]
+max_lines = 30
+[demo]
+stocks = 60
+option_strategies = 12
+active_strategies = 10
+true_lines = 24
+snapshot_latency_s = 0.1
+snapshot_latency_max_s = 0.6
+[freshness]
+monitoring_s = 10
+"""
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, RUNTIME, *args], check=False, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
+    """A data directory holding 20 s of a small demo account, and its config file."""
+    base = tmp_path_factory.mktemp("what-if")
+    config = base / "demo.toml"
+    config.write_text(DEMO_CONFIG)
+    data = base / "data"
+    run = _cli("run", "--demo", "--config", str(config), "--data-dir", str(data), "--duration", "20")
+    assert run.returncode == 0, run.stderr[-2000:]
+    return data, config
+
+
+def _what_if(recorded: tuple[Path, Path], *args: str) -> subprocess.CompletedProcess[str]:
+    data, config = recorded
+    return _cli("what-if", "--data-dir", str(data), "--config", str(config), *args)
+
+
+def _tree_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def test_the_as_run_replay_matches_the_record_and_more_lines_keep_prices_fresher(recorded: tuple[Path, Path]) -> None:
+    before = _tree_digest(recorded[0])
+    result = _what_if(recorded, "--max-lines", "15,30,60", "--json")
+    assert result.returncode == 0, result.stderr
+    assert _tree_digest(recorded[0]) == before  # a replay changes nothing in the data directory
+    report: dict[str, Any] = json.loads(result.stdout)
+    period = report["period"]
+    assert period["line_limit_recorded"] == 24  # the 101s taught it
+    assert period["settings_recorded"] is True
+    check = report["faithfulness"]
+    assert check["faithful"], check["p99"]
+    as_run, *rows = report["rows"]
+    assert as_run["extra"]["as_run"]
+    assert as_run["extra"]["true_lines"] == 24
+    assert as_run["extra"]["monitoring_s"] == 10
+    assert as_run["extra"]["refusals_101"] >= 1  # the replayed IB refused beyond its 24 lines, as the real one did
+    assert [r["extra"]["max_lines"] for r in rows] == [15, 30, 60]
+    # more lines: never staler, and from 15 to 60 lines materially fresher for the active contracts
+    for fewer, more in itertools.pairwise(rows):
+        assert more["streamed_share"] >= fewer["streamed_share"]
+        assert more["active"]["p99_s"] <= fewer["active"]["p99_s"] + 0.5
+        assert more["other"]["p99_s"] <= fewer["other"]["p99_s"] + 0.5
+        assert more["missed_s"] <= fewer["missed_s"]
+    assert rows[-1]["active"]["p99_s"] < rows[0]["active"]["p99_s"] / 2
+    assert rows[-1]["streamed_share"] > 0.99
+    assert rows[0]["streamed_share"] < 0.9
+
+
+def test_the_table_prints_the_faithfulness_check_first(recorded: tuple[Path, Path]) -> None:
+    result = _what_if(recorded, "--max-lines", "15,60", "--monitoring-s", "5,10")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1].startswith("faithfulness")
+    assert "faithful" in lines[1]
+    assert lines[2].lstrip().startswith("p99 age of active contracts")
+    labels = [line.split("  ")[0] for line in lines[5:]]
+    assert labels[:2] == ["recorded", "as run"]
+    assert {"15 lines, monitoring 5 s", "15 lines", "60 lines, monitoring 5 s", "60 lines"} <= set(labels)
+    assert result.stderr == ""  # the replayed actors' log lines stay out of the report
+
+
+def test_plot_writes_a_png_or_a_self_contained_html_page(recorded: tuple[Path, Path], tmp_path: Path) -> None:
+    png, page = tmp_path / "chart.png", tmp_path / "chart.html"
+    assert _what_if(recorded, "--max-lines", "15,60", "--plot", str(png)).returncode == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size > 20_000
+    assert _what_if(recorded, "--max-lines", "15,60", "--plot", str(page), "--json").returncode == 0
+    text = page.read_text()
+    assert "data:image/png;base64," in text
+    assert "<table>" in text
+    assert "as run" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "says"),
+    [
+        (("--max-lines", "0,100"), 2, "must be a number > 0"),
+        (("--max-lines", "ten"), 2, "is not a whole number"),
+        (("--monitoring-s", "nan"), 2, "must be a number > 0"),
+        (("--since", "yesterday"), 2, "is not an ISO-8601 time"),
+        (("--plot", "chart.pdf"), 2, "must end in .png or .html"),
+        (("--since", "2030-01-01T00:00:00Z", "--until", "2029-01-01T00:00:00Z"), 1, "--until must be after --since"),
+        (("--since", "2099-01-01T00:00:00Z"), 1, "the log ends before it"),
+    ],
+)
+def test_a_bad_input_gets_one_line_and_a_non_zero_exit(
+    recorded: tuple[Path, Path], args: tuple[str, ...], code: int, says: str
+) -> None:
+    before = _tree_digest(recorded[0])
+    result = _what_if(recorded, *args)
+    assert result.returncode == code, (result.stdout, result.stderr)
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert says in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    assert _tree_digest(recorded[0]) == before
+
+
+def test_a_data_directory_with_nothing_recorded_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    result = _cli("what-if", "--data-dir", str(tmp_path / "empty"))
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: no event log in")
+    assert result.stderr.count("\n") == 1

@@ -1,0 +1,128 @@
+"""The what-if simulator: the real router, queue and worker on simulated time against a replaying IB.
+
+Each test builds a recorded period by hand, so what IB "did" is known, and
+checks what the real scheduler makes of it, or how ages are defined.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import actors.what_if_sim as what_if_sim
+from actors.what_if_report import figures_of_outcome, figures_of_record
+from actors.what_if_sim import SimConfig, SimLoop, SimulationStuck, simulate
+from storage.recorded_day import RecordedContract, RecordedDay, SnapshotSample
+
+START_US = 1_780_000_000_000_000
+
+
+def _day(
+    seconds: float = 120.0,
+    *,
+    contracts: int = 40,
+    active: int = 0,
+    snapshots: dict[int, list[SnapshotSample]] | None = None,
+    down: list[tuple[int, int]] | None = None,
+    quotes: dict[int, np.ndarray] | None = None,
+) -> RecordedDay:
+    held = [
+        RecordedContract(conid=1000 + i, symbol=f"S{i}", sec_type="STK", position=10.0, delta=None, appeared_us=START_US)
+        for i in range(contracts)
+    ]
+    return RecordedDay(
+        start_us=START_US,
+        end_us=START_US + int(seconds * 1e6),
+        max_lines=30,
+        settings={},
+        true_lines=None,
+        learned_at_start=None,
+        contracts=held,
+        active_at_start={1000 + i: {"s": 0} for i in range(active)},
+        active_changes=[],
+        snapshots=snapshots if snapshots is not None else {c.conid: [SnapshotSample(0.5, "ok")] for c in held},
+        interruptions_us=[],
+        down=down or [],
+        quotes=quotes or {},
+    )
+
+
+def _config(**fields: Any) -> SimConfig:
+    return SimConfig(**({"label": "t", "max_lines": 30, "true_lines": 30, "learned_at_start": None} | fields))
+
+
+def test_the_replayed_ib_refuses_beyond_its_true_lines_and_the_real_router_learns_them() -> None:
+    outcome = simulate(_day(active=30), _config(max_lines=30, true_lines=20))
+    assert outcome.refusals_101 >= 1
+    assert outcome.final_limit == 20  # taught by 101s; the next probe is line_probe_s away
+    never_more = simulate(_day(active=30), _config(max_lines=30, true_lines=30))
+    assert never_more.refusals_101 == 0
+    assert never_more.final_limit == 30
+
+
+def test_a_contract_whose_snapshots_fail_for_good_is_asked_once_not_stormed() -> None:
+    day = _day(contracts=5)
+    day.snapshots[1000] = [SnapshotSample(0.2, "terminal", 354)]  # no market data subscription
+    outcome = simulate(day, _config())
+    assert outcome.asked[1000] == 1  # dead-lettered at once
+    assert 1000 not in outcome.quotes
+    assert outcome.asked[1001] > 5  # the others keep being refreshed, stalest first
+
+
+def test_while_no_runtime_ran_nothing_is_priced_and_streams_are_gone() -> None:
+    down = (START_US + 40_000_000, START_US + 80_000_000)
+    outcome = simulate(_day(active=5, down=[down]), _config(monitoring_s=10.0))
+    snapshot_times = np.concatenate(list(outcome.quotes.values()))
+    assert not ((snapshot_times > down[0]) & (snapshot_times < down[1])).any()
+    assert (snapshot_times > down[1]).any()  # and after the reconnect, prices again
+    for spans in outcome.streamed.values():
+        assert all(b <= down[0] or a >= down[1] for a, b in spans)
+    assert any(a >= down[1] for spans in outcome.streamed.values() for a, _ in spans)  # streams resubmitted
+
+
+def test_a_replay_is_deterministic() -> None:
+    first, second = simulate(_day(active=10), _config()), simulate(_day(active=10), _config())
+    assert first.snapshots_sent == second.snapshots_sent
+    assert first.loop_steps == second.loop_steps
+    assert sorted(first.quotes) == sorted(second.quotes)
+    assert all(np.array_equal(first.quotes[c], second.quotes[c]) for c in first.quotes)
+
+
+def test_the_loop_reports_a_livelock_instead_of_hanging(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(what_if_sim, "MAX_STEPS_AT_ONE_INSTANT", 1000)
+    loop = SimLoop(START_US)
+
+    def again(_: Any) -> None:
+        loop.soon(again)
+
+    loop.soon(again)
+    with pytest.raises(SimulationStuck, match="time does not move on"):
+        loop.run_until(10.0)
+
+
+def test_a_quote_age_is_the_time_since_the_newest_quote_or_since_the_contract_appeared() -> None:
+    """One contract over 100 s, quoted at 10 s and 50 s: ages rise 0-10, 0-40, 0-50; target 30 s is passed
+    for 10 s (40 > 30 from 40 s to 50 s) and 20 s (from 80 s to 100 s)."""
+    quotes = {1000: np.array([START_US + 10_000_000, START_US + 50_000_000], dtype=np.int64)}
+    day = _day(100.0, contracts=1, quotes=quotes)
+    figures = figures_of_record(day, monitoring_s=30.0, overflow_s=5.0)
+    assert figures.other.max_s == pytest.approx(50.0, abs=0.1)
+    assert figures.missed_contracts == 1
+    assert figures.missed_s == pytest.approx(30.0, abs=0.2)
+    assert figures.active.p99_s is None
+    assert figures.streamed_share is None
+
+
+def test_a_replayed_stream_counts_as_fresh_and_a_never_priced_contract_as_stale() -> None:
+    day = _day(60.0, contracts=2, active=1, snapshots={})
+    day.snapshots[1001] = [SnapshotSample(100.0, "ok")]  # never answers within the period (times out at 11 s)
+    outcome = simulate(day, _config(snapshot_timeout_s=11.0))
+    figures = figures_of_outcome(day, outcome)
+    assert figures.streamed_share is not None
+    assert figures.streamed_share > 0.95
+    assert figures.active.p99_s is not None
+    assert figures.active.p99_s <= 1.5
+    assert figures.other.max_s is not None
+    assert figures.other.max_s > 50
