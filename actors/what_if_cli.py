@@ -1,7 +1,7 @@
 """``python runtime.py what-if``: would more lines, or other targets, have kept the positions fresher?
 
     python runtime.py what-if [--data-dir D] [--since T] [--until T] [--max-lines 60,100,200]
-                              [--monitoring-s 30,60] [--json] [--plot FILE.png|FILE.html]
+                              [--monitoring-s 30,60] [--jobs N] [--json] [--plot FILE.png|FILE.html]
 
 Re-runs the recorded period through the real router, queue and worker on
 simulated time (:mod:`actors.what_if_sim`), once per configuration, and
@@ -12,14 +12,19 @@ the other configurations, which are as trustworthy as that check says.
 A row "N lines" is an account with N market data lines and ``max_lines``
 N; ``--monitoring-s`` varies the target age of non-active contracts. Every
 other setting is the one the record says was running. Nothing in the data
-directory changes. Argument parsing needs the standard library only.
+directory changes. The replays share nothing, so they run in parallel, one
+worker process per core (``--jobs``). Argument parsing needs the standard
+library only.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
+import multiprocessing
+import os
 import sys
 import time
 from datetime import UTC, datetime
@@ -28,6 +33,8 @@ from typing import Any
 __all__ = ["add_parser", "cmd_what_if", "positive_list"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: Periods at least this long replay their configurations in parallel by default (shorter ones take < 1 s each).
+PARALLEL_FROM_S = 600.0
 #: Extra lines of one IB "quote booster" pack: the default second row.
 BOOSTER_PACK_LINES = 100
 
@@ -52,6 +59,13 @@ def positive_list(kind: type) -> Any:
     return parse
 
 
+def _jobs(text: str) -> int:
+    values = positive_list(int)(text)
+    if len(values) != 1 or values[0] > 64:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes from 1 to 64")
+    return int(values[0])
+
+
 def iso_time(text: str) -> str:
     try:
         datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -72,6 +86,7 @@ def add_parser(sub: Any, data_dir_arg: Any) -> None:
         help=f"line counts to try, comma-separated (default: as run, and as run + {BOOSTER_PACK_LINES}: a booster pack)",
     )
     p.add_argument("--monitoring-s", type=positive_list(float), help="target ages (s) of non-active contracts to try (default: as run)")
+    p.add_argument("--jobs", type=_jobs, help="replays run at once, in worker processes (default: one per core for periods of 10 min or more)")
     p.add_argument("--json", action="store_true", help="one JSON object: period, faithfulness, a row per configuration")
     p.add_argument("--plot", metavar="FILE", help="write a chart: FILE.png, or FILE.html (the chart and the table in one page)")
 
@@ -94,8 +109,7 @@ def cmd_what_if(args: argparse.Namespace, config: Any) -> int:
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    from actors.what_if_report import faithfulness, figures_of_outcome, figures_of_record
-    from actors.what_if_sim import simulate
+    from actors.what_if_report import faithfulness, figures_of_record
     from storage.recorded_day import NoRecordError, read_recorded_day
 
     data_dir = config.runtime.data_dir
@@ -111,13 +125,15 @@ def cmd_what_if(args: argparse.Namespace, config: Any) -> int:
         for monitoring in (args.monitoring_s or [as_run.monitoring_s])
     ]
     recorded = figures_of_record(day, monitoring_s=as_run.monitoring_s, overflow_s=as_run.overflow_s)
-    rows = []
-    for sim_config in configs:
-        started = time.process_time()
-        outcome = simulate(day, sim_config)
-        figures = figures_of_outcome(day, outcome)
-        figures.extra["replay_cpu_s"] = round(time.process_time() - started, 2)
-        rows.append(figures)
+    default_jobs = 1 if day.duration_s < PARALLEL_FROM_S else os.cpu_count() or 1  # a process costs ~1 s to start
+    jobs = min(args.jobs or default_jobs, len(configs))
+    if jobs > 1:
+        # one process per configuration at a time: the replays share nothing, and each is CPU-bound Python
+        context = multiprocessing.get_context("spawn")  # no fork of a process that holds delta-rs threads
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            rows = list(pool.map(_replay, [day] * len(configs), configs))
+    else:
+        rows = [_replay(day, sim_config) for sim_config in configs]
     check = faithfulness(recorded, rows[0])
     report = _report(day, as_run, check, rows)
     if args.plot:
@@ -135,6 +151,17 @@ def cmd_what_if(args: argparse.Namespace, config: Any) -> int:
         if args.plot:
             print(f"chart written to {args.plot}")
     return EXIT_OK
+
+
+def _replay(day: Any, sim_config: Any) -> Any:
+    """One configuration's replay and its figures (also run in a worker process: a module-level function)."""
+    from actors.what_if_report import figures_of_outcome
+    from actors.what_if_sim import simulate
+
+    started = time.process_time()
+    figures = figures_of_outcome(day, simulate(day, sim_config))
+    figures.extra["replay_cpu_s"] = round(time.process_time() - started, 2)
+    return figures
 
 
 def _as_run(day: Any, config: Any) -> Any:

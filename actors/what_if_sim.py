@@ -402,8 +402,17 @@ class ReplayingIb:
 def simulate(day: RecordedDay, config: SimConfig) -> SimOutcome:
     """Re-run ``day`` with ``config`` through the real router, queue and worker; nothing sleeps.
 
-    The ``actors`` modules' log lines are off while it runs (in this process: ``what-if`` has its own).
+    The ``actors`` modules' log lines are off while it runs (in this process: ``what-if`` has its own):
+    their operator lines (a limit learned, a stream demoted) describe a day that is not happening.
     """
+    logger.disable("actors")
+    try:
+        return _simulate(day, config)
+    finally:
+        logger.enable("actors")
+
+
+def _simulate(day: RecordedDay, config: SimConfig) -> SimOutcome:
     loop = SimLoop(day.start_us)
     log = MemoryLog()
     recorder = _Recorder()
@@ -486,12 +495,7 @@ def simulate(day: RecordedDay, config: SimConfig) -> SimOutcome:
 
     loop.at(loop.now + tick_s, tick)
     loop.at(loop.now + STREAM_HEARTBEAT_S, ib.heartbeat)
-    # the actors' operator lines (a limit learned, a stream demoted) describe a day that is not happening
-    logger.disable("actors")
-    try:
-        loop.run_until((day.end_us - day.start_us) / 1e6)
-    finally:
-        logger.enable("actors")
+    loop.run_until((day.end_us - day.start_us) / 1e6)
     ib.finish()
 
     quotes = {c: np.asarray(t, dtype=np.int64) for c, t in recorder.quotes.items()}

@@ -106,6 +106,18 @@ def test_the_table_prints_the_faithfulness_check_first(recorded: tuple[Path, Pat
     assert result.stderr == ""  # the replayed actors' log lines stay out of the report
 
 
+def test_replays_in_parallel_processes_give_the_same_rows(recorded: tuple[Path, Path]) -> None:
+    def rows(jobs: str) -> list[dict[str, Any]]:
+        result = _what_if(recorded, "--max-lines", "15,60", "--jobs", jobs, "--json")
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        for row in report["rows"]:
+            row["extra"].pop("replay_cpu_s")
+        return report["rows"]
+
+    assert rows("3") == rows("1")
+
+
 def test_plot_writes_a_png_or_a_self_contained_html_page(recorded: tuple[Path, Path], tmp_path: Path) -> None:
     png, page = tmp_path / "chart.png", tmp_path / "chart.html"
     assert _what_if(recorded, "--max-lines", "15,60", "--plot", str(png)).returncode == 0
@@ -126,6 +138,7 @@ def test_plot_writes_a_png_or_a_self_contained_html_page(recorded: tuple[Path, P
         (("--monitoring-s", "nan"), 2, "must be a number > 0"),
         (("--since", "yesterday"), 2, "is not an ISO-8601 time"),
         (("--plot", "chart.pdf"), 2, "must end in .png or .html"),
+        (("--jobs", "0"), 2, "must be a number > 0"),
         (("--since", "2030-01-01T00:00:00Z", "--until", "2029-01-01T00:00:00Z"), 1, "--until must be after --since"),
         (("--since", "2099-01-01T00:00:00Z"), 1, "the log ends before it"),
     ],
