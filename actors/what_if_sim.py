@@ -464,9 +464,14 @@ def _simulate(day: RecordedDay, config: SimConfig) -> SimOutcome:
     )
     worker_ref = _bind(loop, worker)
 
-    # start as a restart does: what the router learned of the limit, no streams, an empty queue
+    # start as a restart does: what the router learned of the limit, no streams, an empty queue; and the
+    # newest quote of each contract before the period, so that what was fresh is not owed a refresh at once
     router.state.learned_limit = config.learned_at_start
     router.on_recovered()
+    for conid, times in day.quotes.items():
+        before = times[times < day.start_us]
+        if len(before):
+            router.latest[conid] = MarketUpdate(conid=conid, source="queue", ts_us=int(before.max()))
     queue.on_recovered()
     router_ref.tell(
         ActiveAtStart(conids=sorted(day.active_at_start), priorities={c: dict(p) for c, p in day.active_at_start.items()})

@@ -188,10 +188,17 @@ def read_recorded_day(
         if since_us is not None:
             raise NoRecordError(f"nothing recorded after --since {since}: the log ends before it")
         raise NoRecordError(f"no run recorded in {data_dir} (no RuntimeStarted event)")
-    start_us = since_us if since_us is not None else reader.first_start_us
+    start_us = reader.first_start_us
+    if since_us is not None and not reader.running_at_start:
+        if reader.first_run_us is None:
+            raise NoRecordError(f"no run recorded after --since {since}")
+        start_us = reader.first_run_us  # nothing ran between --since and the next start: nothing to replay there
+        reader.down = [(a, b) for a, b in reader.down if a >= start_us]
     last_us = reader.last_us
     quotes, stream_quotes, portfolio, contracts, positions_last = _read_positions(positions_uri, start_us, until_us, storage_options)
-    end_us = until_us if until_us is not None else max(last_us, positions_last)
+    recorded_until = max(last_us, positions_last)
+    # past the last thing recorded there is nothing to compare with: the period ends there
+    end_us = recorded_until if until_us is None else min(until_us, recorded_until)
     if end_us <= start_us:
         raise NoRecordError("the period holds no time after the first run started")
     if not contracts:
@@ -242,6 +249,9 @@ class _LogReader:
         self.down: list[tuple[int, int]] = []
         self._stopped_at: int | None = None
         self._ran = False
+        #: A runtime was running when the period began (else the period really begins at the next start).
+        self.running_at_start = False
+        self.first_run_us: int | None = None
         self.streaming: dict[int, int] = {}
         self.streamed: dict[int, list[tuple[int, int]]] = defaultdict(list)
         self.claimed = 0
@@ -254,10 +264,13 @@ class _LogReader:
             self.first_start_us = self.since_us if self.since_us is not None else ts_us
             self.legs_at_start = {c: dict(legs) for c, legs in self.legs.items() if legs}
             self.learned_at_start = self.learned
+            self.running_at_start = self._ran and self._stopped_at is None
             if self._stopped_at is not None:  # the period starts while no runtime ran
                 self.down.append((self.first_start_us, self.first_start_us))
         match event:
             case RuntimeStarted():
+                if started and self.first_run_us is None:
+                    self.first_run_us = ts_us
                 if not self._config_fixed:  # the run in effect at the start (or the first after it) is "as run"
                     self.max_lines = event.max_lines
                     self.settings = dict(event.freshness)

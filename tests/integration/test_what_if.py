@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,17 @@ def test_the_as_run_replay_matches_the_record_and_more_lines_keep_prices_fresher
     assert rows[-1]["active"]["p99_s"] < rows[0]["active"]["p99_s"] / 2
     assert rows[-1]["streamed_share"] > 0.99
     assert rows[0]["streamed_share"] < 0.9
+
+
+def test_a_period_that_starts_mid_run_is_replayed_from_what_was_fresh_then(recorded: tuple[Path, Path]) -> None:
+    whole = json.loads(_what_if(recorded, "--max-lines", "30", "--json").stdout)["period"]
+    since = datetime.fromisoformat(whole["since"].replace("Z", "+00:00")) + timedelta(seconds=8)
+    result = _what_if(recorded, "--since", since.isoformat(), "--until", "2099-01-01T00:00:00Z", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["period"]["since"] == since.isoformat(timespec="seconds").replace("+00:00", "Z")
+    assert report["period"]["until"] == whole["until"]  # the period ends with the record, not in 2099
+    assert report["faithfulness"]["faithful"], report["faithfulness"]["p99"]
 
 
 def test_the_table_prints_the_faithfulness_check_first(recorded: tuple[Path, Path]) -> None:
