@@ -49,6 +49,12 @@ from actors.operator_cli import add_parsers as operator_parsers
 from actors.what_if_cli import add_parser as what_if_parser
 from storage.permissions import runtime_dir, set_private_umask
 
+# delta-rs logs through env_logger, at WARN unless RUST_LOG says otherwise, straight to stderr:
+# one S3 call without credentials prints dozens of aws_config lines in front of our one-line
+# error. env_logger reads RUST_LOG once, when deltalake is first imported, so this comes
+# before any import that reaches it (none above does). A RUST_LOG the user set wins.
+os.environ.setdefault("RUST_LOG", "error")
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOG_FAILED = 0, 1, 2, 3
 COMMANDS = ("run", "registry", "status", "replay", "audit", "verify", "digest", "contracts", "queue", "fleet", "what-if")
 
@@ -166,7 +172,7 @@ try:
     from storage.checkpoints import CheckpointStore, CheckpointsUnreadable, FileHasher
     from storage.event_log import EventLog, LogFailedError
     from storage.lock import DataDirLocked
-    from storage.object_store import export_storage_settings
+    from storage.object_store import export_storage_settings, reach_problem
     from storage.signing import Signer, SigningKeyError, load_signer, resolve_key_path
     from storage.snapshots import SnapshotStore
     from storage.tables import is_local, table_uri
@@ -1119,6 +1125,8 @@ def main(argv: list[str] | None = None) -> int:
     export_storage_settings(config.storage)  # [storage] -> AWS_*, for every table this process opens
     # refused before anything is opened: a mistake must leave the data directory as it was
     problem = data_dir_problem(config.runtime.data_dir, write=args.command == "run")
+    if problem is None and (store := _tables_location(args, config)) is not None:
+        problem = reach_problem(store)  # s3:// only: credentials, region, endpoint, bucket
     if problem is None and args.command == "run" and config.metrics.enabled:
         problem = port_problem(config.metrics.host, config.metrics.port)
     if problem is None and args.command == "run" and args.log_file:
@@ -1137,6 +1145,15 @@ def main(argv: list[str] | None = None) -> int:
         return handler[args.command](args, config)
     except BrokenPipeError:  # `... | head` closed our stdout: the reader has what it wanted
         return _stdout_closed()
+
+
+def _tables_location(args: argparse.Namespace, config: Config) -> str | None:
+    """The data dir (or fleet root) whose tables this command opens; None for the socket clients."""
+    if args.command == "fleet":
+        return args.root
+    if args.command in ("run", "replay", "audit", "verify", "digest", "what-if") or getattr(args, "offline", False):
+        return config.runtime.data_dir
+    return None
 
 
 def _cmd_what_if(args: argparse.Namespace, config: Config) -> int:
