@@ -172,7 +172,7 @@ try:
     from storage.checkpoints import CheckpointStore, CheckpointsUnreadable, FileHasher
     from storage.event_log import EventLog, LogFailedError
     from storage.lock import DataDirLocked
-    from storage.object_store import export_storage_settings, reach_problem
+    from storage.object_store import export_storage_settings, reach_problem, store_error
     from storage.signing import Signer, SigningKeyError, load_signer, resolve_key_path
     from storage.snapshots import SnapshotStore
     from storage.tables import is_local, table_uri
@@ -934,7 +934,10 @@ def _events_table_missing(data_dir: str) -> bool:
     return True
 
 
-def _unreadable(exc: BaseException) -> int:
+def _unreadable(exc: BaseException, data_dir: str) -> int:
+    if (store := store_error(data_dir, exc)) is not None:  # the object store went away after the start-up check
+        print(f"error: {store}", file=sys.stderr)
+        return EXIT_FAILED
     print(f"error: the event log cannot be read: {str(exc).rstrip('.')}. Run 'python runtime.py verify' for the first bad seq.", file=sys.stderr)
     return EXIT_FAILED
 
@@ -965,7 +968,7 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except Exception as exc:  # noqa: BLE001 - a damaged file surfaces as Arrow, OS or decode errors alike
-        return _unreadable(exc)
+        return _unreadable(exc, data_dir)
     data = result.to_json(items=True)
     try:
         if args.json:
@@ -1011,7 +1014,7 @@ def cmd_audit(args: argparse.Namespace, config: Config) -> int:
     except BrokenPipeError:
         return _stdout_closed()
     except Exception as exc:  # noqa: BLE001 - a damaged file surfaces as Arrow, OS or decode errors alike
-        return _unreadable(exc)
+        return _unreadable(exc, config.runtime.data_dir)
     return EXIT_OK
 
 
