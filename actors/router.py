@@ -268,7 +268,7 @@ class StreamRouter(EventSourcedActor[RouterState]):
         self.active: set[int] = set()
         self.contracts: dict[int, _Contract] = {}
         self.priorities: dict[int, dict[str, int]] = {}
-        #: The newest quote of each contract from any path (stream, queue, portfolio).
+        #: The newest quote of each contract: stream or snapshot; a portfolio mark only until the first of those.
         self.latest: dict[int, MarketUpdate] = {}
         self.last_error: dict[int, str] = {}
         #: Contracts whose snapshots cannot succeed (no subscription, no contract): priced by the portfolio only.
@@ -687,6 +687,12 @@ class StreamRouter(EventSourcedActor[RouterState]):
             self.ledger.prove(level)
 
     def _note_quote(self, update: MarketUpdate) -> None:
+        if update.source == "portfolio":
+            known = self.latest.get(update.conid)
+            if known is not None and known.source != "portfolio":
+                # a portfolio mark prices the position; it does not make its market data fresh: ages, the
+                # status line and the refresh owed go by the newest stream or snapshot quote
+                return
         self.latest[update.conid] = update
         if self._unproven and update.source == "stream":
             self._prove_stream(update.conid)
@@ -745,7 +751,8 @@ class StreamRouter(EventSourcedActor[RouterState]):
         by_path: dict[str, list[float | None]] = {"stream": [], "overflow": [], "queue": [], "portfolio": []}
         for conid in self._known():
             latest = self.latest.get(conid)
-            by_path[self._path(conid)].append(None if latest is None else max(0.0, (now_us - latest.ts_us) / 1e6))
+            priced = latest is not None and latest.source != "portfolio"  # a mark alone is not market data
+            by_path[self._path(conid)].append(max(0.0, (now_us - latest.ts_us) / 1e6) if priced else None)
         streams = self.stream_lines()
         return RouterStatusReply(
             streams=len(self.state.streams),

@@ -10,6 +10,7 @@ router that overspends is measured instead of being masked by a 101.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -56,6 +57,7 @@ from events.ib import (
 )
 from events.queue import Priority
 from events.registry import AddActive, LegAdded, RemoveActive
+from events.router import ContractsQuery
 from storage.event_log import EventLog
 from tests.conftest import TEST_LOG_CONFIG
 from tests.support import Inbox, wait_until
@@ -704,3 +706,26 @@ def test_after_other_clients_give_lines_back_the_limit_climbs_back_in_doubling_s
     # never past the 9 lines once held
     wait_until(lambda: len(probes()) >= 3, timeout=10)
     assert probes()[:3] == [5, 7, 9]
+
+
+def test_a_portfolio_mark_never_hides_how_old_the_market_data_is(rig_factory: Any) -> None:
+    """IB's portfolio updates price every position without a line; counted as quotes they made the status
+    line read 0.0 s for every contract each time they came (the demo sends them every 30 s)."""
+    rig = rig_factory()
+    quoted, marked_only = POSITIONS[-1].conid, POSITIONS[-2].conid
+    never_priced = rig.status().ages["queue"]["never_priced"]
+    now_us = time.time_ns() // 1000
+    old = MarketUpdate(conid=quoted, source="queue", ts_us=now_us - 50_000_000, bid=1.0, ask=1.1)
+    rig.router.tell(old)
+    for conid in (quoted, marked_only):
+        rig.router.tell(MarketUpdate(conid=conid, source="portfolio", ts_us=now_us, last=1.05))
+    rows = {row.conid: row for row in ask(rig.router, ContractsQuery(), timeout=5).rows}
+    assert (rows[quoted].source, rows[quoted].last_quote_us) == ("queue", old.ts_us)
+    assert rows[marked_only].source == "portfolio"  # all there is of it: shown, with its source
+    ages = rig.status().ages["queue"]
+    assert ages["max_s"] >= 50  # the snapshot's age, not the mark's
+    assert ages["never_priced"] == never_priced - 1  # the quoted one; a mark alone is not market data
+    rig.router.tell(MarketUpdate(conid=marked_only, source="queue", ts_us=now_us, bid=1.0, ask=1.1))
+    rig.router.tell(MarketUpdate(conid=marked_only, source="portfolio", ts_us=now_us + 1, last=1.05))
+    rows = {row.conid: row for row in ask(rig.router, ContractsQuery(), timeout=5).rows}
+    assert rows[marked_only].source == "queue"
