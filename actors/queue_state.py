@@ -10,6 +10,14 @@ Indexes (derived, never stored; rebuilt by ``load``):
   over waiting items that may run now -- the claim order of DESIGN.md section 4:
   the item whose quote is furthest past its target (earliest ``due_us``) first,
   the better priority on a tie.
+* ``_ready_top``: the same entries of the items at the top priority (active
+  contracts waiting for a line). When such an item is due and the last claim
+  went to another priority, it is claimed next: when both are late, claims
+  alternate, so a backlog of monitoring contracts (all priced by the
+  portfolio at connect fall due together) cannot hold an active contract back
+  for the whole backlog, nor the other way round. Which one went last is
+  scheduling state, not queue state: it is not stored, and a restart starts
+  with the heap's order.
 * ``_delayed``: heap of ``(not_before_us, item_id, gen)`` over items waiting
   out a retry backoff; :meth:`take_ready` moves the due ones to ``_ready``.
 * ``_leases``: heap of ``(lease_until_us, item_id, gen)`` over PROCESSING items.
@@ -46,11 +54,14 @@ from events.queue import (
     ItemRequeued,
     ItemRetryScheduled,
     ItemSucceeded,
+    Priority,
 )
 
 __all__ = ["FAILED", "PENDING", "PROCESSING", "QueueItem", "QueueState", "QueueStateError"]
 
 PENDING, PROCESSING, FAILED = "PENDING", "PROCESSING", "FAILED"
+#: The priority whose due items take turns with the rest (see ``_ready_top``).
+_TOP = int(Priority.ACTIVE_OVERFLOW)
 
 
 class QueueStateError(ValueError):
@@ -139,6 +150,9 @@ class QueueState:
         self._delayed: list[tuple[int, int, int]] = []
         self._leases: list[tuple[int, int, int]] = []
         self._parked: dict[int, tuple[int, int, int, int, int]] = {}  # conid -> ready entry
+        self._ready_top: list[tuple[int, int, int, int, int]] = []
+        #: The last claim went to a lower priority: a due top-priority item goes next.
+        self._top_turn = False
 
     # ------------------------------------------------------------------ queries
 
@@ -197,14 +211,20 @@ class QueueState:
             item = self.items.get(item_id)
             if item is not None and item.gen == gen and item.status == PENDING and item.delayed:
                 item.delayed = False
-                heapq.heappush(ready, (item.due_us, item.priority, item.enqueued_us, item_id, gen))
+                self._push_ready((item.due_us, item.priority, item.enqueued_us, item_id, gen))
         if len(ready) > 2 * len(self._waiting) + 4096:
             self._rebuild_ready()
             ready = self._ready
+        top = self._ready_top
         taken: list[QueueItem] = []
         seen: set[int] = set()
-        while ready and len(taken) < n:
-            entry = heapq.heappop(ready)
+        while len(taken) < n:
+            if self._top_turn and top and top[0][0] <= now_us:
+                entry = heapq.heappop(top)  # a due top-priority item, after a claim of another priority
+            elif ready:
+                entry = heapq.heappop(ready)
+            else:
+                break
             item = self.items.get(entry[3])
             if item is None or item.gen != entry[4] or item.status != PENDING or item.delayed or entry[3] in seen:
                 continue
@@ -213,6 +233,7 @@ class QueueState:
                 self._parked[item.conid] = entry
                 continue
             taken.append(item)
+            self._top_turn = item.priority != _TOP
         return taken
 
     def expired(self, now_us: int) -> list[QueueItem]:
@@ -248,7 +269,14 @@ class QueueState:
             if not it.delayed
         ]
         heapq.heapify(self._ready)
+        self._ready_top = [entry for entry in self._ready if entry[1] == _TOP]
+        heapq.heapify(self._ready_top)
         self._parked.clear()  # parked items are in the rebuilt heap and get parked again when popped
+
+    def _push_ready(self, entry: tuple[int, int, int, int, int]) -> None:
+        heapq.heappush(self._ready, entry)
+        if entry[1] == _TOP:
+            heapq.heappush(self._ready_top, entry)
 
     def _push(self, item: QueueItem) -> None:
         item.gen += 1
@@ -259,9 +287,9 @@ class QueueState:
         elif item.delayed:
             heapq.heappush(self._delayed, (item.not_before_us, item.item_id, item.gen))
         elif item.status == PENDING:
-            if len(self._ready) > 2 * len(self._waiting) + 4096:
+            if len(self._ready) + len(self._ready_top) > 2 * len(self._waiting) + 4096:
                 self._rebuild_ready(skip=item.item_id)
-            heapq.heappush(self._ready, (item.due_us, item.priority, item.enqueued_us, item.item_id, item.gen))
+            self._push_ready((item.due_us, item.priority, item.enqueued_us, item.item_id, item.gen))
 
     # ------------------------------------------------------------------ status bookkeeping
 
@@ -282,7 +310,7 @@ class QueueState:
                 del self._processing[item.conid]
             parked = self._parked.pop(item.conid, None)
             if parked is not None:
-                heapq.heappush(self._ready, parked)
+                self._push_ready(parked)
         elif item.status == FAILED:
             ids = self._failed[item.conid]
             ids.remove(item.item_id)

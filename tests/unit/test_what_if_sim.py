@@ -126,3 +126,27 @@ def test_a_replayed_stream_counts_as_fresh_and_a_never_priced_contract_as_stale(
     assert figures.active.p99_s <= 1.5
     assert figures.other.max_s is not None
     assert figures.other.max_s > 50
+
+
+def test_a_backlog_of_monitoring_contracts_does_not_hold_active_contracts_without_a_line_back() -> None:
+    """Found with what-if on a demo day: every position priced by the portfolio at connect fell due together
+    60 s later, and the 5 s-target active contracts waiting for a line queued behind that whole backlog (35 s
+    old). When both are late, claims now alternate between them: neither waits for the other's backlog."""
+    day = _day(180.0, contracts=150, active=30)
+    day.portfolio = {c.conid: np.array([START_US + 1_000_000], dtype=np.int64) for c in day.contracts}
+    for samples in day.snapshots.values():
+        samples[:] = [SnapshotSample(1.0, "ok")]
+    # 20 lines: 18 stream slots for 30 active contracts, 2 snapshot lines at 1 s each: ~2 snapshots/s
+    outcome = simulate(day, _config(max_lines=20, true_lines=20, learned_at_start=20))
+    overflow = [c for c in range(1000, 1030) if not outcome.streamed.get(c)]
+    assert len(overflow) >= 10
+    after = START_US + 60_000_000  # the monitoring backlog falls due at ~61 s
+    worst_overflow_gap = 0.0
+    for conid in overflow:
+        quotes = np.sort(outcome.quotes.get(conid, np.empty(0, dtype=np.int64)))
+        edges = np.concatenate(([after], quotes[quotes > after], [day.end_us]))
+        worst_overflow_gap = max(worst_overflow_gap, float(np.diff(edges).max()) / 1e6)
+    assert worst_overflow_gap < 20.0, worst_overflow_gap  # 12 contracts at ~1 claim/s each way: ~12 s a round
+    # and the monitoring backlog is still worked off meanwhile, at about every other claim (~1/s)
+    monitoring_priced = [c for c in range(1030, 1150) if len(outcome.quotes.get(c, ())) > 0]
+    assert len(monitoring_priced) >= 90, len(monitoring_priced)
