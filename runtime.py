@@ -224,10 +224,20 @@ def resolve_config(args: argparse.Namespace) -> Config:
 # ---------------------------------------------------------------------- the runtime
 
 
+#: AF_UNIX socket paths are at most 107 bytes on Linux (sun_path is 108 with its NUL).
+_MAX_SOCKET_PATH = 107
+
+
 def control_socket_path(data_dir: str) -> Path:
-    """The control socket lives in the data directory (this user's runtime dir for object-store URIs)."""
+    """The control socket lives in the data directory; in this user's runtime dir for object-store URIs,
+    and for a data directory so deep that the socket's path would pass the AF_UNIX limit (the runtime
+    would refuse to start there)."""
     if is_local(data_dir):
-        return Path(data_dir.removeprefix("file://")) / "slotwise.sock"
+        local = Path(data_dir.removeprefix("file://"))
+        path = local / "slotwise.sock"
+        if len(os.fsencode(path)) <= _MAX_SOCKET_PATH:
+            return path
+        data_dir = str(local.resolve())  # the same name from any working directory
     # the CLI and the runtime are different processes: the name must not depend on hash() (randomised per process)
     digest = hashlib.sha256(data_dir.encode()).hexdigest()[:12]
     return runtime_dir() / f"slotwise-{digest}.sock"

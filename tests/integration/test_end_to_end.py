@@ -343,3 +343,19 @@ def test_real_ib_actor_against_the_tws_simulator(tmp_path: Path, runtimes: Any) 
         wait_for(lambda: sim.stats().streams == 0, 10, "the simulator to see the cancel")
     finally:
         sim.stop()
+
+
+def test_a_data_directory_too_deep_for_a_socket_path_still_runs_and_answers(
+    tmp_path: Path, runtimes: Callable[..., RuntimeProc]
+) -> None:
+    """<data dir>/slotwise.sock past AF_UNIX's 107 bytes refused the start ("AF_UNIX path too long"): the
+    socket then lives in the user's runtime dir, under a name both the runtime and the CLI derive."""
+    data_dir = tmp_path / ("deep-" * 12) / ("deeper-" * 10) / "data"
+    assert len(os.fsencode(data_dir / "slotwise.sock")) > 107
+    data_dir.parent.mkdir(parents=True)  # where the test keeps the runtime's stderr
+    config = write_config(tmp_path / "slotwise.toml")
+    proc = runtimes(data_dir, config)
+    status = wait_for(proc.status, 60, "the runtime in a deep data directory to answer status")
+    assert status["ib"]["connected"] in (True, False)
+    assert not (data_dir / "slotwise.sock").exists()
+    assert proc.terminate() == 0, proc.log_tail()
