@@ -340,15 +340,8 @@ class Runtime:
             ib = IbActor.start(self.config.ib)  # it connects at Connect, below
         self.refs["ib"] = ib
         fresh = self.config.freshness
-        router_settings = RouterSettings(
-            max_lines=rt.max_lines,
-            min_snapshot_lines=fresh.min_snapshot_lines,
-            monitoring_s=fresh.monitoring_s,
-            overflow_s=fresh.overflow_s,
-            line_probe_s=fresh.line_probe_s,
-            min_dwell_s=fresh.min_dwell_s,
-            risk_factor=fresh.risk_factor,
-            lost_line_s=max(60.0, 4 * self.config.ib.snapshot_timeout_s),
+        router_settings = RouterSettings.from_config(
+            fresh, max_lines=rt.max_lines, snapshot_timeout_s=self.config.ib.snapshot_timeout_s
         )
         router = StreamRouter.start(
             self.log,

@@ -136,6 +136,21 @@ class RouterSettings(msgspec.Struct, frozen=True, kw_only=True):
     #: Snapshot lines before any limit is learned: this many above the proven level at a time.
     ramp_step: int = 2
 
+    @classmethod
+    def from_config(cls, fresh: Any, *, max_lines: int, snapshot_timeout_s: float) -> RouterSettings:
+        """The router's settings from ``[freshness]`` (actors.config.FreshnessSettings), the runtime's
+        ``max_lines`` and IB's snapshot timeout: one mapping for the runtime and the what-if replay."""
+        return cls(
+            max_lines=max_lines,
+            min_snapshot_lines=fresh.min_snapshot_lines,
+            monitoring_s=fresh.monitoring_s,
+            overflow_s=fresh.overflow_s,
+            line_probe_s=fresh.line_probe_s,
+            min_dwell_s=fresh.min_dwell_s,
+            risk_factor=fresh.risk_factor,
+            lost_line_s=max(60.0, 4 * snapshot_timeout_s),
+        )
+
 
 class RouterStatus(Command, tag="router.status", frozen=True, kw_only=True):
     pass

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import importlib.util
 import json
 import math
 import multiprocessing
@@ -96,9 +97,7 @@ def _plot_problem(path: str | None) -> str | None:
         return None
     if not path.lower().endswith((".png", ".html")):
         return f"--plot {path!r}: the file must end in .png or .html"
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:  # found, not imported: the chart imports it when drawn
         return "--plot needs matplotlib, which is not installed (pip install '.[plot]')"
     return None
 
@@ -122,9 +121,9 @@ def cmd_what_if(args: argparse.Namespace, config: Any) -> int:
     configs = [as_run] + [
         _variant(as_run, lines, monitoring)
         for lines in (args.max_lines or [as_run.max_lines, as_run.max_lines + BOOSTER_PACK_LINES])
-        for monitoring in (args.monitoring_s or [as_run.monitoring_s])
+        for monitoring in (args.monitoring_s or [as_run.freshness.monitoring_s])
     ]
-    recorded = figures_of_record(day, monitoring_s=as_run.monitoring_s, overflow_s=as_run.overflow_s)
+    recorded = figures_of_record(day, monitoring_s=as_run.freshness.monitoring_s, overflow_s=as_run.freshness.overflow_s)
     default_jobs = 1 if day.duration_s < PARALLEL_FROM_S else os.cpu_count() or 1  # a process costs ~1 s to start
     jobs = min(args.jobs or default_jobs, len(configs))
     if jobs > 1:
@@ -166,23 +165,20 @@ def _replay(day: Any, sim_config: Any) -> Any:
 
 def _as_run(day: Any, config: Any) -> Any:
     """The configuration the record says was running; [freshness] from the config where the log predates it."""
+    import msgspec
+
     from actors.what_if_sim import SimConfig
 
     fresh, rt = config.freshness, config.runtime
-    settings = {f: getattr(fresh, f) for f in fresh.__struct_fields__} | day.settings
+    known = fresh.__struct_fields__  # a log written by another version may name settings this one lacks
+    recorded = {k: v for k, v in day.settings.items() if k in known}
     max_lines = day.max_lines or rt.max_lines
     return SimConfig(
         label="as run",
         max_lines=max_lines,
         true_lines=day.true_lines or max_lines,
         learned_at_start=day.learned_at_start,
-        monitoring_s=float(settings["monitoring_s"]),
-        overflow_s=float(settings["overflow_s"]),
-        max_snapshot_msgs_per_s=float(settings["max_snapshot_msgs_per_s"]),
-        min_snapshot_lines=int(settings["min_snapshot_lines"]),
-        line_probe_s=float(settings["line_probe_s"]),
-        min_dwell_s=float(settings["min_dwell_s"]),
-        risk_factor=float(settings["risk_factor"]),
+        freshness=msgspec.convert(msgspec.structs.asdict(fresh) | recorded, type(fresh), strict=False),
         max_attempts=rt.max_attempts,
         retry_backoff_s=rt.retry_backoff_s,
         retry_backoff_cap_s=rt.retry_backoff_cap_s,
@@ -200,15 +196,16 @@ def _variant(as_run: Any, lines: int, monitoring_s: float) -> Any:
     """
     from dataclasses import replace
 
-    label = f"{lines} lines" + ("" if monitoring_s == as_run.monitoring_s else f", monitoring {monitoring_s:g} s")
+    import msgspec
+
+    same = monitoring_s == as_run.freshness.monitoring_s
     return replace(
         as_run,
-        label=label,
+        label=f"{lines} lines" + ("" if same else f", monitoring {monitoring_s:g} s"),
         max_lines=lines,
         true_lines=lines,
         learned_at_start=None if as_run.learned_at_start is None else lines,
-        monitoring_s=monitoring_s,
-        min_snapshot_lines=min(as_run.min_snapshot_lines, lines - 1) if lines > 1 else 1,
+        freshness=msgspec.structs.replace(as_run.freshness, monitoring_s=monitoring_s),
         as_run=False,
     )
 

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from loguru import logger
 
+from actors.config import FreshnessSettings
 from actors.handlers import HandlerSet
 from actors.messaging import Request
 from actors.queue import QueueActor
@@ -157,9 +158,6 @@ class SimRef:
     def tell(self, message: Any) -> None:
         self._loop.soon(self._receive, message)
 
-    def is_alive(self) -> bool:
-        return True
-
 
 class MemoryLog:
     """The event log of a simulation: every append is durable at once; keeps nothing but the count."""
@@ -202,13 +200,8 @@ class SimConfig:
     true_lines: int
     #: What the router knows of the limit at the start (a restart keeps the learned limit).
     learned_at_start: int | None
-    monitoring_s: float = 60.0
-    overflow_s: float = 5.0
-    max_snapshot_msgs_per_s: float = 10.0
-    min_snapshot_lines: int = 2
-    line_probe_s: float = 300.0
-    min_dwell_s: float = 30.0
-    risk_factor: float = 2.0
+    #: [freshness]: the targets, the snapshot budget and the ranking, as the runtime reads them.
+    freshness: FreshnessSettings = field(default_factory=FreshnessSettings)
     max_attempts: int = 5
     retry_backoff_s: float = 1.0
     retry_backoff_cap_s: float = 300.0
@@ -226,14 +219,16 @@ class SimOutcome:
     quotes: dict[int, np.ndarray]
     #: conid -> [(start_us, end_us)] while a stream of it was ticking.
     streamed: dict[int, list[tuple[int, int]]]
-    snapshots_sent: int
     refusals_101: int
-    events_appended: int
     loop_steps: int
     final_limit: int
     #: conid -> snapshot requests that reached IB.
     asked: dict[int, int] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def snapshots_sent(self) -> int:
+        return sum(self.asked.values())
 
 
 class ReplayingIb:
@@ -248,7 +243,6 @@ class ReplayingIb:
         self.streams: dict[int, float] = {}  # conid -> subscribed at
         self.ticking: dict[int, float] = {}  # conid -> first tick at
         self.open_snapshots = 0
-        self.snapshots_sent = 0
         #: conid -> snapshot requests that reached IB.
         self.asked: Counter[int] = Counter()
         self.refusals_101 = 0
@@ -332,7 +326,6 @@ class ReplayingIb:
         if not self.connected:
             self._answer(request, conid, IbErrorKind.DISCONNECTED, None)
             return
-        self.snapshots_sent += 1
         self.asked[conid] += 1
         if self.lines_used() >= self.true_lines:
             self.refusals_101 += 1
@@ -431,15 +424,8 @@ def _simulate(day: RecordedDay, config: SimConfig) -> SimOutcome:
     queue_ref = _bind(loop, queue)
     router = StreamRouter(
         log,  # type: ignore[arg-type]
-        RouterSettings(
-            max_lines=config.max_lines,
-            min_snapshot_lines=config.min_snapshot_lines,
-            monitoring_s=config.monitoring_s,
-            overflow_s=config.overflow_s,
-            line_probe_s=config.line_probe_s,
-            min_dwell_s=config.min_dwell_s,
-            risk_factor=config.risk_factor,
-            lost_line_s=max(60.0, 4 * config.snapshot_timeout_s),
+        RouterSettings.from_config(
+            config.freshness, max_lines=config.max_lines, snapshot_timeout_s=config.snapshot_timeout_s
         ),
         ib=ib_ref,  # type: ignore[arg-type]
         queue=queue_ref,  # type: ignore[arg-type]
@@ -451,7 +437,7 @@ def _simulate(day: RecordedDay, config: SimConfig) -> SimOutcome:
     ib.router = router_ref
     worker = QueueWorker(
         WorkerSettings(
-            max_snapshot_msgs_per_s=config.max_snapshot_msgs_per_s,
+            max_snapshot_msgs_per_s=config.freshness.max_snapshot_msgs_per_s,
             lease_s=config.lease_s,
             snapshot_timeout_s=config.snapshot_timeout_s,
         ),
@@ -508,9 +494,7 @@ def _simulate(day: RecordedDay, config: SimConfig) -> SimOutcome:
         config=config,
         quotes=quotes,
         streamed=dict(ib.streamed),
-        snapshots_sent=ib.snapshots_sent,
         refusals_101=ib.refusals_101,
-        events_appended=log.durable_seq,
         loop_steps=loop.steps,
         final_limit=router.ledger.limit,
         asked=dict(ib.asked),

@@ -81,6 +81,12 @@ _TYPES = [
 _TERMINAL_KINDS = frozenset({IbErrorKind.NOT_SUBSCRIBED, IbErrorKind.NO_CONTRACT})
 
 
+#: How far before the period the positions table is read: a contract held then has rows in it (the writer
+#: keeps a portfolio mark at least every [positions] portfolio_floor_s), and its newest quote before the
+#: period is what its age starts from.
+LOOKBACK_S = 86_400.0
+
+
 class NoRecordError(ValueError):
     """The data directory holds no period that can be replayed (one line for the user)."""
 
@@ -353,11 +359,15 @@ class _LogReader:
 def _read_positions(
     uri: str, start_us: int, until_us: int | None, storage_options: dict[str, str] | None
 ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], dict[int, np.ndarray], list[RecordedContract], int]:
-    """Quote times per contract (stream and snapshot rows; stream rows; portfolio rows), and every contract held."""
+    """Quote times per contract (stream and snapshot rows; stream rows; portfolio rows), and every contract held.
+
+    Only rows from ``LOOKBACK_S`` before the period on are read (the file statistics on ``ts`` prune the
+    rest): enough for each contract's newest quote before the period, without the table's whole history.
+    """
     ts_type = pa.timestamp("us", tz="UTC")
-    expr = None
+    expr = pc.field("ts") >= pa.scalar(start_us - int(LOOKBACK_S * 1e6), ts_type)
     if until_us is not None:
-        expr = pc.field("ts") <= pa.scalar(until_us, ts_type)
+        expr = expr & (pc.field("ts") <= pa.scalar(until_us, ts_type))
     table = (
         open_table(uri, storage_options)
         .to_pyarrow_dataset()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import actors.what_if_sim as what_if_sim
+from actors.config import FreshnessSettings
 from actors.what_if_report import figures_of_outcome, figures_of_record
 from actors.what_if_sim import SimConfig, SimLoop, SimulationStuck, simulate
 from storage.recorded_day import RecordedContract, RecordedDay, SnapshotSample
@@ -50,7 +51,10 @@ def _day(
 
 
 def _config(**fields: Any) -> SimConfig:
-    return SimConfig(**({"label": "t", "max_lines": 30, "true_lines": 30, "learned_at_start": None} | fields))
+    """A configuration; keys of [freshness] (monitoring_s, ...) go into its FreshnessSettings."""
+    fresh = {k: fields.pop(k) for k in list(fields) if k in FreshnessSettings.__struct_fields__}
+    base = {"label": "t", "max_lines": 30, "true_lines": 30, "learned_at_start": None}
+    return SimConfig(**(base | fields), freshness=FreshnessSettings(**fresh))
 
 
 def test_the_replayed_ib_refuses_beyond_its_true_lines_and_the_real_router_learns_them() -> None:
