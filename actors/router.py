@@ -109,6 +109,7 @@ __all__ = [
 
 
 _CONID = operator.attrgetter("conid")
+_SOURCE = operator.attrgetter("source")
 _OPTION_TYPES = frozenset({"OPT", "FOP"})
 
 class RouterSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -335,11 +336,17 @@ class StreamRouter(EventSourcedActor[RouterState]):
         kind = type(message)
         if kind is MarketUpdates:
             updates = message.updates
-            # every quote is stamped when it arrives, so the last to arrive is the newest (one C-level update)
-            self.latest.update(zip(map(_CONID, updates), updates, strict=True))
-            if self._unproven:
+            if "portfolio" in set(map(_SOURCE, updates)):
+                # the IB actor batches IB's portfolio marks with the ticks of the same socket read: each goes
+                # through _note_quote, so that a mark neither hides a quote nor proves a stream's line
                 for update in updates:
-                    self._prove_stream(update.conid)
+                    self._note_quote(update)
+            else:
+                # every quote is stamped when it arrives, so the last to arrive is the newest (one C-level update)
+                self.latest.update(zip(map(_CONID, updates), updates, strict=True))
+                if self._unproven:
+                    for update in updates:
+                        self._prove_stream(update.conid)
             self.ticks_forwarded += len(message.updates)
             self.handlers.publish(message)
             return None

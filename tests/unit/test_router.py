@@ -52,6 +52,7 @@ from events.ib import (
     IbStats,
     IbStatsReply,
     MarketUpdate,
+    MarketUpdates,
     PositionChanged,
     Subscribe,
 )
@@ -728,4 +729,9 @@ def test_a_portfolio_mark_never_hides_how_old_the_market_data_is(rig_factory: An
     rig.router.tell(MarketUpdate(conid=marked_only, source="queue", ts_us=now_us, bid=1.0, ask=1.1))
     rig.router.tell(MarketUpdate(conid=marked_only, source="portfolio", ts_us=now_us + 1, last=1.05))
     rows = {row.conid: row for row in ask(rig.router, ContractsQuery(), timeout=5).rows}
+    assert rows[marked_only].source == "queue"
+    # the IB actor batches marks with the ticks of one socket read: the same holds for a batch
+    rig.router.tell(MarketUpdates(updates=[MarketUpdate(conid=c, source="portfolio", ts_us=now_us + 2) for c in (quoted, marked_only)]))
+    rows = {row.conid: row for row in ask(rig.router, ContractsQuery(), timeout=5).rows}
+    assert (rows[quoted].source, rows[quoted].last_quote_us) == ("queue", old.ts_us)
     assert rows[marked_only].source == "queue"
