@@ -143,8 +143,6 @@ class RecordedDay:
     down: list[tuple[int, int]]
     #: conid -> sorted times (µs) of stream and snapshot rows in the positions table.
     quotes: dict[int, np.ndarray] = field(default_factory=dict)
-    #: conid -> sorted times (µs) of rows that came from a stream (part of ``quotes``).
-    stream_quotes: dict[int, np.ndarray] = field(default_factory=dict)
     #: conid -> times (µs) of IB's portfolio marks the positions table kept (the router dates never-priced
     #: contracts by them; the writer keeps one only when the contract had no fresher quote).
     portfolio: dict[int, np.ndarray] = field(default_factory=dict)
@@ -201,7 +199,7 @@ def read_recorded_day(
         start_us = reader.first_run_us  # nothing ran between --since and the next start: nothing to replay there
         reader.down = [(a, b) for a, b in reader.down if a >= start_us]
     last_us = reader.last_us
-    quotes, stream_quotes, portfolio, contracts, positions_last = _read_positions(positions_uri, start_us, until_us, storage_options)
+    quotes, stream_tick_s, portfolio, contracts, positions_last = _read_positions(positions_uri, start_us, until_us, storage_options)
     recorded_until = max(last_us, positions_last)
     # past the last thing recorded there is nothing to compare with: the period ends there
     end_us = recorded_until if until_us is None else min(until_us, recorded_until)
@@ -223,9 +221,8 @@ def read_recorded_day(
         interruptions_us=reader.interruptions,
         down=reader.down_periods(end_us),
         quotes=quotes,
-        stream_quotes=stream_quotes,
         portfolio=portfolio,
-        stream_tick_s=_usual_gap_s(stream_quotes),
+        stream_tick_s=stream_tick_s,
         streamed=reader.stream_periods(end_us),
         snapshots_claimed=reader.claimed,
     )
@@ -358,8 +355,9 @@ class _LogReader:
 
 def _read_positions(
     uri: str, start_us: int, until_us: int | None, storage_options: dict[str, str] | None
-) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], dict[int, np.ndarray], list[RecordedContract], int]:
-    """Quote times per contract (stream and snapshot rows; stream rows; portfolio rows), and every contract held.
+) -> tuple[dict[int, np.ndarray], float, dict[int, np.ndarray], list[RecordedContract], int]:
+    """Quote times per contract (stream and snapshot rows), the usual gap of a stream's rows, portfolio mark
+    times per contract, every contract held, and the last row's time.
 
     Only rows from ``LOOKBACK_S`` before the period on are read (the file statistics on ``ts`` prune the
     rest): enough for each contract's newest quote before the period, without the table's whole history.
@@ -374,7 +372,7 @@ def _read_positions(
         .to_table(columns=["conid", "symbol", "sec_type", "position", "delta", "source", "ts"], filter=expr)
     )
     if table.num_rows == 0:
-        return {}, {}, {}, [], 0
+        return {}, 1.0, {}, [], 0
     table = table.sort_by([("conid", "ascending"), ("ts", "ascending")])
     conids = table.column("conid").to_numpy()
     ts = table.column("ts").cast(pa.int64()).to_numpy()
@@ -411,7 +409,7 @@ def _read_positions(
                 appeared_us=max(start_us, int(ts[lo])),
             )
         )
-    return quotes, stream_quotes, portfolio, contracts, int(ts.max())
+    return quotes, _usual_gap_s(stream_quotes), portfolio, contracts, int(ts.max())
 
 
 def _usual_gap_s(stream_quotes: dict[int, np.ndarray]) -> float:
