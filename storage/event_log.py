@@ -47,7 +47,7 @@ from events.codec import encode_event
 from storage.durability import sync_commit, sync_commit_files_between, sync_new_table
 from storage.hashing import GENESIS_HASH, row_hash
 from storage.lock import DirectoryLock
-from storage.maintenance import WRITER_KEY, Maintenance, append_hooks, keep_table_properties
+from storage.maintenance import WRITER_KEY, Maintenance, append_hooks, commits_since_checkpoint, keep_table_properties
 from storage.object_fence import refuse_live_writer, release
 from storage.permissions import private_dir
 from storage.reader import StoredEvent, max_seq, open_table, read_batches, read_events, table_exists
@@ -291,7 +291,11 @@ class EventLog:
         self._writer = threading.Thread(target=self._writer_loop, name="eventlog-writer", daemon=True)
         self._writer.start()
         if self.config.maintenance:
-            self._maintenance = Maintenance(self.uri, self.config, self.writer_id, self.storage_options)
+            assert self._dt is not None
+            pending = commits_since_checkpoint(self._dt)  # a log stopped uncleanly may not be checkpointed yet
+            self._maintenance = Maintenance(
+                self.uri, self.config, self.writer_id, self.storage_options, pending_commits=pending
+            )
             self._maintenance.start()
         logger.info("event log open at {} (writer {}, next seq {})", self.uri, self.writer_id, self._next_seq)
 
@@ -435,8 +439,8 @@ class EventLog:
             for batch in leftover:
                 if len(batch):  # only if the writer did not finish in time: never silently unresolved
                     batch._resolve(LogClosedError("the event log closed before this batch was committed"))
-            if self._maintenance is not None:
-                self._maintenance.stop()
+            if self._maintenance is not None:  # it checkpoints the table: the next open reads no commit file before
+                self._maintenance.stop(checkpoint=self._failed is None)
             for fn in self._close_listeners if self._failed is None else ():
                 try:
                     fn()

@@ -11,12 +11,20 @@ older than the retention. Compaction rewrites rows without changing them
 (``dataChange=false``) and vacuum only deletes files no version newer than
 the retention needs, so maintenance never removes a row.
 
+When it stops (the writer closing cleanly), it checkpoints the table if any
+commit came after the newest checkpoint: a runtime restarted often commits
+far fewer than ``checkpoint_interval`` times a run, and without this its
+table would never be checkpointed, so every open (several per start) would
+replay every commit file since the table was made (262 JSON commits: ~0.1 s
+an open, against ~0.01 s from a checkpoint).
+
 Its commits are tagged with the writer's id, so the writer recognises them
 as its own when its compare-and-swap commit finds the table moved.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -32,7 +40,14 @@ from storage.tables import LogConfig, table_properties
 #: Commit metadata key naming the writer; the event log's fencing reads it.
 WRITER_KEY = "slotwise.writer"
 
-__all__ = ["WRITER_KEY", "Maintenance", "append_hooks", "keep_table_properties", "run_maintenance"]
+__all__ = [
+    "WRITER_KEY",
+    "Maintenance",
+    "append_hooks",
+    "commits_since_checkpoint",
+    "keep_table_properties",
+    "run_maintenance",
+]
 
 
 def append_hooks(config: LogConfig, dt: DeltaTable) -> PostCommitHookProperties:
@@ -117,6 +132,25 @@ def checkpoint_then_clean(dt: DeltaTable, config: LogConfig) -> None:
     dt.cleanup_metadata()
 
 
+def commits_since_checkpoint(dt: DeltaTable) -> int:
+    """How many commits of ``dt`` an open replays as JSON after the newest checkpoint (0 if not known).
+
+    Read from ``_delta_log/_last_checkpoint`` of a local table; for an object
+    store 0 (one more request at every open is not worth it there: the
+    commits of this run are counted anyway).
+    """
+    table_dir = local_dir(dt.table_uri)
+    if table_dir is None:
+        return 0
+    try:
+        last = int(json.loads((table_dir / "_delta_log" / "_last_checkpoint").read_text())["version"])
+    except FileNotFoundError:
+        last = -1  # never checkpointed: every commit from version 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0  # unreadable hint: delta-rs lists the log itself; maintenance checkpoints at its interval
+    return max(0, dt.version() - last)
+
+
 class Maintenance:
     """Runs :func:`run_maintenance` on a schedule, in its own thread, with its own table handle."""
 
@@ -128,13 +162,15 @@ class Maintenance:
         storage_options: dict[str, str] | None,
         *,
         table: str = "events",
+        pending_commits: int = 0,
     ) -> None:
+        """``pending_commits``: commits already in the table past its newest checkpoint (see :func:`commits_since_checkpoint`)."""
         self.uri = uri
         self.config = config
         self.writer_id = writer_id
         self.storage_options = storage_options
         self._commits_since = 0
-        self._commits_since_checkpoint = 0
+        self._commits_since_checkpoint = pending_commits
         self.checkpoints = 0
         self._last_run = time.monotonic()
         self._rounds = 0
@@ -144,15 +180,34 @@ class Maintenance:
         self._thread = threading.Thread(target=self._loop, name=f"{table}-maintenance", daemon=True)
         self.last: dict[str, Any] = {}
         self.errors = 0
+        self._dt: DeltaTable | None = None  # the thread's handle, kept for the checkpoint at stop
 
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float = 60.0) -> None:
+    def stop(self, timeout: float = 60.0, *, checkpoint: bool = True) -> None:
+        """Stop the thread; then, if ``checkpoint``, checkpoint the table if a commit came after its newest checkpoint.
+
+        Called once the table's writer has stopped committing, so the
+        checkpoint is of the newest version and the next open reads it
+        instead of the commit files since the last one. A writer that
+        failed passes ``checkpoint=False``: it may have been fenced off by
+        another writer, and writes nothing more to the table.
+        """
         with self._wake:
             self._stopping = True
             self._wake.notify_all()
         self._thread.join(timeout)
+        if not checkpoint or self._thread.is_alive() or self._commits_since_checkpoint <= 0:
+            return  # nothing to checkpoint, or a round still running owns the table handle (the next run catches up)
+        try:
+            dt = self._dt if self._dt is not None else DeltaTable(self.uri, storage_options=self.storage_options)
+            dt.update_incremental()
+            checkpoint_then_clean(dt, self.config)
+            self.checkpoints += 1
+            self._commits_since_checkpoint = 0
+        except Exception as exc:  # noqa: BLE001 - the table is intact; the next open only reads more commit files
+            logger.warning("{} table checkpoint at stop failed: {!r}", self.table, exc)
 
     def note_commit(self) -> None:
         """Called by the writer after each commit (cheap: a counter and maybe a notify)."""
@@ -176,7 +231,6 @@ class Maintenance:
         return self._commits_since > 0 and time.monotonic() - self._last_run >= self.config.compact_every_s
 
     def _loop(self) -> None:
-        dt: DeltaTable | None = None
         while True:
             with self._wake:
                 while not self._stopping and not self._due():
@@ -190,8 +244,9 @@ class Maintenance:
                     self._commits_since = 0
                 self._commits_since_checkpoint = 0
             try:
-                if dt is None:
-                    dt = DeltaTable(self.uri, storage_options=self.storage_options)
+                if self._dt is None:
+                    self._dt = DeltaTable(self.uri, storage_options=self.storage_options)
+                dt = self._dt
                 if not compact:
                     # the writer's appends skip the post-commit checkpoint; it is taken here instead
                     dt.update_incremental()
@@ -205,5 +260,7 @@ class Maintenance:
                 logger.debug("{} table maintenance: {}", self.table, self.last)
             except Exception as exc:  # noqa: BLE001 - maintenance failing must not stop the log
                 self.errors += 1
-                dt = None
+                self._dt = None
+                with self._wake:  # not checkpointed: the stop still owes one
+                    self._commits_since_checkpoint = max(self._commits_since_checkpoint, 1)
                 logger.warning("{} table maintenance failed (will retry next round): {!r}", self.table, exc)

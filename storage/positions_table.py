@@ -27,7 +27,7 @@ import pyarrow as pa
 from deltalake import DeltaTable, Schema, write_deltalake
 
 from storage.durability import sync_commit, sync_commit_files_between, sync_new_table
-from storage.maintenance import Maintenance, append_hooks, keep_table_properties
+from storage.maintenance import Maintenance, append_hooks, commits_since_checkpoint, keep_table_properties
 from storage.tables import LogConfig, is_local, table_properties, table_uri
 
 __all__ = ["POSITIONS_COLUMNS", "POSITIONS_SCHEMA", "PositionsConfig", "PositionsTable"]
@@ -125,8 +125,9 @@ class PositionsTable:
         self._synced_version = max(self._synced_version, opened)
         if self.config.maintenance and self._maintenance is None:
             self._maintenance = Maintenance(
-                self.uri, self.config, self.WRITER_ID, self.storage_options, table="positions"
-            )
+                self.uri, self.config, self.WRITER_ID, self.storage_options, table="positions",
+                pending_commits=commits_since_checkpoint(dt),
+            )  # fmt: skip
             self._maintenance.start()
         return dt
 

@@ -135,26 +135,17 @@ def test_a_commit_that_keeps_failing_stops_the_log_and_loses_nothing_acknowledge
 
 def test_a_second_writer_on_the_table_fences_this_one(event_log: EventLog) -> None:
     event_log.append(enqueued(1), stream="queue", key="1").wait(10)
-    intruder = pa.Table.from_pylist(
-        [
-            {
-                "seq": 2,
-                "ts": datetime.now(UTC),
-                "type": "x",
-                "stream": "x",
-                "key": "x",
-                "payload": "{}",
-                "v": 1,
-                "hash": "0",
-            }
-        ],
-        schema=EVENTS_SCHEMA,
-    )
-    write_deltalake(DeltaTable(event_log.uri), intruder, mode="append")
+    write_deltalake(DeltaTable(event_log.uri), _intruder_row(2), mode="append")
     with pytest.raises(LogFencedError):
         event_log.append(enqueued(2), stream="queue", key="2").wait(10)
     with pytest.raises(LogFailedError):
         event_log.append(enqueued(3), stream="queue", key="3")
+
+
+def _intruder_row(seq: int) -> pa.Table:
+    """A row committed by another writer than the log's."""
+    row = {"seq": seq, "ts": datetime.now(UTC), "type": "x", "stream": "x", "key": "x", "payload": "{}", "v": 1, "hash": "0"}
+    return pa.Table.from_pylist([row], schema=EVENTS_SCHEMA)
 
 
 def test_second_opener_fails_at_once_naming_the_holder(event_log: EventLog, data_dir: Path) -> None:
@@ -294,8 +285,56 @@ def test_appends_leave_log_cleanup_to_maintenance(data_dir: Path) -> None:
         for i in range(21, 41):
             log.append(enqueued(i), stream="queue", key=str(i)).wait(10)
         uri = log.uri
-    assert expired <= _commit_versions(data_dir), "an append cleaned expired commit files"
+        # before the close, whose checkpoint cleans (test_a_clean_close_leaves_the_table_checkpointed)
+        assert expired <= _commit_versions(data_dir), "an append cleaned expired commit files"
     assert [e.seq for e in read_events(uri)] == list(range(1, 41))
+
+
+def _last_checkpoint(data_dir: Path, table: str = "events") -> int | None:
+    """The version of the table's newest Delta checkpoint (None: never checkpointed)."""
+    versions = [int(p.name.split(".")[0]) for p in (data_dir / table / "_delta_log").glob("*.checkpoint.parquet")]
+    return max(versions, default=None)
+
+
+#: maintenance on, but no round of its own during these tests: only the checkpoint at stop
+_QUIET_MAINTENANCE = LogConfig(flush_ms=0, checkpoint_interval=10_000, compact_every_commits=10_000)
+
+
+def test_a_clean_close_leaves_the_table_checkpointed(data_dir: Path) -> None:
+    """A runtime restarted often commits far fewer times a run than the checkpoint interval: without a
+    checkpoint at close its table would never get one, and every open would replay every commit file."""
+    with EventLog.open(data_dir, config=_QUIET_MAINTENANCE) as log:
+        for i in range(1, 6):
+            log.append(enqueued(i), stream="queue", key=str(i)).wait(10)
+        assert _last_checkpoint(data_dir) is None
+        uri = log.uri
+    newest = DeltaTable(uri).version()
+    assert _last_checkpoint(data_dir) == newest
+    with EventLog.open(data_dir, config=_QUIET_MAINTENANCE):
+        pass  # nothing committed: no new checkpoint
+    assert _last_checkpoint(data_dir) == newest == DeltaTable(uri).version()
+    assert [e.seq for e in read_events(uri)] == list(range(1, 6))
+
+
+def test_commits_an_earlier_run_left_uncheckpointed_count_towards_the_interval(data_dir: Path) -> None:
+    """A run that crashed never reached its checkpoint at close: the next run's maintenance counts its commits."""
+    with EventLog.open(data_dir, config=TEST_LOG_CONFIG) as log:  # no maintenance: nothing checkpoints 12 commits
+        for i in range(1, 13):
+            log.append(enqueued(i), stream="queue", key=str(i)).wait(10)
+    assert _last_checkpoint(data_dir) is None
+    with EventLog.open(data_dir, config=LogConfig(flush_ms=0, checkpoint_interval=10, compact_every_commits=10_000)):
+        # no commit in this run: only the earlier ones make it due
+        wait_until(lambda: _last_checkpoint(data_dir) is not None, timeout=30, what="a checkpoint of the earlier commits")
+
+
+def test_a_failed_log_writes_no_checkpoint_at_close(data_dir: Path) -> None:
+    """A writer fenced off by another one writes nothing more to the table, not even a checkpoint."""
+    with EventLog.open(data_dir, config=_QUIET_MAINTENANCE) as log:
+        log.append(enqueued(1), stream="queue", key="1").wait(10)
+        write_deltalake(DeltaTable(log.uri), _intruder_row(2), mode="append")
+        with pytest.raises(LogFencedError):
+            log.append(enqueued(2), stream="queue", key="2").wait(10)
+    assert _last_checkpoint(data_dir) is None
 
 
 def test_without_maintenance_appends_checkpoint_and_clean_at_the_interval(data_dir: Path) -> None:
