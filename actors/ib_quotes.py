@@ -86,6 +86,26 @@ def _num(value: float | None) -> float | None:
     return float(value)
 
 
+def _greek(value: float | None) -> float | None:
+    """A model delta, gamma, vega or theta: IB's "not computed" marker is -2, and -1 is a value.
+
+    The official client's decoder (ibapi ``processTickOptionComputationMsg``)
+    unsets exactly ``-2`` for these four; ib_insync 0.9.86 and ib_async 2.1
+    (``Wrapper.tickOptionComputation``: ``vega if vega != -2 else vega``) pass
+    vega and theta through as -2. A delta of -1 is a deep in-the-money put's.
+    """
+    if value is None or math.isnan(value) or value == -2.0:
+        return None
+    return float(value)
+
+
+def _vol(value: float | None) -> float | None:
+    """An implied volatility: IB sends -1 when it has none (the official decoder unsets any value below 0)."""
+    if value is None or math.isnan(value) or value < 0:
+        return None
+    return float(value)
+
+
 def data_type(market_data_type: int) -> DataType:
     """The name of IB's market data type id; ids IB may add later read as live."""
     return MARKET_DATA_TYPES.get(market_data_type, "live")
@@ -108,7 +128,10 @@ def any_price(t: TickerLike) -> bool:
 
 
 def to_update(conid: int, t: TickerLike, source: str) -> MarketUpdate:
-    """The frozen message for a ticker's current state (greeks from the model computation, tick 13)."""
+    """The frozen message for a ticker's current state (greeks from the model computation, tick 13).
+
+    Prices use IB's price markers (-1, nan: none); greeks use IB's greek markers (:func:`_greek`, :func:`_vol`).
+    """
     greeks = t.modelGreeks
     iv = greeks.impliedVol if greeks is not None else t.impliedVolatility
     return MarketUpdate(
@@ -121,12 +144,12 @@ def to_update(conid: int, t: TickerLike, source: str) -> MarketUpdate:
         close=_num(t.close),
         bid_size=_num(t.bidSize),
         ask_size=_num(t.askSize),
-        iv=_num(iv),
-        delta=_num(greeks.delta) if greeks else None,
-        gamma=_num(greeks.gamma) if greeks else None,
-        vega=_num(greeks.vega) if greeks else None,
-        theta=_num(greeks.theta) if greeks else None,
-        und_price=_num(greeks.undPrice) if greeks else None,
+        iv=_vol(iv),
+        delta=_greek(greeks.delta) if greeks else None,
+        gamma=_greek(greeks.gamma) if greeks else None,
+        vega=_greek(greeks.vega) if greeks else None,
+        theta=_greek(greeks.theta) if greeks else None,
+        und_price=_num(greeks.undPrice) if greeks else None,  # -1: not computed (the official decoder)
         data_type=data_type(t.marketDataType),
     )
 

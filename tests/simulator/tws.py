@@ -157,6 +157,10 @@ class SimConfig:
     snapshot_rate_window_s: float = 1.0
     #: updatePortfolio for every position this often to sessions subscribed to account updates (0 = never).
     portfolio_interval_s: float = 0.0
+    #: conid -> the option computation IB sends for it, in wire order (impliedVol, delta, optPrice,
+    #: pvDividend, gamma, vega, theta, undPrice), instead of the simulated model. IB's "not computed"
+    #: markers are -1 (impliedVol, optPrice, pvDividend, undPrice) and -2 (delta, gamma, vega, theta).
+    model_greeks: dict[int, tuple[float, float, float, float, float, float, float, float]] = field(default_factory=dict)
     server_version: int = SERVER_VERSION
 
 
@@ -829,21 +833,10 @@ class TwsSimulator:
             sign = 1.0 if c.right == "C" else -1.0
             delta = sign * round(0.5 - (c.strike - und_price) / 200.0, 4)
             tick_types = (10, 11, 12, 13) if full else (13,)
+            computed = (0.25 + 0.001 * (c.conid % 10), delta, bid, 0.0, 0.02, 0.11, -0.05, und_price)
+            values = self.config.model_greeks.get(c.conid, computed)
             for tick_type in tick_types:
-                session.send(
-                    TICK_OPTION_COMPUTATION,
-                    req_id,
-                    tick_type,
-                    1,
-                    0.25 + 0.001 * (c.conid % 10),
-                    delta,
-                    bid,
-                    0.0,
-                    0.02,
-                    0.11,
-                    -0.05,
-                    und_price,
-                )
+                session.send(TICK_OPTION_COMPUTATION, req_id, tick_type, 1, *values)
 
     async def _tick_forever(self) -> None:
         while True:

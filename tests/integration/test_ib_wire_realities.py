@@ -1,0 +1,78 @@
+"""What a real TWS sends that the simulator's defaults do not, through the real IbActor and each client library.
+
+Every test names the IB source it was written from (the official TWS API
+client's decoder, IB's message table, ib_insync's / ib_async's own source),
+makes the simulator send exactly that, and checks what the IB actor's
+subscribers see. Nothing here is the simulator's invention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pykka
+import pytest
+
+from actors.ib_client import CLIENTS, client_problem
+from actors.messaging import ask
+from events.ib import MarketUpdate, Snapshot, SnapshotResult
+from tests.simulator import TwsSimulator
+from tests.support import Inbox
+
+Start = Callable[..., tuple[pykka.ActorRef[Any], Inbox]]
+CALL, PUT = 900001, 900002
+
+
+@pytest.fixture(params=list(CLIENTS))
+def client(request: pytest.FixtureRequest) -> str:
+    """Each test runs through ib_insync and ib_async (skipped only where ib_async is not installed)."""
+    if (problem := client_problem(request.param)) is not None:
+        pytest.skip(problem)
+    return str(request.param)
+
+
+def snapshot_of(ref: pykka.ActorRef[Any], conid: int) -> MarketUpdate:
+    result = ask(ref, Snapshot(conids=[conid], timeout_s=5.0), timeout=10)
+    assert isinstance(result, SnapshotResult)
+    assert not result.failures, result.failures
+    [update] = result.updates
+    return update
+
+
+# ------------------------------------------------------------ option greeks
+
+
+def test_greeks_ib_did_not_compute_are_none_not_minus_two(connect_ib: Start, sim: TwsSimulator, client: str) -> None:
+    """IB's "not computed" markers in tickOptionComputation are no values, never greeks.
+
+    IB sends -1 for an impliedVol / optPrice / pvDividend / undPrice and -2 for
+    a delta / gamma / vega / theta it could not compute (e.g. no underlying
+    price). The official client's decoder turns them into "unset" (ibapi
+    ``decoder.py`` ``processTickOptionComputationMsg``: ``if impliedVol < 0:
+    # -1 is the "not computed" indicator``, ``if delta == -2: # -2 is the "not
+    computed" indicator``, the same for gamma, vega, theta). ib_insync 0.9.86
+    (``wrapper.py`` ``tickOptionComputation``: ``vega if vega != -2 else vega``,
+    theta alike) and ib_async 2.1 keep vega and theta at -2, so the IB actor
+    must not trust the library for them.
+    """
+    sim.configure(model_greeks={CALL: (-1.0, -2.0, -1.0, -1.0, -2.0, -2.0, -2.0, -1.0)})
+    ref, _ = connect_ib(client=client)
+    update = snapshot_of(ref, CALL)
+    assert update.bid is not None  # the prices are there; only the model had nothing
+    greeks = (update.iv, update.delta, update.gamma, update.vega, update.theta, update.und_price)
+    assert greeks == (None, None, None, None, None, None)
+
+
+def test_a_delta_of_minus_one_is_a_delta(connect_ib: Start, sim: TwsSimulator, client: str) -> None:
+    """-1 is a deep in-the-money put's delta, not a "no value" marker: IB's marker for delta is -2.
+
+    (ibapi ``decoder.py`` ``processTickOptionComputationMsg``: only ``delta ==
+    -2`` is "not computed"; ib_insync's ``wrapper.py`` ``tickOptionComputation``
+    likewise maps only -2 to None.) A zero gamma and vega are values too.
+    """
+    sim.configure(model_greeks={PUT: (0.31, -1.0, 12.4, 0.0, 0.0, 0.0, -0.01, 88.0)})
+    ref, _ = connect_ib(client=client)
+    update = snapshot_of(ref, PUT)
+    assert (update.iv, update.delta, update.gamma, update.vega, update.theta) == (0.31, -1.0, 0.0, 0.0, -0.01)
+    assert update.und_price == 88.0
