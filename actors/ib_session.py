@@ -43,7 +43,8 @@ snapshots (DATA_INTERRUPTED). Streams a blip killed (10182, socket up) stay
 ours without a StreamEnded and are re-requested here once IB says the data
 is back (2104/2106/1102), or after a doubling backoff. Portfolio updates
 (updatePortfolio, from the account subscription connectAsync makes) are
-published as MarketUpdate(source="portfolio").
+published as MarketUpdate(source="portfolio"); IB drops that subscription and
+the positions' with an 1101, so both are resubmitted here then.
 """
 
 from __future__ import annotations
@@ -158,6 +159,8 @@ class IbSession:
         self._reissue_timer: asyncio.TimerHandle | None = None
         self._reissue_attempt = 0
         self.peak_lines = 0
+        #: The account whose updates (updatePortfolio) connectAsync subscribed to; "" if none.
+        self._account = ""
 
     # ------------------------------------------------------------------ wire
     def _send_msg(self, msg: str | None) -> None:
@@ -225,6 +228,9 @@ class IbSession:
             else:
                 attempt = 0
                 self._up = True
+                # The account connectAsync subscribed to (its own rule): 1101 makes us subscribe it again.
+                accounts = self.ib.client.getAccounts()
+                self._account = s.account or (accounts[0] if len(accounts) == 1 else "")
                 # Per API session, before any market data request (TWS API docs, "Market Data Types").
                 self._paced(lambda: self.ib.reqMarketDataType(s.market_data_type))
                 resubscribe = self._ever_connected
@@ -771,6 +777,7 @@ class IbSession:
             self._withdraw_cancels()
             self._forget_streams()
             self._interrupt_snapshots(code, text, send_cancel=False)  # IB dropped them with the streams
+            self._resubmit_account_data()
             self._set_state(ConnectionState.RESTORED_DATA_LOST, text, resubscribe=True)
         elif code == 1102:
             self._set_state(ConnectionState.RESTORED_DATA_KEPT, text)
@@ -789,6 +796,20 @@ class IbSession:
             self._drop_request(req, send_cancel=False)
             if refused:
                 self._ended(req.conid, "refused", code)  # after the IbError above; ends a pending cancel too
+
+    def _resubmit_account_data(self) -> None:
+        """1101 lost the account subscriptions too: ask again for the portfolio marks and the positions.
+
+        IB's text for 1101: "restored - data lost. Market and account data
+        subscription requests must be resubmitted" (tws-api/message_codes.html).
+        The router resubmits the streams; these two are ours (connectAsync made
+        them), and without them the line-free portfolio floor stops until the
+        next reconnect. The positions come back as at a connect (PositionsComplete).
+        """
+        account = self._account
+        if account:
+            self._paced(lambda: self.ib.client.reqAccountUpdates(True, account))
+        self._paced(self.ib.reqPositionsAsync)
 
     # ----------------------------------------------------------------- stats
     def stats(self) -> IbStatsReply:

@@ -298,3 +298,28 @@ def test_reset_1101_keeps_its_resubscribe_path(ib: IbHarness) -> None:
     assert back.state == ConnectionState.RESTORED_DATA_LOST
     wait_until(lambda: stats(ref).streams == 0, what="the streams IB dropped to be forgotten")
     assert not inbox.messages(StreamEnded)
+
+
+def test_portfolio_updates_come_back_after_1101(ib: IbHarness) -> None:
+    """1101 loses the account subscription too, so the IB actor resubmits it: the portfolio floor never stops.
+
+    IB's text for 1101 is "Connectivity between IB and TWS has been restored -
+    data lost. Market and account data subscription requests must be
+    resubmitted" (the TWS API's message table, ``tws-api/message_codes.html``,
+    and the C++ client's ``EClientErrors``); ib_insync resubmits nothing
+    (``ib_insync/wrapper.py`` ``error`` only logs and emits). The router
+    resubmits the streams; the account updates (reqAccountUpdates, the
+    line-free portfolio marks) are the IB actor's own. Two whole rounds after
+    the 1101: at most one round sent before it can still be on its way.
+    """
+    ref, inbox = ib.start(100, realities=Realities(portfolio_interval_s=0.2))
+
+    def portfolio(m: Any) -> bool:
+        return isinstance(m, MarketUpdate) and m.source == "portfolio"
+
+    inbox.wait_for(portfolio)
+    ib.reset(ref, 1101)
+    inbox.wait_for(lambda m: isinstance(m, ConnectionStateChanged) and m.resubscribe)
+    inbox.clear()
+    after = inbox.wait_for_count(portfolio, count=2 * len(POSITION_CONIDS))
+    assert {u.conid for u in after} == POSITION_CONIDS

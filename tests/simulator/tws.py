@@ -420,7 +420,7 @@ class TwsSimulator:
         self._call(drop)
 
     def send_error(self, code: int, message: str = "", req_id: int = -1) -> None:
-        """Send error ``code`` to every client. 1101 also forgets every stream, as IB does."""
+        """Send error ``code`` to every client. 1101 also forgets every stream and the account updates, as IB does."""
         texts = {
             1100: "Connectivity between IB and Trader Workstation has been lost.",
             1101: "Connectivity between IB and TWS has been restored- data lost.",
@@ -429,9 +429,12 @@ class TwsSimulator:
 
         def send() -> None:
             for session in list(self._sessions):
-                if code == 1101:  # IB dropped every market data request, open snapshots included
+                if code == 1101:
+                    # "Market and account data subscription requests must be resubmitted" (IB's text for 1101):
+                    # every market data request, open snapshots included, and the account updates are gone.
                     session.streams.clear()
                     session.snapshots.clear()
+                    session.account_updates = False
                 session.error(req_id, code, message or texts.get(code, f"simulated error {code}"))
 
         self._call(send)
