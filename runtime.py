@@ -169,7 +169,7 @@ try:
     from events.queue import QueueStats, Requeue
     from events.registry import AddActive, AddActiveMany, ListActive, RemoveActive, RemoveActiveMany
     from storage.checkpointer import Checkpointer
-    from storage.checkpoints import CheckpointStore, CheckpointsUnreadable, FileHasher
+    from storage.checkpoints import Checkpoint, CheckpointStore, CheckpointsUnreadable, FileHasher
     from storage.event_log import EventLog, LogFailedError
     from storage.lock import DataDirLocked
     from storage.object_store import export_storage_settings, reach_problem, store_error
@@ -457,11 +457,11 @@ class Runtime:
         assert self.log is not None
         log, signer = self.log, self.signer
 
-        def checkpointer() -> Checkpointer | None:
+        def checkpointer(newest: Checkpoint | None = None) -> Checkpointer | None:
             if signer is None:
                 return None
             try:
-                return Checkpointer(log, signer, every=self.config.audit.checkpoint_every)
+                return Checkpointer(log, signer, every=self.config.audit.checkpoint_every, newest=newest)
             except CheckpointsUnreadable as exc:
                 raise StartRefused(str(exc)) from None
 
@@ -473,8 +473,7 @@ class Runtime:
 
         def check() -> None:
             try:
-                self._verify_on_start()
-                made.append(checkpointer())
+                made.append(checkpointer(self._verify_on_start()))
             except BaseException as exc:  # noqa: BLE001 - handed to the starting thread, which raises it
                 failure.append(exc)
 
@@ -490,12 +489,13 @@ class Runtime:
 
         return wait
 
-    def _verify_on_start(self) -> None:
+    def _verify_on_start(self) -> Checkpoint | None:
+        """The start-up check; raises BrokenLogError. Returns the signed checkpoint it began from, if it did."""
         from storage.attest import verify_start
         from storage.verify import verify_log
 
         if not self.config.runtime.verify_on_start:
-            return
+            return None
         if self.signer is None:
             report: Any = verify_log(table_uri(self.data_dir, "events"))
         else:
@@ -512,12 +512,13 @@ class Runtime:
             elif report.ok and report.last_seq:
                 logger.info("start-up verified the whole chain ({}); the next start begins at a checkpoint", report.reason)
         if report.ok:
-            return
+            return getattr(report, "checkpoint", None)  # verify_log's report has none
         where = "" if report.first_bad_seq is None else f" at seq {report.first_bad_seq}"
         message = f"the event log is broken{where}: {report.problem}"
         if not self.allow_broken_log:
             raise BrokenLogError(f"{message}. Run 'python runtime.py verify' for details; --allow-broken-log starts anyway.")
         logger.error("{}; starting anyway (--allow-broken-log)", message)
+        return None
 
     def _seed_demo_registry(self, registry: pykka.ActorRef[Any], demo_positions: Any) -> None:
         """First demo run: register the legs of the first option strategies as active."""

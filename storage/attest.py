@@ -70,6 +70,8 @@ class AttestReport(msgspec.Struct, kw_only=True):
     #: How start-up checked: "checkpoint" (files + the tail) or "full" (the whole chain), and why full.
     method: str = "full"
     reason: str = ""
+    #: The newest checkpoint, when a start-up check began from it: the signer goes on from it without reading it again.
+    checkpoint: Checkpoint | None = None
 
     def fail(self, seq: int | None, problem: str) -> None:
         """Keep the problem with the lowest seq (the first place history differs)."""
@@ -363,7 +365,7 @@ def verify_start(
                 f"data file {f.path} (seq {f.min_seq}..{f.max_seq}) is not the file signed at seq {st.seq}: its {changed} changed",
             )
             return report
-    report.last_seq, report.checkpoints = st.seq, 1
+    report.last_seq, report.checkpoints, report.checkpoint = st.seq, 1, newest
     if last == st.seq:
         return report  # a clean stop signed the head: no row after it to re-hash
     tail = verify_log(uri, storage_options, after=(st.seq, st.hash))

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from loguru import logger
 
-from storage.checkpoints import CheckpointStore, FileHasher, row_prefixes, sign_checkpoint, table_data_files
+from storage.checkpoints import Checkpoint, CheckpointStore, FileHasher, row_prefixes, sign_checkpoint, table_data_files
 from storage.event_log import EventLog
 from storage.hashing import GENESIS_HASH, row_hash
 from storage.reader import open_table, read_batches
@@ -42,7 +42,17 @@ class CheckpointError(RuntimeError):
 class Checkpointer:
     """Signs the head of ``log`` every ``every`` events and at close (see the module docstring)."""
 
-    def __init__(self, log: EventLog, signer: Signer, *, every: int, storage_options: dict[str, str] | None = None):
+    def __init__(
+        self,
+        log: EventLog,
+        signer: Signer,
+        *,
+        every: int,
+        storage_options: dict[str, str] | None = None,
+        newest: Checkpoint | None = None,
+    ):
+        """``newest``: the table's newest checkpoint, when the caller has just read it under the log's lock
+        (the start-up check has; read again here otherwise)."""
         self.log = log
         self.signer = signer
         self.every = every
@@ -56,7 +66,8 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         #: Why signing stopped for good (the table does not hold what the writer wrote), or None.
         self.stopped_because: str | None = None
-        newest = self.store.newest()
+        if newest is None:
+            newest = self.store.newest()
         self.last_seq, self._last_hash = (newest.seq, newest.statement.hash) if newest else (0, GENESIS_HASH)
         self.written = 0
 

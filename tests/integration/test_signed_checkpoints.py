@@ -21,8 +21,9 @@ import pytest
 from deltalake import DeltaTable, write_deltalake
 
 from events.log import RuntimeStarted
+from storage.attest import verify_start
 from storage.checkpointer import Checkpointer
-from storage.checkpoints import CheckpointStore, DataFile, sign_checkpoint
+from storage.checkpoints import CheckpointStore, CheckpointsUnreadable, DataFile, sign_checkpoint
 from storage.event_log import EventLog
 from storage.hashing import GENESIS_HASH, row_hash
 from storage.signing import Signer, load_signer
@@ -384,6 +385,56 @@ def test_an_unreadable_checkpoints_table_is_one_line_and_refuses_the_start(signe
     assert run.returncode == 1
     assert "the event log is broken: the checkpoints table" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_the_newest_checkpoint_is_read_from_the_files_that_reach_its_seq(signed: SignedLog) -> None:
+    """A start reads the newest checkpoint twice: from its own file, not from every checkpoint's."""
+    store = CheckpointStore(str(signed.data))
+    everything = store.read()
+    assert len(everything) >= 3
+    adds = pa.table(DeltaTable(str(signed.data / "checkpoints")).get_add_actions(flatten=True)).to_pylist()
+    older = [a["path"] for a in adds if a["max.seq"] < everything[-1].seq]
+    for path in older:  # unreadable now: only a read that skips them still works
+        (signed.data / "checkpoints" / path).write_bytes(b"not parquet")
+    with pytest.raises(CheckpointsUnreadable):
+        store.read()
+    newest = store.newest()
+    assert newest == everything[-1]
+    assert newest is not None
+    assert newest.files
+    assert newest.signature_valid()
+
+
+def test_of_two_checkpoints_at_one_seq_the_later_is_the_newest(signed: SignedLog) -> None:
+    before = CheckpointStore(str(signed.data)).newest()
+    assert before is not None
+    assert before.seq == EVENTS
+    forge(signed.data, load_signer(signed.key))  # signed again at the same seq, later
+    newest = CheckpointStore(str(signed.data)).newest()
+    assert newest is not None
+    assert newest.seq == EVENTS
+    assert newest.statement.ts_us > before.statement.ts_us
+
+
+def test_the_signer_goes_on_from_the_checkpoint_the_start_up_check_began_from(
+    signed: SignedLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start-up check reads the newest checkpoint under the log's lock; the signer takes it from there."""
+    log = EventLog.open(signed.data, config=LogConfig(flush_ms=2.0, maintenance=False))
+    report = verify_start(str(signed.data), {load_signer(signed.key).public_key}, events=log.start_view())
+    assert report.ok, report
+    assert report.method == "checkpoint"
+    assert report.checkpoint is not None
+    assert report.checkpoint == CheckpointStore(str(signed.data)).newest()
+    monkeypatch.setattr(CheckpointStore, "newest", lambda _: pytest.fail("the newest checkpoint was read again"))
+    Checkpointer(log, load_signer(signed.key), every=100, newest=report.checkpoint).start()
+    monkeypatch.undo()
+    log.append(RuntimeStarted(writer_id="w", pid=1, host="h", mode="run", max_lines=100), stream="runtime", key="runtime")
+    log.close()
+    newest = CheckpointStore(str(signed.data)).newest()
+    assert newest is not None
+    assert (newest.seq, newest.statement.prev_seq) == (EVENTS + 1, report.checkpoint.seq)
+    assert cli("verify", "--data-dir", str(signed.data), key=signed.key).returncode == 0
 
 
 def test_a_signed_checkpoint_is_on_disk_before_it_counts(signed: SignedLog, monkeypatch: pytest.MonkeyPatch) -> None:
