@@ -43,8 +43,9 @@ __all__ = [
 TERMINAL_MD_CODES = frozenset({101, 200, 300, 321, 322, 354, 10089, 10168, 10182, 10186, 10197})
 #: Farm status notes: logged quietly, never emitted. 10167 ("displaying delayed market data") is advisory.
 QUIET_CODES = frozenset({2104, 2106, 2158, 2119, 2108, 10167})
-#: "Market data farm connection is OK" (2104, 2106) and 1102 "restored, data maintained": the data is back.
-DATA_BACK_CODES = frozenset({2104, 2106, 1102})
+#: "Market data farm connection is OK" (2104, 2106), 1102 "restored, data maintained" and 2158 "Sec-def data farm
+#: connection is OK" (contract details are answered again): streams waiting for either are re-requested.
+DATA_BACK_CODES = frozenset({2104, 2106, 2158, 1102})
 #: How long a cancelled request's ticker still absorbs late ticks.
 LATE_TICKS_S = 5.0
 #: Security types whose snapshot waits for model greeks.

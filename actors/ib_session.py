@@ -41,7 +41,9 @@ CONNECTED; each quote carries the request's ``marketDataType`` as
 ``data_type``. A reset (1100/1101) or a farm blip (10182) interrupts open
 snapshots (DATA_INTERRUPTED). Streams a blip killed (10182, socket up) stay
 ours without a StreamEnded and are re-requested here once IB says the data
-is back (2104/2106/1102), or after a doubling backoff. Portfolio updates
+is back (2104/2106/1102), or after a doubling backoff; so does a stream whose
+contract details IB left unanswered (sec-def farm down, 2157), asked again at
+2158. Only IB's own "no such contract" (200) refuses it. Portfolio updates
 (updatePortfolio, from the account subscription connectAsync makes) are
 published as MarketUpdate(source="portfolio"); IB drops that subscription and
 the positions' with an 1101, so both are resubmitted here then.
@@ -53,6 +55,7 @@ import asyncio
 import random
 import struct
 from collections.abc import Callable
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import pykka
@@ -99,7 +102,14 @@ from events.ib import (
 if TYPE_CHECKING:  # for the annotations only: both libraries have these classes
     from ib_insync import Contract, PortfolioItem, Position, Ticker
 
-__all__ = ["IbSession"]
+__all__ = ["IbSession", "Unresolved"]
+
+
+class Unresolved(Enum):
+    """Why a conid has no contract: IB said there is none, or IB did not answer (which says nothing)."""
+
+    NOT_FOUND = "not found"
+    NO_ANSWER = "no answer"
 
 
 class IbSession:
@@ -316,8 +326,15 @@ class IbSession:
             tradingClass=c.tradingClass,
         )
 
-    async def _contract(self, conid: int) -> Contract | None:
-        """The contract of ``conid`` from the cache, or from one reqContractDetails shared by concurrent askers."""
+    async def _contract(self, conid: int) -> Contract | Unresolved:
+        """The contract of ``conid`` from the cache, or from one reqContractDetails shared by concurrent askers.
+
+        ``Unresolved.NOT_FOUND`` only when IB answered that there is no such
+        contract (200, or no details); a request IB left unanswered within
+        ``snapshot_timeout_s`` (the sec-def farm is down: 2157, or slow) or cut
+        by a disconnect is ``Unresolved.NO_ANSWER``, which says nothing about
+        the contract.
+        """
         cached = self.contracts.get(conid)
         if cached is not None:
             return cached
@@ -333,10 +350,10 @@ class IbSession:
                     if not contract.exchange:
                         contract.exchange = contract.primaryExchange or "SMART"
                     self._cache(contract)
-                pending.set_result(self.contracts.get(conid))
-            except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001  (disconnect, timeout: no contract now)
+                pending.set_result(self.contracts.get(conid, Unresolved.NOT_FOUND))
+            except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001  (disconnect, timeout: no answer)
                 logger.debug("contract {} not resolved: {!r}", conid, exc)
-                pending.set_result(None)
+                pending.set_result(Unresolved.NO_ANSWER)
             finally:
                 self._resolving.pop(conid, None)
         return await asyncio.shield(pending)
@@ -456,13 +473,21 @@ class IbSession:
         contract = await self._contract(conid)
         if self.streams.get(conid) is not placeholder:
             return  # forgotten (disconnect) meanwhile
-        if contract is None or not self.connected:
+        if not self.connected:
+            del self.streams[conid]
+            self._ended(conid, "disconnected")
+            return
+        if contract is Unresolved.NOT_FOUND:
             del self.streams[conid]
             # An unknown conid was already reported (IbError 200 with the conid); nothing was sent for the stream.
-            if self.connected:
-                self._ended(conid, "refused", 200)  # as a snapshot of it: no contract (NO_CONTRACT)
-            else:
-                self._ended(conid, "disconnected")
+            self._ended(conid, "refused", 200)  # as a snapshot of it: no contract (NO_CONTRACT)
+            return
+        if contract is Unresolved.NO_ANSWER:
+            # IB did not answer (sec-def farm down: 2157): not the contract's fault. Like a stream a farm blip
+            # killed, it stays ours and is resolved again at IB's 2158 (or after a backoff).
+            placeholder.interrupted = True
+            backoff = self.settings.reissue_initial_s * 2**self._reissue_attempt
+            self._schedule_reissue(min(self.settings.reissue_max_s, backoff))
             return
         self.streams[conid] = self._new_request(conid, contract, snapshot=False)
 
@@ -579,9 +604,14 @@ class IbSession:
         self._reissue_attempt += 1
         logger.info("IB: re-requesting {} stream(s) a farm blip interrupted", len(waiting))
         for placeholder in waiting:
-            contract = self.contracts.get(placeholder.conid)
+            conid = placeholder.conid
+            contract = self.contracts.get(conid)
             if contract is not None:  # it was streaming, so its contract is cached
-                self.streams[placeholder.conid] = self._new_request(placeholder.conid, contract, snapshot=False)
+                self.streams[conid] = self._new_request(conid, contract, snapshot=False)
+            else:  # its contract details went unanswered: ask again
+                fresh = MdRequest(conid=conid, snapshot=False, sec_type=placeholder.sec_type)
+                self.streams[conid] = fresh
+                self._loop.create_task(self._subscribe_resolved(conid, fresh))
 
     def _on_stream_tick(self, ticker: Ticker) -> None:
         req_id = self.ib.wrapper.ticker2ReqId["mktData"].get(ticker)
@@ -646,11 +676,18 @@ class IbSession:
         contract = await self._contract(conid)
         if batch.replied or conid in batch.failures or conid in batch.updates:
             return
-        if contract is None:
-            kind = IbErrorKind.NO_CONTRACT if self.connected else IbErrorKind.DISCONNECTED
-            batch.failures[conid] = SnapshotFailed(
-                conid=conid, kind=kind, code=200 if self.connected else 504, message="contract not resolved"
-            )
+        if isinstance(contract, Unresolved):
+            if not self.connected:
+                failure = SnapshotFailed(
+                    conid=conid, kind=IbErrorKind.DISCONNECTED, code=IB_NOT_CONNECTED, message="contract not resolved"
+                )
+            elif contract is Unresolved.NOT_FOUND:
+                failure = SnapshotFailed(conid=conid, kind=IbErrorKind.NO_CONTRACT, code=200, message="no such contract")
+            else:  # a timeout, never "no contract": that would dead-letter a contract IB only failed to describe
+                failure = SnapshotFailed(
+                    conid=conid, kind=IbErrorKind.TIMEOUT, message="IB did not answer the contract details request"
+                )
+            batch.failures[conid] = failure
             self._maybe_reply(batch)
             return
         self._start_snapshot(batch, conid, contract)

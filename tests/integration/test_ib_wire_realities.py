@@ -16,12 +16,32 @@ import pytest
 
 from actors.ib_client import CLIENTS, client_problem
 from actors.messaging import ask
-from events.ib import MarketUpdate, Snapshot, SnapshotResult
-from tests.simulator import TwsSimulator
-from tests.support import Inbox
+from events.ib import IbErrorKind, MarketUpdate, Snapshot, SnapshotResult, StreamEnded, Subscribe
+from tests.simulator import SimConfig, SimContract, TwsSimulator, default_universe
+from tests.support import Inbox, wait_until
 
 Start = Callable[..., tuple[pykka.ActorRef[Any], Inbox]]
 CALL, PUT = 900001, 900002
+#: A future the account does not hold: its contract is not known from the positions, so it is resolved by conid.
+FUT = 5001
+REQ_CONTRACT_DETAILS = 9
+
+
+@pytest.fixture
+def sim_config() -> SimConfig:
+    config = default_universe(n_stocks=20, n_option_strikes=2)
+    config.contracts[FUT] = SimContract(
+        conid=FUT,
+        symbol="ES",
+        sec_type="FUT",
+        expiry="20261218",
+        multiplier="50",
+        exchange="CME",
+        primary_exchange="",
+        local_symbol="ESZ6",
+        trading_class="ES",
+    )
+    return config
 
 
 @pytest.fixture(params=list(CLIENTS))
@@ -76,3 +96,50 @@ def test_a_delta_of_minus_one_is_a_delta(connect_ib: Start, sim: TwsSimulator, c
     update = snapshot_of(ref, PUT)
     assert (update.iv, update.delta, update.gamma, update.vega, update.theta) == (0.31, -1.0, 0.0, 0.0, -0.01)
     assert update.und_price == 88.0
+
+
+# ------------------------------------------------------- contract details
+
+
+def test_contract_details_ib_does_not_answer_are_not_no_contract(
+    connect_ib: Start, sim: TwsSimulator, client: str
+) -> None:
+    """A reqContractDetails IB leaves unanswered is a timeout, never "no such contract" (which dead-letters).
+
+    A market data request needs the exchange, so a conid the positions did
+    not describe is resolved with reqContractDetails first. Its answer comes
+    from the security definition farm (IB's message table: 2157 "Sec-def data
+    farm connection is broken", 2158 "... is OK"), and ib_insync's
+    ``reqContractDetailsAsync`` (``ib_insync/ib.py``) has no timeout of its
+    own. Only IB's 200 ("No security definition has been found") or an empty
+    answer means the contract does not exist.
+    """
+    ref, _ = connect_ib(client=client, snapshot_timeout_s=0.3)
+    sim.secdef_down()
+    result = ask(ref, Snapshot(conids=[FUT], timeout_s=5.0), timeout=10)
+    assert isinstance(result, SnapshotResult)
+    [failure] = result.failures
+    assert (failure.conid, failure.kind) == (FUT, IbErrorKind.TIMEOUT)
+    sim.secdef_ok()
+    assert snapshot_of(ref, FUT).conid == FUT  # asked again, it resolves: nothing was remembered as missing
+
+
+def test_a_stream_whose_contract_details_go_unanswered_starts_when_the_farm_is_back(
+    connect_ib: Start, sim: TwsSimulator, client: str
+) -> None:
+    """A stream is not refused because the sec-def farm was down: the IB actor asks again, and streams once it answers.
+
+    Same IB facts as above (2157/2158; no timeout in ``reqContractDetailsAsync``).
+    Refusing it would make the router back off for a minute or more and
+    record "no contract" for a contract that exists.
+    """
+    ref, inbox = connect_ib(client=client, snapshot_timeout_s=0.3, reissue_initial_s=0.2)
+    sim.secdef_down()
+    ref.tell(Subscribe(conid=FUT))
+    wait_until(
+        lambda: sim.stats().by_msg_id.get(REQ_CONTRACT_DETAILS, 0) >= 2,
+        what="the unanswered contract details request to be asked again",
+    )
+    sim.secdef_ok()
+    inbox.wait_for(lambda m: isinstance(m, MarketUpdate) and m.conid == FUT and m.source == "stream")
+    assert not inbox.messages(StreamEnded)

@@ -12,8 +12,9 @@ server version 176 (the highest ib_insync 0.9.86 asks for).
 Fault switches (thread-safe, callable from the test thread): drop every
 connection, send 1100/1101/1102 (or any code), never answer snapshots of
 chosen conids, change the line limit, a market data farm blip
-(``farm_blip``: 2103, 10182 for every open request, 2104 when back), any
-``SimConfig`` field (``configure``).
+(``farm_blip``: 2103, 10182 for every open request, 2104 when back), the
+security definition farm down (``secdef_down``: 2157, contract details
+unanswered until ``secdef_ok``: 2158), any ``SimConfig`` field (``configure``).
 
 IB's data realities (``SimConfig``): the true line limit, snapshot quotes
 delayed by a seeded random draw in a range with tickSnapshotEnd after them,
@@ -342,6 +343,9 @@ class TwsSimulator:
         self._rng = random.Random(self.config.seed)
         self._snapshot_times: deque[float] = deque()
         self._farm_down = False
+        #: The security definition farm (which answers reqContractDetails) is down: requests wait for it.
+        self._secdef_down = False
+        self._held_details: list[tuple[_Session, list[str]]] = []
         self.port = 0
 
     # -- lifecycle
@@ -495,6 +499,34 @@ class TwsSimulator:
         if announce:
             for session in list(self._sessions):
                 session.error(-1, 2104, "Market data farm connection is OK:usfarm")
+
+    def secdef_down(self) -> None:
+        """The security definition farm drops: 2157 to every session; contract details wait for ``secdef_ok``.
+
+        The sec-def farm is what answers reqContractDetails (IB's 2157 "Sec-def data farm connection is
+        broken" / 2158 "... is OK"); while it is down a request gets no answer, not an error.
+        """
+
+        def down() -> None:
+            self._secdef_down = True
+            for session in list(self._sessions):
+                session.error(-1, 2157, "Sec-def data farm connection is broken:secdefnj")
+
+        self._call(down)
+
+    def secdef_ok(self) -> None:
+        """The sec-def farm is back: 2158 to every session, then the contract details held meanwhile, late."""
+
+        def back() -> None:
+            self._secdef_down = False
+            for session in list(self._sessions):
+                session.error(-1, 2158, "Sec-def data farm connection is OK:secdefnj")
+            held, self._held_details = self._held_details, []
+            for session, fields in held:
+                if session.transport is not None:
+                    self._contract_details(session, fields)
+
+        self._call(back)
 
     def set_line_limit(self, limit: int) -> None:
         def set_limit() -> None:
@@ -660,6 +692,9 @@ class TwsSimulator:
         self._portfolio = None
 
     def _contract_details(self, session: _Session, fields: list[str]) -> None:
+        if self._secdef_down:
+            self._held_details.append((session, fields))
+            return
         req_id, conid = int(fields[2]), int(fields[3] or 0)
         c = self.config.contracts.get(conid)
         if c is None:
