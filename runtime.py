@@ -160,7 +160,7 @@ try:
     from actors.fleet_view import cmd_fleet
     from actors.handlers import HandlerSet
     from actors.log_bursts import BurstFilter
-    from actors.messaging import CommandRejected, ask
+    from actors.messaging import CommandRejected, ReplyFuture, ask, ask_async
     from actors.operator_cli import CONTROL_REQUESTS as OPERATOR_REQUESTS
     from actors.operator_cli import answer_control as answer_operator
     from actors.operator_cli import cmd_contracts, cmd_queue
@@ -609,13 +609,20 @@ class Runtime:
         from actors.router import RouterStatus
         from actors.worker import WorkerStatus
         from events.ib import IbStats
+        from events.positions import WriterStats
 
         assert self.log is not None
         out: dict[str, Any] = {"uptime_s": round(time.monotonic() - self.started_at, 1), "mode": "demo" if self.demo else "run"}
         out["max_lines"] = self.config.runtime.max_lines
         out["min_snapshot_lines"] = self.config.freshness.min_snapshot_lines
+        # every part is asked at once: each answers when it reaches the question in its mailbox, and a status
+        # waits for the slowest part instead of for the sum of them (at a demo's start the router and the
+        # queue each have the 10,000 positions of the connect to get through first)
+        reply = self._ask_all(
+            ib=IbStats(), router=RouterStatus(), queue=QueueStats(), worker=WorkerStatus(), positions=WriterStats()
+        )
         try:
-            ib = ask(self.refs["ib"], IbStats(), timeout=5)
+            ib = reply("ib")
             out["ib"] = {
                 "connected": ib.connected,
                 "state": str(ib.state),
@@ -627,7 +634,7 @@ class Runtime:
         except Exception as exc:  # noqa: BLE001 - status must answer even if a part does not
             out["ib"] = {"connected": False, "state": f"unknown ({exc!r})"}
         try:
-            router = ask(self.refs["router"], RouterStatus(), timeout=5)
+            router = reply("router")
             # the line ledger's figures: the one count of lines (streams + open snapshots)
             out["lines_in_use"] = router.lines_in_use
             out["lines_free"] = router.lines_free
@@ -647,20 +654,18 @@ class Runtime:
         except Exception as exc:  # noqa: BLE001
             out["router_error"] = repr(exc)
         try:
-            stats = ask(self.refs["queue"], QueueStats(), timeout=5)
+            stats = reply("queue")
             out["queue"] = {"pending": stats.pending, "processing": stats.processing, "failed": stats.failed}
             out["dead_letters"] = stats.failed
         except Exception as exc:  # noqa: BLE001
             out["queue_error"] = repr(exc)
         try:
-            worker = ask(self.refs["worker"], WorkerStatus(), timeout=5)
+            worker = reply("worker")
             out["worker"] = msgspec.to_builtins(worker)
         except Exception as exc:  # noqa: BLE001
             out["worker_error"] = repr(exc)
         try:
-            from events.positions import WriterStats
-
-            writer = ask(self.refs["positions"], WriterStats(), timeout=5)
+            writer = reply("positions")
             out["positions_rows_written"] = writer.rows_written
         except Exception as exc:  # noqa: BLE001
             out["positions_error"] = repr(exc)
@@ -674,6 +679,23 @@ class Runtime:
         out["events_per_s"] = round(self.events_per_s, 1)
         out["log"] = {k: v for k, v in self.log.stats().items() if k in ("commits", "commit_ms_p50", "commit_ms_max", "failed")}
         return out
+
+    def _ask_all(self, **commands: Any) -> Callable[[str], Any]:
+        """Ask each actor named its command now; the call returned waits (5 s at most) for one's reply or raises its error."""
+        pending: dict[str, ReplyFuture | Exception] = {}
+        for name, command in commands.items():
+            try:
+                pending[name] = ask_async(self.refs[name], command)
+            except Exception as exc:  # noqa: BLE001 - not started, or stopped: that part of the status says so
+                pending[name] = exc
+
+        def reply(name: str) -> Any:
+            asked = pending[name]
+            if isinstance(asked, Exception):
+                raise asked
+            return asked.get(timeout=5)
+
+        return reply
 
     def status_line(self) -> str:
         s = self.status()
