@@ -24,6 +24,7 @@ from events.queue import (
     ExpireLeases,
     Fail,
     ItemReleased,
+    Priority,
     QueueStats,
     Release,
     Requeue,
@@ -290,6 +291,8 @@ class QueueMachine(RuleBasedStateMachine):
         self.clock = Clock()
         self.q = _Direct(self.clock)
         self.leases: dict[int, int] = {}  # item id -> lease handed out (kept after acks, to send stale ones)
+        #: The last item claimed was not an active overflow one: a due active overflow item goes next.
+        self.top_turn = False
 
     @property
     def state(self) -> QueueState:
@@ -310,8 +313,16 @@ class QueueMachine(RuleBasedStateMachine):
             for it in self.state.items.values()
             if it.status == PENDING and it.not_before_us <= now and it.conid not in busy
         )
+        expected = []
+        for _ in range(min(n, len(eligible))):
+            # ... except that a due active overflow item goes next after a claim of another priority
+            due_top = [key for key in eligible if key[1] == Priority.ACTIVE_OVERFLOW and key[0] <= now]
+            key = due_top[0] if self.top_turn and due_top else eligible[0]
+            eligible.remove(key)
+            expected.append(key[3])
+            self.top_turn = key[1] != Priority.ACTIVE_OVERFLOW
         got = self.q(Claim(n=n, lease_s=lease_s)).items
-        assert [c.item_id for c in got] == [key[3] for key in eligible[:n]]
+        assert [c.item_id for c in got] == expected
         self.leases.update({c.item_id: c.lease_until_us for c in got})
 
     @precondition(lambda self: self.leases)
@@ -353,6 +364,7 @@ class QueueMachine(RuleBasedStateMachine):
         state = QueueState.load(self.state.dump())
         assert state.dump() == self.state.dump()
         self.q.actor.state = state
+        self.top_turn = False  # the turn is a scheduling habit, not state: a restart begins without it
         self.q.actor.on_recovered()
         assert state.processing_items() == []
 
