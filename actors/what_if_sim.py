@@ -242,7 +242,8 @@ class ReplayingIb:
         self.connected = True
         self.streams: dict[int, float] = {}  # conid -> subscribed at
         self.ticking: dict[int, float] = {}  # conid -> first tick at
-        self.open_snapshots = 0
+        #: Snapshots IB has not answered yet: request -> conid (a disconnect answers them all).
+        self.open_snapshots: dict[Request, int] = {}
         #: conid -> snapshot requests that reached IB.
         self.asked: Counter[int] = Counter()
         self.refusals_101 = 0
@@ -257,7 +258,7 @@ class ReplayingIb:
     # ------------------------------------------------------------------ lines
 
     def lines_used(self) -> int:
-        return len(self.streams) + self.open_snapshots
+        return len(self.streams) + len(self.open_snapshots)
 
     def on_receive(self, message: Any) -> None:
         if isinstance(message, Request):
@@ -332,7 +333,7 @@ class ReplayingIb:
             self._answer(request, conid, IbErrorKind.MAX_TICKERS, 101)
             return
         sample = next(self._samples.get(conid, self._fallback))
-        self.open_snapshots += 1
+        self.open_snapshots[request] = conid
         if sample.latency_s > self.timeout_s:  # the IB actor gives up at its timeout: no quote, an attempt counted
             sample = SnapshotSample(self.timeout_s, "failed", None)
         self.loop.at(self.loop.now + sample.latency_s, self._snapshot_ends, (conid, request, sample, self._epoch))
@@ -340,8 +341,8 @@ class ReplayingIb:
     def _snapshot_ends(self, arg: tuple[int, Request, SnapshotSample, int]) -> None:
         conid, request, sample, epoch = arg
         if epoch != self._epoch:
-            return  # the connection it was sent on is gone; its line and its answer went with it
-        self.open_snapshots -= 1
+            return  # the connection it was sent on is gone, and the disconnect answered it
+        del self.open_snapshots[request]
         if self._in_blip(self.loop.now):
             self._answer(request, conid, IbErrorKind.DATA_INTERRUPTED, 10182)
         elif sample.outcome == "ok":
@@ -372,7 +373,10 @@ class ReplayingIb:
         self._epoch += 1
         for conid in list(self.streams):
             self._end_stream(conid)
-        self.open_snapshots = 0
+        # as the IB actor does: every open snapshot fails "disconnected" (its item goes back without an attempt)
+        for request, conid in self.open_snapshots.items():
+            self._answer(request, conid, IbErrorKind.DISCONNECTED, None)
+        self.open_snapshots.clear()
         for peer in peers:
             peer.tell(ConnectionStateChanged(state=ConnectionState.DISCONNECTED, detail="what-if: runtime down"))
 
@@ -459,6 +463,11 @@ def _simulate(day: RecordedDay, config: SimConfig) -> SimOutcome:
         if len(before):
             router.latest[conid] = MarketUpdate(conid=conid, source="queue", ts_us=int(before.max()))
     queue.on_recovered()
+    # a period that starts mid-run: the contracts the record was streaming then take the stream lines first
+    # (the same ones, not whichever rank first among equals)
+    for conid in sorted(day.active_at_start):
+        if any(a <= day.start_us < b for a, b in day.streamed.get(conid, ())):
+            router_ref.tell(ContractActivated(conid=conid, strategy=next(iter(day.active_at_start[conid]))))
     router_ref.tell(
         ActiveAtStart(conids=sorted(day.active_at_start), priorities={c: dict(p) for c, p in day.active_at_start.items()})
     )

@@ -86,6 +86,19 @@ def test_while_no_runtime_ran_nothing_is_priced_and_streams_are_gone() -> None:
     assert any(a >= down[1] for spans in outcome.streamed.values() for a, _ in spans)  # streams resubmitted
 
 
+def test_snapshots_open_at_a_disconnect_come_back_and_are_asked_again_after_it() -> None:
+    """As the IB actor answers every open snapshot "disconnected" at a drop, the replaying IB must too.
+
+    Left unanswered, each such item would stay claimed until its 60 s lease ran out, and its contract
+    would go unpriced that long after the reconnect (the replay staler than the day it replays).
+    """
+    down = (START_US + 40_000_000, START_US + 45_000_000)
+    slow = {1000 + i: [SnapshotSample(5.0, "ok")] for i in range(40)}  # always some open at the drop
+    outcome = simulate(_day(snapshots=slow, down=[down]), _config(monitoring_s=10.0))
+    for conid, times in outcome.quotes.items():
+        assert ((times > down[1]) & (times < down[1] + 30_000_000)).any(), conid
+
+
 def test_a_replay_is_deterministic() -> None:
     first, second = simulate(_day(active=10), _config()), simulate(_day(active=10), _config())
     assert first.snapshots_sent == second.snapshots_sent
