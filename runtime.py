@@ -331,6 +331,8 @@ class Runtime:
                     snapshot_latency_s=demo.snapshot_latency_s,
                     snapshot_latency_max_s=demo.snapshot_latency_max_s,
                     portfolio_interval_s=demo.portfolio_interval_s,
+                    disconnect_every_s=demo.disconnect_every_s,
+                    disconnect_for_s=demo.disconnect_for_s,
                     seed=demo.seed,
                 )
             )

@@ -103,6 +103,10 @@ class DemoSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     true_lines: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 0
     #: The account's portfolio updates (a price for every position, no line) this often (0: none).
     portfolio_interval_s: Annotated[float, msgspec.Meta(ge=0, le=3_600)] = 30.0
+    #: The simulated gateway drops the connection this often (0: never), as a gateway restart does ...
+    disconnect_every_s: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 0.0
+    #: ... and takes this long to come back (the streams are resubmitted, open snapshots come back failed).
+    disconnect_for_s: Annotated[float, msgspec.Meta(ge=0, le=3_600)] = 3.0
 
 
 class AuditSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -128,6 +128,10 @@ class FakeIbSettings(msgspec.Struct, frozen=True, kw_only=True):
     errors: dict[int, int] = msgspec.field(default_factory=dict)
     #: After an injected disconnect, reconnect after this long.
     reconnect_after_s: float = 0.0
+    #: Drop the connection this often, as a gateway restart or a network blip does (0 = never) ...
+    disconnect_every_s: float = 0.0
+    #: ... and come back after this long.
+    disconnect_for_s: float = 3.0
     #: An Unsubscribe's cancel waits until the stream is this old (the real actor's setting of the same name).
     min_stream_age_s: float = 0.0
     #: With a value above ``snapshot_latency_s``, each snapshot's delay is drawn from [latency, this] (seeded).
@@ -271,6 +275,8 @@ class FakeIbActor(pykka.ThreadingActor):
     def on_start(self) -> None:
         if self.settings.tick_interval_s > 0:
             self._later(self.settings.tick_interval_s, _Due("tick"))
+        if self.settings.disconnect_every_s > 0:
+            self._later(self.settings.disconnect_every_s, _Due("drop"))
 
     def on_stop(self) -> None:
         for timer in list(self._timers):
@@ -726,6 +732,11 @@ class FakeIbActor(pykka.ThreadingActor):
                     self._fail_rest(batch, IbErrorKind.TIMEOUT, None, "no complete quote within the timeout")
             case "reconnect":
                 self._connect()
+            case "drop":
+                if self._connected:
+                    self._drop("scheduled disconnect")
+                    self._later(self.settings.disconnect_for_s, _Due("reconnect"))
+                self._later(self.settings.disconnect_every_s, _Due("drop"))
             case "cancel":
                 self._cancel(due.args[0])
             case "reissue":

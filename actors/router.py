@@ -64,6 +64,7 @@ from actors.line_ledger import LineLedger
 from actors.ticker import Ticker
 from events.base import Command, Event, Reply
 from events.ib import (
+    DATA_FLOWS,
     ConnectionState,
     ConnectionStateChanged,
     MarketUpdate,
@@ -304,6 +305,8 @@ class StreamRouter(EventSourcedActor[RouterState]):
         self._refused_until: dict[int, float] = {}
         self._refusals: dict[int, int] = {}
         self.ticks_forwarded = 0
+        #: Whether IB's market data flowed at the last connection change logged (None: none logged by this run).
+        self._data_flowing: bool | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -400,10 +403,12 @@ class StreamRouter(EventSourcedActor[RouterState]):
                 self.priorities.get(conid, {}).pop(strategy, None)
             case PositionChanged():
                 self._position(message)
-            case ConnectionStateChanged(resubscribe=True) | ConnectionStateChanged(state=ConnectionState.CONNECTED):
-                # also on the first connect: subscribes sent while IB was still connecting were refused
-                # (the IB actor ignores a Subscribe for a stream it already has)
-                self._resubscribe_all(message)
+            case ConnectionStateChanged(resubscribe=resubscribe, state=state):
+                self._journal_connection(message)
+                if resubscribe or state == ConnectionState.CONNECTED:
+                    # also on the first connect: subscribes sent while IB was still connecting were refused
+                    # (the IB actor ignores a Subscribe for a stream it already has)
+                    self._resubscribe_all(message)
             case StreamEnded(conid=conid, reason="refused", code=code):
                 # stream-specific: an IbError's conid may belong to a snapshot of the same contract
                 self._stream_refused(conid, code)
@@ -575,6 +580,17 @@ class StreamRouter(EventSourcedActor[RouterState]):
             n = self._refusals[conid] = self._refusals.get(conid, 0) + 1
             self._refused_until[conid] = self._clock() + min(3600.0, 60.0 * 2 ** (n - 1))
         self._fill_lines()
+
+    def _journal_connection(self, change: ConnectionStateChanged) -> None:
+        """Log when market data stops or starts flowing: the record of IB's outages (what-if replays them).
+
+        Only a change between flowing and not is an event: a reconnect loop's
+        connecting/disconnected churn during one outage is not news.
+        """
+        flowing = change.state in DATA_FLOWS
+        if flowing != self._data_flowing:
+            self._data_flowing = flowing
+            self.persist(msgspec.structs.replace(change, detail=change.detail[:200]))
 
     def _resubscribe_all(self, change: ConnectionStateChanged) -> None:
         streams = sorted(self.state.streams)

@@ -51,13 +51,12 @@ from loguru import logger
 from actors.handlers import HandlerSet
 from actors.messaging import ReplyFuture, Request, ask_async
 from events.base import Command, Reply
-from events.ib import ConnectionState, ConnectionStateChanged, IbErrorKind, Snapshot, SnapshotFailed, SnapshotResult
+from events.ib import DATA_FLOWS, ConnectionStateChanged, IbErrorKind, Snapshot, SnapshotFailed, SnapshotResult
 from events.queue import Claim, ClaimedItem, Fail, Release, Succeed
 from events.router import AcquireLines, LineGrant, ReleaseLines, SnapshotDone, SnapshotOutcome
 
 __all__ = ["QueueWorker", "TokenBucket", "Wake", "WorkerSettings", "WorkerStatus", "WorkerStatusReply"]
 
-_UP = {ConnectionState.CONNECTED, ConnectionState.RESTORED_DATA_KEPT, ConnectionState.RESTORED_DATA_LOST}
 #: Not the contract's fault: back to the queue without an attempt.
 _RELEASE_KINDS: dict[IbErrorKind, SnapshotOutcome] = {
     IbErrorKind.DISCONNECTED: "interrupted",
@@ -242,7 +241,7 @@ class QueueWorker(pykka.ThreadingActor):
                 self._pump()
             case ConnectionStateChanged(state=state):
                 was = self.connected
-                self.connected = state in _UP
+                self.connected = state in DATA_FLOWS
                 if was and not self.connected:
                     logger.warning("worker: IB disconnected ({}); open snapshots come back without an attempt", state)
                 if self.connected:

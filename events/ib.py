@@ -19,6 +19,7 @@ import msgspec
 from events.base import Command, Conid, Event, Message, Reply
 
 __all__ = [
+    "DATA_FLOWS",
     "IB_NOT_CONNECTED",
     "MARKET_DATA_TYPES",
     "SNAPSHOT_LIMIT_TEXT",
@@ -59,6 +60,10 @@ class ConnectionState(StrEnum):
     RESTORED_DATA_LOST = "restored_data_lost"
     #: 1102: back, subscriptions kept.
     RESTORED_DATA_KEPT = "restored_data_kept"
+
+
+#: The states in which IB answers requests and streams tick; in the others no market data flows.
+DATA_FLOWS = frozenset({ConnectionState.CONNECTED, ConnectionState.RESTORED_DATA_KEPT, ConnectionState.RESTORED_DATA_LOST})
 
 
 class IbErrorKind(StrEnum):

@@ -20,8 +20,11 @@ part comes from:
   ``ItemDeadLettered`` of the same item (the log's own timestamps), per
   contract, in order;
 * **farm blips and resets**: snapshots given back as ``interrupted``;
-* **time the runtime was not running**: ``RuntimeStopped`` to the next
-  ``RuntimeStarted``;
+* **time no market data flowed**: ``RuntimeStopped`` to the next
+  ``RuntimeStarted`` (a run killed without a stop: its last event to the
+  next start), and IB's own outages while a runtime ran (the socket
+  dropped, or 1100): the router logs ``ib.connection_state`` when data
+  stops and when it flows again;
 * **what freshness was actually had**: the times of every stream and
   snapshot row of the positions table (one row per contract per flush),
   for the faithfulness check.
@@ -40,7 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from events.base import Event
-from events.ib import IbErrorKind, classify_ib_code
+from events.ib import DATA_FLOWS, ConnectionStateChanged, IbErrorKind, classify_ib_code
 from events.log import RuntimeStarted, RuntimeStopped
 from events.queue import ItemClaimed, ItemDeadLettered, ItemReleased, ItemRetryScheduled, ItemSucceeded
 from events.registry import ContractActivated, ContractDeactivated, LegAdded, LegRemoved
@@ -70,6 +73,7 @@ _TYPES = [
     "router.stream_demoted",
     "router.stream_stopped",
     "router.restarted",
+    "ib.connection_state",
     "queue.item_claimed",
     "queue.item_succeeded",
     "queue.item_retry_scheduled",
@@ -139,7 +143,7 @@ class RecordedDay:
     active_changes: list[ActiveChange]
     snapshots: dict[int, list[SnapshotSample]]
     interruptions_us: list[int]
-    #: Periods (start_us, end_us) the runtime was not running.
+    #: Periods (start_us, end_us) without market data: no runtime ran, or IB was away; sorted, not overlapping.
     down: list[tuple[int, int]]
     #: conid -> sorted times (µs) of stream and snapshot rows in the positions table.
     quotes: dict[int, np.ndarray] = field(default_factory=dict)
@@ -207,6 +211,7 @@ def read_recorded_day(
         raise NoRecordError("the period holds no time after the first run started")
     if not contracts:
         raise NoRecordError("no position was priced in the period")
+    down = reader.down_periods(start_us, end_us)
     return RecordedDay(
         start_us=start_us,
         end_us=end_us,
@@ -219,11 +224,11 @@ def read_recorded_day(
         active_changes=reader.changes,
         snapshots=dict(reader.samples),
         interruptions_us=reader.interruptions,
-        down=reader.down_periods(end_us),
+        down=down,
         quotes=quotes,
         portfolio=portfolio,
         stream_tick_s=stream_tick_s,
-        streamed=reader.stream_periods(end_us),
+        streamed=_without(reader.stream_periods(end_us), down),
         snapshots_claimed=reader.claimed,
     )
 
@@ -250,6 +255,9 @@ class _LogReader:
         self.samples: dict[int, list[SnapshotSample]] = defaultdict(list)
         self.interruptions: list[int] = []
         self.down: list[tuple[int, int]] = []
+        #: IB outages while a runtime ran (closed periods), and the start of the one under way.
+        self.ib_down: list[tuple[int, int]] = []
+        self._ib_down_since: int | None = None
         self._stopped_at: int | None = None
         self._ran = False
         #: A runtime was running when the period began (else the period really begins at the next start).
@@ -260,7 +268,7 @@ class _LogReader:
         self.claimed = 0
 
     def take(self, ts_us: int, event: Event) -> None:
-        self.last_us = max(self.last_us, ts_us)
+        previous_us, self.last_us = self.last_us, max(self.last_us, ts_us)
         started = self.first_start_us is not None
         if not started and (ts_us >= self.since_us if self.since_us is not None else isinstance(event, RuntimeStarted)):
             started = True
@@ -280,9 +288,19 @@ class _LogReader:
                     self._config_fixed = started
                 if started and self.down and self.down[-1][0] == self.down[-1][1]:
                     self.down[-1] = (self.down[-1][0], ts_us)
+                elif started and self._ran and self._stopped_at is None and previous_us < ts_us:
+                    # the run before ended without RuntimeStopped (killed): nothing ran from its last event on
+                    self.down.append((previous_us, ts_us))
                 self._stopped_at = None
                 self._ran = True
+            case ConnectionStateChanged(state=state):
+                if state not in DATA_FLOWS:
+                    if self._ib_down_since is None:
+                        self._ib_down_since = ts_us
+                elif self._ib_down_since is not None:
+                    self._end_ib_outage(ts_us)
             case RuntimeStopped():
+                self._end_ib_outage(ts_us)  # from here on the runtime's own gap covers it
                 self._end_streams(ts_us)
                 self._stopped_at = ts_us
                 if started:
@@ -325,9 +343,30 @@ class _LogReader:
             case _:
                 pass
 
-    def down_periods(self, end_us: int) -> list[tuple[int, int]]:
-        """Stopped-to-started gaps; a gap still open (or a stop never followed by a start) runs to ``end_us``."""
-        return [(a, end_us if a == b else b) for a, b in self.down if a < end_us]
+    def _end_ib_outage(self, ts_us: int) -> None:
+        if self._ib_down_since is not None:
+            self.ib_down.append((self._ib_down_since, ts_us))
+            self._ib_down_since = None
+
+    def down_periods(self, start_us: int, end_us: int) -> list[tuple[int, int]]:
+        """Every period without data within [start_us, end_us), merged and sorted.
+
+        Stopped-to-started gaps and IB's outages; one still open (or a stop
+        never followed by a start) runs to ``end_us``.
+        """
+        periods = [(a, end_us if a == b else b) for a, b in self.down]
+        periods += self.ib_down
+        if self._ib_down_since is not None:
+            periods.append((self._ib_down_since, end_us))
+        merged: list[tuple[int, int]] = []
+        for a, b in sorted((max(a, start_us), min(b, end_us)) for a, b in periods):
+            if b <= a:
+                continue
+            if merged and a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        return merged
 
     def _end_streams(self, ts_us: int) -> None:
         for conid, begun in self.streaming.items():
@@ -351,6 +390,28 @@ class _LogReader:
         claimed = self.claims.pop(item_id, None)
         if claimed is not None:
             self.samples[claimed[1]].append(SnapshotSample(max(0.0, (ts_us - claimed[0]) / 1e6), outcome, code))
+
+
+def _without(
+    streamed: dict[int, list[tuple[int, int]]], down: list[tuple[int, int]]
+) -> dict[int, list[tuple[int, int]]]:
+    """Stream periods less the outages: the router keeps a stream through a disconnect, but nothing ticks then."""
+    if not down:
+        return streamed
+    out: dict[int, list[tuple[int, int]]] = {}
+    for conid, spans in streamed.items():
+        kept = []
+        for a, b in spans:
+            for d0, d1 in down:  # sorted, not overlapping
+                if d1 <= a or d0 >= b:
+                    continue
+                if d0 > a:
+                    kept.append((a, d0))
+                a = max(a, d1)
+            if a < b:
+                kept.append((a, b))
+        out[conid] = kept
+    return out
 
 
 def _read_positions(
