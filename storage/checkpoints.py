@@ -243,10 +243,14 @@ class FileHasher:
         digest = hashlib.sha256()
         size = 0
         if self._local:
-            with open(os.path.join(self.uri.removeprefix("file://"), path), "rb") as f:
-                while chunk := f.read(1 << 20):
-                    digest.update(chunk)
-                    size += len(chunk)
+            # into one buffer, unbuffered: no new bytes object per MB (~12% of the CPU of hashing a million-event
+            # log's files). Not mmap, which would be less still: a file truncated under it kills the process
+            # (SIGBUS) instead of failing the check with a size that differs.
+            buffer = memoryview(bytearray(1 << 20))
+            with open(os.path.join(self.uri.removeprefix("file://"), path), "rb", buffering=0) as f:
+                while n := f.readinto(buffer):
+                    digest.update(buffer[:n])
+                    size += n
         else:
             assert self._fs is not None
             with self._fs.open_input_stream(path) as f:

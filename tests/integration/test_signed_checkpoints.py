@@ -8,6 +8,7 @@ runs it: ``python runtime.py ...`` in a subprocess.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from deltalake import DeltaTable, write_deltalake
 from events.log import RuntimeStarted
 from storage.attest import verify_start
 from storage.checkpointer import Checkpointer
-from storage.checkpoints import CheckpointStore, CheckpointsUnreadable, DataFile, sign_checkpoint
+from storage.checkpoints import CheckpointStore, CheckpointsUnreadable, DataFile, FileHasher, sign_checkpoint
 from storage.event_log import EventLog
 from storage.hashing import GENESIS_HASH, row_hash
 from storage.signing import Signer, load_signer
@@ -435,6 +436,14 @@ def test_the_signer_goes_on_from_the_checkpoint_the_start_up_check_began_from(
     assert newest is not None
     assert (newest.seq, newest.statement.prev_seq) == (EVENTS + 1, report.checkpoint.seq)
     assert cli("verify", "--data-dir", str(signed.data), key=signed.key).returncode == 0
+
+
+@pytest.mark.parametrize("size", [0, 1, (1 << 20) - 1, (1 << 20) * 3 + 17])
+def test_a_data_file_is_measured_as_sha256_of_all_its_bytes(tmp_path: Path, size: int) -> None:
+    """The signer and the start-up check both measure files this way: a shortcut in it would blind both."""
+    raw = os.urandom(size)
+    (tmp_path / "part.parquet").write_bytes(raw)
+    assert FileHasher(str(tmp_path)).size_and_sha256("part.parquet") == (size, hashlib.sha256(raw).hexdigest())
 
 
 def test_a_signed_checkpoint_is_on_disk_before_it_counts(signed: SignedLog, monkeypatch: pytest.MonkeyPatch) -> None:
