@@ -1,0 +1,71 @@
+"""When no market data flowed, as ``what-if`` reads it from the log: runtime downtime and IB's outages.
+
+The reader is fed events with their log timestamps directly, so each case
+states exactly what the log held and which periods must come out.
+"""
+
+from __future__ import annotations
+
+from events.base import Event
+from events.ib import ConnectionState, ConnectionStateChanged
+from events.log import RuntimeStarted, RuntimeStopped
+from events.queue import ItemClaimed
+from storage.recorded_day import _LogReader
+
+S = 1_000_000  # µs
+
+
+def _read(events: list[tuple[float, Event]], *, since_s: float | None = None, end_s: float = 100.0) -> list[tuple[float, float]]:
+    reader = _LogReader(None if since_s is None else int(since_s * S))
+    for t, event in events:
+        reader.take(int(t * S), event)
+    assert reader.first_start_us is not None
+    down = reader.down_periods(reader.first_start_us, int(end_s * S))
+    return [(a / S, b / S) for a, b in down]
+
+
+def _started() -> RuntimeStarted:
+    return RuntimeStarted(writer_id="w", pid=1, host="h")
+
+
+def _ib(state: ConnectionState) -> ConnectionStateChanged:
+    return ConnectionStateChanged(state=state)
+
+
+def _claim(item_id: int) -> ItemClaimed:
+    return ItemClaimed(item_id=item_id, conid=1, attempt=1, lease_until_us=0)
+
+
+def test_an_ib_outage_while_running_is_down_from_when_data_stopped_until_it_flowed() -> None:
+    events = [
+        (0, _started()),
+        (1, _ib(ConnectionState.CONNECTED)),
+        (10, _ib(ConnectionState.DISCONNECTED)),
+        (20, _ib(ConnectionState.CONNECTED)),
+        (30, _ib(ConnectionState.CONNECTIVITY_LOST)),  # 1100: the socket is up, no data
+        (35, _ib(ConnectionState.RESTORED_DATA_KEPT)),  # 1102
+    ]
+    assert _read(events) == [(10, 20), (30, 35)]
+
+
+def test_an_outage_still_under_way_runs_to_the_end_and_one_before_the_period_is_cut_at_its_start() -> None:
+    events = [(0, _started()), (5, _ib(ConnectionState.DISCONNECTED)), (15, _ib(ConnectionState.CONNECTED))]
+    events.append((90, _ib(ConnectionState.DISCONNECTED)))
+    assert _read(events) == [(5, 15), (90, 100)]
+    assert _read(events, since_s=10) == [(10, 15), (90, 100)]
+
+
+def test_a_stop_ends_an_outage_and_the_gap_to_the_next_start_is_down_once() -> None:
+    events = [
+        (0, _started()),
+        (10, _ib(ConnectionState.DISCONNECTED)),
+        (20, RuntimeStopped()),
+        (30, _started()),
+        (31, _ib(ConnectionState.CONNECTED)),
+    ]
+    assert _read(events) == [(10, 30)]  # the outage, then the stop: one period, not two overlapping
+
+
+def test_a_run_killed_without_a_stop_is_down_from_its_last_event_to_the_next_start() -> None:
+    events = [(0, _started()), (1, _ib(ConnectionState.CONNECTED)), (12, _claim(1)), (40, _started())]
+    assert _read(events) == [(12, 40)]
