@@ -133,6 +133,10 @@ class IbSession:
         self.ib.updatePortfolioEvent += self._on_portfolio
         self.ib.errorEvent += self._on_error
         self.ib.disconnectedEvent += self._on_disconnected
+        # Why a connect failed, in the client's words: e.g. a server too old for it ("TWS/gateway version must
+        # be >= 972") is reported only here, and connectAsync then fails with a bare timeout.
+        self._api_error = ""
+        self.ib.client.apiError += self._on_api_error
         original_end = self.ib.wrapper.tickSnapshotEnd
 
         def snapshot_end(req_id: int) -> None:
@@ -224,6 +228,7 @@ class IbSession:
         while self._want_connected:
             self._set_state(ConnectionState.CONNECTING, f"{s.host}:{s.port} client {s.client_id}")
             self._down.clear()
+            self._api_error = ""
             try:
                 await self.ib.connectAsync(
                     s.host, s.port, s.client_id, timeout=s.connect_timeout_s, readonly=s.readonly, account=s.account
@@ -232,7 +237,7 @@ class IbSession:
                 raise
             except Exception as exc:  # noqa: BLE001  (any failure to connect means: retry later)
                 self.pacer.clear()
-                detail = f"connect failed: {exc!r}"
+                detail = f"connect failed: {self._api_error} ({exc!r})" if self._api_error else f"connect failed: {exc!r}"
                 logger.warning("IB {}", detail)
                 self._set_state(ConnectionState.DISCONNECTED, detail)
             else:
@@ -254,6 +259,14 @@ class IbSession:
             attempt += 1
             logger.info("IB reconnect in {:.2f} s (attempt {})", delay, attempt)
             await asyncio.sleep(delay)
+
+    def _on_api_error(self, message: str) -> None:
+        """The client's own account of a failed connect; the first one of an attempt is the cause.
+
+        "API connection failed: <exception>" only repeats the exception connectAsync raises: not kept.
+        """
+        if not self._api_error and not message.startswith("API connection failed"):
+            self._api_error = message
 
     def _set_state(self, state: ConnectionState, detail: str = "", resubscribe: bool = False) -> None:
         self.state = state

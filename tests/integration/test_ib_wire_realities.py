@@ -14,9 +14,21 @@ from typing import Any
 import pykka
 import pytest
 
+from actors.ib import IbActor
 from actors.ib_client import CLIENTS, client_problem
 from actors.messaging import ask
-from events.ib import IbErrorKind, MarketUpdate, Snapshot, SnapshotResult, StreamEnded, Subscribe
+from events.ib import (
+    Connect,
+    ConnectionState,
+    ConnectionStateChanged,
+    IbErrorKind,
+    MarketUpdate,
+    Snapshot,
+    SnapshotResult,
+    StreamEnded,
+    Subscribe,
+)
+from tests.integration.conftest import fast_settings
 from tests.simulator import SimConfig, SimContract, TwsSimulator, default_universe
 from tests.support import Inbox, wait_until
 
@@ -143,3 +155,26 @@ def test_a_stream_whose_contract_details_go_unanswered_starts_when_the_farm_is_b
     sim.secdef_ok()
     inbox.wait_for(lambda m: isinstance(m, MarketUpdate) and m.conid == FUT and m.source == "stream")
     assert not inbox.messages(StreamEnded)
+
+
+# --------------------------------------------------------------- handshake
+
+
+def test_a_gateway_too_old_for_the_client_says_so(sim: TwsSimulator, client: str) -> None:
+    """A server below the client's minimum is named as the reason the connect failed, not as a bare timeout.
+
+    A TWS / Gateway answers the handshake with its own version; ib_insync
+    0.9.86 (``client.py``: ``if self._serverVersion < self.MinClientVersion``,
+    157) and ib_async then report "TWS/gateway version must be >= 972" through
+    ``Client.apiError`` only, and ``connectAsync`` fails later with a
+    ``TimeoutError``. The operator must see the first, which says what to do.
+    """
+    sim.configure(server_version=151)  # older than ib_insync's and ib_async's MinClientVersion, 157
+    inbox = Inbox.start()
+    assert inbox.ref is not None
+    ref = IbActor.start(fast_settings(sim.port, client=client, connect_timeout_s=0.5), [inbox.ref])
+    ref.tell(Connect())
+    failed = inbox.wait_for(
+        lambda m: isinstance(m, ConnectionStateChanged) and m.state == ConnectionState.DISCONNECTED, timeout=10
+    )
+    assert "version must be" in failed.detail, failed.detail

@@ -275,10 +275,13 @@ class _Session(asyncio.Protocol):
             self.buffer = self.buffer[8 + size :]
             self.handshaken = True
             max_version = int(versions.lstrip("v").split()[0].split("..")[-1])
-            version = min(max_version, self.sim.config.server_version)
-            if version < MIN_CLIENT_VERSION:
+            if max_version < MIN_CLIENT_VERSION:  # a client older than anything the simulator speaks
                 self.close()
                 return
+            # As TWS does: the highest version both know, or the server's own when the client's range starts
+            # above it; the client then decides (ib_insync's client.py drops a server below its
+            # MinClientVersion: "TWS/gateway version must be >= 972").
+            version = min(max_version, self.sim.config.server_version)
             self.write(_frame(version, time.strftime("%Y%m%d %H:%M:%S UTC", time.gmtime())))
         while len(self.buffer) >= 4:
             size = struct.unpack(">I", self.buffer[:4])[0]
