@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pykka
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from storage.event_log import EventLog
 from storage.snapshots import SnapshotStore
 from storage.tables import LogConfig
+
+# Property tests explore new random examples on every local run, but CI runs them on hypothesis's fixed
+# derandomized sequence: a counterexample must be found on a developer's machine and kept as a test, never
+# turn up at random in a CI run that then throws the change away. (Profiles set in conftest apply to the
+# settings the test modules build at import, which come later.)
+hypothesis_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+    hypothesis_settings.load_profile("ci")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
