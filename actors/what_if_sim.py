@@ -29,6 +29,7 @@ between rows (a stream is modelled as one quote per ``stream_tick_s``).
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 from collections import Counter, defaultdict, deque
@@ -152,11 +153,11 @@ class SimRef:
     """Stands in for a pykka ActorRef: ``tell`` delivers to ``on_receive`` on the loop, in order."""
 
     def __init__(self, loop: SimLoop, target: Any) -> None:
-        self._loop = loop
         self._receive = target.on_receive
+        self._enqueue = loop._ready.append  # SimLoop.soon without the call: a replayed day tells millions
 
     def tell(self, message: Any) -> None:
-        self._loop.soon(self._receive, message)
+        self._enqueue((self._receive, message))
 
 
 class MemoryLog:
@@ -251,7 +252,7 @@ class ReplayingIb:
         self._samples = {c: itertools.cycle(s) for c, s in day.snapshots.items() if s}
         everyone = [s for samples in day.snapshots.values() for s in samples if s.outcome == "ok"]
         self._fallback = itertools.cycle(everyone or [SnapshotSample(DEFAULT_SNAPSHOT_S, "ok")])
-        self._blips = (np.array(sorted(day.interruptions_us), dtype=np.int64) - day.start_us) / 1e6
+        self._blips = [(ts_us - day.start_us) / 1e6 for ts_us in sorted(day.interruptions_us)]
         self._deltas = {c.conid: c.delta for c in day.contracts}
         self._epoch = 0  # bumped at every disconnect: answers of an older connection are void
 
@@ -353,12 +354,10 @@ class ReplayingIb:
             self._answer(request, conid, kind, sample.code)
 
     def _in_blip(self, now_s: float) -> bool:
+        """A recorded blip within BLIP_WINDOW_S of now (the nearest one on either side decides)."""
         blips = self._blips
-        if not len(blips):
-            return False
-        i = int(np.searchsorted(blips, now_s))
-        near = [blips[j] for j in (i - 1, i) if 0 <= j < len(blips)]
-        return any(abs(b - now_s) <= BLIP_WINDOW_S for b in near)
+        i = bisect.bisect_left(blips, now_s)
+        return (i < len(blips) and blips[i] - now_s <= BLIP_WINDOW_S) or (i > 0 and now_s - blips[i - 1] <= BLIP_WINDOW_S)
 
     @staticmethod
     def _answer(request: Request, conid: int, kind: IbErrorKind, code: int | None) -> None:
