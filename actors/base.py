@@ -51,7 +51,7 @@ from storage.event_log import CommitBatch, EventLog, LogFailedError
 from storage.reader import read_seq_events
 from storage.snapshots import SnapshotStore, StoredSnapshot
 
-__all__ = ["Durable", "EventSourcedActor", "EventSourcedState", "RecoveryError", "StartRefusedError"]
+__all__ = ["Durable", "EventSourcedActor", "EventSourcedState", "RecoveryError", "StaleSnapshotsKept", "StartRefusedError"]
 
 
 class RecoveryError(RuntimeError):
@@ -71,6 +71,24 @@ class StartRefusedError(RecoveryError):
         RuntimeError.__init__(self, f"{stream} did not start: the start-up check refused the event log")
         self.stream = stream
         self.seq = 0
+
+
+class StaleSnapshotsKept(RecoveryError):
+    """Snapshots past the log's end could not be deleted: this actor must not append until they are.
+
+    Once the log grew past their seq, a later start would take one for valid and skip the events at
+    the seqs it claims; refusing the start now loses nothing (the next start tries the delete again).
+    """
+
+    def __init__(self, stream: str, seq: int, cause: Exception) -> None:
+        RuntimeError.__init__(
+            self,
+            f"{stream} did not start: its snapshots past seq {seq} (the log's end) could not be discarded "
+            f"({cause}); starting would let a later start load one and skip events: fix the snapshots "
+            "table's storage and start again",
+        )
+        self.stream = stream
+        self.seq = seq
 
 
 class EventSourcedState(Protocol):
@@ -152,15 +170,23 @@ class EventSourcedActor(pykka.ThreadingActor, Generic[S]):
         if not self.log.wait_start_check():
             self.recovery_error = StartRefusedError(self.stream)
             return
-        self._discard_stale_snapshots()
+        try:
+            self._discard_stale_snapshots()
+        except StaleSnapshotsKept as exc:
+            self.recovery_error = exc
+            logger.error("{}", exc)
+            return
         self.on_recovered()
 
-    def recover(self, source: DeltaTable | None = None) -> None:
-        """Rebuild the state from the newest usable snapshot and the later events of ``source`` (default: the table now)."""
+    def recover(self, source: DeltaTable | None = None, *, backed: int | None = None) -> None:
+        """Rebuild the state from the newest usable snapshot and the later events of ``source`` (default: the table now).
+
+        ``backed``: the log's durable end that snapshots must not pass (default: its end when it was opened).
+        """
         self.state = self.state_type()
         self.last_seq = 0
         from_seq = 1
-        snap = self._usable_snapshot()
+        snap = self._usable_snapshot(self.log.opened_seq if backed is None else backed)
         if snap is not None:
             self.state = self.state_type.load(snap.state)
             self.last_seq = snap.seq
@@ -182,8 +208,8 @@ class EventSourcedActor(pykka.ThreadingActor, Generic[S]):
         self.recovered_events = count
         logger.info("{} recovered: snapshot up to seq {}, {} events replayed", self.stream, from_seq - 1, count)
 
-    def _usable_snapshot(self) -> StoredSnapshot | None:
-        """The newest snapshot the log backs: one past the log's last durable seq at open is stale.
+    def _usable_snapshot(self, backed: int) -> StoredSnapshot | None:
+        """The newest snapshot the log backs: one past ``backed``, the log's durable end, is stale.
 
         Such a snapshot names events that never became durable (a commit that
         failed after the snapshot was taken); the seqs it claims are handed out
@@ -193,7 +219,6 @@ class EventSourcedActor(pykka.ThreadingActor, Generic[S]):
         if self.snapshots is None:
             return None
         snap = self.snapshots.latest(self.stream)
-        backed = self.log.opened_seq
         if snap is None or snap.seq <= backed:
             return snap
         logger.error(
@@ -206,9 +231,13 @@ class EventSourcedActor(pykka.ThreadingActor, Generic[S]):
         return self.snapshots.latest(self.stream, at_or_before=backed)
 
     def _discard_stale_snapshots(self) -> None:
-        if self._stale_after is not None and self.snapshots is not None:
-            self.snapshots.discard_after(self.stream, self._stale_after)
-        self._stale_after = None
+        """Delete the snapshots recovery found past the log's end (raises StaleSnapshotsKept if it cannot)."""
+        stale_after, self._stale_after = self._stale_after, None
+        if stale_after is not None and self.snapshots is not None:
+            try:
+                self.snapshots.discard_after(self.stream, stale_after)
+            except Exception as exc:
+                raise StaleSnapshotsKept(self.stream, stale_after, exc) from exc
 
     def on_recovered(self) -> None:
         """Hook: runs after recovery, before the first message (e.g. release leases of a crashed run)."""
@@ -293,8 +322,14 @@ class EventSourcedActor(pykka.ThreadingActor, Generic[S]):
         logger.error("{}: {} refused by apply ({}); not stored, state rebuilt from the log", self.stream, event, exc)
         since = self._since_snapshot
         self.log.flush()
-        self.recover()
-        self._discard_stale_snapshots()
+        # everything appended so far is durable now: this run's snapshots are backed (the end at open would
+        # call them stale and discard them)
+        self.recover(backed=self.log.durable_seq)
+        try:
+            self._discard_stale_snapshots()  # none expected: the start discarded any, and this run's are backed
+        except StaleSnapshotsKept as kept:
+            self.recovery_error = kept  # inert from here on, as after a failed start: it must not append
+            logger.error("{}", kept)
         self._since_snapshot = since
 
     def after_durable(self, effect: Callable[[], None], request: Request | None = None) -> None:

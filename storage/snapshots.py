@@ -78,8 +78,9 @@ class SnapshotStore:
     def discard_after(self, stream: str, seq: int) -> None:
         """Delete ``stream``'s snapshots past ``seq``: they name events the log does not hold.
 
-        A failure is logged, not raised: recovery has already chosen not to
-        load them, and the next start tries again.
+        Raises if they cannot be deleted: recovery has not loaded them, but once
+        the log grows past ``seq`` a later start would, so the caller must not
+        let it grow (the actor refuses to start; the next start tries again).
         """
         if not stream.isidentifier():
             raise ValueError(f"not a stream name: {stream!r}")
@@ -88,14 +89,10 @@ class SnapshotStore:
             dt = self._table()
             if dt is None:
                 return
-            try:
-                metrics = dt.delete(f"stream = '{stream}' AND seq > {int(seq)}")
-                if is_local(self.uri) and metrics.get("num_deleted_rows"):
-                    # on disk before the log grows past ``seq`` again: a power cut must not bring them back
-                    sync_commit(self.uri, DeltaTable(self.uri).version())
-            except Exception as exc:  # noqa: BLE001 - see the docstring
-                logger.error("could not discard snapshots of {} past seq {}: {!r}", stream, seq, exc)
-                return
+            metrics = dt.delete(f"stream = '{stream}' AND seq > {int(seq)}")
+            if is_local(self.uri) and metrics.get("num_deleted_rows"):
+                # on disk before the log grows past ``seq`` again: a power cut must not bring them back
+                sync_commit(self.uri, DeltaTable(self.uri).version())
         logger.warning("discarded {} snapshot(s) of {} past seq {}", metrics.get("num_deleted_rows"), stream, seq)
 
     def latest(self, stream: str, at_or_before: int | None = None) -> StoredSnapshot | None:

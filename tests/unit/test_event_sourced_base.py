@@ -194,3 +194,67 @@ def test_recovery_stops_at_an_event_it_cannot_apply_and_names_its_seq(event_log:
     event_log.flush()
     with pytest.raises(RecoveryError, match=r"capped cannot recover: event seq 2 \(test.bumped\)"):
         Capped(event_log).recover()
+
+
+def test_rebuilding_after_a_refused_event_keeps_the_snapshots_this_run_wrote(data_dir: Any) -> None:
+    """This run's snapshots lie past the log's end at open, and are valid: the rebuild starts from them.
+
+    (The log's end at open is what a start compares with; in the middle of a run everything flushed is
+    durable, and calling this run's snapshots stale discarded every one of them.)
+    """
+    import time
+
+    log = EventLog.open(data_dir, config=TEST_LOG_CONFIG)
+    snaps = SnapshotStore(str(data_dir))
+    try:
+        ref = Capped.start(log, snaps, snapshot_every=5)
+        for _ in range(10):
+            ask(ref, Bump(by=1))
+        deadline = time.monotonic() + 10
+        while len(list(snaps.all("capped"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)  # written off the actor's thread once durable
+        written = sorted(s.seq for s in snaps.all("capped"))
+        assert written == [5, 10]
+        from actors.messaging import CommandRejected
+
+        with pytest.raises(CommandRejected):
+            ask(ref, Bump(by=95))  # 105: refused, state rebuilt from the log
+        proxy = ref.proxy()
+        assert proxy.state.get(timeout=10).total == 10
+        assert proxy.recovered_from_seq.get(timeout=10) == 11  # from the snapshot at seq 10, not a full replay
+        assert sorted(s.seq for s in snaps.all("capped")) == written
+    finally:
+        pykka_stop_all()
+        log.close()
+
+
+class _FailingDiscard(SnapshotStore):
+    def discard_after(self, stream: str, seq: int) -> None:
+        raise OSError("read-only file system")
+
+
+def test_a_stale_snapshot_that_cannot_be_discarded_refuses_the_start_and_nothing_is_appended(data_dir: Any) -> None:
+    """Kept, it would look valid once the log grew past its seq: the actor must not let the log grow."""
+    from actors.base import StaleSnapshotsKept
+
+    log = EventLog.open(data_dir, config=TEST_LOG_CONFIG)
+    try:
+        ask(Counter.start(log), Bump(by=1))
+        pykka_stop_all()
+        SnapshotStore(str(data_dir)).save("counter", 7, msgspec.json.encode({"total": 99}))  # past seq 1
+    finally:
+        log.close()
+    log = EventLog.open(data_dir, config=TEST_LOG_CONFIG)
+    try:
+        ref = Counter.start(log, _FailingDiscard(str(data_dir)))
+        error = ref.proxy().recovery_error.get(timeout=10)
+        assert isinstance(error, StaleSnapshotsKept)
+        assert "past seq 1" in str(error)
+        assert "read-only file system" in str(error)
+        with pytest.raises(StaleSnapshotsKept):  # every request is refused with the reason
+            ask(ref, Bump(by=1))
+        pykka_stop_all()
+        assert log.last_seq == 1, "the refused actor appended"
+    finally:
+        log.close()
+    assert [s.seq for s in SnapshotStore(str(data_dir)).all("counter")] == [7]  # the next start tries again
