@@ -316,6 +316,19 @@ def test_a_clean_close_leaves_the_table_checkpointed(data_dir: Path) -> None:
     assert [e.seq for e in read_events(uri)] == list(range(1, 6))
 
 
+def test_a_clean_close_merges_the_small_files_of_the_run(data_dir: Path) -> None:
+    """A run that stops before its compaction is due leaves a file per commit: the close merges them."""
+    with EventLog.open(data_dir, config=_QUIET_MAINTENANCE) as log:
+        for i in range(1, 31):
+            log.append(enqueued(i), stream="queue", key=str(i)).wait(10)
+        uri = log.uri
+        assert len(DeltaTable(uri).file_uris()) == 30
+    assert len(DeltaTable(uri).file_uris()) == 1
+    assert _last_checkpoint(data_dir) == DeltaTable(uri).version()  # of the compacted table
+    assert [e.seq for e in read_events(uri)] == list(range(1, 31))
+    assert verify_log(uri).ok
+
+
 def test_commits_an_earlier_run_left_uncheckpointed_count_towards_the_interval(data_dir: Path) -> None:
     """A run that crashed never reached its checkpoint at close: the next run's maintenance counts its commits."""
     with EventLog.open(data_dir, config=TEST_LOG_CONFIG) as log:  # no maintenance: nothing checkpoints 12 commits
