@@ -25,10 +25,11 @@ Snapshots take the FIRST COMPLETE quote: complete = bid and ask present, or
 last present; for options (OPT, FOP) also the model greeks (tick type 13).
 If the prices are complete but the greeks have not come when IB ends the
 snapshot (tickSnapshotEnd) or the batch times out, the prices are answered
-without greeks. A snapshot that ends with some price but no complete quote
-answers what it has; one that ends with nothing answers NO_DATA; one still
-open at the timeout answers TIMEOUT and is cancelled at IB (or withdrawn
-from the pacer if its request never left). An open snapshot counts as a
+without greeks. A snapshot that ends (or times out) with some price but no
+complete quote answers what it has, as IB's end would; one that ends with
+nothing answers NO_DATA; one still without any price at the timeout answers
+TIMEOUT and is cancelled at IB (or withdrawn from the pacer if its request
+never left). An open snapshot counts as a
 line until IB ends it or we cancel it, and a snapshot answered by its first
 complete quote is cancelled at once (IB would hold it until tickSnapshotEnd,
 up to ~11 s): whenever a Snapshot is answered, none of its requests holds a
@@ -772,12 +773,20 @@ class IbSession:
         self._batches.discard(batch)
 
     def _expire(self, batch: Batch) -> None:
-        """The batch's time is up: answer what is complete, time out the rest, close what is still open."""
+        """The batch's time is up: answer what IB sent, time out what has no price at all, close what is open.
+
+        The same answer IB's own end (tickSnapshotEnd, 11 s after the request:
+        tws-api/md_request.html) would have given: complete prices without their
+        greeks, and an illiquid contract's partial quote (the close only, say),
+        which never becomes complete. Our deadline comes no later than IB's end
+        with the default 11 s, so answering TIMEOUT here failed every contract
+        that did not trade.
+        """
         batch.timer = None
         late = [
-            (req, to_update(req.conid, req.ticker, "queue"))  # prices without greeks
+            (req, to_update(req.conid, req.ticker, "queue"))
             for req in batch.requests
-            if not req.answered and req.ticker is not None and has_prices(req.ticker)
+            if not req.answered and req.ticker is not None and any_price(req.ticker)
         ]
         self._close_batch_requests(batch, send_cancel=True)  # cancels in the pacer before the reply leaves
         for req, update in late:

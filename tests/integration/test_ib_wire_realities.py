@@ -22,6 +22,8 @@ from events.ib import (
     ConnectionState,
     ConnectionStateChanged,
     IbErrorKind,
+    IbStats,
+    IbStatsReply,
     MarketUpdate,
     Snapshot,
     SnapshotResult,
@@ -34,6 +36,7 @@ from tests.support import Inbox, wait_until
 
 Start = Callable[..., tuple[pykka.ActorRef[Any], Inbox]]
 CALL, PUT = 900001, 900002
+STOCK = 1001
 #: A future the account does not hold: its contract is not known from the positions, so it is resolved by conid.
 FUT = 5001
 REQ_CONTRACT_DETAILS = 9
@@ -108,6 +111,38 @@ def test_a_delta_of_minus_one_is_a_delta(connect_ib: Start, sim: TwsSimulator, c
     update = snapshot_of(ref, PUT)
     assert (update.iv, update.delta, update.gamma, update.vega, update.theta) == (0.31, -1.0, 0.0, 0.0, -0.01)
     assert update.und_price == 88.0
+
+
+# ------------------------------------------------------------- snapshots
+
+
+def test_a_snapshot_still_incomplete_at_the_timeout_answers_what_ib_sent(
+    connect_ib: Start, sim: TwsSimulator, client: str
+) -> None:
+    """A contract nobody quotes gets the same answer at our deadline as at IB's tickSnapshotEnd: what IB sent.
+
+    IB's snapshot sends "the currently available market data once before a
+    tickSnapshotEnd event is sent 11 seconds later ... in some cases values
+    may not be returned for all tick types" (``tws-api/md_request.html``):
+    an illiquid contract gets -1 bid and ask, no last, only the close, and
+    no complete quote ever. The IB actor's own deadline
+    (``ib.snapshot_timeout_s``, 11 s, counted from before the request left
+    the pacer) comes no later than IB's end, so answering TIMEOUT there
+    turned every such contract into a failed attempt, and after
+    ``max_attempts`` into a dead letter. IB's end is set after the deadline
+    here, as it is in production.
+    """
+    sim.configure(illiquid={STOCK}, snapshot_end_delay_s=5.0)
+    ref, _ = connect_ib(client=client)
+    result = ask(ref, Snapshot(conids=[STOCK], timeout_s=0.5), timeout=10)
+    assert isinstance(result, SnapshotResult)
+    assert not result.failures, result.failures
+    [update] = result.updates
+    assert (update.bid, update.ask, update.last) == (None, None, None)
+    assert update.close is not None
+    reply = ask(ref, IbStats())
+    assert isinstance(reply, IbStatsReply)
+    assert reply.snapshots_in_flight == 0  # cancelled at IB before the answer left
 
 
 # ------------------------------------------------------- contract details

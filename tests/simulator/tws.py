@@ -158,6 +158,9 @@ class SimConfig:
     snapshot_rate_window_s: float = 1.0
     #: updatePortfolio for every position this often to sessions subscribed to account updates (0 = never).
     portfolio_interval_s: float = 0.0
+    #: Contracts nobody quotes or trades today: bid and ask come as -1 (size 0), no last, only the close; IB
+    #: still ends a snapshot of them with tickSnapshotEnd (``snapshot_end_delay_s`` after the quote).
+    illiquid: set[int] = field(default_factory=set)
     #: conid -> the option computation IB sends for it, in wire order (impliedVol, delta, optPrice,
     #: pvDividend, gamma, vega, theta, undPrice), instead of the simulated model. IB's "not computed"
     #: markers are -1 (impliedVol, optPrice, pvDividend, undPrice) and -2 (delta, gamma, vega, theta).
@@ -860,13 +863,15 @@ class TwsSimulator:
         ask = round(bid + 0.02, 2)
         kind = self._data_type_id(session, c.conid)
         tick = (lambda t: DELAYED_TICKS[t]) if kind in (3, 4) else (lambda t: t)
-        if self.config.market_closed and kind in (1, 3):  # closed, not frozen: IB's -1 for "no quote"
+        illiquid = c.conid in self.config.illiquid
+        if illiquid or (self.config.market_closed and kind in (1, 3)):  # not frozen: IB's -1 for "no quote"
             session.send(TICK_PRICE, 6, req_id, tick(1), -1, 0, 0)
             session.send(TICK_PRICE, 6, req_id, tick(2), -1, 0, 0)
         else:
             session.send(TICK_PRICE, 6, req_id, tick(1), bid, 100 + n % 50, 0)
             session.send(TICK_PRICE, 6, req_id, tick(2), ask, 200 + n % 50, 0)
-        session.send(TICK_PRICE, 6, req_id, tick(4), round(bid + 0.01, 2), 5, 0)
+        if not illiquid:
+            session.send(TICK_PRICE, 6, req_id, tick(4), round(bid + 0.01, 2), 5, 0)
         if full:
             session.send(TICK_PRICE, 6, req_id, tick(9), round(base - 0.5, 2), 0, 0)
             session.send(TICK_SIZE, 6, req_id, tick(8), 1000 + n)
