@@ -27,6 +27,7 @@ from events.ib import (
     MarketUpdate,
     Snapshot,
     SnapshotResult,
+    PositionsComplete,
     StreamEnded,
     Subscribe,
 )
@@ -213,3 +214,27 @@ def test_a_gateway_too_old_for_the_client_says_so(sim: TwsSimulator, client: str
         lambda m: isinstance(m, ConnectionStateChanged) and m.state == ConnectionState.DISCONNECTED, timeout=10
     )
     assert "version must be" in failed.detail, failed.detail
+
+
+@pytest.mark.parametrize("server_version", [157, 163, 176, 178])
+def test_every_server_version_the_clients_accept_serves_quotes(
+    connect_ib: Start, sim: TwsSimulator, client: str, server_version: int
+) -> None:
+    """A Gateway on another version than the simulator's 176 serves positions, contracts, snapshots and streams.
+
+    The handshake settles on the highest version both sides know (ib_insync
+    asks for 157..176, ib_async for 157..178: their ``client.py``
+    ``MinClientVersion`` / ``MaxClientVersion``), and what the server sends
+    is laid out for that version (below 164, contract details carry a message
+    version and mdSizeMultiplier: ib_insync's ``decoder.py``
+    ``contractDetails``). Nothing in the IB actor may depend on the version:
+    the future is resolved through contract details at each version.
+    """
+    sim.configure(server_version=server_version)
+    ref, inbox = connect_ib(client=client)
+    inbox.wait_for(lambda m: isinstance(m, PositionsComplete))
+    assert snapshot_of(ref, STOCK).bid is not None
+    assert snapshot_of(ref, CALL).delta is not None
+    assert snapshot_of(ref, FUT).bid is not None  # contract details by conid, laid out for the version
+    ref.tell(Subscribe(conid=STOCK))
+    inbox.wait_for(lambda m: isinstance(m, MarketUpdate) and m.conid == STOCK and m.source == "stream")

@@ -241,6 +241,8 @@ class _Session(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
         self.handshaken = False
+        #: The protocol version agreed in the handshake: the layouts of what is sent depend on it.
+        self.version = SERVER_VERSION
         self.client_id: int | None = None
         self.streams: dict[int, int] = {}  # reqId -> conid
         self.snapshots: dict[int, int] = {}  # reqId -> conid, open until tickSnapshotEnd or cancel
@@ -285,6 +287,7 @@ class _Session(asyncio.Protocol):
             # above it; the client then decides (ib_insync's client.py drops a server below its
             # MinClientVersion: "TWS/gateway version must be >= 972").
             version = min(max_version, self.sim.config.server_version)
+            self.version = version
             self.write(_frame(version, time.strftime("%Y%m%d %H:%M:%S UTC", time.gmtime())))
         while len(self.buffer) >= 4:
             size = struct.unpack(">I", self.buffer[:4])[0]
@@ -707,8 +710,17 @@ class TwsSimulator:
             session.error(req_id, 200, "No security definition has been found for the request")
             return
         under = self.config.contracts.get(c.under_conid)
+        # Layout by the agreed version, as ib_insync's decoder.py contractDetails reads it: below 164 a message
+        # version and the obsolete mdSizeMultiplier; 163 ends with suggestedSizeIncrement, 164+ with minSize,
+        # sizeIncrement and suggestedSizeIncrement.
+        old = session.version < 164
+        if session.version >= 164:
+            sizes: tuple[Any, ...] = (1, 1, 1)
+        else:
+            sizes = (1,) if session.version == 163 else ()
         session.send(
             CONTRACT_DATA,
+            *((8,) if old else ()),
             req_id,
             c.symbol,
             c.sec_type,
@@ -722,6 +734,7 @@ class TwsSimulator:
             c.trading_class,
             c.conid,
             c.min_tick,
+            *((1,) if old else ()),
             c.multiplier,
             "ACTIVETIM,AD,LMT,MKT",
             "SMART,NASDAQ,ARCA",
@@ -745,9 +758,7 @@ class TwsSimulator:
             "26",
             c.expiry,
             "COMMON" if c.sec_type == "STK" else "",
-            1,
-            1,
-            1,
+            *sizes,
         )
         session.send(CONTRACT_DATA_END, 1, req_id)
 
