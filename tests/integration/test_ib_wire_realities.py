@@ -25,9 +25,9 @@ from events.ib import (
     IbStats,
     IbStatsReply,
     MarketUpdate,
+    PositionsComplete,
     Snapshot,
     SnapshotResult,
-    PositionsComplete,
     StreamEnded,
     Subscribe,
 )
