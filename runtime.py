@@ -41,13 +41,16 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from actors.cli_checks import OneLineParser, data_dir_problem, duration, log_file_problem, log_level, port_problem
 from actors.fleet_view import add_parser as fleet_parser
 from actors.operator_cli import add_parsers as operator_parsers
 from actors.what_if_cli import add_parser as what_if_parser
 from storage.permissions import runtime_dir, set_private_umask
+
+if TYPE_CHECKING:
+    from storage.early_hash import EarlyHashes
 
 # delta-rs logs through env_logger, at WARN unless RUST_LOG says otherwise, straight to stderr:
 # one S3 call without credentials prints dozens of aws_config lines in front of our one-line
@@ -144,10 +147,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+#: The data files being hashed since before the imports below (storage/early_hash.py), for ``run``'s start-up check.
+_EARLY_HASHES: EarlyHashes | None = None
+
 if __name__ == "__main__":
     # Usage errors and --help need nothing but the standard library: answer them
     # before importing the dependencies, which may not be installed yet.
-    parse_args(sys.argv[1:])
+    _ARGS = parse_args(sys.argv[1:])
+    if _ARGS.command == "run":
+        from storage.early_hash import start_for_run  # the standard library only
+
+        _EARLY_HASHES = start_for_run(_ARGS.data_dir, _ARGS.config, os.environ)
 
 try:
     import msgspec
@@ -425,12 +435,14 @@ class Runtime:
         the log opens and the actors start. It may begin before the log's
         lock is taken: Delta never rewrites a file in place, and a file
         changed after this read would be as changed after a later one; the
-        check compares every listed file either way.
+        check compares every listed file either way. ``run`` may have begun
+        hashing every data file before its imports (``storage.early_hash``):
+        those of the listed files are taken over, the others cancelled.
         """
-        if not self.config.runtime.verify_on_start or self.signer is None:
-            return None
+        early = _EARLY_HASHES if _EARLY_HASHES is not None and _EARLY_HASHES.serves(table_uri(self.data_dir, "events")) else None
         store = CheckpointStore(self.data_dir)
-        if not store.exists():
+        if not self.config.runtime.verify_on_start or self.signer is None or not store.exists():
+            _drop(early)
             return None
         hasher = FileHasher(table_uri(self.data_dir, "events"))
 
@@ -438,9 +450,12 @@ class Runtime:
             try:
                 newest = store.newest()
             except CheckpointsUnreadable:
+                _drop(early)
                 return  # the check reports it
-            if newest is not None:
-                hasher.prefetch([f.path for f in newest.files], workers=min(8, os.cpu_count() or 1))
+            paths = [] if newest is None else [f.path for f in newest.files]
+            if early is not None:  # begun before the imports: the files the checkpoint lists, and no others
+                hasher.adopt(early.take(paths))
+            hasher.prefetch(paths, workers=min(8, os.cpu_count() or 1))
 
         threading.Thread(target=prefetch, name="prehash", daemon=True).start()
         return hasher
@@ -756,6 +771,12 @@ class Runtime:
         except LogFailedError as exc:
             return _control_error("log_failed", str(exc))
         return {"ok": True, "reply": msgspec.to_builtins(reply)}
+
+
+def _drop(early: EarlyHashes | None) -> None:
+    """Stop the early hashing that has not begun: this start checks no signed files."""
+    if early is not None:
+        early.take(())
 
 
 class BrokenLogError(RuntimeError):
