@@ -87,6 +87,18 @@ def _num(value: float | None) -> float | None:
     return float(value)
 
 
+def _side(price: float, size: float) -> float | None:
+    """A bid or an ask: none when IB says the side is empty (price -1, or a size of 0).
+
+    ib_insync keeps the last price when only the size drops to 0 (``Wrapper.tickSize``),
+    and counts a side only with a size above 0 itself (``Ticker.hasBidAsk``); ib_async
+    turns a side of size 0 into its empty price. A nan size (none sent) leaves the price be.
+    """
+    if size == 0:
+        return None
+    return _num(price)
+
+
 def _greek(value: float | None) -> float | None:
     """A model delta, gamma, vega or theta: IB's "not computed" marker is -2, and -1 is a value.
 
@@ -120,12 +132,14 @@ def portfolio_price(market_price: float) -> float | None:
 
 
 def has_prices(t: TickerLike) -> bool:
-    """A complete quote: bid and ask, or last."""
-    return (_num(t.bid) is not None and _num(t.ask) is not None) or _num(t.last) is not None
+    """A complete quote: bid and ask (each with a size), or last."""
+    both = _side(t.bid, t.bidSize) is not None and _side(t.ask, t.askSize) is not None
+    return both or _num(t.last) is not None
 
 
 def any_price(t: TickerLike) -> bool:
-    return any(_num(v) is not None for v in (t.bid, t.ask, t.last, t.close))
+    sides = (_side(t.bid, t.bidSize), _side(t.ask, t.askSize))
+    return any(v is not None for v in sides) or _num(t.last) is not None or _num(t.close) is not None
 
 
 def to_update(conid: int, t: TickerLike, source: str) -> MarketUpdate:
@@ -139,8 +153,8 @@ def to_update(conid: int, t: TickerLike, source: str) -> MarketUpdate:
         conid=conid,
         source=source,  # type: ignore[arg-type]
         ts_us=now_us(),
-        bid=_num(t.bid),
-        ask=_num(t.ask),
+        bid=_side(t.bid, t.bidSize),
+        ask=_side(t.ask, t.askSize),
         last=_num(t.last),
         close=_num(t.close),
         bid_size=_num(t.bidSize),

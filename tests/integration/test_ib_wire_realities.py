@@ -146,6 +146,30 @@ def test_a_snapshot_still_incomplete_at_the_timeout_answers_what_ib_sent(
     assert reply.snapshots_in_flight == 0  # cancelled at IB before the answer left
 
 
+# ------------------------------------------------------------------ quotes
+
+
+def test_a_bid_whose_size_went_to_zero_is_no_bid(connect_ib: Start, sim: TwsSimulator, client: str) -> None:
+    """A bid or ask of size 0 is an empty side, not a quote: the stale price must not be published as the bid.
+
+    IB ends a side with a size of 0. ib_insync 0.9.86 keeps the last bid
+    price in the Ticker then (``wrapper.py`` ``tickSize`` only sets
+    ``bidSize``) and its own ``Ticker.hasBidAsk`` counts a bid only with
+    ``bidSize > 0`` (``ticker.py``); ib_async 2.1 turns a side of size 0 into
+    its empty price (``wrapper.py`` ``tickSize`` / ``priceSizeTick``:
+    ``if size == 0: price = self.defaultEmptyPrice``, "Bid/Ask updates always
+    have a Price+Size delivered at the same time").
+    """
+    ref, inbox = connect_ib(client=client)
+    ref.tell(Subscribe(conid=STOCK))
+    inbox.wait_for(lambda m: isinstance(m, MarketUpdate) and m.conid == STOCK and m.bid is not None)
+    sim.configure(no_bid={STOCK})
+    inbox.wait_for(lambda m: isinstance(m, MarketUpdate) and m.conid == STOCK and m.bid is None)
+    updates = [m for m in inbox.messages(MarketUpdate) if m.conid == STOCK]
+    assert all(u.bid is None for u in updates if u.bid_size == 0)  # never a price on an empty side
+    assert updates[-1].ask is not None
+
+
 # ------------------------------------------------------- contract details
 
 

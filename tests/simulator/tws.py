@@ -161,6 +161,9 @@ class SimConfig:
     #: Contracts nobody quotes or trades today: bid and ask come as -1 (size 0), no last, only the close; IB
     #: still ends a snapshot of them with tickSnapshotEnd (``snapshot_end_delay_s`` after the quote).
     illiquid: set[int] = field(default_factory=set)
+    #: Contracts whose bid side has emptied: IB says so with a bid size of 0 (tickSize, tick 0 / 69) and sends
+    #: no new bid price, so the last bid price is still in the client's Ticker.
+    no_bid: set[int] = field(default_factory=set)
     #: conid -> the option computation IB sends for it, in wire order (impliedVol, delta, optPrice,
     #: pvDividend, gamma, vega, theta, undPrice), instead of the simulated model. IB's "not computed"
     #: markers are -1 (impliedVol, optPrice, pvDividend, undPrice) and -2 (delta, gamma, vega, theta).
@@ -879,7 +882,10 @@ class TwsSimulator:
             session.send(TICK_PRICE, 6, req_id, tick(1), -1, 0, 0)
             session.send(TICK_PRICE, 6, req_id, tick(2), -1, 0, 0)
         else:
-            session.send(TICK_PRICE, 6, req_id, tick(1), bid, 100 + n % 50, 0)
+            if c.conid in self.config.no_bid:
+                session.send(TICK_SIZE, 6, req_id, 69 if kind in (3, 4) else 0, 0)
+            else:
+                session.send(TICK_PRICE, 6, req_id, tick(1), bid, 100 + n % 50, 0)
             session.send(TICK_PRICE, 6, req_id, tick(2), ask, 200 + n % 50, 0)
         if not illiquid:
             session.send(TICK_PRICE, 6, req_id, tick(4), round(bid + 0.01, 2), 5, 0)
