@@ -27,6 +27,8 @@ def main() -> None:
     parser.add_argument("--portfolio-interval", type=float, default=0.0, help="updatePortfolio every S s (0: never)")
     parser.add_argument("--market-closed", action="store_true", help="-1 live bid/ask; frozen values with type 2/4")
     parser.add_argument("--unsubscribed", type=int, default=0, help="the last N stocks have no live subscription")
+    parser.add_argument("--illiquid", type=int, default=0, help="the first N stocks: -1 bid/ask, only the close")
+    parser.add_argument("--server-version", type=int, default=176, help="the handshake's version (157..178)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     config = default_universe(args.stocks, args.option_strikes)
@@ -42,6 +44,8 @@ def main() -> None:
     config.seed = args.seed
     stocks = sorted(c for c, contract in config.contracts.items() if contract.sec_type == "STK")
     config.unsubscribed = set(stocks[len(stocks) - args.unsubscribed :]) if args.unsubscribed > 0 else set()
+    config.illiquid = set(stocks[: args.illiquid])
+    config.server_version = args.server_version
     sim = TwsSimulator(config)
     port = sim.start(args.port)
     print(f"TWS simulator on 127.0.0.1:{port}; Ctrl-C stops it", flush=True)
