@@ -15,7 +15,8 @@ Handles:
     AddSubscriber / RemoveSubscriber envelopes (actors.ib_base).
 Emits (told to every subscriber):
     PositionChanged, PositionsComplete (IB's positionEnd: at every
-    (re)connect, before CONNECTED, and after RequestPositions),
+    (re)connect, before CONNECTED, after RequestPositions, and after an
+    1101, which drops the account subscriptions: IbSession resubmits them),
     MarketUpdate(source="stream"), MarketUpdate(source="portfolio") (IB's
     portfolio marks, no line), StreamEnded (a stream's line is free at
     IB; see events.ib.StreamEnded), ConnectionStateChanged, IbError.
