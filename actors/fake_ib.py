@@ -490,6 +490,8 @@ class FakeIbActor(pykka.ThreadingActor):
             if code == 1102:
                 self._farm_ok()
             self._set_state(_CONNECTIVITY[code], f"injected {code}", resubscribe=code == 1101)
+            if code == 1101:  # IB drops the account subscriptions too: the real actor asks for the positions again
+                self._publish_positions()
             return
         if conid is None:
             self._error(code)

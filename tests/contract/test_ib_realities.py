@@ -24,6 +24,7 @@ from events.ib import (
     IbStats,
     IbStatsReply,
     MarketUpdate,
+    PositionsComplete,
     Snapshot,
     SnapshotResult,
     StreamEnded,
@@ -318,7 +319,10 @@ def test_portfolio_updates_come_back_after_1101(ib: IbHarness) -> None:
         return isinstance(m, MarketUpdate) and m.source == "portfolio"
 
     inbox.wait_for(portfolio)
+    assert len(inbox.messages(PositionsComplete)) == 1  # the connect's
     ib.reset(ref, 1101)
+    # the positions are asked for again too (counted, not cleared: they may come before the state change is seen)
+    inbox.wait_for_count(lambda m: isinstance(m, PositionsComplete), count=2)
     inbox.wait_for(lambda m: isinstance(m, ConnectionStateChanged) and m.resubscribe)
     inbox.clear()
     after = inbox.wait_for_count(portfolio, count=2 * len(POSITION_CONIDS))
