@@ -75,7 +75,7 @@ class Checkpointer:
         """Listen to the log; sign at once what the log holds past the newest checkpoint (a crash tail, an old log)."""
         self._backlog = self.log.durable_seq > self.last_seq
         self.log.add_commit_listener(self._on_commit)
-        self.log.add_close_listener(self._on_close)
+        self.log.add_close_listener(self._on_close, signs_files=True)
         self._thread = threading.Thread(target=self._loop, name="eventlog-checkpointer", daemon=True)
         self._thread.start()
         return self

@@ -241,6 +241,7 @@ class EventLog:
         self._check_done.set()
         self._check_passed = True
         self._view_lock = threading.Lock()
+        self._signed_at_close = False
         self._start_view: DeltaTable | None = None
         self._view_seq = -1
 
@@ -381,10 +382,28 @@ class EventLog:
         """
         self._commit_listeners.append(fn)
 
-    def add_close_listener(self, fn: Callable[[], None]) -> None:
+    def add_close_listener(self, fn: Callable[[], None], *, signs_files: bool = False) -> None:
         """``fn()`` runs in :meth:`close` once the writer and maintenance have stopped, before the lock is
-        released, unless the log failed: the table is quiet and still ours (the clean-stop checkpoint)."""
+        released, unless the log failed: the table is quiet and still ours (the clean-stop checkpoint).
+
+        ``signs_files``: ``fn`` signs the table's data files as they are then, so the close may merge
+        small files first (see :meth:`_compacts_at_close`).
+        """
         self._close_listeners.append(fn)
+        if signs_files:
+            self._signed_at_close = True
+
+    def _compacts_at_close(self) -> bool:
+        """Whether the close may merge the run's small files: only if that cannot cost the next start its
+        signed checkpoint. A signed checkpoint lists the data files; a start that finds them merged verifies
+        the whole chain instead (seconds on a large log). So: when a close listener signs the merged files,
+        or when there is no signed checkpoint to keep (a log that was never signed)."""
+        if self._signed_at_close:
+            return True
+        try:
+            return not table_exists(table_uri(self.data_dir, "checkpoints"), self.storage_options)
+        except Exception:  # noqa: BLE001 - not known: keep the files
+            return False
 
     def flush(self, timeout: float | None = 30.0) -> int:
         """Make everything appended so far durable; return the durable seq.
@@ -440,7 +459,8 @@ class EventLog:
                 if len(batch):  # only if the writer did not finish in time: never silently unresolved
                     batch._resolve(LogClosedError("the event log closed before this batch was committed"))
             if self._maintenance is not None:  # it checkpoints the table: the next open reads no commit file before
-                self._maintenance.stop(checkpoint=self._failed is None)
+                ok = self._failed is None
+                self._maintenance.stop(checkpoint=ok, merge_small_files=ok and self._compacts_at_close())
             for fn in self._close_listeners if self._failed is None else ():
                 try:
                     fn()

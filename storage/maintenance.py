@@ -208,8 +208,9 @@ class Maintenance:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float = 60.0, *, checkpoint: bool = True) -> None:
-        """Stop the thread; then, if ``checkpoint``, checkpoint the table if a commit came after its newest checkpoint.
+    def stop(self, timeout: float = 60.0, *, checkpoint: bool = True, merge_small_files: bool = True) -> None:
+        """Stop the thread; then, if ``checkpoint``, checkpoint the table if a commit came after its newest checkpoint,
+        first merging the run's small files if ``merge_small_files`` (see :data:`STOP_COMPACT_BYTES`).
 
         Called once the table's writer has stopped committing, so the
         checkpoint is of the newest version and the next open reads it
@@ -225,7 +226,7 @@ class Maintenance:
             return  # nothing to checkpoint, or a round still running owns the table handle (the next run catches up)
         try:
             dt = self._dt if self._dt is not None else DeltaTable(self.uri, storage_options=self.storage_options)
-            if self._commits_since > 0:
+            if merge_small_files and self._commits_since > 0:
                 # this run's commits were never compacted: merge the small files they left (see STOP_COMPACT_BYTES)
                 compact(dt, self.config, self.writer_id, STOP_COMPACT_BYTES)
             dt.update_incremental()

@@ -329,6 +329,17 @@ def test_a_clean_close_merges_the_small_files_of_the_run(data_dir: Path) -> None
     assert verify_log(uri).ok
 
 
+def test_a_close_that_signs_nothing_keeps_the_files_a_signed_checkpoint_lists(data_dir: Path) -> None:
+    """Merged files would send the next signed start to a full verify: without a signer, a signed log keeps them."""
+    write_deltalake(str(data_dir / "checkpoints"), pa.table({"seq": [1]}))  # the log was signed before
+    with EventLog.open(data_dir, config=_QUIET_MAINTENANCE) as log:
+        for i in range(1, 31):
+            log.append(enqueued(i), stream="queue", key=str(i)).wait(10)
+        uri = log.uri
+    assert len(DeltaTable(uri).file_uris()) == 30
+    assert _last_checkpoint(data_dir) == DeltaTable(uri).version()  # checkpointed all the same
+
+
 def test_commits_an_earlier_run_left_uncheckpointed_count_towards_the_interval(data_dir: Path) -> None:
     """A run that crashed never reached its checkpoint at close: the next run's maintenance counts its commits."""
     with EventLog.open(data_dir, config=TEST_LOG_CONFIG) as log:  # no maintenance: nothing checkpoints 12 commits
