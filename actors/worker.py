@@ -93,6 +93,10 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
 class Wake(Command, tag="worker.wake", frozen=True, kw_only=True):
     """Look for work now (the worker's own timers send it; tests may too)."""
 
+    #: The worker's own timer that sent it (0: anyone else). Only its newest timer counts: an older one that
+    #: a sooner wake-up replaced is stale, and acting on it would start a timer of its own, without end.
+    timer: int = 0
+
 
 class WorkerStatus(Command, tag="worker.status", frozen=True, kw_only=True):
     pass
@@ -208,6 +212,8 @@ class QueueWorker(pykka.ThreadingActor):
         self.acquiring = False
         self.open: dict[int, ClaimedItem] = {}  # item id -> item, snapshots sent and not answered
         self._wake_at: float | None = None
+        #: The newest wake-up timer's number (Wake.timer); older ones still pending are stale.
+        self._timer = 0
         #: While IB's data farm is away every snapshot comes back interrupted: no point asking at full rate.
         self._pause_s = 0.0
         self._paused_until = 0.0
@@ -236,7 +242,9 @@ class QueueWorker(pykka.ThreadingActor):
                 message.reply.set_exception(TypeError(f"worker takes no command {type(message.command).__name__}"))
             return None
         match message:
-            case Wake():
+            case Wake(timer=timer):
+                if timer and timer != self._timer:
+                    return None  # replaced by a sooner wake-up, which has run or will
                 self._wake_at = None
                 self._pump()
             case ConnectionStateChanged(state=state):
@@ -427,7 +435,9 @@ class QueueWorker(pykka.ThreadingActor):
         if self._wake_at is not None and self._wake_at <= due:
             return
         self._wake_at = due
-        self._call_later(max(0.0, delay_s), lambda: self._tell_self(Wake()))
+        self._timer += 1
+        wake = Wake(timer=self._timer)
+        self._call_later(max(0.0, delay_s), lambda: self._tell_self(wake))
 
     def _tell_self(self, message: Any) -> None:
         try:

@@ -319,3 +319,42 @@ def test_a_farm_blip_pauses_snapshots_with_backoff_until_quotes_come_through_aga
     assert rig.status().failed == 0
     assert len(rig.queue_events("item_released")) == 2  # back without an attempt
     assert not rig.queue_events("item_retry_scheduled")
+
+
+def test_an_idle_worker_keeps_one_wake_up_timer_not_a_growing_crowd() -> None:
+    """A timer a sooner wake-up replaced must not count when it fires.
+
+    It used to: each stale Wake cleared the pending wake-up and started a
+    timer of its own, so the stale ones never died out, and every wake-up
+    added to them. An account with fewer queue contracts than the budget
+    can serve (the worker often finds nothing to claim) then asked the
+    router for lines and the queue for items thousands of times a second,
+    more every minute. Driven on simulated time by the what-if loop (the
+    real worker, router and queue), so the count is exact, not timed.
+    """
+    from actors.what_if_sim import SimConfig, simulate
+    from storage.recorded_day import RecordedContract, RecordedDay, SnapshotSample
+
+    start = 1_780_000_000_000_000
+    held = [
+        RecordedContract(conid=c, symbol=f"S{c}", sec_type="STK", position=1.0, delta=None, appeared_us=start)
+        for c in range(1000, 1005)
+    ]
+    day = RecordedDay(
+        start_us=start,
+        end_us=start + 120_000_000,
+        max_lines=30,
+        settings={},
+        true_lines=None,
+        learned_at_start=None,
+        contracts=held,
+        active_at_start={},
+        active_changes=[],
+        snapshots={c.conid: [SnapshotSample(0.5, "ok")] for c in held},
+        interruptions_us=[],
+        down=[],
+    )
+    outcome = simulate(day, SimConfig(label="t", max_lines=30, true_lines=30, learned_at_start=None))
+    assert outcome.snapshots_sent > 1000  # the budget's 10 a second, for 2 minutes
+    # about a dozen messages a snapshot, and a few rounds a second while nothing is claimable: not hundreds
+    assert outcome.loop_steps < 30 * outcome.snapshots_sent, outcome.loop_steps
