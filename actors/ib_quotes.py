@@ -70,6 +70,7 @@ class TickerLike(Protocol):
     close: float
     bidSize: float  # noqa: N815
     askSize: float  # noqa: N815
+    lastSize: float  # noqa: N815
     impliedVolatility: float  # noqa: N815
     modelGreeks: GreeksLike | None  # noqa: N815
     #: IB's marketDataType message (id 58) for the request: 1 live, 2 frozen, 3 delayed, 4 delayed-frozen.
@@ -90,13 +91,29 @@ def _num(value: float | None) -> float | None:
 def _side(price: float, size: float) -> float | None:
     """A bid or an ask: none when IB says the side is empty (price -1, or a size of 0).
 
-    ib_insync keeps the last price when only the size drops to 0 (``Wrapper.tickSize``),
-    and counts a side only with a size above 0 itself (``Ticker.hasBidAsk``); ib_async
-    turns a side of size 0 into its empty price. A nan size (none sent) leaves the price be.
+    IB: "A tickPrice value of -1 or 0 followed by a tickSize of 0 indicates
+    there is no data for this field currently available, whereas a tickPrice
+    with a positive tickSize indicates an active quote of 0" (tws-api
+    EWrapper::tickPrice). ib_insync keeps the last price when only the size
+    drops to 0 (``Wrapper.tickSize``), and counts a side only with a size
+    above 0 itself (``Ticker.hasBidAsk``); ib_async turns a side of size 0
+    into its empty price. A nan size (none sent) leaves the price be.
     """
     if size == 0:
         return None
     return _num(price)
+
+
+def _last(price: float, size: float) -> float | None:
+    """The last trade: -1, or 0 without a size, is IB's "no data" (a last above 0 may come without a size: SPX)."""
+    if price == 0 and (size is None or size == 0 or math.isnan(size)):
+        return None
+    return _num(price)
+
+
+def _close(price: float) -> float | None:
+    """The previous close, a price without a size: IB's -1 or 0 is "no data" (see :func:`_side`)."""
+    return None if price == 0 else _num(price)
 
 
 def _greek(value: float | None) -> float | None:
@@ -134,12 +151,12 @@ def portfolio_price(market_price: float) -> float | None:
 def has_prices(t: TickerLike) -> bool:
     """A complete quote: bid and ask (each with a size), or last."""
     both = _side(t.bid, t.bidSize) is not None and _side(t.ask, t.askSize) is not None
-    return both or _num(t.last) is not None
+    return both or _last(t.last, t.lastSize) is not None
 
 
 def any_price(t: TickerLike) -> bool:
-    sides = (_side(t.bid, t.bidSize), _side(t.ask, t.askSize))
-    return any(v is not None for v in sides) or _num(t.last) is not None or _num(t.close) is not None
+    prices = (_side(t.bid, t.bidSize), _side(t.ask, t.askSize), _last(t.last, t.lastSize), _close(t.close))
+    return any(v is not None for v in prices)
 
 
 def to_update(conid: int, t: TickerLike, source: str) -> MarketUpdate:
@@ -155,8 +172,8 @@ def to_update(conid: int, t: TickerLike, source: str) -> MarketUpdate:
         ts_us=now_us(),
         bid=_side(t.bid, t.bidSize),
         ask=_side(t.ask, t.askSize),
-        last=_num(t.last),
-        close=_num(t.close),
+        last=_last(t.last, t.lastSize),
+        close=_close(t.close),
         bid_size=_num(t.bidSize),
         ask_size=_num(t.askSize),
         iv=_vol(iv),

@@ -117,8 +117,9 @@ def test_a_delta_of_minus_one_is_a_delta(connect_ib: Start, sim: TwsSimulator, c
 # ------------------------------------------------------------- snapshots
 
 
+@pytest.mark.parametrize("no_data_price", [-1.0, 0.0])
 def test_a_snapshot_still_incomplete_at_the_timeout_answers_what_ib_sent(
-    connect_ib: Start, sim: TwsSimulator, client: str
+    connect_ib: Start, sim: TwsSimulator, client: str, no_data_price: float
 ) -> None:
     """A contract nobody quotes gets the same answer at our deadline as at IB's tickSnapshotEnd: what IB sent.
 
@@ -132,8 +133,13 @@ def test_a_snapshot_still_incomplete_at_the_timeout_answers_what_ib_sent(
     turned every such contract into a failed attempt, and after
     ``max_attempts`` into a dead letter. IB's end is set after the deadline
     here, as it is in production.
+
+    IB's "no data" is -1 or 0 with a size of 0 (``EWrapper::tickPrice``: "A
+    tickPrice value of -1 or 0 followed by a tickSize of 0 indicates there is
+    no data for this field currently available"): a last of 0 is no trade,
+    not a complete quote at 0 answered as fresh.
     """
-    sim.configure(illiquid={STOCK}, snapshot_end_delay_s=5.0)
+    sim.configure(illiquid={STOCK}, snapshot_end_delay_s=5.0, no_data_price=no_data_price)
     ref, _ = connect_ib(client=client)
     result = ask(ref, Snapshot(conids=[STOCK], timeout_s=0.5), timeout=10)
     assert isinstance(result, SnapshotResult)

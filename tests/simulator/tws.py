@@ -158,9 +158,14 @@ class SimConfig:
     snapshot_rate_window_s: float = 1.0
     #: updatePortfolio for every position this often to sessions subscribed to account updates (0 = never).
     portfolio_interval_s: float = 0.0
-    #: Contracts nobody quotes or trades today: bid and ask come as -1 (size 0), no last, only the close; IB
-    #: still ends a snapshot of them with tickSnapshotEnd (``snapshot_end_delay_s`` after the quote).
+    #: Contracts nobody quotes or trades today: bid, ask and last come as "no data" (``no_data_price``, size 0),
+    #: only the close is a price; IB still ends a snapshot of them with tickSnapshotEnd
+    #: (``snapshot_end_delay_s`` after the quote).
     illiquid: set[int] = field(default_factory=set)
+    #: IB's "no data for this field" price, always with a size of 0: -1 or 0 (tws-api EWrapper::tickPrice:
+    #: "A tickPrice value of -1 or 0 followed by a tickSize of 0 indicates there is no data for this field
+    #: currently available").
+    no_data_price: float = -1.0
     #: Contracts whose bid side has emptied: IB says so with a bid size of 0 (tickSize, tick 0 / 69) and sends
     #: no new bid price, so the last bid price is still in the client's Ticker.
     no_bid: set[int] = field(default_factory=set)
@@ -878,16 +883,19 @@ class TwsSimulator:
         kind = self._data_type_id(session, c.conid)
         tick = (lambda t: DELAYED_TICKS[t]) if kind in (3, 4) else (lambda t: t)
         illiquid = c.conid in self.config.illiquid
-        if illiquid or (self.config.market_closed and kind in (1, 3)):  # not frozen: IB's -1 for "no quote"
-            session.send(TICK_PRICE, 6, req_id, tick(1), -1, 0, 0)
-            session.send(TICK_PRICE, 6, req_id, tick(2), -1, 0, 0)
+        no_data = self.config.no_data_price
+        if illiquid or (self.config.market_closed and kind in (1, 3)):  # not frozen: IB's "no data" marker
+            session.send(TICK_PRICE, 6, req_id, tick(1), no_data, 0, 0)
+            session.send(TICK_PRICE, 6, req_id, tick(2), no_data, 0, 0)
         else:
             if c.conid in self.config.no_bid:
                 session.send(TICK_SIZE, 6, req_id, 69 if kind in (3, 4) else 0, 0)
             else:
                 session.send(TICK_PRICE, 6, req_id, tick(1), bid, 100 + n % 50, 0)
             session.send(TICK_PRICE, 6, req_id, tick(2), ask, 200 + n % 50, 0)
-        if not illiquid:
+        if illiquid:
+            session.send(TICK_PRICE, 6, req_id, tick(4), no_data, 0, 0)
+        else:
             session.send(TICK_PRICE, 6, req_id, tick(4), round(bid + 0.01, 2), 5, 0)
         if full:
             session.send(TICK_PRICE, 6, req_id, tick(9), round(base - 0.5, 2), 0, 0)
