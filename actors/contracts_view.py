@@ -59,12 +59,14 @@ def offline_rows(data_dir: str, *, monitoring_s: float, overflow_s: float) -> di
     dead letter, ``queue`` otherwise. With no runtime running no stream is
     open; the path says how the contract was served when it last ran.
     """
+    from actors.base import state_at
     from actors.queue_state import FAILED
+    from actors.router import RouterState
     from storage.replay import replay
 
     result = replay(data_dir)
     registry = result.registry.to_json()
-    router = _router_state(data_dir, result.seq)
+    router = state_at(data_dir, "router", RouterState, seq=result.seq)
     latest = _latest_positions(data_dir)
     queue = result.queue
     waiting: dict[int, Any] = {}
@@ -107,25 +109,6 @@ def offline_rows(data_dir: str, *, monitoring_s: float, overflow_s: float) -> di
             }
         )
     return {"source": "tables", "seq": result.seq, "as_of": result.to_json(items=False)["ts"], "now_us": now_us, "rows": rows}
-
-
-def _router_state(data_dir: str, seq: int) -> Any:
-    """The router's streams and overflow after event ``seq``: its newest snapshot, then its later events."""
-    from actors.router import RouterState
-    from storage.reader import read_seq_events
-    from storage.snapshots import SnapshotStore
-    from storage.tables import table_uri
-
-    state = RouterState()
-    start = 0
-    if seq > 0:
-        snap = SnapshotStore(data_dir).latest("router", at_or_before=seq)
-        if snap is not None and snap.v == RouterState.snapshot_version:  # an older layout: replay from the start
-            state = RouterState.load(snap.state)
-            start = snap.seq
-        for _, event in read_seq_events(table_uri(data_dir, "events"), streams=["router"], from_seq=start + 1, to_seq=seq):
-            state.apply(event)
-    return state
 
 
 def _latest_positions(data_dir: str) -> dict[int, dict[str, Any]]:

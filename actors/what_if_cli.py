@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import importlib.util
 import json
 import math
@@ -117,6 +118,7 @@ def cmd_what_if(args: argparse.Namespace, config: Any) -> int:
     except NoRecordError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    day = _with_queue_at_start(day, data_dir)
     as_run = _as_run(day, config)
     configs = [as_run] + [
         _variant(as_run, lines, monitoring)
@@ -150,6 +152,25 @@ def cmd_what_if(args: argparse.Namespace, config: Any) -> int:
         if args.plot:
             print(f"chart written to {args.plot}")
     return EXIT_OK
+
+
+def _with_queue_at_start(day: Any, data_dir: str) -> Any:
+    """``day`` with the queue as it stood when the period began (the replay starts from that backlog).
+
+    At a start the runtime recovered its queue from the log; in the middle of
+    a run the queue held what was waiting then. Either way it is the state
+    after the events before the period: the newest queue snapshot before it,
+    then the queue's events up to its start.
+    """
+    from actors.base import state_at
+    from actors.queue_state import QueueState
+
+    if day.seq_before_start <= 0:
+        return day
+    state = state_at(data_dir, "queue", QueueState, seq=day.seq_before_start, until_us=day.start_us)
+    if not state.items:
+        return day
+    return dataclasses.replace(day, queue_at_start=state.dump())
 
 
 def _replay(day: Any, sim_config: Any) -> Any:

@@ -44,6 +44,7 @@ from actors.config import FreshnessSettings
 from actors.handlers import HandlerSet
 from actors.messaging import Request
 from actors.queue import QueueActor
+from actors.queue_state import QueueState
 from actors.router import ActiveAtStart, RouterSettings, RouterTick, StreamRouter
 from actors.worker import QueueWorker, WorkerSettings
 from events.base import Event
@@ -461,6 +462,8 @@ def _simulate(day: RecordedDay, config: SimConfig) -> SimOutcome:
         before = times[times < day.start_us]
         if len(before):
             router.latest[conid] = MarketUpdate(conid=conid, source="queue", ts_us=int(before.max()))
+    if day.queue_at_start is not None:  # what was waiting when the period began (a restart's recovered queue)
+        queue.state = QueueState.load(day.queue_at_start)
     queue.on_recovered()
     # a period that starts mid-run: the contracts the record was streaming then take the stream lines first
     # (the same ones, not whichever rank first among equals)

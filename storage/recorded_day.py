@@ -19,7 +19,8 @@ part comes from:
   queue's ``ItemClaimed`` to ``ItemSucceeded``/``ItemRetryScheduled``/
   ``ItemDeadLettered`` of the same item (the log's own timestamps), per
   contract, in order;
-* **farm blips and resets**: snapshots given back as ``interrupted``;
+* **farm blips and resets**: snapshots given back as ``interrupted`` (not
+  those the connection cut: those are the outages below);
 * **time no market data flowed**: ``RuntimeStopped`` to the next
   ``RuntimeStarted`` (a run killed without a stop: its last event to the
   next start), and IB's own outages while a runtime ran (the socket
@@ -156,6 +157,11 @@ class RecordedDay:
     streamed: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     #: Snapshots the worker claimed in the period (one request each).
     snapshots_claimed: int = 0
+    #: The seq of the last event read before the period began (0: none): the queue's state then is the
+    #: replay's starting queue (``actors.what_if_cli`` rebuilds it into ``queue_at_start``).
+    seq_before_start: int = 0
+    #: The queue's state when the period began (``QueueState.dump()``), or None for an empty queue.
+    queue_at_start: bytes | None = None
 
     @property
     def duration_s(self) -> float:
@@ -190,7 +196,10 @@ def read_recorded_day(
     if since_us is not None and until_us is not None and until_us <= since_us:
         raise NoRecordError("--until must be after --since")
     reader = _LogReader(since_us)
+    seq_before_start = 0
     for stored in read_events(events_uri, types=_TYPES, until=until, storage_options=storage_options):
+        if (reader.first_start_us is None) if since_us is None else (stored.ts_us < since_us):
+            seq_before_start = stored.seq  # before the period: up to the first RuntimeStarted, or --since
         reader.take(stored.ts_us, stored.event)
     if reader.first_start_us is None:
         if since_us is not None:
@@ -230,6 +239,7 @@ def read_recorded_day(
         stream_tick_s=stream_tick_s,
         streamed=_without(reader.stream_periods(end_us), down),
         snapshots_claimed=reader.claimed,
+        seq_before_start=seq_before_start,
     )
 
 
@@ -338,7 +348,7 @@ class _LogReader:
                 self._sample(i, ts_us, "terminal" if terminal else "failed", code)
             case ItemReleased(item_id=i, detail=detail):
                 self.claims.pop(i, None)
-                if started and detail.startswith("interrupted"):
+                if started and detail.startswith("interrupted") and not _connection_lost(detail):
                     self.interruptions.append(ts_us)
             case _:
                 pass
@@ -390,6 +400,20 @@ class _LogReader:
         claimed = self.claims.pop(item_id, None)
         if claimed is not None:
             self.samples[claimed[1]].append(SnapshotSample(max(0.0, (ts_us - claimed[0]) / 1e6), outcome, code))
+
+
+#: Snapshots these end were cut by the connection, which the log records as an outage (ib.connection_state).
+_CONNECTION_KINDS = frozenset({IbErrorKind.DISCONNECTED, IbErrorKind.CONNECTIVITY_LOST, IbErrorKind.RESTORED_DATA_LOST})
+
+
+def _connection_lost(detail: str) -> bool:
+    """Whether a release ("interrupted: <code>") came from the connection, not from a farm blip.
+
+    Those are replayed as the outage itself; counted as blips too, they would
+    also cut the snapshots that ended in the second before the drop.
+    """
+    code = detail.partition(":")[2].strip()
+    return not code.lstrip("-").isdigit() or classify_ib_code(int(code)) in _CONNECTION_KINDS
 
 
 def _without(

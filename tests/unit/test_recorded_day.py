@@ -9,7 +9,7 @@ from __future__ import annotations
 from events.base import Event
 from events.ib import ConnectionState, ConnectionStateChanged
 from events.log import RuntimeStarted, RuntimeStopped
-from events.queue import ItemClaimed
+from events.queue import ItemClaimed, ItemReleased
 from storage.recorded_day import _LogReader
 
 S = 1_000_000  # µs
@@ -69,3 +69,21 @@ def test_a_stop_ends_an_outage_and_the_gap_to_the_next_start_is_down_once() -> N
 def test_a_run_killed_without_a_stop_is_down_from_its_last_event_to_the_next_start() -> None:
     events = [(0, _started()), (1, _ib(ConnectionState.CONNECTED)), (12, _claim(1)), (40, _started())]
     assert _read(events) == [(12, 40)]
+
+
+def test_snapshots_the_connection_cut_are_the_outage_not_farm_blips() -> None:
+    """A blip is replayed as cutting every snapshot that ends within a second of it; a drop is an outage.
+
+    Counted as a blip too, a drop would also cut the snapshots that ended in the second before it.
+    """
+    reader = _LogReader(None)
+    reader.take(0, _started())
+    for t, item_id, detail in [
+        (10, 1, "interrupted: 504"),  # not connected: the socket dropped
+        (11, 2, "interrupted: 1100"),  # connectivity between the gateway and IB lost
+        (12, 3, "interrupted: None"),  # no answer before the connection went
+        (13, 4, "interrupted: 10182"),  # a farm blip: live updates failed
+        (14, 5, "interrupted: 10197"),  # a competing session took the data
+    ]:
+        reader.take(t * S, ItemReleased(item_id=item_id, conid=1, detail=detail))
+    assert reader.interruptions == [13 * S, 14 * S]

@@ -99,6 +99,20 @@ def test_snapshots_open_at_a_disconnect_come_back_and_are_asked_again_after_it()
         assert ((times > down[1]) & (times < down[1] + 30_000_000)).any(), conid
 
 
+def test_the_replay_starts_from_the_queue_the_record_had_when_the_period_began() -> None:
+    """What waited in the queue then (recovered at a start, or a mid-run backlog) is worked off in the replay."""
+    from actors.queue_state import QueueState
+    from events.queue import ItemEnqueued
+
+    waiting = QueueState()
+    waiting.apply(ItemEnqueued(item_id=7, conid=2000, priority=2, enqueued_us=START_US - 60_000_000, due_us=START_US - 1))
+    day = _day(contracts=5)
+    day.snapshots[2000] = [SnapshotSample(0.5, "ok")]
+    assert simulate(day, _config()).asked.get(2000, 0) == 0  # no position, no queue item: never asked
+    day.queue_at_start = waiting.dump()
+    assert simulate(day, _config()).asked.get(2000, 0) >= 1
+
+
 def test_a_replay_is_deterministic() -> None:
     first, second = simulate(_day(active=10), _config()), simulate(_day(active=10), _config())
     assert first.snapshots_sent == second.snapshots_sent
