@@ -23,6 +23,7 @@ from events.ib import MARKET_DATA_TYPES, DataType, MarketUpdate, SnapshotFailed
 __all__ = [
     "DATA_BACK_CODES",
     "LATE_TICKS_S",
+    "NOTICE_CODES",
     "OPTION_TYPES",
     "QUIET_CODES",
     "SMART_TYPES",
@@ -43,6 +44,10 @@ __all__ = [
 TERMINAL_MD_CODES = frozenset({101, 200, 300, 321, 322, 354, 10089, 10168, 10182, 10186, 10197})
 #: Farm status notes: logged quietly, never emitted. 10167 ("displaying delayed market data") is advisory.
 QUIET_CODES = frozenset({2104, 2106, 2158, 2119, 2108, 10167})
+#: Notes (kind INFO) that still say something is missing until IB says it is back: emitted as IbError and
+#: logged as warnings. A farm or IB's servers out of reach (2103, 2105, 2110, 2157), part of a request's
+#: data not subscribed while the rest flows (10090, 10091).
+NOTICE_CODES = frozenset({2103, 2105, 2110, 2157, 10090, 10091})
 #: "Market data farm connection is OK" (2104, 2106), 1102 "restored, data maintained" and 2158 "Sec-def data farm
 #: connection is OK" (contract details are answered again): streams waiting for either are re-requested.
 DATA_BACK_CODES = frozenset({2104, 2106, 2158, 1102})

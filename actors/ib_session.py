@@ -67,6 +67,7 @@ from actors.ib_pacing import PacedMessage, Pacer
 from actors.ib_quotes import (
     DATA_BACK_CODES,
     LATE_TICKS_S,
+    NOTICE_CODES,
     OPTION_TYPES,
     QUIET_CODES,
     SMART_TYPES,
@@ -824,7 +825,7 @@ class IbSession:
         if code == 300 and req_id in self._cancelled_snapshots:
             logger.debug("IB: cancel of snapshot {} crossed its end ({})", req_id, text)
             return
-        if code in QUIET_CODES or (kind == IbErrorKind.INFO and code not in (2103, 2105)):
+        if code in QUIET_CODES or (kind == IbErrorKind.INFO and code not in NOTICE_CODES):
             logger.debug("IB info {} (req {}): {}", code, req_id, text)
             return
         logger.warning("IB error {} {} (req {}, conid {}): {}", code, kind, req_id, conid, text)

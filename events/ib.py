@@ -68,7 +68,7 @@ DATA_FLOWS = frozenset({ConnectionState.CONNECTED, ConnectionState.RESTORED_DATA
 
 class IbErrorKind(StrEnum):
     MAX_TICKERS = "max_tickers"  # 101
-    NOT_SUBSCRIBED = "not_subscribed"  # 354, 10089, 10090, 10168, 10186 (10167 is advisory: INFO)
+    NOT_SUBSCRIBED = "not_subscribed"  # 354, 10089, 10168, 10186 (10167, 10090, 10091 are advisory: INFO)
     NO_CONTRACT = "no_contract"  # 200
     NO_DATA = "no_data"  # 162 (historical/snapshot: no data / query cancelled)
     COMPETING_SESSION = "competing_session"  # 10197
@@ -91,11 +91,15 @@ _KIND_BY_CODE: dict[int, IbErrorKind] = {
     101: IbErrorKind.MAX_TICKERS,
     354: IbErrorKind.NOT_SUBSCRIBED,
     10089: IbErrorKind.NOT_SUBSCRIBED,
-    10090: IbErrorKind.NOT_SUBSCRIBED,
     10168: IbErrorKind.NOT_SUBSCRIBED,
     10186: IbErrorKind.NOT_SUBSCRIBED,
     # "Requested market data is not subscribed. Displaying delayed market data": delayed ticks 66-76 follow.
     10167: IbErrorKind.INFO,
+    # "Part of requested market data is not subscribed. Subscription-independent ticks are still active" and
+    # "Part of requested market data requires additional subscription for API ... Delayed market data is
+    # available": the request goes on with what the account may see (e.g. an option without its greeks).
+    10090: IbErrorKind.INFO,
+    10091: IbErrorKind.INFO,
     # "Failed to request live updates (disconnected)": a farm blip killed the request; IB says 2104 when back.
     10182: IbErrorKind.DATA_INTERRUPTED,
     200: IbErrorKind.NO_CONTRACT,
@@ -113,6 +117,10 @@ _KIND_BY_CODE: dict[int, IbErrorKind] = {
     2107: IbErrorKind.INFO,
     2108: IbErrorKind.INFO,
     2119: IbErrorKind.INFO,
+    # "Connectivity between TWS and server is broken. It will be restored automatically."
+    2110: IbErrorKind.INFO,
+    # "Sec-def data farm connection is broken": contract details wait for 2158 ("... is OK").
+    2157: IbErrorKind.INFO,
     504: IbErrorKind.DISCONNECTED,  # "Not connected": IB's own code, also used for our refusals
 }
 

@@ -21,6 +21,7 @@ from events.ib import (
     Connect,
     ConnectionState,
     ConnectionStateChanged,
+    IbError,
     IbErrorKind,
     IbStats,
     IbStatsReply,
@@ -176,6 +177,33 @@ def test_a_bid_whose_size_went_to_zero_is_no_bid(connect_ib: Start, sim: TwsSimu
     assert updates[-1].ask is not None
 
 
+def test_part_of_the_data_not_subscribed_is_a_notice_not_a_refusal(
+    connect_ib: Start, sim: TwsSimulator, client: str
+) -> None:
+    """10090 / 10091 say part of a request's data is missing while the rest flows: INFO, never NOT_SUBSCRIBED.
+
+    IB's texts: 10090 "Part of requested market data is not subscribed.
+    Subscription-independent ticks are still active", 10091 "Part of
+    requested market data requires additional subscription for API ...
+    Delayed market data is available" (``tws-api/message_codes.html``; IB's
+    error-codes page for 10090: "other default ticks will be returned").
+    NOT_SUBSCRIBED is the kind of a refusal (354, 10168: terminal, the
+    contract dead-lettered); the audit must not record one for a stream that
+    streams.
+    """
+    sim.configure(advisories={CALL: 10090, STOCK: 10091})
+    ref, inbox = connect_ib(client=client)
+    for conid in (CALL, STOCK):
+        ref.tell(Subscribe(conid=conid))
+        inbox.wait_for(lambda m, c=conid: isinstance(m, MarketUpdate) and m.conid == c and m.source == "stream")
+    notices = inbox.wait_for_count(lambda m: isinstance(m, IbError) and m.code in (10090, 10091), count=2)
+    assert {(n.code, n.conid, n.kind) for n in notices} == {
+        (10090, CALL, IbErrorKind.INFO),
+        (10091, STOCK, IbErrorKind.INFO),
+    }
+    assert not inbox.messages(StreamEnded)
+
+
 # ------------------------------------------------------- contract details
 
 
@@ -192,8 +220,10 @@ def test_contract_details_ib_does_not_answer_are_not_no_contract(
     own. Only IB's 200 ("No security definition has been found") or an empty
     answer means the contract does not exist.
     """
-    ref, _ = connect_ib(client=client, snapshot_timeout_s=0.3)
+    ref, inbox = connect_ib(client=client, snapshot_timeout_s=0.3)
     sim.secdef_down()
+    notice = inbox.wait_for(lambda m: isinstance(m, IbError) and m.code == 2157)
+    assert notice.kind == IbErrorKind.INFO  # a farm's state, like 2103: not an unknown error
     result = ask(ref, Snapshot(conids=[FUT], timeout_s=5.0), timeout=10)
     assert isinstance(result, SnapshotResult)
     [failure] = result.failures

@@ -96,6 +96,8 @@ _TEXTS = {
     10167: "Requested market data is not subscribed. Displaying delayed market data.",
     10168: "Requested market data is not subscribed. Delayed market data is not enabled.",
     10182: "Failed to request live updates (disconnected).",
+    10090: "Part of requested market data is not subscribed. Subscription-independent ticks are still active.",
+    10091: "Part of requested market data requires additional subscription for API. Delayed market data is available.",
 }
 
 
@@ -151,6 +153,10 @@ class SimConfig:
     unsubscribed: set[int] = field(default_factory=set)
     #: conid -> error code answered to every market data request of it (e.g. 10168: no delayed data either).
     refused: dict[int, int] = field(default_factory=dict)
+    #: conid -> advisory code sent with every market data request of it, whose data still follows: 10090 "Part
+    #: of requested market data is not subscribed" or 10091 "Part of requested market data requires additional
+    #: subscription for API" (an option's greeks without the underlying's subscription, say).
+    advisories: dict[int, int] = field(default_factory=dict)
     #: The market is closed: live bid/ask are -1; with type 2/4 the last values come, as frozen (tick 58 = 2/4).
     market_closed: bool = False
     #: Snapshot requests accepted in any ``snapshot_rate_window_s`` (0 = no limit); beyond it, 321.
@@ -814,6 +820,9 @@ class TwsSimulator:
         session.send(TICK_REQ_PARAMS, req_id, c.min_tick, "9c0001", 3)
         if conid in self.config.unsubscribed:  # only with type 3/4 here: 1/2 were refused with 354
             session.error(req_id, 10167, _TEXTS[10167])
+        advisory = self.config.advisories.get(conid)
+        if advisory is not None:
+            session.error(req_id, advisory, _TEXTS.get(advisory, f"simulated advisory {advisory}"))
         session.send(MARKET_DATA_TYPE, 1, req_id, self._data_type_id(session, conid))
         if not snapshot:
             self._quote(session, req_id, c, full=True)
