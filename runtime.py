@@ -325,6 +325,7 @@ class Runtime:
             backoff_base_s=rt.retry_backoff_s,
             backoff_cap_s=rt.retry_backoff_cap_s,
             snapshot_every=rt.snapshot_every,
+            dead_letter_retry_s=rt.dead_letter_retry_s,
         )
         reconciliation = Reconciliation.start(self.log, snapshots)
         self.refs.update(registry=registry, queue=queue, reconciliation=reconciliation)

@@ -44,6 +44,10 @@ class RuntimeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
     retry_backoff_s: Seconds = 2.0
     retry_backoff_cap_s: Seconds = 300.0
+    #: A dead letter whose failures may pass by themselves (timeouts, no data: a closed or quiet market, a farm
+    #: down) is requeued this long after it failed for good; 0: only an operator requeues. Not those IB refused
+    #: for good (354 no subscription, 200 no such contract), nor one in flight whenever the runtime died.
+    dead_letter_retry_s: Annotated[float, msgspec.Meta(ge=0, le=604_800)] = 900.0
     #: Events between snapshots of the registry and the queue.
     snapshot_every: Annotated[int, msgspec.Meta(ge=100)] = 50_000
     #: Status line period for --demo and the log.

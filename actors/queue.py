@@ -68,6 +68,7 @@ from actors.messaging import CommandRejected, reject
 from actors.queue_state import PROCESSING, QueueItem, QueueState
 from actors.ticker import Ticker
 from events.commands import CommandError, validate_command
+from events.ib import IbErrorKind, classify_ib_code
 from events.queue import (
     NEVER_PRICED_DUE_US,
     Cancel,
@@ -104,6 +105,18 @@ _COMMANDS = (Enqueue, EnqueueMany, Claim, Succeed, Fail, Release, Cancel, Requeu
 _RELEASE_REASONS = frozenset({"lease_expired", "disconnected", "restart", "released"})
 #: What a crash-counted attempt records as its error.
 CRASHED_IN_FLIGHT = "in flight when the runtime died (no clean stop)"
+#: Failures no wait fixes (a subscription, the contract): their dead letters wait for an operator.
+_LASTING_KINDS = frozenset({IbErrorKind.NOT_SUBSCRIBED, IbErrorKind.NO_CONTRACT})
+
+
+def _passing(item: QueueItem) -> bool:
+    """Whether a dead letter's failures may pass by themselves: not a lasting IB refusal, not a crash.
+
+    A contract in flight each time the runtime died may be what kills it: only an operator brings it back.
+    """
+    if item.last_error == CRASHED_IN_FLIGHT:
+        return False
+    return item.code is None or classify_ib_code(item.code) not in _LASTING_KINDS
 
 
 def wall_clock_us() -> int:
@@ -140,9 +153,13 @@ class QueueActor(EventSourcedActor[QueueState]):
         backoff_cap_s: float = 300.0,
         snapshot_every: int | None = None,
         lease_check_s: float | None = None,
+        dead_letter_retry_s: float = 0.0,
     ) -> None:
         """``lease_check_s``: how often expired leases are returned; None: every second with the wall
-        clock, never with an injected ``clock`` (a test that moves time sends ExpireLeases itself)."""
+        clock, never with an injected ``clock`` (a test that moves time sends ExpireLeases itself).
+
+        ``dead_letter_retry_s``: a dead letter whose failures may pass (timeouts, no data: a closed or quiet
+        market) is requeued this long after it failed for the last time; 0: only by an operator."""
         super().__init__(log, snapshots, snapshot_every=snapshot_every)
         if max_attempts < 1 or backoff_base_s < 0 or backoff_cap_s < backoff_base_s:
             raise ValueError("need max_attempts >= 1 and 0 <= backoff_base_s <= backoff_cap_s")
@@ -156,8 +173,17 @@ class QueueActor(EventSourcedActor[QueueState]):
         self.max_attempts = max_attempts
         self.backoff_base_us = int(backoff_base_s * 1_000_000)
         self.backoff_cap_us = int(backoff_cap_s * 1_000_000)
+        if dead_letter_retry_s < 0:
+            raise ValueError("dead_letter_retry_s must be >= 0 (0: never)")
+        self.dead_letter_retry_us = int(dead_letter_retry_s * 1_000_000)
+        #: Dead letters that may come back: item id -> when it failed for good (this run's clock; a restart
+        #: starts their wait again). Scheduling, not state: the requeue itself is an event.
+        self._dead_since: dict[int, int] = {}
 
     def on_recovered(self) -> None:
+        now = self.clock()
+        for item in self.state.failed_items():
+            self._note_dead(item, now)
         items = self.state.processing_items()
         for item in items:
             self._count_crash(item)
@@ -370,6 +396,8 @@ class QueueActor(EventSourcedActor[QueueState]):
                     item_id=item.item_id, conid=item.conid, failures=attempt, error=command.error, code=command.code
                 )
             )
+            if not command.terminal:
+                self._note_dead(item, now)
             return
         waiting = self.state.waiting_item(item.conid)
         if waiting is not None:
@@ -434,7 +462,27 @@ class QueueActor(EventSourcedActor[QueueState]):
         expired = self.state.expired(now)
         for item in expired:
             self._return(item, "lease_expired", "")
+        if self._dead_since:
+            self._revive(now)
         return len(expired)
+
+    def _note_dead(self, item: QueueItem, now: int) -> None:
+        """Start the wait of a dead letter that may come back by itself (see ``dead_letter_retry_s``)."""
+        if self.dead_letter_retry_us and _passing(item):
+            self._dead_since[item.item_id] = now
+
+    def _revive(self, now: int) -> None:
+        """Requeue the dead letters whose wait is over (their failures may have passed: a market opened)."""
+        due = [i for i, since in self._dead_since.items() if now - since >= self.dead_letter_retry_us]
+        for item_id in due:
+            del self._dead_since[item_id]
+            item = self.state.items.get(item_id)
+            if item is None or item not in self.state.dead_letters(item.conid):
+                continue  # an operator requeued or cancelled it meanwhile
+            wait_s = self.dead_letter_retry_us // 1_000_000
+            reason = _cut(f"dead letter retried after {wait_s} s: {item.last_error}")
+            if self._requeue(Requeue(conid=item.conid, reason=reason), now, {}):
+                self.announce("INFO", "queue: contract {} retried {} s after it was dead-lettered", item.conid, wait_s)
 
     def _cancel(self, conid: int, reason: str, ignored: dict[str, str]) -> int:
         items = [it for it in (self.state.waiting_item(conid), self.state.processing_item(conid)) if it is not None]

@@ -167,6 +167,10 @@ class QueueState:
     def dead_letters(self, conid: int) -> list[QueueItem]:
         return [self.items[i] for i in self._failed.get(conid, ())]
 
+    def failed_items(self) -> list[QueueItem]:
+        """Every dead letter, by item id."""
+        return sorted((self.items[i] for ids in self._failed.values() for i in ids), key=lambda it: it.item_id)
+
     def counts(self) -> tuple[int, int, int]:
         """(pending, processing, failed)."""
         return len(self._waiting), len(self._processing), self._failed_count

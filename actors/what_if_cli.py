@@ -203,6 +203,7 @@ def _as_run(day: Any, config: Any) -> Any:
         max_attempts=rt.max_attempts,
         retry_backoff_s=rt.retry_backoff_s,
         retry_backoff_cap_s=rt.retry_backoff_cap_s,
+        dead_letter_retry_s=rt.dead_letter_retry_s,
         lease_s=rt.lease_s,
         snapshot_timeout_s=config.ib.snapshot_timeout_s,
         as_run=True,

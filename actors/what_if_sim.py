@@ -207,6 +207,7 @@ class SimConfig:
     max_attempts: int = 5
     retry_backoff_s: float = 1.0
     retry_backoff_cap_s: float = 300.0
+    dead_letter_retry_s: float = 900.0
     lease_s: float = 60.0
     snapshot_timeout_s: float = 11.0
     as_run: bool = False
@@ -424,6 +425,7 @@ def _simulate(day: RecordedDay, config: SimConfig) -> SimOutcome:
         backoff_base_s=config.retry_backoff_s,
         backoff_cap_s=max(config.retry_backoff_cap_s, config.retry_backoff_s),
         lease_check_s=0.0,
+        dead_letter_retry_s=config.dead_letter_retry_s,
     )
     queue_ref = _bind(loop, queue)
     router = StreamRouter(

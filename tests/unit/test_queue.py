@@ -149,6 +149,77 @@ def test_fail_backs_off_exponentially_then_dead_letters_and_requeue_revives(even
     assert ask(ref, Requeue(conid=8)).ignored == {"8": "no dead-lettered item"}
 
 
+def _dead_letter(ref: pykka.ActorRef[Any], conid: int, clock: Clock, *, code: int | None, terminal: bool = False) -> None:
+    """Fail ``conid`` until it is a dead letter (max_attempts=2, backoff 1 s; a terminal failure: at once)."""
+    ask(ref, Enqueue(conid=conid))
+    for _ in range(1 if terminal else 2):
+        claimed = ask(ref, Claim(n=1)).items
+        assert [c.conid for c in claimed] == [conid]
+        ask(ref, Fail(item_id=claimed[0].item_id, error="snapshot ended without prices", code=code, terminal=terminal))
+        clock.now += 2 * S
+    assert ref.proxy().state.get(timeout=5).dead_letters(conid)
+
+
+def test_a_dead_letter_that_may_pass_comes_back_after_the_wait_and_a_lasting_one_does_not(event_log: EventLog) -> None:
+    """A quiet or closed market answers no data for a while; by morning it has prices again.
+
+    Such a dead letter is requeued ``dead_letter_retry_s`` after it failed for good, so the contract is
+    refreshed again without an operator; one IB refused for good (354: no subscription) waits for one.
+    """
+    clock = Clock()
+    ref = start(event_log, clock, max_attempts=2, backoff_base_s=1.0, backoff_cap_s=1.0, dead_letter_retry_s=600)
+    _dead_letter(ref, 8, clock, code=None)  # no data
+    _dead_letter(ref, 9, clock, code=354, terminal=True)
+    clock.now += 590 * S
+    assert ask(ref, Claim(n=5)).items == []  # still waiting
+    clock.now += 10 * S
+    again = ask(ref, Claim(n=5)).items
+    assert [(c.conid, c.attempt) for c in again] == [(8, 1)]
+    requeued = [s.event for s in event_log.read(streams=["queue"], types=["queue.item_requeued"])]
+    assert [(e.conid, e.reason) for e in requeued] == [(8, "dead letter retried after 600 s: snapshot ended without prices")]
+    ask(ref, Succeed(item_ids=[again[0].item_id]))
+    clock.now += 3600 * S
+    assert ask(ref, Claim(n=5)).items == []  # 9 stays a dead letter
+    assert ask(ref, QueueStats()).failed == 1
+
+
+def test_only_dead_letters_whose_failures_may_pass_come_back_by_themselves() -> None:
+    """Not one IB refused for good, nor one in flight whenever the runtime died (it may be what kills it)."""
+    from actors.queue import CRASHED_IN_FLIGHT, _passing
+    from actors.queue_state import QueueItem
+
+    def dead(code: int | None, error: str) -> QueueItem:
+        item = QueueItem(1, 5, 2, "", 0)
+        item.code, item.last_error = code, error
+        return item
+
+    assert _passing(dead(None, "snapshot ended without prices"))
+    assert _passing(dead(None, "timeout: no complete quote"))
+    assert _passing(dead(10182, "data interrupted"))
+    assert not _passing(dead(354, "not subscribed"))
+    assert not _passing(dead(200, "no security definition"))
+    assert not _passing(dead(None, CRASHED_IN_FLIGHT))
+
+
+def test_dead_letters_found_at_a_start_wait_from_the_start_and_zero_turns_the_retry_off(data_dir: Path) -> None:
+    clock = Clock()
+    log = EventLog.open(data_dir, config=TEST_LOG_CONFIG)
+    try:
+        _dead_letter(start(log, clock, max_attempts=2, backoff_base_s=1.0, backoff_cap_s=1.0), 8, clock, code=None)
+        pykka.ActorRegistry.stop_all(timeout=10)
+        clock.now += 3600 * S  # the runtime was down an hour
+        off = start(log, clock, dead_letter_retry_s=0)
+        assert ask(off, Claim(n=1)).items == []
+        pykka.ActorRegistry.stop_all(timeout=10)
+        ref = start(log, clock, dead_letter_retry_s=600)
+        assert ask(ref, Claim(n=1)).items == []  # the wait starts at the start, not at the old failure
+        clock.now += 600 * S
+        assert [c.conid for c in ask(ref, Claim(n=1)).items] == [8]
+    finally:
+        pykka.ActorRegistry.stop_all(timeout=10)
+        log.close()
+
+
 def test_lease_expiry_returns_items_and_stale_acks_are_ignored(event_log: EventLog) -> None:
     clock = Clock()
     ref = start(event_log, clock)
