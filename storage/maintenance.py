@@ -187,13 +187,19 @@ class Maintenance:
         table: str = "events",
         pending_commits: int = 0,
     ) -> None:
-        """``pending_commits``: commits already in the table past its newest checkpoint (see :func:`commits_since_checkpoint`)."""
+        """``pending_commits``: commits already in the table past its newest checkpoint (see
+        :func:`commits_since_checkpoint`). They count only once the writer has committed in this run:
+        before that nothing is written to the table at all, not even a checkpoint (a start whose log the
+        start-up check refuses must leave it as it was, and the writer's first commit waits for the verdict).
+        """
         self.uri = uri
         self.config = config
         self.writer_id = writer_id
         self.storage_options = storage_options
         self._commits_since = 0
         self._commits_since_checkpoint = pending_commits
+        #: commits of this run: none, and this thread writes nothing (see __init__)
+        self._run_commits = 0
         self.checkpoints = 0
         self._last_run = time.monotonic()
         self._rounds = 0
@@ -222,8 +228,8 @@ class Maintenance:
             self._stopping = True
             self._wake.notify_all()
         self._thread.join(timeout)
-        if not checkpoint or self._thread.is_alive() or self._commits_since_checkpoint <= 0:
-            return  # nothing to checkpoint, or a round still running owns the table handle (the next run catches up)
+        if not checkpoint or not self._run_commits or self._thread.is_alive() or self._commits_since_checkpoint <= 0:
+            return  # nothing committed or to checkpoint, or a round still running owns the table (the next run catches up)
         try:
             dt = self._dt if self._dt is not None else DeltaTable(self.uri, storage_options=self.storage_options)
             if merge_small_files and self._commits_since > 0:
@@ -239,6 +245,7 @@ class Maintenance:
     def note_commit(self) -> None:
         """Called by the writer after each commit (cheap: a counter and maybe a notify)."""
         with self._wake:
+            self._run_commits += 1
             self._commits_since += 1
             self._commits_since_checkpoint += 1
             if (
@@ -251,6 +258,8 @@ class Maintenance:
         return {"rounds": self._rounds, "checkpoints": self.checkpoints, "errors": self.errors, "last": self.last}
 
     def _due(self) -> bool:
+        if not self._run_commits:
+            return False
         if self._commits_since_checkpoint >= self.config.checkpoint_interval:
             return True
         if self._commits_since >= self.config.compact_every_commits:

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, write_deltalake
@@ -346,9 +347,24 @@ def test_commits_an_earlier_run_left_uncheckpointed_count_towards_the_interval(d
         for i in range(1, 13):
             log.append(enqueued(i), stream="queue", key=str(i)).wait(10)
     assert _last_checkpoint(data_dir) is None
-    with EventLog.open(data_dir, config=LogConfig(flush_ms=0, checkpoint_interval=10, compact_every_commits=10_000)):
-        # no commit in this run: only the earlier ones make it due
+    with EventLog.open(data_dir, config=LogConfig(flush_ms=0, checkpoint_interval=10, compact_every_commits=10_000)) as log:
+        log.append(enqueued(13), stream="queue", key="13").wait(10)  # one commit: the earlier ones make it due
         wait_until(lambda: _last_checkpoint(data_dir) is not None, timeout=30, what="a checkpoint of the earlier commits")
+
+
+def test_a_run_that_commits_nothing_writes_nothing_to_the_table(data_dir: Path) -> None:
+    """A start the start-up check refuses closes the log without a commit: not even a checkpoint may appear."""
+    config = LogConfig(flush_ms=0, checkpoint_interval=10, compact_every_commits=10_000)
+    with EventLog.open(data_dir, config=msgspec.structs.replace(config, maintenance=False)) as log:
+        for i in range(1, 13):
+            log.append(enqueued(i), stream="queue", key=str(i)).wait(10)
+    delta_log = data_dir / "events" / "_delta_log"
+    for path in [*delta_log.glob("*.checkpoint.parquet"), delta_log / "_last_checkpoint"]:
+        path.unlink()  # as if no run had checkpointed: 13 commits pending, past the interval of 10
+    before = sorted(p.name for p in delta_log.iterdir())
+    with EventLog.open(data_dir, config=config):
+        time.sleep(0.5)  # long enough for a maintenance round that is (wrongly) due at once
+    assert sorted(p.name for p in delta_log.iterdir()) == before
 
 
 def test_a_failed_log_writes_no_checkpoint_at_close(data_dir: Path) -> None:
