@@ -416,10 +416,8 @@ class Runtime:
         for ref in (router, worker, writer, reconciliation):
             ib.tell(AddSubscriber(ref))
         _ = PositionsComplete
-        # the operator's socket before IB: everything it reports is recovered and verified by now, and the
-        # account's positions at connect (10,000 in a large demo) would otherwise queue ahead of the first status
-        self.control = ControlServer(control_socket_path(self.data_dir), self._handle_control).start()
         ib.tell(Connect())
+        self.control = ControlServer(control_socket_path(self.data_dir), self._handle_control).start()
         logger.info(
             "slotwise running ({}; data {}, at most {} lines, {} always for snapshots; targets {:g} s, overflow {:g} s)",
             "demo" if self.demo else f"IB {self.config.ib.host}:{self.config.ib.port}",
