@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import random
 import struct
 import threading
@@ -49,6 +50,9 @@ __all__ = ["SimConfig", "SimContract", "SimPosition", "SimStats", "TwsSimulator"
 _T = TypeVar("_T")
 
 SERVER_VERSION = 176
+#: The simulator thread's heartbeat, and how late it may run before it counts as stalled (see _note_stall).
+HEARTBEAT_S = 0.01
+STALL_S = 0.05
 MIN_CLIENT_VERSION = 157
 
 # Incoming message ids (client -> TWS), from ib_insync's client.py.
@@ -280,6 +284,7 @@ class _Session(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         now = time.monotonic()
+        self.sim._note_stall(now)
         self.buffer += data
         if not self.handshaken:
             if len(self.buffer) < 8:
@@ -370,6 +375,9 @@ class TwsSimulator:
         self._secdef_down = False
         self._held_details: list[tuple[_Session, list[str]]] = []
         self.port = 0
+        #: When the heartbeat is due next, and when this thread last found itself stalled (see _note_stall).
+        self._heartbeat_due = 0.0
+        self._stalled_at = -math.inf
 
     # -- lifecycle
     def start(self, port: int = 0) -> int:
@@ -388,6 +396,7 @@ class TwsSimulator:
             self._server = loop.run_until_complete(loop.create_server(lambda: _Session(self), "127.0.0.1", port))
             if self.config.tick_interval_s > 0:
                 self._ticker = loop.create_task(self._tick_forever())
+            self._heartbeat()
             ready.set_result(self._server.sockets[0].getsockname()[1])
             loop.run_forever()
         except BaseException as exc:
@@ -577,6 +586,24 @@ class TwsSimulator:
         return self._call(read)
 
     # -- pacing
+    def _heartbeat(self) -> None:
+        """Every HEARTBEAT_S: how late this thread runs tells when it was stalled (see ``_note_stall``)."""
+        assert self._loop is not None
+        now = time.monotonic()
+        self._note_stall(now)
+        self._heartbeat_due = now + HEARTBEAT_S
+        self._loop.call_later(HEARTBEAT_S, self._heartbeat)
+
+    def _note_stall(self, now: float) -> None:
+        """A heartbeat overdue by more than STALL_S: this thread did not run meanwhile (the machine was busy).
+
+        Messages that arrived during the stall are read together when it ends, all stamped with that one
+        moment: a rate the client kept can look broken. Real IB does not stall; the simulator judges no
+        pacing window that holds its own stall.
+        """
+        if self._heartbeat_due and now - self._heartbeat_due > STALL_S:
+            self._stalled_at = now
+
     def _count_message(self, now: float, msg_id: int) -> bool:
         """Record one incoming message; False when it broke the rate limit (and is refused)."""
         with self._lock:
@@ -585,6 +612,8 @@ class TwsSimulator:
             times.append(now)
             while times and now - times[0] >= self.config.pacing_window_s:
                 times.popleft()
+            if now - self._stalled_at < self.config.pacing_window_s:
+                return True  # arrival times within this window are not known (see _note_stall)
             self._max_in_window = max(self._max_in_window, len(times))
             if len(times) > self.config.pacing_limit:
                 self._violations += 1
