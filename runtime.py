@@ -366,6 +366,7 @@ class Runtime:
         )
         self.refs["router"] = router
         checkpointer = start_check()  # a broken log raises here; the actors then stay inert and write nothing
+        self._discard_stale_snapshots(snapshots)
         if checkpointer is not None:
             checkpointer.start()
         self.log.append(
@@ -427,6 +428,26 @@ class Runtime:
             fresh.monitoring_s,
             fresh.overflow_s,
         )
+
+    def _discard_stale_snapshots(self, snapshots: SnapshotStore) -> None:
+        """Delete snapshots past the log's durable end before anything is appended; refuse the start if it fails.
+
+        Such a snapshot names events the log never got (an events table restored from an older backup, a
+        commit lost after it was taken). Every actor ignores it, but once the log grows past its seq the next
+        start would load it and skip the events at the seqs it claims. So it goes before the first append
+        of this run (RuntimeStarted, which also releases the actors), or the run does not start.
+        """
+        assert self.log is not None
+        backed = self.log.opened_seq
+        for stream in snapshots.streams_past(backed):
+            try:
+                snapshots.discard_after(stream, backed)
+            except Exception as exc:  # noqa: BLE001 - any failure: the start must not go on
+                self.log.start_check_done(False)
+                raise StartRefused(
+                    f"snapshots of {stream} past the log's end (seq {backed}) could not be discarded ({exc}); "
+                    "fix the snapshots table's storage and start again"
+                ) from None
 
     def _prefetch_signed_files(self) -> FileHasher | None:
         """Start hashing the data files of the newest signed checkpoint, for the start-up check (or None).

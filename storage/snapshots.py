@@ -160,6 +160,29 @@ class SnapshotStore:
             newest.setdefault(snap.stream, snap)
         return newest, {stream for stream, _ in wanted} - set(newest)
 
+    def streams_past(self, seq: int) -> list[str]:
+        """Streams whose newest intact snapshot is past ``seq`` (the log's durable end): stale ones to discard.
+
+        From the start's preload when there is one (already read for the actors' recovery), else one read.
+        """
+        with self._lock:
+            if self._preload and self._newest is None:
+                self._newest, self._unsure = self._read_newest()
+            newest = dict(self._newest) if self._preload and self._newest is not None else None
+            unsure = set(self._unsure) if newest is not None else set()
+        if newest is None:
+            dt = self._table()
+            if dt is None:
+                return []
+            rows = plain_dataset(dt).to_table(filter=pc.field("seq") > seq, columns=["stream"])
+            return sorted(set(rows.column("stream").to_pylist()))
+        past = {stream for stream, snap in newest.items() if snap.seq > seq}
+        for stream in unsure:  # its newest is corrupt: the newest intact one, read the usual way
+            snap = self.latest(stream)
+            if snap is not None and snap.seq > seq:
+                past.add(stream)
+        return sorted(past)
+
     def _forget_newest(self) -> None:
         self._preload, self._newest = False, None
 

@@ -127,3 +127,51 @@ def test_recovery_ignores_and_discards_a_snapshot_beyond_the_log(data_dir: Path)
         pykka.ActorRegistry.stop_all(timeout=10)
         log.close()
     assert all(s.seq <= good.seq + 1 for s in snaps.all("registry")), "the stale snapshot was kept"
+
+
+def _runtime_config(data_dir: Path) -> Any:
+    from actors.config import Config, DemoSettings, RuntimeSettings
+    from storage.tables import LogConfig
+
+    return Config(
+        runtime=RuntimeSettings(data_dir=str(data_dir), max_lines=20, snapshot_every=100),
+        log=LogConfig(flush_ms=2.0, maintenance=False),
+        demo=DemoSettings(stocks=20, option_strategies=4, active_strategies=2, portfolio_interval_s=0),
+    )
+
+
+def test_a_stale_snapshot_that_cannot_be_discarded_refuses_the_start_before_anything_is_appended(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kept, a snapshot past the log's end looks valid once the log grows past it: no start may grow it.
+
+    Every actor ignores it; the runtime deletes it before the run's first append, and refuses the start
+    when it cannot. Before, only the actor that found it refused, while the others and RuntimeStarted
+    appended, so repeated refused starts walked the log towards the stale seq.
+    """
+    from runtime import Runtime, StartRefused
+    from storage.reader import read_events
+
+    first = Runtime(_runtime_config(data_dir), demo=True)
+    first.start()
+    first.stop()
+    last = max(s.seq for s in read_events(str(data_dir / "events")))
+    snaps = SnapshotStore(str(data_dir))
+    good = snaps.latest("queue")
+    assert good is not None
+    snaps.save("queue", last + 40, good.state, good.v)  # past the log's end (a restored older events table)
+
+    def refuse(self: SnapshotStore, stream: str, seq: int) -> None:
+        raise OSError("read-only file system")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SnapshotStore, "discard_after", refuse)
+        refused = Runtime(_runtime_config(data_dir), demo=True)
+        with pytest.raises(StartRefused, match=r"snapshots of queue past the log's end .* could not be discarded"):
+            refused.start()
+        refused.stop()
+    assert max(s.seq for s in read_events(str(data_dir / "events"))) == last, "a refused start appended"
+    again = Runtime(_runtime_config(data_dir), demo=True)
+    again.start()  # the next start deletes it and goes on
+    again.stop()
+    assert last + 40 not in {s.seq for s in SnapshotStore(str(data_dir)).all("queue")}
