@@ -177,7 +177,7 @@ class QueueActor(EventSourcedActor[QueueState]):
             raise ValueError("dead_letter_retry_s must be >= 0 (0: never)")
         self.dead_letter_retry_us = int(dead_letter_retry_s * 1_000_000)
         #: Dead letters that may come back: item id -> when it failed for good (this run's clock; a restart
-        #: starts their wait again). Scheduling, not state: the requeue itself is an event.
+        #: starts their wait again), oldest first. Scheduling, not state: the requeue itself is an event.
         self._dead_since: dict[int, int] = {}
 
     def on_recovered(self) -> None:
@@ -469,11 +469,16 @@ class QueueActor(EventSourcedActor[QueueState]):
     def _note_dead(self, item: QueueItem, now: int) -> None:
         """Start the wait of a dead letter that may come back by itself (see ``dead_letter_retry_s``)."""
         if self.dead_letter_retry_us and _passing(item):
+            self._dead_since.pop(item.item_id, None)  # re-inserted: the dict stays in order of time
             self._dead_since[item.item_id] = now
 
     def _revive(self, now: int) -> None:
         """Requeue the dead letters whose wait is over (their failures may have passed: a market opened)."""
-        due = [i for i, since in self._dead_since.items() if now - since >= self.dead_letter_retry_us]
+        due = []
+        for item_id, since in self._dead_since.items():  # oldest first: stop at the first still waiting
+            if now - since < self.dead_letter_retry_us:
+                break
+            due.append(item_id)
         for item_id in due:
             del self._dead_since[item_id]
             item = self.state.items.get(item_id)

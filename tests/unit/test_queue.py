@@ -183,6 +183,27 @@ def test_a_dead_letter_that_may_pass_comes_back_after_the_wait_and_a_lasting_one
     assert ask(ref, QueueStats()).failed == 1
 
 
+def test_a_dead_letter_failing_again_after_an_operator_requeue_waits_the_whole_time_again(event_log: EventLog) -> None:
+    """Waits are kept oldest first; one that starts again goes to the back, and holds none of the others."""
+    clock = Clock()
+    ref = start(event_log, clock, max_attempts=2, backoff_base_s=1.0, backoff_cap_s=1.0, dead_letter_retry_s=600)
+    _dead_letter(ref, 8, clock, code=None)  # t = 4 s
+    clock.now += 50 * S
+    _dead_letter(ref, 9, clock, code=None)  # t = 58 s
+    clock.now += 50 * S
+    assert ask(ref, Requeue(conid=8)).changed == 1  # an operator tries 8 again; it fails again
+    for _ in range(2):
+        claimed = ask(ref, Claim(n=1)).items
+        ask(ref, Fail(item_id=claimed[0].item_id, error="snapshot ended without prices"))
+        clock.now += 2 * S
+    clock.now += 550 * S  # t = 660 s: 9's wait is over, 8's second one is not
+    revived = ask(ref, Claim(n=5)).items
+    assert [c.conid for c in revived] == [9]
+    ask(ref, Succeed(item_ids=[revived[0].item_id]))
+    clock.now += 60 * S
+    assert [c.conid for c in ask(ref, Claim(n=5)).items] == [8]
+
+
 def test_only_dead_letters_whose_failures_may_pass_come_back_by_themselves() -> None:
     """Not one IB refused for good, nor one in flight whenever the runtime died (it may be what kills it)."""
     from actors.queue import CRASHED_IN_FLIGHT, _passing
