@@ -35,6 +35,7 @@ from deltalake.fs import DeltaStorageHandler
 
 from storage.durability import sync_commit, sync_new_table
 from storage.early_hash import measure_local
+from storage.maintenance import keep_opens_cheap
 from storage.reader import open_table, plain_dataset, table_exists
 from storage.signing import Signer, fingerprint, signature_valid
 from storage.tables import is_local, table_uri
@@ -331,8 +332,10 @@ class CheckpointStore:
         with self._lock:
             write_deltalake(self.uri, row, mode="append", storage_options=self.storage_options)
             if is_local(self.uri):  # on disk before a start may rely on it and skip re-hashing what it covers
-                version = DeltaTable(self.uri).version()
+                dt = DeltaTable(self.uri)
+                version = dt.version()
                 (sync_new_table if version == 0 else sync_commit)(self.uri, version)
+                keep_opens_cheap(dt)  # a commit a checkpoint: every start opens this table, twice
 
     def read(self, *, with_details: bool = True, seq: int | None = None) -> list[Checkpoint]:
         """Every checkpoint (or those at ``seq``), oldest first; without details: no files, no row prefixes.

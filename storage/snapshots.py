@@ -23,6 +23,7 @@ from deltalake import DeltaTable, write_deltalake
 from loguru import logger
 
 from storage.durability import sync_commit, sync_new_table
+from storage.maintenance import keep_opens_cheap
 from storage.reader import plain_dataset
 from storage.tables import SNAPSHOTS_SCHEMA, is_local, table_uri
 
@@ -70,8 +71,10 @@ class SnapshotStore:
             self._forget_newest()
             write_deltalake(self.uri, row, mode="append", storage_options=self.storage_options)
             if is_local(self.uri):  # on disk before recovery may rely on it and skip the events it covers
-                version = DeltaTable(self.uri).version()
+                dt = DeltaTable(self.uri)
+                version = dt.version()
                 (sync_new_table if version == 0 else sync_commit)(self.uri, version)
+                keep_opens_cheap(dt)  # a commit a snapshot: every start's preload opens this table
             self.saved += 1
         logger.debug("snapshot of {} at seq {} ({} bytes)", stream, seq, len(state))
 

@@ -231,3 +231,19 @@ def test_a_positions_flush_syncs_the_commits_since_the_last_one(data_dir: Path, 
     table.append(PositionsTable.to_arrow([row]))
     table.close()
     assert data_dir / "positions" / "_delta_log" / f"{other.version():020d}.json" in synced
+
+
+def test_a_table_written_a_row_a_commit_is_checkpointed_so_opens_stay_cheap(data_dir: Path, synced: list[Path]) -> None:
+    """Every start opens the snapshots and checkpoints tables, and an open replays each commit since the
+    newest Delta checkpoint: delta-rs makes one only every 100 commits, so they get one every 10, fsynced."""
+    from storage.maintenance import ROW_TABLE_CHECKPOINT_EVERY, commits_since_checkpoint
+
+    store = SnapshotStore(str(data_dir))
+    for seq in range(1, 3 * ROW_TABLE_CHECKPOINT_EVERY + 2):
+        store.save("queue", seq, b"{}")
+        assert commits_since_checkpoint(DeltaTable(store.uri)) < ROW_TABLE_CHECKPOINT_EVERY
+    log_dir = Path(store.uri) / "_delta_log"
+    checkpoints = sorted(log_dir.glob("*.checkpoint.parquet"))
+    assert len(checkpoints) == 3
+    assert set(checkpoints) <= set(synced)  # on disk before an open relies on it
+    assert max(s.seq for s in store.all("queue")) == 3 * ROW_TABLE_CHECKPOINT_EVERY + 1  # and nothing lost
