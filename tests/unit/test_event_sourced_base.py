@@ -202,7 +202,7 @@ def test_rebuilding_after_a_refused_event_keeps_the_snapshots_this_run_wrote(dat
     (The log's end at open is what a start compares with; in the middle of a run everything flushed is
     durable, and calling this run's snapshots stale discarded every one of them.)
     """
-    import time
+    from tests.support import wait_until
 
     log = EventLog.open(data_dir, config=TEST_LOG_CONFIG)
     snaps = SnapshotStore(str(data_dir))
@@ -210,9 +210,7 @@ def test_rebuilding_after_a_refused_event_keeps_the_snapshots_this_run_wrote(dat
         ref = Capped.start(log, snaps, snapshot_every=5)
         for _ in range(10):
             ask(ref, Bump(by=1))
-        deadline = time.monotonic() + 10
-        while len(list(snaps.all("capped"))) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)  # written off the actor's thread once durable
+        wait_until(lambda: len(list(snaps.all("capped"))) == 2, timeout=10, what="two snapshots (written off the actor's thread)")
         written = sorted(s.seq for s in snaps.all("capped"))
         assert written == [5, 10]
         from actors.messaging import CommandRejected
