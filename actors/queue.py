@@ -68,7 +68,7 @@ from actors.messaging import CommandRejected, reject
 from actors.queue_state import PROCESSING, QueueItem, QueueState
 from actors.ticker import Ticker
 from events.commands import CommandError, validate_command
-from events.ib import IbErrorKind, classify_ib_code
+from events.ib import TERMINAL_KINDS, classify_ib_code
 from events.queue import (
     NEVER_PRICED_DUE_US,
     Cancel,
@@ -105,8 +105,6 @@ _COMMANDS = (Enqueue, EnqueueMany, Claim, Succeed, Fail, Release, Cancel, Requeu
 _RELEASE_REASONS = frozenset({"lease_expired", "disconnected", "restart", "released"})
 #: What a crash-counted attempt records as its error.
 CRASHED_IN_FLIGHT = "in flight when the runtime died (no clean stop)"
-#: Failures no wait fixes (a subscription, the contract): their dead letters wait for an operator.
-_LASTING_KINDS = frozenset({IbErrorKind.NOT_SUBSCRIBED, IbErrorKind.NO_CONTRACT})
 
 
 def _passing(item: QueueItem) -> bool:
@@ -116,7 +114,7 @@ def _passing(item: QueueItem) -> bool:
     """
     if item.last_error == CRASHED_IN_FLIGHT:
         return False
-    return item.code is None or classify_ib_code(item.code) not in _LASTING_KINDS
+    return item.code is None or classify_ib_code(item.code) not in TERMINAL_KINDS
 
 
 def wall_clock_us() -> int:

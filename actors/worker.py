@@ -51,7 +51,15 @@ from loguru import logger
 from actors.handlers import HandlerSet
 from actors.messaging import ReplyFuture, Request, ask_async
 from events.base import Command, Reply
-from events.ib import DATA_FLOWS, ConnectionStateChanged, IbErrorKind, Snapshot, SnapshotFailed, SnapshotResult
+from events.ib import (
+    DATA_FLOWS,
+    TERMINAL_KINDS,
+    ConnectionStateChanged,
+    IbErrorKind,
+    Snapshot,
+    SnapshotFailed,
+    SnapshotResult,
+)
 from events.queue import Claim, ClaimedItem, Fail, Release, Succeed
 from events.router import AcquireLines, LineGrant, ReleaseLines, SnapshotDone, SnapshotOutcome
 
@@ -72,7 +80,6 @@ _RELEASE_KINDS: dict[IbErrorKind, SnapshotOutcome] = {
 #: other clients of the account hold them): new snapshots pause with backoff instead of asking at full rate.
 _PAUSING_KINDS = frozenset({IbErrorKind.DATA_INTERRUPTED, IbErrorKind.COMPETING_SESSION, IbErrorKind.MAX_TICKERS})
 #: No retry can help until something changes (a subscription, the contract).
-_TERMINAL_KINDS = frozenset({IbErrorKind.NOT_SUBSCRIBED, IbErrorKind.NO_CONTRACT})
 
 
 class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -392,7 +399,7 @@ class QueueWorker(pykka.ThreadingActor):
             self._release([item], f"{outcome}: {failure.code}")
             self._report(line, item.conid, outcome, error=error)
             return
-        terminal = failure.kind in _TERMINAL_KINDS
+        terminal = failure.kind in TERMINAL_KINDS
         self.failed += 1
         self._tell(
             self.queue,

@@ -23,6 +23,7 @@ __all__ = [
     "IB_NOT_CONNECTED",
     "MARKET_DATA_TYPES",
     "SNAPSHOT_LIMIT_TEXT",
+    "TERMINAL_KINDS",
     "Connect",
     "ConnectionState",
     "ConnectionStateChanged",
@@ -85,6 +86,11 @@ class IbErrorKind(StrEnum):
     TIMEOUT = "timeout"  # ours: a snapshot or request did not complete in time
     DISCONNECTED = "disconnected"  # ours: the socket is down
     UNKNOWN = "unknown"
+
+
+#: Failures no retry fixes, only a change of subscription or contract: dead-lettered at once, and left to
+#: an operator (the worker, the queue and what-if's record all read failures by this).
+TERMINAL_KINDS = frozenset({IbErrorKind.NOT_SUBSCRIBED, IbErrorKind.NO_CONTRACT})
 
 
 _KIND_BY_CODE: dict[int, IbErrorKind] = {

@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from events.base import Event
-from events.ib import DATA_FLOWS, ConnectionStateChanged, IbErrorKind, classify_ib_code
+from events.ib import DATA_FLOWS, TERMINAL_KINDS, ConnectionStateChanged, IbErrorKind, classify_ib_code
 from events.log import RuntimeStarted, RuntimeStopped
 from events.queue import ItemClaimed, ItemDeadLettered, ItemReleased, ItemRetryScheduled, ItemSucceeded
 from events.registry import ContractActivated, ContractDeactivated, LegAdded, LegRemoved
@@ -82,8 +82,6 @@ _TYPES = [
     "queue.item_released",
 ]
 
-#: Failures no retry fixes: the simulated IB answers every snapshot of such a contract the same way.
-_TERMINAL_KINDS = frozenset({IbErrorKind.NOT_SUBSCRIBED, IbErrorKind.NO_CONTRACT})
 
 
 #: How far before the period the positions table is read: a contract held then has rows in it (the writer
@@ -344,7 +342,8 @@ class _LogReader:
             case ItemRetryScheduled(item_id=i, code=code):
                 self._sample(i, ts_us, "failed", code)
             case ItemDeadLettered(item_id=i, code=code):
-                terminal = code is not None and classify_ib_code(code) in _TERMINAL_KINDS
+                # the simulated IB answers every snapshot of such a contract the same way
+                terminal = code is not None and classify_ib_code(code) in TERMINAL_KINDS
                 self._sample(i, ts_us, "terminal" if terminal else "failed", code)
             case ItemReleased(item_id=i, detail=detail):
                 self.claims.pop(i, None)
