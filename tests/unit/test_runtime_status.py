@@ -51,3 +51,16 @@ def test_status_waits_for_the_slowest_part_not_the_sum(tmp_path: Path, event_log
     for error in ("router_error", "queue_error", "worker_error", "positions_error"):
         assert "Error(" in status[error]  # what reading a reply without the fields raised
         assert NOT_ALL_ASKED not in status[error], status[error]
+
+
+def test_a_part_that_is_not_running_is_reported_and_the_rest_answer(tmp_path: Path, event_log: EventLog) -> None:
+    runtime = Runtime(load_config(environ={}, overrides={"runtime": {"data_dir": str(tmp_path / "data")}}))
+    runtime.log = event_log
+    asked = threading.Barrier(len(PARTS) - 1, timeout=2.0)  # every part but the stopped one
+    runtime.refs = {name: _Busy.start(asked) for name in PARTS if name != "queue"}
+    stopped = _Busy.start(asked)
+    stopped.stop()
+    runtime.refs["queue"] = stopped
+    status = runtime.status()
+    assert "ActorDeadError" in status["queue_error"]
+    assert "AttributeError" in status["router_error"]
