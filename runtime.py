@@ -39,18 +39,15 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from actors.cli_checks import OneLineParser, data_dir_problem, duration, log_file_problem, log_level, port_problem
 from actors.fleet_view import add_parser as fleet_parser
 from actors.operator_cli import add_parsers as operator_parsers
 from actors.what_if_cli import add_parser as what_if_parser
 from storage.permissions import runtime_dir, set_private_umask
-
-if TYPE_CHECKING:
-    from storage.early_hash import EarlyHashes
 
 # delta-rs logs through env_logger, at WARN unless RUST_LOG says otherwise, straight to stderr:
 # one S3 call without credentials prints dozens of aws_config lines in front of our one-line
@@ -147,17 +144,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-#: The data files being hashed since before the imports below (storage/early_hash.py), for ``run``'s start-up check.
-_EARLY_HASHES: EarlyHashes | None = None
-
 if __name__ == "__main__":
     # Usage errors and --help need nothing but the standard library: answer them
     # before importing the dependencies, which may not be installed yet.
-    _ARGS = parse_args(sys.argv[1:])
-    if _ARGS.command == "run":
-        from storage.early_hash import start_for_run  # the standard library only
-
-        _EARLY_HASHES = start_for_run(_ARGS.data_dir, _ARGS.config, os.environ)
+    parse_args(sys.argv[1:])
 
 try:
     import msgspec
@@ -181,6 +171,7 @@ try:
     from storage.checkpointer import Checkpointer
     from storage.checkpoints import Checkpoint, CheckpointStore, CheckpointsUnreadable, FileHasher
     from storage.event_log import EventLog, LogFailedError
+    from storage.file_hashes import KnownFile, load_known
     from storage.lock import DataDirLocked
     from storage.object_store import export_storage_settings, reach_problem, store_error
     from storage.signing import Signer, SigningKeyError, load_signer, resolve_key_path
@@ -279,6 +270,8 @@ class Runtime:
         self.control: ControlServer | None = None
         self.metrics: Any = None
         self._prehash: FileHasher | None = None
+        #: The verified signed list of data files hashed before (storage/file_hashes.py): not read again if unchanged.
+        self._known_files: Mapping[str, KnownFile] = {}
         self._rate = (time.monotonic(), 0)
         self.events_per_s = 0.0
 
@@ -309,6 +302,8 @@ class Runtime:
             self.signer = audit_signer(self.config, create=not CheckpointStore(self.data_dir).exists())
         except SigningKeyError as exc:
             raise StartRefused(str(exc)) from None
+        if self.signer is not None and self.config.audit.hash_cache and is_local(self.data_dir):
+            self._known_files = load_known(self.data_dir, trusted_keys(self.config, self.signer))
         self._prehash = self._prefetch_signed_files()
         self.log = EventLog.open(self.data_dir, config=self.config.log)
         self.log.add_failure_listener(self._on_log_failure)
@@ -452,31 +447,27 @@ class Runtime:
     def _prefetch_signed_files(self) -> FileHasher | None:
         """Start hashing the data files of the newest signed checkpoint, for the start-up check (or None).
 
-        Hashing them is most of the check's work (sha256 of every file it
-        signed: ~210 MB on a million-event log); begun here, it runs while
-        the log opens and the actors start. It may begin before the log's
-        lock is taken: Delta never rewrites a file in place, and a file
-        changed after this read would be as changed after a later one; the
-        check compares every listed file either way. ``run`` may have begun
-        hashing every data file before its imports (``storage.early_hash``):
-        those of the listed files are taken over, the others cancelled.
+        Hashing them is most of the check's work when they must be read
+        (sha256 of every file it signed: ~220 MB on a million-event log);
+        begun here, it runs while the log opens and the actors start. A file
+        still exactly as it was when a checkpointer hashed it is not read
+        again (the signed list of ``storage.file_hashes``; ``[audit]
+        hash_cache``). It may begin before the log's lock is taken: Delta
+        never rewrites a file in place, and a file changed after this read
+        would be as changed after a later one; the check compares every
+        listed file either way.
         """
-        early = _EARLY_HASHES if _EARLY_HASHES is not None and _EARLY_HASHES.serves(table_uri(self.data_dir, "events")) else None
         store = CheckpointStore(self.data_dir)
         if not self.config.runtime.verify_on_start or self.signer is None or not store.exists():
-            _drop(early)
             return None
-        hasher = FileHasher(table_uri(self.data_dir, "events"))
+        hasher = FileHasher(table_uri(self.data_dir, "events"), known=self._known_files)
 
         def prefetch() -> None:
             try:
                 newest = store.newest()
             except CheckpointsUnreadable:
-                _drop(early)
                 return  # the check reports it
             paths = [] if newest is None else [f.path for f in newest.files]
-            if early is not None:  # begun before the imports: the files the checkpoint lists, and no others
-                hasher.adopt(early.take(paths))
             hasher.prefetch(paths, workers=min(8, os.cpu_count() or 1))
 
         threading.Thread(target=prefetch, name="prehash", daemon=True).start()
@@ -500,7 +491,14 @@ class Runtime:
             if signer is None:
                 return None
             try:
-                return Checkpointer(log, signer, every=self.config.audit.checkpoint_every, newest=newest)
+                return Checkpointer(
+                    log,
+                    signer,
+                    every=self.config.audit.checkpoint_every,
+                    newest=newest,
+                    known=self._known_files,
+                    keep_hashes=self.config.audit.hash_cache,
+                )
             except CheckpointsUnreadable as exc:
                 raise StartRefused(str(exc)) from None
 
@@ -543,9 +541,13 @@ class Runtime:
                 self.data_dir, trusted_keys(self.config, self.signer), events=self.log.start_view(), hasher=self._prehash
             )
             if report.ok and report.method == "checkpoint":
+                hasher = self._prehash
                 logger.info(
-                    "start-up verified from the signed checkpoint at seq {}: its data files, then {} later events",
+                    "start-up verified from the signed checkpoint at seq {}: its data files ({} unchanged since they "
+                    "were hashed, {} read and hashed), then {} later events",
                     report.last_seq - report.events,
+                    hasher.reused if hasher else 0,
+                    hasher.hashed if hasher else len(report.checkpoint.files) if report.checkpoint else 0,
                     report.events,
                 )
             elif report.ok and report.last_seq:
@@ -793,12 +795,6 @@ class Runtime:
         except LogFailedError as exc:
             return _control_error("log_failed", str(exc))
         return {"ok": True, "reply": msgspec.to_builtins(reply)}
-
-
-def _drop(early: EarlyHashes | None) -> None:
-    """Stop the early hashing that has not begun: this start checks no signed files."""
-    if early is not None:
-        early.take(())
 
 
 class BrokenLogError(RuntimeError):

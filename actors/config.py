@@ -122,6 +122,9 @@ class AuditSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     signing_key: str = ""
     #: A signed checkpoint every this many events, and one at every clean stop.
     checkpoint_every: Annotated[int, msgspec.Meta(ge=100)] = 10_000
+    #: Remember each signed data file's hash with its identity (inode, size, mtime, ctime), signed: a start does not
+    #: read a file again that is unchanged since (storage/file_hashes.py). false: every start hashes every signed file.
+    hash_cache: bool = True
     #: Public keys (hex, as `digest` prints them) of retired signing keys: their checkpoints stay trusted.
     trusted_keys: tuple[Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")], ...] = ()
 

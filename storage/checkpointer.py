@@ -9,26 +9,40 @@ the file list it signs is the one the next start will find).
 
 What it signs is read back from the table at the commit's Delta version:
 the data files (sha256 of each, cached by path because Delta never reuses a
-name), and the ``hash`` column of the rows since the previous checkpoint,
+name, or taken from the signed list of files hashed before when a file is
+unchanged since: ``storage.file_hashes``), and the ``hash`` column of the rows since the previous checkpoint,
 whose last value must be the head the writer computed in memory. Rows that
 no running writer vouches for (those before this process opened the log)
 are re-hashed from the previous checkpoint first: the signer never signs a
-chain it has not seen intact.
+chain it has not seen intact. After each checkpoint of a local log it
+replaces that signed list with the files it just signed, so that the next
+start need not read them again.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from loguru import logger
 
-from storage.checkpoints import Checkpoint, CheckpointStore, FileHasher, row_prefixes, sign_checkpoint, table_data_files
+from storage.checkpoints import (
+    Checkpoint,
+    CheckpointStore,
+    DataFile,
+    FileHasher,
+    row_prefixes,
+    sign_checkpoint,
+    table_data_files,
+)
 from storage.event_log import EventLog
+from storage.file_hashes import KnownFile, write_known
 from storage.hashing import GENESIS_HASH, row_hash
 from storage.reader import open_table, read_batches
 from storage.signing import Signer
+from storage.tables import is_local
 
 __all__ = ["CheckpointError", "Checkpointer"]
 
@@ -50,15 +64,20 @@ class Checkpointer:
         every: int,
         storage_options: dict[str, str] | None = None,
         newest: Checkpoint | None = None,
+        known: Mapping[str, KnownFile] | None = None,
+        keep_hashes: bool = True,
     ):
         """``newest``: the table's newest checkpoint, when the caller has just read it under the log's lock
-        (the start-up check has; read again here otherwise)."""
+        (the start-up check has; read again here otherwise). ``known``: the verified list of files hashed
+        before (``storage.file_hashes.load_known``); ``keep_hashes``: write that list after each checkpoint
+        (``[audit] hash_cache``; local logs only)."""
         self.log = log
         self.signer = signer
         self.every = every
         self.storage_options = storage_options
         self.store = CheckpointStore(log.data_dir, storage_options)
-        self._hasher = FileHasher(log.uri, storage_options, cache=True)
+        self._hasher = FileHasher(log.uri, storage_options, cache=True, known=known)
+        self._keep_hashes = keep_hashes and is_local(log.uri)
         self._cond = threading.Condition()
         self._head: tuple[int, str, int] | None = None
         self._stopping = False
@@ -169,12 +188,26 @@ class Checkpointer:
             reason=reason,
         )
         self.store.append(checkpoint)
+        if self._keep_hashes:
+            self._keep_file_hashes(checkpoint.statement.table_id, seq, described)
         with self._cond:
             self.last_seq, self._last_hash = seq, hashes[-1]
             if head is None:
                 self._backlog = False
         self.written += 1
         logger.debug("signed checkpoint at seq {} ({}, {} files)", seq, reason, len(described))
+
+    def _keep_file_hashes(self, table_id: str, seq: int, files: list[DataFile]) -> None:
+        """The signed list of these files with their identities when hashed, for the next start (never fails the checkpoint)."""
+        entries = []
+        for f in files:
+            ident = self._hasher.identity_of(f.path)
+            if ident is not None and ident[2] == f.size:
+                entries.append((f.path, f.size, f.sha256, ident))
+        try:
+            write_known(self.log.data_dir, self.signer, table_id=table_id, seq=seq, files=entries)
+        except OSError as exc:  # a cache: the next start hashes every file instead
+            logger.warning("the signed list of file hashes was not written ({}): the next start hashes every file", exc)
 
     def _stored_hashes(self, dt: object, seq: int) -> list[str]:
         """The ``hash`` column of seq last_seq+1 .. seq, checked to be exactly those rows."""

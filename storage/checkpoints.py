@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 
@@ -34,7 +34,7 @@ from deltalake import DeltaTable, write_deltalake
 from deltalake.fs import DeltaStorageHandler
 
 from storage.durability import sync_commit, sync_new_table
-from storage.early_hash import measure_local
+from storage.file_hashes import Identity, KnownFile, identity, measure_local
 from storage.maintenance import keep_opens_cheap
 from storage.reader import open_table, plain_dataset, table_exists
 from storage.signing import Signer, fingerprint, signature_valid
@@ -205,23 +205,39 @@ class FileHasher:
 
     Delta never rewrites a file under the same name, so the writer's
     checkpointer caches by path; a start-up check uses a fresh one.
+    ``known``: the signed list of files hashed before (``storage.file_hashes``);
+    a local file whose identity is still the one recorded there is not read
+    again. Local files also keep the identity they had when they were hashed
+    (:meth:`identity_of`), for the next list.
     """
 
-    def __init__(self, events_uri: str, storage_options: dict[str, str] | None = None, *, cache: bool = False) -> None:
+    def __init__(
+        self,
+        events_uri: str,
+        storage_options: dict[str, str] | None = None,
+        *,
+        cache: bool = False,
+        known: Mapping[str, KnownFile] | None = None,
+    ) -> None:
         self.uri = events_uri
         self._local = is_local(events_uri)
+        self._root = events_uri.removeprefix("file://")
         self._fs = None if self._local else pafs.PyFileSystem(DeltaStorageHandler(events_uri, storage_options))
         self._cache: dict[str, tuple[int, str]] | None = {} if cache else None
+        self._known = known if self._local and known else {}
+        self._identities: dict[str, Identity] = {}
         self._started: dict[str, Future[tuple[int, str]]] = {}
         self._started_lock = threading.Lock()
+        #: Files taken from ``known`` (unchanged since hashed) and files read and hashed.
+        self.reused = 0
+        self.hashed = 0
 
     def prefetch(self, paths: Iterable[str], workers: int = 2) -> None:
         """Start reading and hashing ``paths`` in the background; :meth:`size_and_sha256` of one waits for it.
 
         The runtime starts this before it opens the log, so the start-up
-        check finds the signed files (a million-event log: ~210 MB, the
-        larger part of its work) hashed or being hashed. hashlib releases
-        the GIL, so this runs beside the Python work of the start.
+        check finds the signed files hashed or being hashed. hashlib
+        releases the GIL, so this runs beside the Python work of the start.
         """
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prehash")
         with self._started_lock:
@@ -229,12 +245,6 @@ class FileHasher:
                 if path not in self._started:
                     self._started[path] = pool.submit(self._measure, path)
         pool.shutdown(wait=False)
-
-    def adopt(self, started: dict[str, Future[tuple[int, str]]]) -> None:
-        """Take hashes already begun elsewhere (``storage.early_hash``), by path; a path begun here keeps its own."""
-        with self._started_lock:
-            for path, future in started.items():
-                self._started.setdefault(path, future)
 
     def size_and_sha256(self, path: str) -> tuple[int, str]:
         """Raises FileNotFoundError if the file is gone."""
@@ -247,9 +257,26 @@ class FileHasher:
             self._cache[path] = result
         return result
 
+    def identity_of(self, path: str) -> Identity | None:
+        """The identity ``path`` had when it was hashed here (or when the known list recorded it); None: unknown."""
+        with self._started_lock:
+            return self._identities.get(path)
+
     def _measure(self, path: str) -> tuple[int, str]:
         if self._local:
-            return measure_local(os.path.join(self.uri.removeprefix("file://"), path))
+            full = os.path.join(self._root, path)
+            known = self._known.get(path)
+            if known is not None and identity(os.stat(full)) == known.identity:
+                with self._started_lock:
+                    self._identities[path] = known.identity
+                    self.reused += 1
+                return known.size, known.sha256
+            size, sha, ident = measure_local(full)
+            with self._started_lock:
+                if ident is not None:
+                    self._identities[path] = ident
+                self.hashed += 1
+            return size, sha
         assert self._fs is not None
         digest = hashlib.sha256()
         size = 0
@@ -257,6 +284,8 @@ class FileHasher:
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
                 size += len(chunk)
+        with self._started_lock:
+            self.hashed += 1
         return size, digest.hexdigest()
 
     def describe(self, files: list[tuple[str, int, int, int]]) -> list[DataFile]:
@@ -268,9 +297,11 @@ class FileHasher:
 
     def forget_except(self, paths: Iterable[str]) -> None:
         """Drop cached files the table no longer lists (compaction replaced them)."""
+        keep = set(paths)
         if self._cache is not None:
-            keep = set(paths)
             self._cache = {p: v for p, v in self._cache.items() if p in keep}
+        with self._started_lock:
+            self._identities = {p: v for p, v in self._identities.items() if p in keep}
 
 
 _FILES = msgspec.json.Decoder(tuple[DataFile, ...])

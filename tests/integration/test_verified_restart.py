@@ -3,12 +3,16 @@
 The real runtime, as a subprocess: the first start creates the signing key
 (owner-only) under the config directory, a clean stop signs the head, the
 next start checks that checkpoint's files and re-hashes only what follows,
-and a data file swapped for one of the same size refuses the start.
+and a data file swapped for one of the same size refuses the start. A start
+reads only the signed files that changed since they were hashed (the signed
+list of storage/file_hashes.py); an in-place edit that puts the file's size
+and mtime back is still read, and refused.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -24,9 +28,11 @@ from storage.reader import max_seq
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(data: Path, config_home: Path, duration: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    """``python runtime.py run --demo`` to its end, with the key under ``config_home``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLOTWISE_")}
+def run(
+    data: Path, config_home: Path, duration: str, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python runtime.py run --demo`` to its end, with the key under ``config_home`` (and ``env`` added)."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLOTWISE_")}, **(env or {})}
     env["XDG_CONFIG_HOME"] = str(config_home)
     argv = [sys.executable, str(ROOT / "runtime.py"), "run", "--demo", "--duration", duration, "--data-dir", str(data)]
     return subprocess.run(
@@ -67,7 +73,55 @@ def test_restart_verifies_from_the_signed_checkpoint(stopped_runtime: tuple[Path
     last = max_seq(DeltaTable(str(data / "events")))
     proc = run(data, stopped_runtime[1], "0.5")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"start-up verified from the signed checkpoint at seq {last}: its data files, then 0 later events" in proc.stderr
+    # a copy: every file has a new inode, so none is taken from the signed list; all are read
+    n = len(CheckpointStore(str(data)).newest().files)  # type: ignore[union-attr]
+    assert (
+        f"start-up verified from the signed checkpoint at seq {last}: its data files (0 unchanged since they were hashed, "
+        f"{n} read and hashed), then 0 later events"
+    ) in proc.stderr
+
+
+VERIFIED = re.compile(r"its data files \((\d+) unchanged since they were hashed, (\d+) read and hashed\)")
+
+
+def test_a_restart_in_place_reads_no_signed_file_again(stopped_runtime: tuple[Path, Path], tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(stopped_runtime[0], data)
+    assert run(data, stopped_runtime[1], "0.5").returncode == 0  # the copy's files are hashed once, and listed
+    proc = run(data, stopped_runtime[1], "0.5")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = VERIFIED.search(proc.stderr)
+    assert found is not None, proc.stderr[-3000:]
+    assert int(found.group(1)) >= 1
+    assert int(found.group(2)) == 0
+    off = run(data, stopped_runtime[1], "0.5", env={"SLOTWISE_AUDIT_HASH_CACHE": "false"})  # every file read, as before
+    assert off.returncode == 0, off.stderr[-3000:]
+    found = VERIFIED.search(off.stderr)
+    assert found is not None
+    assert int(found.group(1)) == 0
+    assert int(found.group(2)) >= 1
+
+
+def test_a_data_file_edited_in_place_with_its_size_and_mtime_put_back_refuses_the_start(
+    stopped_runtime: tuple[Path, Path], tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(stopped_runtime[0], data)
+    assert run(data, stopped_runtime[1], "0.5").returncode == 0  # the signed list now vouches for these files
+    newest = CheckpointStore(str(data)).newest()
+    assert newest is not None
+    target = newest.files[0]
+    path = data / "events" / target.path
+    before = path.stat()
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    with open(path, "r+b") as f:  # the same inode and size: only the ctime tells
+        f.write(raw)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    proc = run(data, stopped_runtime[1], "0.5")
+    assert proc.returncode == 1
+    assert f"data file {target.path} (seq {target.min_seq}..{target.max_seq}) is not the file signed at seq {newest.seq}" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_a_data_file_swapped_for_one_of_the_same_size_refuses_the_start(
