@@ -137,6 +137,8 @@ class TokenBucket:
         self._slow_until = 0.0
 
     def _refill(self, now: float) -> None:
+        if now == self._at:
+            return  # refilled at this instant already (a pump asks several times): nothing can have changed
         if now >= self._slow_until and self.rate < self.configured:
             self.rate = min(self.configured, self.rate * 1.25)  # climb back after the hold
             self._slow_until = now + 1.0
@@ -169,23 +171,39 @@ class TokenBucket:
         self._slow_until = now + hold_s
 
 
-class _Granted(msgspec.Struct, frozen=True):
-    lines: list[LineGrant]
-    error: str = ""
+class _Answer:
+    """Internal message: one of the worker's asks was answered (``future`` is settled); ``step`` goes on from it.
 
+    The future's callback runs on the thread of the actor that answered, so it only tells the worker this
+    message, and the answer is read on the worker's own thread. The rest says what the ask was for: the
+    lines a claim is for, the item and line a snapshot is for and when it was sent. Made when the ask is
+    sent, so an answer costs no closure and no message built in the answering thread.
+    """
 
-class _Claimed(msgspec.Struct, frozen=True):
-    lines: list[LineGrant]
-    items: list[ClaimedItem]
-    error: str = ""
+    __slots__ = ("future", "item", "line", "lines", "started", "step", "worker")
 
+    def __init__(
+        self,
+        worker: QueueWorker,
+        step: Callable[[_Answer], None],
+        future: ReplyFuture,
+        *,
+        lines: list[LineGrant] | None = None,
+        item: ClaimedItem | None = None,
+        line: LineGrant | None = None,
+        started: float = 0.0,
+    ) -> None:
+        self.worker = worker
+        self.step = step
+        self.future = future
+        self.lines = lines
+        self.item = item
+        self.line = line
+        self.started = started
+        future.add_done_callback(self._deliver)
 
-class _Snapshotted(msgspec.Struct, frozen=True):
-    item: ClaimedItem
-    line: LineGrant
-    started: float
-    result: SnapshotResult | None
-    error: str = ""
+    def _deliver(self, _: ReplyFuture) -> None:
+        self.worker._tell_self(self)
 
 
 class QueueWorker(pykka.ThreadingActor):
@@ -239,6 +257,9 @@ class QueueWorker(pykka.ThreadingActor):
         self._wake_at = None
 
     def on_receive(self, message: Any) -> Any:
+        if type(message) is _Answer:  # three a snapshot: before any other test
+            message.step(message)
+            return None
         if isinstance(message, Request):
             if isinstance(message.command, WorkerStatus):
                 message.reply.set(self.status())
@@ -262,12 +283,6 @@ class QueueWorker(pykka.ThreadingActor):
                 if self.connected:
                     self._pause_s = self._paused_until = 0.0  # IB says data flows again
                     self._pump()
-            case _Granted():
-                self._granted(message)
-            case _Claimed():
-                self._claimed(message)
-            case _Snapshotted():
-                self._snapshotted(message)
             case _:
                 pass
         return None
@@ -306,36 +321,33 @@ class QueueWorker(pykka.ThreadingActor):
             n = 1
         self.acquiring = True
         self.cycles += 1
-        self._pipe(
-            ask_async(self.router, AcquireLines(n=n)),
-            lambda r: _Granted(lines=r.lines),
-            lambda e: _Granted(lines=[], error=e),
-        )
+        _Answer(self, self._granted, ask_async(self.router, AcquireLines(n=n)))
 
-    def _granted(self, granted: _Granted) -> None:
-        if granted.error:
-            logger.error("worker: the router did not lend lines: {}", granted.error)
-        if not granted.lines:
+    def _granted(self, answer: _Answer) -> None:
+        try:
+            lines: list[LineGrant] = answer.future.get(timeout=0).lines
+        except Exception as exc:  # noqa: BLE001 - any failure is an answer without lines
+            logger.error("worker: the router did not lend lines: {}", repr(exc))
+            lines = []
+        if not lines:
             self.acquiring = False
             self._wake_in(self.settings.idle_s)
             return
         if not self.connected:
-            self._give_back(granted.lines)
+            self._give_back(lines)
             self.acquiring = False
             return
-        claim = Claim(n=len(granted.lines), lease_s=self.settings.lease_s, worker="worker")
-        lines = granted.lines
-        self._pipe(
-            ask_async(self.queue, claim),
-            lambda r: _Claimed(lines=lines, items=r.items),
-            lambda e: _Claimed(lines=lines, items=[], error=e),
-        )
+        claim = Claim(n=len(lines), lease_s=self.settings.lease_s, worker="worker")
+        _Answer(self, self._claimed, ask_async(self.queue, claim), lines=lines)
 
-    def _claimed(self, claimed: _Claimed) -> None:
+    def _claimed(self, answer: _Answer) -> None:
         self.acquiring = False
-        if claimed.error:
-            logger.error("worker: claim failed: {}", claimed.error)
-        items, lines = claimed.items, claimed.lines
+        lines: list[LineGrant] = answer.lines  # type: ignore[assignment]  # always given with a claim
+        try:
+            items: list[ClaimedItem] = answer.future.get(timeout=0).items
+        except Exception as exc:  # noqa: BLE001 - any failure is an answer without items
+            logger.error("worker: claim failed: {}", repr(exc))
+            items = []
         self._give_back(lines[len(items) :])
         if not self.connected:
             self._release(list(items), "disconnected")
@@ -343,30 +355,33 @@ class QueueWorker(pykka.ThreadingActor):
             return
         now = self._clock()
         self.bucket.take(len(items), now)
+        timeout_s = self.settings.snapshot_timeout_s
         for item, line in zip(items, lines, strict=False):
             self.open[item.item_id] = item
-            request = Snapshot(conids=[item.conid], timeout_s=self.settings.snapshot_timeout_s)
-            self._pipe(
-                ask_async(self.ib, request),
-                lambda r, item=item, line=line: _Snapshotted(item=item, line=line, started=now, result=r),
-                lambda e, item=item, line=line: _Snapshotted(item=item, line=line, started=now, result=None, error=e),
-            )
+            future = ask_async(self.ib, Snapshot(conids=[item.conid], timeout_s=timeout_s))
+            _Answer(self, self._snapshotted, future, item=item, line=line, started=now)
         if len(items) < len(lines):
             self._wake_in(self.settings.idle_s)  # nothing more is claimable now
         else:
             self._pump()
 
-    def _snapshotted(self, done: _Snapshotted) -> None:
-        item, line = done.item, done.line
+    def _snapshotted(self, answer: _Answer) -> None:
+        item: ClaimedItem = answer.item  # type: ignore[assignment]  # always given with a snapshot
+        line: LineGrant = answer.line  # type: ignore[assignment]
+        try:
+            result: SnapshotResult | None = answer.future.get(timeout=0)
+            error = ""
+        except Exception as exc:  # noqa: BLE001 - any failure is a snapshot without an answer
+            result, error = None, repr(exc)
         self.open.pop(item.item_id, None)
         now = self._clock()
-        if done.result is None:
-            logger.error("worker: snapshot request for {} failed: {}", item.conid, done.error)
+        if result is None:
+            logger.error("worker: snapshot request for {} failed: {}", item.conid, error)
             self._release([item], "released")
-            self._report(line, item.conid, "interrupted", error=done.error[:200])
-        elif done.result.updates:
-            update = done.result.updates[0]
-            self._snapshot_s_total += now - done.started
+            self._report(line, item.conid, "interrupted", error=error[:200])
+        elif result.updates:
+            update = result.updates[0]
+            self._snapshot_s_total += now - answer.started
             self._snapshots_timed += 1
             self.handlers.publish(update)
             self.updates_published += 1
@@ -376,8 +391,8 @@ class QueueWorker(pykka.ThreadingActor):
             self._pause_s = 0.0
         else:
             failure = (
-                done.result.failures[0]
-                if done.result.failures
+                result.failures[0]
+                if result.failures
                 else SnapshotFailed(conid=item.conid, kind=IbErrorKind.DISCONNECTED, message="no answer")
             )
             self._failed(item, line, failure, now)
@@ -451,18 +466,6 @@ class QueueWorker(pykka.ThreadingActor):
             self.actor_ref.tell(message)
         except pykka.ActorDeadError:
             pass
-
-    def _pipe(self, future: ReplyFuture, ok: Any, fail: Any) -> None:
-        """When ``future`` settles, tell this actor ``ok(result)`` or ``fail(error text)``."""
-
-        def done(f: ReplyFuture) -> None:
-            try:
-                message = ok(f.get(timeout=0))
-            except Exception as exc:  # noqa: BLE001 - any failure becomes a message the actor handles
-                message = fail(repr(exc))
-            self._tell_self(message)
-
-        future.add_done_callback(done)
 
 
 def _timer_thread(delay_s: float, fn: Callable[[], None]) -> None:
