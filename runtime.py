@@ -40,6 +40,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -272,6 +273,8 @@ class Runtime:
         self._prehash: FileHasher | None = None
         #: The verified signed list of data files hashed before (storage/file_hashes.py): not read again if unchanged.
         self._known_files: Mapping[str, KnownFile] = {}
+        #: The newest signed checkpoint, as the prefetch read it (None: the check reads it itself).
+        self._newest_checkpoint: Callable[[], Checkpoint | None] | None = None
         self._rate = (time.monotonic(), 0)
         self.events_per_s = 0.0
 
@@ -461,14 +464,17 @@ class Runtime:
         if not self.config.runtime.verify_on_start or self.signer is None or not store.exists():
             return None
         hasher = FileHasher(table_uri(self.data_dir, "events"), known=self._known_files)
+        newest: Future[Checkpoint | None] = Future()
+        self._newest_checkpoint = newest.result  # the check reads it once, from here (0.05 s a read)
 
         def prefetch() -> None:
             try:
-                newest = store.newest()
-            except CheckpointsUnreadable:
-                return  # the check reports it
-            paths = [] if newest is None else [f.path for f in newest.files]
-            hasher.prefetch(paths, workers=min(8, os.cpu_count() or 1))
+                checkpoint = store.newest()
+            except CheckpointsUnreadable as exc:
+                newest.set_exception(exc)  # the check reports it
+                return
+            newest.set_result(checkpoint)
+            hasher.prefetch([] if checkpoint is None else [f.path for f in checkpoint.files], workers=min(8, os.cpu_count() or 1))
 
         threading.Thread(target=prefetch, name="prehash", daemon=True).start()
         return hasher
@@ -538,7 +544,11 @@ class Runtime:
         else:
             assert self.log is not None
             report = verify_start(
-                self.data_dir, trusted_keys(self.config, self.signer), events=self.log.start_view(), hasher=self._prehash
+                self.data_dir,
+                trusted_keys(self.config, self.signer),
+                events=self.log.start_view(),
+                hasher=self._prehash,
+                newest=self._newest_checkpoint,
             )
             if report.ok and report.method == "checkpoint":
                 hasher = self._prehash

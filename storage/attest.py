@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -306,6 +307,7 @@ def verify_start(
     *,
     events: DeltaTable | None = None,
     hasher: FileHasher | None = None,
+    newest: Callable[[], Checkpoint | None] | None = None,
 ) -> AttestReport:
     """The start-up check: from the newest trusted checkpoint when its files are intact, else in full.
 
@@ -313,19 +315,21 @@ def verify_start(
     the actors' recovery: each open re-reads the Delta log); by default it is
     opened here. ``hasher`` may have started hashing the files already
     (:meth:`FileHasher.prefetch`); every listed file is still read and
-    compared, only perhaps earlier.
+    compared, only perhaps earlier. ``newest`` reads the newest checkpoint
+    (and may raise :class:`CheckpointsUnreadable`): the runtime's prefetch has
+    read it already; by default it is read here.
     """
     try:
-        newest = CheckpointStore(data_dir, storage_options).newest()
+        checkpoint = newest() if newest is not None else CheckpointStore(data_dir, storage_options).newest()
     except CheckpointsUnreadable as exc:
         report = AttestReport(method="checkpoint")
         report.fail(None, str(exc))
         return report
-    if newest is None:
+    if checkpoint is None:
         return _full(data_dir, trusted, storage_options, "no signed checkpoint yet")
-    st = newest.statement
+    st = checkpoint.statement
     report = AttestReport(method="checkpoint")
-    if not newest.signature_valid():
+    if not checkpoint.signature_valid():
         report.fail(st.seq, f"the newest checkpoint (seq {st.seq}) has a signature that does not verify: it was forged or altered")
         return report
     if st.public_key not in trusted:
@@ -348,12 +352,12 @@ def verify_start(
     if last < st.seq:
         report.fail(last + 1, f"truncated: the log ends at seq {last}, but a checkpoint signed rows up to seq {st.seq}")
         return report
-    listed = {f.path: f for f in newest.files}
+    listed = {f.path: f for f in checkpoint.files}
     covered = [f for f in files if f[2] <= st.seq]
     if {f[0] for f in covered} != set(listed) or any(f[3] > st.seq or f[1] != listed[f[0]].size for f in covered):
         return _full(data_dir, trusted, storage_options, f"the data files are not those the checkpoint at seq {st.seq} lists (compacted since?)")
     hasher = hasher if hasher is not None else FileHasher(uri, storage_options)
-    for f, measured in zip(newest.files, _measure_files(hasher, newest.files), strict=True):
+    for f, measured in zip(checkpoint.files, _measure_files(hasher, checkpoint.files), strict=True):
         if measured is None:
             report.fail(f.min_seq, f"data file {f.path} (seq {f.min_seq}..{f.max_seq}), signed at seq {st.seq}, is missing")
             return report
@@ -365,7 +369,7 @@ def verify_start(
                 f"data file {f.path} (seq {f.min_seq}..{f.max_seq}) is not the file signed at seq {st.seq}: its {changed} changed",
             )
             return report
-    report.last_seq, report.checkpoints, report.checkpoint = st.seq, 1, newest
+    report.last_seq, report.checkpoints, report.checkpoint = st.seq, 1, checkpoint
     if last == st.seq:
         return report  # a clean stop signed the head: no row after it to re-hash
     tail = verify_log(uri, storage_options, after=(st.seq, st.hash))

@@ -389,7 +389,7 @@ def test_an_unreadable_checkpoints_table_is_one_line_and_refuses_the_start(signe
 
 
 def test_the_newest_checkpoint_is_read_from_the_files_that_reach_its_seq(signed: SignedLog) -> None:
-    """A start reads the newest checkpoint twice: from its own file, not from every checkpoint's."""
+    """A start reads the newest checkpoint from its own file, not from every checkpoint's."""
     store = CheckpointStore(str(signed.data))
     everything = store.read()
     assert len(everything) >= 3
