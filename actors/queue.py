@@ -101,7 +101,6 @@ from storage.snapshots import SnapshotStore
 
 __all__ = ["QueueActor", "QueueState"]
 
-_COMMANDS = (Enqueue, EnqueueMany, Claim, Succeed, Fail, Release, Cancel, Requeue, ExpireLeases, QueueStats)
 _RELEASE_REASONS = frozenset({"lease_expired", "disconnected", "restart", "released"})
 #: What a crash-counted attempt records as its error.
 CRASHED_IN_FLIGHT = "in flight when the runtime died (no clean stop)"
@@ -222,67 +221,88 @@ class QueueActor(EventSourcedActor[QueueState]):
     # ------------------------------------------------------------------ commands
 
     def handle_command(self, command: Any) -> Any:
-        if not isinstance(command, _COMMANDS):
+        handler = _HANDLERS.get(type(command))
+        if handler is None:
             config = getattr(type(command), "__struct_config__", None)
             raise reject(str(getattr(config, "tag", type(command).__name__)), "unknown_command", "not a queue command")
         try:
             command = validate_command(command)
         except CommandError as exc:
             raise reject(command, "invalid", exc.message, exc.field) from None
-        if isinstance(command, Succeed | Release) and command.leases and len(command.leases) != len(command.item_ids):
-            raise reject(command, "invalid", "leases must match item_ids one to one", "leases")
-        now = self.clock()
-        ignored: dict[str, str] = {}
-        match command:
-            case Enqueue():
-                return QueueAck(changed=self._enqueue(command, now, ignored), ignored=ignored)
-            case EnqueueMany(items=items):
-                return QueueAck(changed=sum(self._enqueue(item, now, ignored) for item in items), ignored=ignored)
-            case Claim():
-                return self._claim(command, now)
-            case Succeed(item_ids=ids, leases=leases):
-                changed = 0
-                for i, item_id in enumerate(ids):
-                    item = self._live(item_id, leases[i] if leases else None, ignored)
-                    if item is not None:
-                        self.persist(ItemSucceeded(item_id=item_id, conid=item.conid))
-                        changed += 1
-                return QueueAck(changed=changed, ignored=ignored)
-            case Fail():
-                item = self._live(command.item_id, command.lease_until_us, ignored)
-                if item is not None:
-                    self._fail(item, command, now)
-                return QueueAck(changed=0 if ignored else 1, ignored=ignored)
-            case Release(item_ids=ids, leases=leases, reason=reason):
-                kind = reason if reason in _RELEASE_REASONS else "released"
-                changed = 0
-                for i, item_id in enumerate(ids):
-                    item = self._live(item_id, leases[i] if leases else None, ignored)
-                    if item is not None:
-                        self._return(item, kind, reason)
-                        changed += 1
-                return QueueAck(changed=changed, ignored=ignored)
-            case Cancel():
-                return QueueAck(changed=self._cancel(command.conid, command.reason, ignored), ignored=ignored)
-            case Requeue():
-                return QueueAck(changed=self._requeue(command, now, ignored), ignored=ignored)
-            case ExpireLeases():
-                return QueueAck(changed=self._expire(now))
-            case QueueStats():
-                return self.stats()
-        raise AssertionError(command)  # unreachable: _COMMANDS is matched above
+        return handler(self, command)
 
     def handle_message(self, message: Any) -> Any:
-        if isinstance(message, ContractActivated):
-            self._cancel(message.conid, "activated", {})
-            return None
-        if isinstance(message, _COMMANDS):
+        if type(message) in _HANDLERS:
             try:
                 self.handle_command(message)
             except CommandRejected as exc:
                 logger.warning("queue refused a told command: {}", exc)
             return None
+        if isinstance(message, ContractActivated):
+            self._cancel(message.conid, "activated", {})
+            return None
         return super().handle_message(message)
+
+    # ------------------------------------------------------------------ one handler a command, valid already
+
+    def _on_enqueue(self, command: Enqueue) -> QueueAck:
+        ignored: dict[str, str] = {}
+        return QueueAck(changed=self._enqueue(command, self.clock(), ignored), ignored=ignored)
+
+    def _on_enqueue_many(self, command: EnqueueMany) -> QueueAck:
+        now, ignored = self.clock(), {}
+        return QueueAck(changed=sum(self._enqueue(item, now, ignored) for item in command.items), ignored=ignored)
+
+    def _on_claim(self, command: Claim) -> Claimed:
+        return self._claim(command, self.clock())
+
+    def _on_succeed(self, command: Succeed) -> QueueAck:
+        ids, leases = command.item_ids, command.leases
+        if leases and len(leases) != len(ids):
+            raise reject(command, "invalid", "leases must match item_ids one to one", "leases")
+        ignored: dict[str, str] = {}
+        changed = 0
+        for i, item_id in enumerate(ids):
+            item = self._live(item_id, leases[i] if leases else None, ignored)
+            if item is not None:
+                self.persist(ItemSucceeded(item_id=item_id, conid=item.conid))
+                changed += 1
+        return QueueAck(changed=changed, ignored=ignored)
+
+    def _on_fail(self, command: Fail) -> QueueAck:
+        now, ignored = self.clock(), {}
+        item = self._live(command.item_id, command.lease_until_us, ignored)
+        if item is not None:
+            self._fail(item, command, now)
+        return QueueAck(changed=0 if ignored else 1, ignored=ignored)
+
+    def _on_release(self, command: Release) -> QueueAck:
+        ids, leases, reason = command.item_ids, command.leases, command.reason
+        if leases and len(leases) != len(ids):
+            raise reject(command, "invalid", "leases must match item_ids one to one", "leases")
+        kind = reason if reason in _RELEASE_REASONS else "released"
+        ignored: dict[str, str] = {}
+        changed = 0
+        for i, item_id in enumerate(ids):
+            item = self._live(item_id, leases[i] if leases else None, ignored)
+            if item is not None:
+                self._return(item, kind, reason)
+                changed += 1
+        return QueueAck(changed=changed, ignored=ignored)
+
+    def _on_cancel(self, command: Cancel) -> QueueAck:
+        ignored: dict[str, str] = {}
+        return QueueAck(changed=self._cancel(command.conid, command.reason, ignored), ignored=ignored)
+
+    def _on_requeue(self, command: Requeue) -> QueueAck:
+        ignored: dict[str, str] = {}
+        return QueueAck(changed=self._requeue(command, self.clock(), ignored), ignored=ignored)
+
+    def _on_expire_leases(self, _: ExpireLeases) -> QueueAck:
+        return QueueAck(changed=self._expire(self.clock()))
+
+    def _on_stats(self, _: QueueStats) -> QueueStatsReply:
+        return self.stats()
 
     # ------------------------------------------------------------------ decisions
 
@@ -514,3 +534,18 @@ class QueueActor(EventSourcedActor[QueueState]):
                 ItemCancelled(item_id=item.item_id, conid=item.conid, reason=f"requeue: merged into item {target}")
             )
         return 1
+
+
+#: The handler of each command type (asked or told), looked up by type: three commands a snapshot come in.
+_HANDLERS: dict[type, Callable[[QueueActor, Any], Any]] = {
+    Enqueue: QueueActor._on_enqueue,
+    EnqueueMany: QueueActor._on_enqueue_many,
+    Claim: QueueActor._on_claim,
+    Succeed: QueueActor._on_succeed,
+    Fail: QueueActor._on_fail,
+    Release: QueueActor._on_release,
+    Cancel: QueueActor._on_cancel,
+    Requeue: QueueActor._on_requeue,
+    ExpireLeases: QueueActor._on_expire_leases,
+    QueueStats: QueueActor._on_stats,
+}
