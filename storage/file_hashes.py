@@ -132,7 +132,7 @@ def write_known(
     signed = _Signed(format=FORMAT, table_id=table_id, seq=seq, files=known, public_key=signer.public_key)
     body = msgspec.json.encode(FileHashes(signed=signed, signature=signer.sign(msgspec.json.encode(signed))))
     target = _list_path(data_dir)
-    scratch = target.with_name(f".{FILE_HASHES_NAME}.{os.getpid()}.tmp")
+    scratch = target.with_name(f".{FILE_HASHES_NAME}.tmp")  # one writer: the holder of the data directory's lock
     scratch.write_bytes(body)
     os.replace(scratch, target)
     return len(known)
