@@ -666,9 +666,9 @@ class Runtime:
         out: dict[str, Any] = {"uptime_s": round(time.monotonic() - self.started_at, 1), "mode": "demo" if self.demo else "run"}
         out["max_lines"] = self.config.runtime.max_lines
         out["min_snapshot_lines"] = self.config.freshness.min_snapshot_lines
-        # every part is asked at once: each answers when it reaches the question in its mailbox, and a status
-        # waits for the slowest part instead of for the sum of them (at a demo's start the router and the
-        # queue each have the 10,000 positions of the connect to get through first)
+        # every part is asked at once: each answers when it reaches the question in its mailbox and what it has
+        # persisted is durable, and a status waits for the slowest part instead of for the sum of them (at a
+        # start, the router's answer waits for the commit of its start-up events: ~0.07 s)
         reply = self._ask_all(
             ib=IbStats(), router=RouterStatus(), queue=QueueStats(), worker=WorkerStatus(), positions=WriterStats()
         )
