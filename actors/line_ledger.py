@@ -52,11 +52,11 @@ class LineLedger:
     def __init__(self, *, max_lines: int, min_snapshot_lines: int, ramp_step: int = 2) -> None:
         if max_lines < 1 or min_snapshot_lines < 0 or min_snapshot_lines >= max_lines:
             raise ValueError("need max_lines >= 1 and 0 <= min_snapshot_lines < max_lines")
+        #: The configured ceiling (fixed: ``limit`` is kept from it and ``learned``).
         self.max_lines = max_lines
         self.min_snapshot_lines = min_snapshot_lines
         self.ramp_step = max(1, ramp_step)
-        #: The limit taught by IB's 101s (and raised by probes); None until the first 101.
-        self.learned: int | None = None
+        self.learned = None
         #: The most lines known to have been held at once without a refusal (lowered with a learned limit).
         self.proven = 0
         #: The most lines ever proven in this run: a limit learned below it means other clients of the
@@ -69,9 +69,20 @@ class LineLedger:
     # ``streams`` is always the router's count of stream lines: streams plus cancels not yet out.
 
     @property
+    def learned(self) -> int | None:
+        """The limit taught by IB's 101s (and raised by probes); None until the first 101."""
+        return self._learned
+
+    @learned.setter
+    def learned(self, value: int | None) -> None:
+        self._learned = value
+        # kept, not recomputed: every lend and every status reads the limit
+        self._limit = self.max_lines if value is None else max(1, min(self.max_lines, value))
+
+    @property
     def limit(self) -> int:
         """What the ledger will hold at most: the learned limit, never above ``max_lines``."""
-        return self.max_lines if self.learned is None else max(1, min(self.max_lines, self.learned))
+        return self._limit
 
     def lines_held(self, streams: int) -> int:
         return streams + len(self.snapshots)

@@ -109,6 +109,8 @@ __all__ = [
 ]
 
 
+#: Module constants: an enum member looked up on its class costs ~150 ns, and every refresh owed reads one.
+_ACTIVE_OVERFLOW, _MONITORING = Priority.ACTIVE_OVERFLOW, Priority.MONITORING
 _CONID = operator.attrgetter("conid")
 _SOURCE = operator.attrgetter("source")
 _OPTION_TYPES = frozenset({"OPT", "FOP"})
@@ -362,12 +364,12 @@ class StreamRouter(EventSourcedActor[RouterState]):
 
     def handle_command(self, command: Any) -> Any:
         match command:
+            case AcquireLines(n=n):  # the worker's, one a snapshot: first
+                return self._lend(n)
             case RouterStatus():
                 return self.status()
             case ContractsQuery():
                 return self.contract_rows()
-            case AcquireLines(n=n):
-                return self._lend(n)
             case RouterTick():
                 self._tick()
                 return self.status()
@@ -377,6 +379,10 @@ class StreamRouter(EventSourcedActor[RouterState]):
         raise TypeError(f"router takes no command {type(command).__name__}")
 
     def handle_message(self, message: Any) -> Any:
+        hot = _HOT_MESSAGES.get(type(message))
+        if hot is not None:  # a few a snapshot, and the timer: looked up instead of matched in turn
+            hot(self, message)
+            return None
         match message:
             case ContractActivated(conid=conid):
                 if conid not in self.active:
@@ -414,14 +420,6 @@ class StreamRouter(EventSourcedActor[RouterState]):
                 self._stream_refused(conid, code)
             case StreamEnded(conid=conid):
                 self._line_freed(conid)
-            case ReleaseLines(line_ids=ids):
-                for line_id in ids:
-                    self.ledger.give_back(line_id)
-                self._fill_lines()
-            case SnapshotDone():
-                self._snapshot_done(message)
-            case RouterTick():
-                self._tick()
             case SweepNow():
                 self._sweep()
             case _:
@@ -448,6 +446,11 @@ class StreamRouter(EventSourcedActor[RouterState]):
             limit=self.ledger.limit,
             lines_held=self.lines_held(),
         )
+
+    def _lines_returned(self, released: ReleaseLines) -> None:
+        for line_id in released.line_ids:
+            self.ledger.give_back(line_id)
+        self._fill_lines()
 
     def _learn_limit(self, why: str) -> None:
         """IB refused a request: what is still held is what it accepts."""
@@ -634,7 +637,7 @@ class StreamRouter(EventSourcedActor[RouterState]):
     def _owed(self, conid: int, reason: str, *, idle_only: bool = False) -> Enqueue:
         """The queue item that keeps ``conid`` within its target: due when its newest quote passes the target."""
         latest = self.latest.get(conid)
-        priority = Priority.ACTIVE_OVERFLOW if conid in self.active else Priority.MONITORING
+        priority = _ACTIVE_OVERFLOW if conid in self.active else _MONITORING
         # never priced: the stalest there is (due at the epoch), so it goes before every priced contract
         due = NEVER_PRICED_DUE_US if latest is None else latest.ts_us + int(self.target_s(conid) * 1_000_000)
         return Enqueue(conid=conid, priority=priority, reason=reason, due_us=max(1, due), only_if_idle=idle_only)
@@ -692,9 +695,11 @@ class StreamRouter(EventSourcedActor[RouterState]):
             sent = self.subscribed_at.get(conid)
             if sent is not None and now - sent >= self.settings.proof_s:
                 self._prove_stream(conid, level)
-        for line in self.ledger.snapshots.values():
-            if now - line.granted_at >= self.settings.proof_s:
-                self.ledger.prove(line.level)  # IB answers a 101 at once: a line it kept this long was accepted
+        proof_s = self.settings.proof_s
+        # IB answers a 101 at once: a line it kept this long was accepted (the highest proves the others' levels)
+        kept = [line.level for line in self.ledger.snapshots.values() if now - line.granted_at >= proof_s]
+        if kept:
+            self.ledger.prove(max(kept))
         for line in self.ledger.overdue(now, self.settings.lost_line_s):
             logger.warning("router: snapshot line {} lent {:.0f} s ago never came back; reclaimed", line.line_id, now - line.granted_at)
             self.ledger.give_back(line.line_id)
@@ -845,3 +850,11 @@ class StreamRouter(EventSourcedActor[RouterState]):
             self.queue.tell(message)
         except pykka.ActorDeadError:
             logger.error("router: the queue actor is gone; {} not sent", message)
+
+
+#: Told messages the router takes a few times a snapshot (and its timer's), handled before the match.
+_HOT_MESSAGES: dict[type, Any] = {
+    SnapshotDone: StreamRouter._snapshot_done,
+    ReleaseLines: StreamRouter._lines_returned,
+    RouterTick: lambda router, _: router._tick(),
+}
