@@ -222,6 +222,8 @@ class EventLog:
         self._writer: threading.Thread | None = None
         self._dt: DeltaTable | None = None
         self._known_version = -1
+        #: The table's retention and checkpoint properties are still to be brought to this config (first commit).
+        self._properties_pending = False
         self._synced_version = -1  # the newest version this writer made durable (or found at open)
         self._batch_no = 0
         self._chain_hash = GENESIS_HASH
@@ -263,7 +265,9 @@ class EventLog:
                 if self._lock_file is None:  # object storage: no lock file, so look who committed last
                     refuse_live_writer(self._dt, self.data_dir, self.writer_id, self.config.takeover_after_s)
                 self._recover_tail()
-                self._apply_table_properties()
+                # the table's settings reach this config with this run's first commit, not here: a start-up check
+                # may yet refuse the log, and a refused start writes nothing (to a tampered table least of all)
+                self._properties_pending = True
                 if self._syncs:
                     # a run killed between a commit and its fsync left that tail in the page cache only; this
                     # run replays and builds on it, so it goes to disk before anything new is acknowledged
@@ -320,14 +324,28 @@ class EventLog:
         self._last_ts = int(ts.timestamp() * 1_000_000) if isinstance(ts, datetime) else 0
 
     def _apply_table_properties(self) -> None:
-        """Bring the table's retention and checkpoint settings to this config (a commit only if they differ)."""
+        """Bring the table's retention and checkpoint settings to this config (a commit only if they differ).
+
+        Runs on the writer thread before the run's first commit. A failure
+        here costs settings, not events: it is logged, and the next start
+        tries again.
+        """
         assert self._dt is not None
-        changed = keep_table_properties(self._dt, self.config, self.writer_id)
+        self._properties_pending = False
+        try:
+            changed = keep_table_properties(self._dt, self.config, self.writer_id)
+        except Exception as exc:  # noqa: BLE001 - Delta and OS errors alike; the events still go in
+            logger.error("event log table properties could not be set ({}); the next start tries again", exc)
+            self._dt.update_incremental()
+            self._known_version = self._dt.version()
+            return
         if changed:
             logger.info("event log table properties set: {}", changed)
+            self._dt.update_incremental()
+            self._known_version = self._dt.version()
             if self._syncs:
-                self._dt.update_incremental()
-                sync_commit(self.uri, self._dt.version())
+                sync_commit(self.uri, self._known_version)
+                self._synced_version = self._known_version
 
     # ------------------------------------------------------------------ the start-up check
 
@@ -602,6 +620,8 @@ class EventLog:
                 self._room.notify_all()
 
     def _commit_batch(self, batch: CommitBatch) -> None:
+        if self._properties_pending:
+            self._apply_table_properties()
         table = pa.Table.from_arrays(
             [
                 pa.array(batch.seqs, pa.int64()),

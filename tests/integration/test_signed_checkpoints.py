@@ -235,6 +235,18 @@ def test_a_rewrite_under_a_forged_checkpoint_does_not_start(signed: SignedLog, t
     assert one_line(result).startswith("BROKEN at seq 150: seq 150 is not the row")
 
 
+def test_a_refused_start_writes_nothing_to_the_rewritten_table(signed: SignedLog) -> None:
+    """Not even the table settings the log keeps (the insider turned delta.appendOnly off): only a passed check writes."""
+    rewrite_with_recomputed_chain(signed.data, 150)
+    before = events_version(signed.data)
+    run = cli("run", "--demo", "--duration", "1", "--data-dir", str(signed.data), key=signed.key)
+    assert run.returncode == 1
+    assert "seq 150 is not the row" in run.stderr
+    events = DeltaTable(str(signed.data / "events"))
+    assert events.version() == before
+    assert events.metadata().configuration["delta.appendOnly"] == "false"  # as the insider left it
+
+
 def test_a_checkpoint_with_a_bad_signature_is_caught_at_start(signed: SignedLog) -> None:
     forge(signed.data, load_signer(signed.key), tamper_signature=True)
     run = cli("run", "--demo", "--duration", "1", "--data-dir", str(signed.data), key=signed.key)
