@@ -291,7 +291,10 @@ class EventSourcedActor(pykka.ThreadingActor, Generic[S]):
         except LogFailedError as exc:
             request.reply.set_exception(exc_info=(type(exc), exc, exc.__traceback__))
             return
-        self.after_durable(lambda: request.reply.set(reply), request)
+        if self._last_batch is None and not self._effects:  # after_durable's "at once", without a closure
+            request.reply.set(reply)
+        else:
+            self.after_durable(lambda: request.reply.set(reply), request)
 
     def handle_command(self, command: Any) -> Any:
         raise NotImplementedError(f"{type(self).__name__} takes no command {type(command).__name__}")

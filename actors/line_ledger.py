@@ -97,10 +97,10 @@ class LineLedger:
 
     def snapshot_ceiling(self) -> int:
         """Lines held at most once snapshots are added: the limit, or the ramp above the proven level."""
-        if self.learned is not None:
-            return self.limit
+        if self._learned is not None:
+            return self._limit
         step = max(self.ramp_step, self.proven // 8)
-        return min(self.limit, max(self.proven, self.min_snapshot_lines) + step)
+        return min(self._limit, max(self.proven, self.min_snapshot_lines) + step)
 
     def snapshot_room(self, streams: int) -> int:
         return max(0, self.snapshot_ceiling() - self.lines_held(streams))
@@ -112,9 +112,11 @@ class LineLedger:
     # ------------------------------------------------------------------ snapshot lines
 
     def lend(self, n: int, streams: int, now: float) -> list[SnapshotLine]:
+        held = streams + len(self.snapshots)
         lent = []
-        for _ in range(max(0, min(n, self.snapshot_room(streams)))):
-            line = SnapshotLine(self._next_line_id, self.lines_held(streams) + 1, now)
+        for _ in range(min(n, self.snapshot_ceiling() - held)):
+            held += 1
+            line = SnapshotLine(self._next_line_id, held, now)
             self._next_line_id += 1
             self.snapshots[line.line_id] = line
             lent.append(line)

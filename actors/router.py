@@ -437,14 +437,14 @@ class StreamRouter(EventSourcedActor[RouterState]):
 
     def _lend(self, n: int) -> LinesGranted:
         # streams first: lines an overflowed active contract could stream on are not lent to snapshots
-        streams = self.stream_lines()
-        promotable = min(len(self.state.overflow), max(0, self.ledger.stream_slots - streams))
-        n = min(n, self.ledger.snapshot_room(streams) - promotable)
-        lent = self.ledger.lend(n, streams, self._clock()) if n > 0 else []
+        ledger, streams = self.ledger, self.stream_lines()
+        promotable = min(len(self.state.overflow), max(0, ledger.stream_slots - streams))
+        n = min(n, ledger.snapshot_room(streams) - promotable)
+        lent = ledger.lend(n, streams, self._clock()) if n > 0 else []
         return LinesGranted(
             lines=[LineGrant(line_id=line.line_id, level=line.level) for line in lent],
-            limit=self.ledger.limit,
-            lines_held=self.lines_held(),
+            limit=ledger.limit,
+            lines_held=ledger.lines_held(streams),
         )
 
     def _lines_returned(self, released: ReleaseLines) -> None:
