@@ -125,7 +125,7 @@ class SimLoop:
         self.at((ts_us - self.start_us) / 1e6, fn, arg)
 
     def call_later(self, delay_s: float, fn: Callable[[], None]) -> None:
-        self.at(self.now + delay_s, lambda _: fn())
+        self.at(self.now + delay_s, _call, fn)
 
     def run_until(self, end_s: float) -> None:
         """Run every action due up to ``end_s``; the instant's messages first, then the next due time."""
@@ -148,6 +148,11 @@ class SimLoop:
             steps += 1
         self.steps += steps
         self.now = end_s
+
+
+def _call(fn: Callable[[], None]) -> None:
+    """A ``call_later`` function, run on the loop (no closure made a wake-up)."""
+    fn()
 
 
 class SimRef:

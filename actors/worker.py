@@ -42,6 +42,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -459,7 +460,7 @@ class QueueWorker(pykka.ThreadingActor):
         self._wake_at = due
         self._timer += 1
         wake = Wake(timer=self._timer)
-        self._call_later(max(0.0, delay_s), lambda: self._tell_self(wake))
+        self._call_later(max(0.0, delay_s), partial(self._tell_self, wake))
 
     def _tell_self(self, message: Any) -> None:
         try:
