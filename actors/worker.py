@@ -138,11 +138,13 @@ class TokenBucket:
         self._slow_until = 0.0
 
     def _refill(self, now: float) -> None:
-        if now == self._at:
-            return  # refilled at this instant already (a pump asks several times): nothing can have changed
         if now >= self._slow_until and self.rate < self.configured:
             self.rate = min(self.configured, self.rate * 1.25)  # climb back after the hold
             self._slow_until = now + 1.0
+        elif now == self._at:
+            # refilled at this instant already (a pump asks several times): no time to add tokens for, and the
+            # tokens never exceed the cap, so the update below would change nothing
+            return
         self.tokens = min(max(1.0, self.rate), self.tokens + (now - self._at) * self.rate)
         self._at = now
 
