@@ -263,6 +263,17 @@ def test_the_token_bucket_halves_on_a_rate_limit_and_climbs_back() -> None:
     assert bucket.rate == 10.0
 
 
+def test_a_slow_down_without_a_hold_climbs_back_at_the_same_instant() -> None:
+    """The hold is over at once: the next refill climbs, even at the instant of the slow-down (a refill skipped
+    because no time had passed once left the rate halved until the clock moved)."""
+    bucket = TokenBucket(10.0, now=0.0)
+    bucket.available(0.0)
+    bucket.slow_down(0.0, hold_s=0.0)
+    assert bucket.rate == 5.0
+    bucket.available(0.0)
+    assert bucket.rate == 6.25
+
+
 def test_a_token_refilled_in_pieces_is_whole_and_its_wait_moves_time_on() -> None:
     """Found by the what-if simulator: refills summed to 0.9999999999999998 tokens at t=0.5, and the wait
     for the rest (2e-16 s) did not move a float clock at all, so a worker sleeping wait_s() woke at the same
