@@ -99,23 +99,27 @@ def validate_command(command: C) -> C:
     a ``float`` field becomes a float), so what is applied live and what a
     replay decodes are the same values.
 
-    It is decoded: encoded to msgpack and decoded by a decoder of its type
-    (a third cheaper than ``to_builtins`` and ``convert``, and the queue
-    validates a few commands a snapshot). What msgpack cannot carry (an int
-    past 64 bits, a value of a foreign type) goes through ``convert``, which
-    names the field at fault.
+    A valid command is decoded: encoded to msgpack and decoded by a decoder
+    of its type (a third cheaper than ``to_builtins`` and ``convert``, and
+    the queue validates a few commands a snapshot). One that is refused, or
+    that msgpack cannot carry (an int past 64 bits, a value of a foreign
+    type), goes through ``convert``, which says what is wrong in the words
+    it always used.
     """
     kind = type(command)
     try:
         packed: bytes | None = _packer.encode(command)
     except (TypeError, ValueError, OverflowError):
         packed = None
-    try:
-        if packed is None:
-            return msgspec.convert(msgspec.to_builtins(command), kind)
+    if packed is not None:
         decoder = _unpackers.get(kind)
         if decoder is None:
             decoder = _unpackers[kind] = msgspec.msgpack.Decoder(kind)
-        return decoder.decode(packed)
+        try:
+            return decoder.decode(packed)
+        except msgspec.ValidationError:
+            pass
+    try:
+        return msgspec.convert(msgspec.to_builtins(command), kind)
     except msgspec.ValidationError as exc:
         raise CommandError(str(exc), _field_of(str(exc))) from exc
