@@ -221,7 +221,7 @@ class QueueActor(EventSourcedActor[QueueState]):
     # ------------------------------------------------------------------ commands
 
     def handle_command(self, command: Any) -> Any:
-        handler = _HANDLERS.get(type(command))
+        handler = _handler_of(command)
         if handler is None:
             config = getattr(type(command), "__struct_config__", None)
             raise reject(str(getattr(config, "tag", type(command).__name__)), "unknown_command", "not a queue command")
@@ -232,14 +232,14 @@ class QueueActor(EventSourcedActor[QueueState]):
         return handler(self, command)
 
     def handle_message(self, message: Any) -> Any:
-        if type(message) in _HANDLERS:
+        if isinstance(message, ContractActivated):
+            self._cancel(message.conid, "activated", {})
+            return None
+        if _handler_of(message) is not None:
             try:
                 self.handle_command(message)
             except CommandRejected as exc:
                 logger.warning("queue refused a told command: {}", exc)
-            return None
-        if isinstance(message, ContractActivated):
-            self._cancel(message.conid, "activated", {})
             return None
         return super().handle_message(message)
 
@@ -549,3 +549,12 @@ _HANDLERS: dict[type, Callable[[QueueActor, Any], Any]] = {
     ExpireLeases: QueueActor._on_expire_leases,
     QueueStats: QueueActor._on_stats,
 }
+_COMMANDS = tuple(_HANDLERS)
+
+
+def _handler_of(command: Any) -> Callable[[QueueActor, Any], Any] | None:
+    """The handler of a queue command by its type; of a subclass, the handler of the command type it extends."""
+    handler = _HANDLERS.get(type(command))
+    if handler is None and isinstance(command, _COMMANDS):
+        handler = next(h for kind, h in _HANDLERS.items() if isinstance(command, kind))
+    return handler
