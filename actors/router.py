@@ -422,6 +422,12 @@ class StreamRouter(EventSourcedActor[RouterState]):
                 self._line_freed(conid)
             case SweepNow():
                 self._sweep()
+            case SnapshotDone():  # a subclass: the exact types are looked up above
+                self._snapshot_done(message)
+            case ReleaseLines():
+                self._lines_returned(message)
+            case RouterTick():
+                self._tick()
             case _:
                 pass
         return None
