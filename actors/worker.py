@@ -174,39 +174,26 @@ class TokenBucket:
         self._slow_until = now + hold_s
 
 
-class _Answer:
+class _Answer(msgspec.Struct, frozen=True):
     """Internal message: one of the worker's asks was answered (``future`` is settled); ``step`` goes on from it.
 
     The future's callback runs on the thread of the actor that answered, so it only tells the worker this
-    message, and the answer is read on the worker's own thread. The rest says what the ask was for: the
-    lines a claim is for, the item and line a snapshot is for and when it was sent. Made when the ask is
-    sent, so an answer costs no closure and no message built in the answering thread.
+    message (``deliver``), and the answer is read on the worker's own thread. The rest says what the ask was
+    for: the lines a claim is for, the item and line a snapshot is for and when it was sent. Made when the
+    ask is sent (:meth:`QueueWorker._await`), so an answer costs no closure and no message built in the
+    answering thread. Frozen, as every message that crosses a thread; never encoded.
     """
 
-    __slots__ = ("future", "item", "line", "lines", "started", "step", "worker")
+    tell: Callable[[Any], None]
+    step: Callable[[_Answer], None]
+    future: ReplyFuture
+    lines: list[LineGrant] | None = None
+    item: ClaimedItem | None = None
+    line: LineGrant | None = None
+    started: float = 0.0
 
-    def __init__(
-        self,
-        worker: QueueWorker,
-        step: Callable[[_Answer], None],
-        future: ReplyFuture,
-        *,
-        lines: list[LineGrant] | None = None,
-        item: ClaimedItem | None = None,
-        line: LineGrant | None = None,
-        started: float = 0.0,
-    ) -> None:
-        self.worker = worker
-        self.step = step
-        self.future = future
-        self.lines = lines
-        self.item = item
-        self.line = line
-        self.started = started
-        future.add_done_callback(self._deliver)
-
-    def _deliver(self, _: ReplyFuture) -> None:
-        self.worker._tell_self(self)
+    def deliver(self, _: ReplyFuture) -> None:
+        self.tell(self)
 
 
 class QueueWorker(pykka.ThreadingActor):
@@ -324,7 +311,7 @@ class QueueWorker(pykka.ThreadingActor):
             n = 1
         self.acquiring = True
         self.cycles += 1
-        _Answer(self, self._granted, ask_async(self.router, AcquireLines(n=n)))
+        self._await(self._granted, ask_async(self.router, AcquireLines(n=n)))
 
     def _granted(self, answer: _Answer) -> None:
         try:
@@ -341,7 +328,7 @@ class QueueWorker(pykka.ThreadingActor):
             self.acquiring = False
             return
         claim = Claim(n=len(lines), lease_s=self.settings.lease_s, worker="worker")
-        _Answer(self, self._claimed, ask_async(self.queue, claim), lines=lines)
+        self._await(self._claimed, ask_async(self.queue, claim), lines=lines)
 
     def _claimed(self, answer: _Answer) -> None:
         self.acquiring = False
@@ -362,7 +349,7 @@ class QueueWorker(pykka.ThreadingActor):
         for item, line in zip(items, lines, strict=False):
             self.open[item.item_id] = item
             future = ask_async(self.ib, Snapshot(conids=[item.conid], timeout_s=timeout_s))
-            _Answer(self, self._snapshotted, future, item=item, line=line, started=now)
+            self._await(self._snapshotted, future, item=item, line=line, started=now)
         if len(items) < len(lines):
             self._wake_in(self.settings.idle_s)  # nothing more is claimable now
         else:
@@ -469,6 +456,10 @@ class QueueWorker(pykka.ThreadingActor):
             self.actor_ref.tell(message)
         except pykka.ActorDeadError:
             pass
+
+    def _await(self, step: Callable[[_Answer], None], future: ReplyFuture, **context: Any) -> None:
+        """When ``future`` settles, ``step`` runs on this actor's thread with the answer (see :class:`_Answer`)."""
+        future.add_done_callback(_Answer(self._tell_self, step, future, **context).deliver)
 
 
 def _timer_thread(delay_s: float, fn: Callable[[], None]) -> None:
