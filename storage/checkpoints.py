@@ -34,7 +34,7 @@ from deltalake import DeltaTable, write_deltalake
 from deltalake.fs import DeltaStorageHandler
 
 from storage.durability import sync_commit, sync_new_table
-from storage.file_hashes import Identity, KnownFile, identity, measure_local
+from storage.file_hashes import Identity, KnownFile, identity, measure_local, telling
 from storage.maintenance import keep_opens_cheap
 from storage.reader import open_table, plain_dataset, table_exists
 from storage.signing import Signer, fingerprint, signature_valid
@@ -266,7 +266,7 @@ class FileHasher:
         if self._local:
             full = os.path.join(self._root, path)
             known = self._known.get(path)
-            if known is not None and identity(os.stat(full)) == known.identity:
+            if known is not None and telling(known.identity) and identity(os.stat(full)) == known.identity:
                 with self._started_lock:
                     self._identities[path] = known.identity
                     self.reused += 1

@@ -42,7 +42,7 @@ from loguru import logger
 
 from storage.signing import Signer, signature_valid
 
-__all__ = ["FILE_HASHES_NAME", "FileHashes", "KnownFile", "identity", "load_known", "measure_local", "write_known"]
+__all__ = ["FILE_HASHES_NAME", "FileHashes", "KnownFile", "identity", "load_known", "measure_local", "telling", "write_known"]
 
 #: The list's file in the data directory (beside ``events`` and ``checkpoints``, not inside a Delta table's
 #: directory, where a vacuum would delete a file no commit mentions).
@@ -62,7 +62,8 @@ def measure_local(path: str | os.PathLike[str]) -> tuple[int, str, Identity | No
 
     The identity is the one the file had before and after the read (None if
     it changed meanwhile: then the hash may be of neither version, and
-    nothing may remember it). One reused buffer, unbuffered reads: no new
+    nothing may remember it; None too on a file system that keeps times in
+    whole seconds, see :func:`telling`). One reused buffer, unbuffered reads: no new
     bytes object per MB. Not mmap, which would be cheaper still: a file
     truncated under it kills the process (SIGBUS) instead of failing the
     check with a size that differs.
@@ -76,7 +77,19 @@ def measure_local(path: str | os.PathLike[str]) -> tuple[int, str, Identity | No
             digest.update(buffer[:n])
             size += n
         after = identity(os.fstat(f.fileno()))
-    return size, digest.hexdigest(), before if before == after and before[2] == size else None
+    return size, digest.hexdigest(), before if before == after and before[2] == size and telling(before) else None
+
+
+def telling(ident: Identity) -> bool:
+    """Whether this identity would change with the file: False when its ctime is a whole second.
+
+    ext4, xfs, btrfs and tmpfs keep nanoseconds, where a ctime on a whole
+    second is a one-in-a-billion chance. A file system that keeps whole
+    seconds (FAT, some network mounts) would keep the same ctime for a
+    change made within the second: such files are never taken from the
+    list, only hashed.
+    """
+    return ident[4] % 1_000_000_000 != 0
 
 
 class KnownFile(msgspec.Struct, frozen=True, array_like=True):

@@ -18,7 +18,7 @@ import pytest
 
 import storage.checkpoints as checkpoints
 from storage.checkpoints import FileHasher
-from storage.file_hashes import FILE_HASHES_NAME, identity, load_known, measure_local, write_known
+from storage.file_hashes import FILE_HASHES_NAME, identity, load_known, measure_local, telling, write_known
 from storage.signing import Signer, load_signer
 
 
@@ -145,3 +145,24 @@ def test_a_file_that_is_gone_is_reported_missing_even_if_listed(table: Path, sig
     hasher = FileHasher(str(table), known=load_known(str(table.parent), {signer.public_key}))
     with pytest.raises(FileNotFoundError):
         hasher.size_and_sha256("part-0.parquet")
+
+
+def test_identities_in_whole_seconds_are_never_remembered() -> None:
+    """A file system that keeps whole seconds would keep a file's ctime through a change made within the second."""
+    assert telling((1, 2, 3, 1_700_000_000_123_456_789, 1_700_000_000_123_456_789))
+    assert not telling((1, 2, 3, 1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
+
+
+def test_a_listed_identity_in_whole_seconds_is_not_trusted(
+    table: Path, signer: Signer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As on a file system that keeps whole seconds: the file's identity matches the list, and is still not trusted."""
+    path = table / "part-0.parquet"
+    size, sha, _ = measure_local(path)
+    st = path.stat()
+    coarse = (st.st_dev, st.st_ino, size, 1_700_000_000_000_000_000, 1_700_000_000_000_000_000)
+    write_known(str(table.parent), signer, table_id="t", seq=1, files=[("part-0.parquet", size, sha, coarse)])
+    monkeypatch.setattr(checkpoints, "identity", lambda _st: coarse)  # what os.stat says there
+    hasher = FileHasher(str(table), known=load_known(str(table.parent), {signer.public_key}))
+    assert hasher.size_and_sha256("part-0.parquet") == (size, sha)
+    assert (hasher.reused, hasher.hashed) == (0, 1)
