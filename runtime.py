@@ -551,13 +551,14 @@ class Runtime:
                 newest=self._newest_checkpoint,
             )
             if report.ok and report.method == "checkpoint":
-                hasher = self._prehash
+                hasher = self._prehash  # made whenever there are checkpoints to start from
+                assert hasher is not None
                 logger.info(
                     "start-up verified from the signed checkpoint at seq {}: its data files ({} unchanged since they "
                     "were hashed, {} read and hashed), then {} later events",
                     report.last_seq - report.events,
-                    hasher.reused if hasher else 0,
-                    hasher.hashed if hasher else len(report.checkpoint.files) if report.checkpoint else 0,
+                    hasher.reused,
+                    hasher.hashed,
                     report.events,
                 )
             elif report.ok and report.last_seq:

@@ -257,17 +257,7 @@ class QueueActor(EventSourcedActor[QueueState]):
         return self._claim(command, self.clock())
 
     def _on_succeed(self, command: Succeed) -> QueueAck:
-        ids, leases = command.item_ids, command.leases
-        if leases and len(leases) != len(ids):
-            raise reject(command, "invalid", "leases must match item_ids one to one", "leases")
-        ignored: dict[str, str] = {}
-        changed = 0
-        for i, item_id in enumerate(ids):
-            item = self._live(item_id, leases[i] if leases else None, ignored)
-            if item is not None:
-                self.persist(ItemSucceeded(item_id=item_id, conid=item.conid))
-                changed += 1
-        return QueueAck(changed=changed, ignored=ignored)
+        return self._each_live(command, lambda item: self.persist(ItemSucceeded(item_id=item.item_id, conid=item.conid)))
 
     def _on_fail(self, command: Fail) -> QueueAck:
         now, ignored = self.clock(), {}
@@ -277,16 +267,21 @@ class QueueActor(EventSourcedActor[QueueState]):
         return QueueAck(changed=0 if ignored else 1, ignored=ignored)
 
     def _on_release(self, command: Release) -> QueueAck:
-        ids, leases, reason = command.item_ids, command.leases, command.reason
+        reason = command.reason
+        kind = reason if reason in _RELEASE_REASONS else "released"
+        return self._each_live(command, lambda item: self._return(item, kind, reason))
+
+    def _each_live(self, command: Succeed | Release, act: Callable[[QueueItem], None]) -> QueueAck:
+        """``act`` on each item of ``command`` still PROCESSING under the lease it names; the others are ignored."""
+        ids, leases = command.item_ids, command.leases
         if leases and len(leases) != len(ids):
             raise reject(command, "invalid", "leases must match item_ids one to one", "leases")
-        kind = reason if reason in _RELEASE_REASONS else "released"
         ignored: dict[str, str] = {}
         changed = 0
         for i, item_id in enumerate(ids):
             item = self._live(item_id, leases[i] if leases else None, ignored)
             if item is not None:
-                self._return(item, kind, reason)
+                act(item)
                 changed += 1
         return QueueAck(changed=changed, ignored=ignored)
 
@@ -536,7 +531,7 @@ class QueueActor(EventSourcedActor[QueueState]):
         return 1
 
 
-#: The handler of each command type (asked or told), looked up by type: three commands a snapshot come in.
+#: The handler of each command type (asked or told), looked up by its exact type: three commands a snapshot come in.
 _HANDLERS: dict[type, Callable[[QueueActor, Any], Any]] = {
     Enqueue: QueueActor._on_enqueue,
     EnqueueMany: QueueActor._on_enqueue_many,
@@ -549,12 +544,8 @@ _HANDLERS: dict[type, Callable[[QueueActor, Any], Any]] = {
     ExpireLeases: QueueActor._on_expire_leases,
     QueueStats: QueueActor._on_stats,
 }
-_COMMANDS = tuple(_HANDLERS)
 
 
 def _handler_of(command: Any) -> Callable[[QueueActor, Any], Any] | None:
-    """The handler of a queue command by its type; of a subclass, the handler of the command type it extends."""
-    handler = _HANDLERS.get(type(command))
-    if handler is None and isinstance(command, _COMMANDS):
-        handler = next(h for kind, h in _HANDLERS.items() if isinstance(command, kind))
-    return handler
+    """The handler of a queue command, by its type (None: not a queue command)."""
+    return _HANDLERS.get(type(command))

@@ -380,7 +380,7 @@ class StreamRouter(EventSourcedActor[RouterState]):
 
     def handle_message(self, message: Any) -> Any:
         hot = _HOT_MESSAGES.get(type(message))
-        if hot is not None:  # a few a snapshot, and the timer: looked up instead of matched in turn
+        if hot is not None:  # a few a snapshot, and the timer: looked up by type instead of matched in turn
             hot(self, message)
             return None
         match message:
@@ -422,12 +422,6 @@ class StreamRouter(EventSourcedActor[RouterState]):
                 self._line_freed(conid)
             case SweepNow():
                 self._sweep()
-            case SnapshotDone():  # a subclass: the exact types are looked up above
-                self._snapshot_done(message)
-            case ReleaseLines():
-                self._lines_returned(message)
-            case RouterTick():
-                self._tick()
             case _:
                 pass
         return None

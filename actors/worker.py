@@ -80,7 +80,6 @@ _RELEASE_KINDS: dict[IbErrorKind, SnapshotOutcome] = {
 #: Answers that say "not now" for every contract alike (a farm blip, a competing session, no free line at IB:
 #: other clients of the account hold them): new snapshots pause with backoff instead of asking at full rate.
 _PAUSING_KINDS = frozenset({IbErrorKind.DATA_INTERRUPTED, IbErrorKind.COMPETING_SESSION, IbErrorKind.MAX_TICKERS})
-#: No retry can help until something changes (a subscription, the contract).
 
 
 class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):

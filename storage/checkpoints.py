@@ -366,7 +366,7 @@ class CheckpointStore:
                 dt = DeltaTable(self.uri)
                 version = dt.version()
                 (sync_new_table if version == 0 else sync_commit)(self.uri, version)
-                keep_opens_cheap(dt)  # a commit a checkpoint: every start opens this table, twice
+                keep_opens_cheap(dt)  # a commit a checkpoint: every start opens this table
 
     def read(self, *, with_details: bool = True, seq: int | None = None) -> list[Checkpoint]:
         """Every checkpoint (or those at ``seq``), oldest first; without details: no files, no row prefixes.
@@ -401,7 +401,7 @@ class CheckpointStore:
 
         Only the files whose Delta statistics reach the highest seq are read
         (one of a table's one-row files, where reading them all cost
-        0.04-0.1 s of a start, which reads this twice): a file without
+        0.04-0.1 s of a start): a file without
         statistics makes it read every file. Statistics that lied could only
         make this an older checkpoint, which a start-up check still proves
         (the rows after it are re-hashed).

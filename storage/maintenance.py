@@ -86,8 +86,6 @@ def keep_table_properties(dt: DeltaTable, config: LogConfig, writer_id: str) -> 
 
 def run_maintenance(dt: DeltaTable, config: LogConfig, writer_id: str, *, vacuum: bool = False) -> dict[str, Any]:
     """One round: compact, checkpoint, and vacuum if asked. Returns what it did."""
-    # a busy writer commits every few tens of ms, and compaction's commit must find a gap between
-    # them: 15 tries (delta-rs's default) lost that race once in a 100k-commit growth run
     meta = _maintenance_commit(writer_id)
     started = time.perf_counter()
     metrics = compact(dt, config, writer_id, config.compact_target_mb * 1024 * 1024)

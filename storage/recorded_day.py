@@ -82,8 +82,6 @@ _TYPES = [
     "queue.item_released",
 ]
 
-
-
 #: How far before the period the positions table is read: a contract held then has rows in it (the writer
 #: keeps a portfolio mark at least every [positions] portfolio_floor_s), and its newest quote before the
 #: period is what its age starts from.

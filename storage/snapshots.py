@@ -145,7 +145,8 @@ class SnapshotStore:
         dt = self._table()
         if dt is None:
             return {}, set()
-        known, scan = _heads_from_statistics(dt)
+        files = _statistics(dt)  # the add actions, read once for both uses below
+        known, scan = _heads_from_statistics(files)
         best = dict(known)
         if scan is None or scan:
             source = plain_dataset(dt, scan)
@@ -159,7 +160,7 @@ class SnapshotStore:
         for stream, seq in wanted:
             expr = expr | ((pc.field("stream") == stream) & (pc.field("seq") == seq))
         newest: dict[str, StoredSnapshot] = {}
-        for snap in self._read(dt, expr, _files_holding(dt, wanted) if scan is not None else None):
+        for snap in self._read(dt, expr, _files_holding(files, wanted) if files is not None else None):
             newest.setdefault(snap.stream, snap)
         return newest, {stream for stream, _ in wanted} - set(newest)
 
@@ -242,9 +243,10 @@ def _statistics(dt: DeltaTable) -> list[tuple[str, str, str, int, int]] | None:
     return list(zip(*(adds.column(c).to_pylist() for c in _STATS), strict=True)) if adds.num_rows else []
 
 
-def _heads_from_statistics(dt: DeltaTable) -> tuple[dict[str, int], list[str] | None]:
+def _heads_from_statistics(
+    files: list[tuple[str, str, str, int, int]] | None,
+) -> tuple[dict[str, int], list[str] | None]:
     """(stream -> newest seq, from the files that hold one stream; the other files, to scan; None: scan all)."""
-    files = _statistics(dt)
     if files is None:
         return {}, None
     known: dict[str, int] = {}
@@ -257,11 +259,8 @@ def _heads_from_statistics(dt: DeltaTable) -> tuple[dict[str, int], list[str] | 
     return known, scan
 
 
-def _files_holding(dt: DeltaTable, wanted: list[tuple[str, int]]) -> list[str] | None:
-    """The files whose statistics allow one of the ``(stream, seq)`` rows in ``wanted``; None: every file."""
-    files = _statistics(dt)
-    if files is None:
-        return None
+def _files_holding(files: list[tuple[str, str, str, int, int]], wanted: list[tuple[str, int]]) -> list[str]:
+    """The files whose statistics allow one of the ``(stream, seq)`` rows in ``wanted``."""
     return [
         path
         for path, lo_stream, hi_stream, lo, hi in files
