@@ -401,6 +401,7 @@ class EventSourcedActor(pykka.ThreadingActor, Generic[S]):
 
     def _schedule_snapshot(self) -> None:
         if self.snapshots is None:
+            self._since_snapshot = 0  # nowhere to write one (the what-if replay): not asked again next event
             return
         state, seq = self.state.dump(), self.last_seq
         self._since_snapshot = 0

@@ -225,6 +225,9 @@ class QueueActor(EventSourcedActor[QueueState]):
         if handler is None:
             config = getattr(type(command), "__struct_config__", None)
             raise reject(str(getattr(config, "tag", type(command).__name__)), "unknown_command", "not a queue command")
+        return self._validated(handler, command)
+
+    def _validated(self, handler: Callable[[QueueActor, Any], Any], command: Any) -> Any:
         try:
             command = validate_command(command)
         except CommandError as exc:
@@ -232,14 +235,15 @@ class QueueActor(EventSourcedActor[QueueState]):
         return handler(self, command)
 
     def handle_message(self, message: Any) -> Any:
-        if isinstance(message, ContractActivated):
-            self._cancel(message.conid, "activated", {})
-            return None
-        if _handler_of(message) is not None:
+        handler = _handler_of(message)
+        if handler is not None:  # a told command (the worker's acks, the router's refreshes owed): first
             try:
-                self.handle_command(message)
+                self._validated(handler, message)
             except CommandRejected as exc:
                 logger.warning("queue refused a told command: {}", exc)
+            return None
+        if isinstance(message, ContractActivated):
+            self._cancel(message.conid, "activated", {})
             return None
         return super().handle_message(message)
 
