@@ -95,6 +95,10 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     interrupted_pause_s: float = 0.5
     #: ...up to this; the first quote that comes through ends the pause.
     interrupted_pause_max_s: float = 8.0
+    #: Wait until this many snapshots can go out together (never more than the bucket holds: a second's worth).
+    #: 1, the runtime's: each snapshot leaves the moment its token is there. The what-if replay may set more
+    #: (``--step``): the same decisions a few at a time, each snapshot up to ``(batch - 1) / rate`` s later.
+    batch: int = 1
 
 
 class Wake(Command, tag="worker.wake", frozen=True, kw_only=True):
@@ -157,13 +161,13 @@ class TokenBucket:
         self._refill(now)
         self.tokens -= n
 
-    def wait_s(self, now: float) -> float:
-        """Seconds until one token is there."""
+    def wait_s(self, now: float, tokens: int = 1) -> float:
+        """Seconds until ``tokens`` (at most what the bucket holds) are there."""
         self._refill(now)
-        if self.tokens + _TOKEN_SLACK >= 1.0:
+        if self.tokens + _TOKEN_SLACK >= tokens:
             return 0.0
         # at least a microsecond: a shorter wait may not move a float clock on (see available())
-        return max(1e-6, (1.0 - self.tokens) / self.rate)
+        return max(1e-6, (tokens - self.tokens) / self.rate)
 
     def slow_down(self, now: float, hold_s: float) -> None:
         """IB said too many snapshots: halve the rate, hold it at least ``hold_s``."""
@@ -179,7 +183,7 @@ class _Answer(msgspec.Struct, frozen=True):
     The future's callback runs on the thread of the actor that answered, so it only tells the worker this
     message (``deliver``), and the answer is read on the worker's own thread. The rest says what the ask was
     for: the lines a claim is for, the item and line a snapshot is for and when it was sent. Made when the
-    ask is sent (:meth:`QueueWorker._await`), so an answer costs no closure and no message built in the
+    ask is sent (:meth:`QueueWorker._ask`), so an answer costs no closure and no message built in the
     answering thread. Frozen, as every message that crosses a thread; never encoded.
     """
 
@@ -222,6 +226,11 @@ class QueueWorker(pykka.ThreadingActor):
         self._clock = clock
         self._call_later = call_later or _timer_thread
         self.bucket = TokenBucket(settings.max_snapshot_msgs_per_s, clock())
+        self._batch = settings.batch
+        #: The last round got fewer lines, or items, than it asked for: the message budget is not what holds
+        #: snapshots back now, so a batch would only delay them.
+        self._short = False
+        self._asked_lines = 0
         #: A borrow-and-claim round is under way (one at a time).
         self.acquiring = False
         self.open: dict[int, ClaimedItem] = {}  # item id -> item, snapshots sent and not answered
@@ -301,16 +310,25 @@ class QueueWorker(pykka.ThreadingActor):
             self._wake_in(self._paused_until - now)
             return
         n = self.bucket.available(now)
-        if n < 1:
-            self._wake_in(self.bucket.wait_s(now))
+        # a batch waits for its tokens (never more than the bucket holds, a second's worth at its present rate,
+        # or the wait would never end); not while lines or items are what is short (each line that comes back,
+        # each item due, takes the next snapshot, as without a batch), nor after an interruption, when one at a
+        # time tries whether data is back
+        if self._batch == 1 or self._pause_s > 0 or self._short:
+            need = 1
+        else:
+            need = max(1, min(self._batch, int(self.bucket.rate)))
+        if n < need:
+            self._wake_in(self.bucket.wait_s(now, need))
             return
-        if self._pause_s > 0:  # after an interruption: one snapshot at a time tries whether data is back
+        if self._pause_s > 0:
             if self.open:
                 return
             n = 1
         self.acquiring = True
         self.cycles += 1
-        self._await(self._granted, ask_async(self.router, AcquireLines(n=n)))
+        self._asked_lines = n
+        self._ask(self.router, AcquireLines(n=n), self._granted)
 
     def _granted(self, answer: _Answer) -> None:
         try:
@@ -318,6 +336,7 @@ class QueueWorker(pykka.ThreadingActor):
         except Exception as exc:  # noqa: BLE001 - any failure is an answer without lines
             logger.error("worker: the router did not lend lines: {}", repr(exc))
             lines = []
+        self._short = len(lines) < self._asked_lines
         if not lines:
             self.acquiring = False
             self._wake_in(self.settings.idle_s)
@@ -327,7 +346,7 @@ class QueueWorker(pykka.ThreadingActor):
             self.acquiring = False
             return
         claim = Claim(n=len(lines), lease_s=self.settings.lease_s, worker="worker")
-        self._await(self._claimed, ask_async(self.queue, claim), lines=lines)
+        self._ask(self.queue, claim, self._claimed, lines=lines)
 
     def _claimed(self, answer: _Answer) -> None:
         self.acquiring = False
@@ -338,6 +357,7 @@ class QueueWorker(pykka.ThreadingActor):
             logger.error("worker: claim failed: {}", repr(exc))
             items = []
         self._give_back(lines[len(items) :])
+        self._short = self._short or len(items) < len(lines)
         if not self.connected:
             self._release(list(items), "disconnected")
             self._give_back(lines[: len(items)])
@@ -347,8 +367,7 @@ class QueueWorker(pykka.ThreadingActor):
         timeout_s = self.settings.snapshot_timeout_s
         for item, line in zip(items, lines, strict=False):
             self.open[item.item_id] = item
-            future = ask_async(self.ib, Snapshot(conids=[item.conid], timeout_s=timeout_s))
-            self._await(self._snapshotted, future, item=item, line=line, started=now)
+            self._ask(self.ib, Snapshot(conids=[item.conid], timeout_s=timeout_s), self._snapshotted, item=item, line=line, started=now)
         if len(items) < len(lines):
             self._wake_in(self.settings.idle_s)  # nothing more is claimable now
         else:
@@ -456,8 +475,13 @@ class QueueWorker(pykka.ThreadingActor):
         except pykka.ActorDeadError:
             pass
 
-    def _await(self, step: Callable[[_Answer], None], future: ReplyFuture, **context: Any) -> None:
-        """When ``future`` settles, ``step`` runs on this actor's thread with the answer (see :class:`_Answer`)."""
+    def _ask(self, ref: pykka.ActorRef[Any], command: Any, step: Callable[[_Answer], None], **context: Any) -> None:
+        """Ask ``ref``; when the answer comes, ``step`` runs on this actor's thread with it (see :class:`_Answer`).
+
+        The what-if replay's worker (``actors.what_if_sim.ReplayWorker``) overrides this one method: its
+        peers answer on the loop, without a thread, a future or a mailbox in between.
+        """
+        future = ask_async(ref, command)
         future.add_done_callback(_Answer(self._tell_self, step, future, **context).deliver)
 
 

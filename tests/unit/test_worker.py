@@ -194,6 +194,37 @@ def test_the_message_budget_paces_snapshot_requests(rig_factory: Any) -> None:
     assert ask(rig.worker, Wake()).succeeded == 11
 
 
+def test_a_batch_waits_for_its_tokens_and_then_goes_out_together(rig_factory: Any) -> None:
+    """WorkerSettings.batch (the what-if replay's step): nothing until five tokens are there, then five at once."""
+    clock = Clock()
+    rig = rig_factory(lines=50, clock=clock, max_snapshot_msgs_per_s=10.0, batch=5)
+    rig.enqueue(CONIDS[:20])
+    assert ask(rig.worker, Wake()).succeeded == 0  # the bucket starts with one token: not a batch
+    clock.now += 0.3  # four tokens
+    assert ask(rig.worker, Wake()).succeeded == 0
+    assert rig.ib_stats().snapshots_in_flight == 0
+    clock.now += 0.1  # five
+    ask(rig.worker, Wake())
+    wait_until(lambda: rig.status().succeeded == 5, timeout=5)
+    assert ask(rig.worker, Wake()).succeeded == 5  # the five were the batch; the bucket is empty again
+    clock.now += 0.5
+    ask(rig.worker, Wake())
+    wait_until(lambda: rig.status().succeeded == 10, timeout=5)
+    assert ask(rig.worker, Wake()).cycles == 2  # one borrow-and-claim round a batch
+
+
+def test_a_batch_never_waits_for_more_than_the_bucket_holds() -> None:
+    """At a rate halved by a 321 the bucket holds fewer tokens than the batch: the wait is for what it holds."""
+    bucket = TokenBucket(10.0, now=0.0)
+    bucket.take(1, 0.0)
+    assert bucket.wait_s(0.0, 5) == pytest.approx(0.5)
+    bucket.slow_down(0.0, hold_s=60.0)
+    assert bucket.rate == 5.0
+    assert bucket.wait_s(0.0, 5) == pytest.approx(1.0)
+    bucket.available(10.0)
+    assert bucket.available(10.0) == 5  # a second's worth at 5/s: the most it holds
+
+
 def test_a_contract_without_a_contract_definition_is_dead_lettered_at_once(rig_factory: Any) -> None:
     rig = rig_factory()
     unknown = 777  # the fake answers 200 (no contract) for a conid it does not hold
