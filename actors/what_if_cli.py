@@ -1,7 +1,7 @@
 """``python runtime.py what-if``: would more lines, or other targets, have kept the positions fresher?
 
     python runtime.py what-if [--data-dir D] [--since T] [--until T] [--max-lines 60,100,200]
-                              [--monitoring-s 30,60] [--jobs N] [--json] [--plot FILE.png|FILE.html]
+                              [--monitoring-s 30,60] [--step S] [--jobs N] [--json] [--plot FILE.png|FILE.html]
 
 Re-runs the recorded period through the real router, queue and worker on
 simulated time (:mod:`actors.what_if_sim`), once per configuration, and
@@ -12,7 +12,10 @@ the other configurations, which are as trustworthy as that check says.
 A row "N lines" is an account with N market data lines and ``max_lines``
 N; ``--monitoring-s`` varies the target age of non-active contracts. Every
 other setting is the one the record says was running. Nothing in the data
-directory changes. The replays share nothing, so they run in parallel, one
+directory changes. The replayed worker sends its snapshots a step's worth
+at a time (``--step``, default 1 s): each up to a step later than the
+runtime would, about twice as fast to replay; ``--step 0`` replays every
+snapshot at the instant its token comes, as the runtime does. The replays share nothing, so they run in parallel, one
 worker process per core (``--jobs``). Argument parsing needs the standard
 library only.
 """
@@ -68,6 +71,23 @@ def _jobs(text: str) -> int:
     return int(values[0])
 
 
+#: The replayed worker's default step (s): a second's worth of snapshots sent together (SimConfig.step_s).
+DEFAULT_STEP_S = 1.0
+#: A longer step would hold snapshots back longer than IB takes to answer one: no longer a small error.
+MAX_STEP_S = 5.0
+
+
+def step_seconds(text: str) -> float:
+    """argparse type: the replay's step, 0 (exact) to MAX_STEP_S seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or not 0 <= value <= MAX_STEP_S:
+        raise argparse.ArgumentTypeError(f"{text!r} must be from 0 (exact) to {MAX_STEP_S:g} seconds")
+    return value
+
+
 def iso_time(text: str) -> str:
     try:
         datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -88,6 +108,13 @@ def add_parser(sub: Any, data_dir_arg: Any) -> None:
         help=f"line counts to try, comma-separated (default: as run, and as run + {BOOSTER_PACK_LINES}: a booster pack)",
     )
     p.add_argument("--monitoring-s", type=positive_list(float), help="target ages (s) of non-active contracts to try (default: as run)")
+    p.add_argument(
+        "--step",
+        type=step_seconds,
+        default=DEFAULT_STEP_S,
+        help=f"seconds: the replayed worker sends a step's worth of snapshots together, each up to a step late; "
+        f"0 replays each as the runtime sends it, about twice as slow (default {DEFAULT_STEP_S:g})",
+    )
     p.add_argument("--jobs", type=_jobs, help="replays run at once, in worker processes (default: one per core for periods of 10 min or more)")
     p.add_argument("--json", action="store_true", help="one JSON object: period, faithfulness, a row per configuration")
     p.add_argument("--plot", metavar="FILE", help="write a chart: FILE.png, or FILE.html (the chart and the table in one page)")
@@ -119,7 +146,7 @@ def cmd_what_if(args: argparse.Namespace, config: Any) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     day = _with_queue_at_start(day, data_dir)
-    as_run = _as_run(day, config)
+    as_run = dataclasses.replace(_as_run(day, config), step_s=args.step)
     configs = [as_run] + [
         _variant(as_run, lines, monitoring)
         for lines in (args.max_lines or [as_run.max_lines, as_run.max_lines + BOOSTER_PACK_LINES])
@@ -250,6 +277,7 @@ def _report(day: Any, as_run: Any, check: Any, rows: list[Any]) -> dict[str, Any
             "down_s": round(sum(b - a for a, b in day.down) / 1e6, 1),
             "line_limit_recorded": day.true_lines,
             "settings_recorded": bool(day.settings),
+            "step_s": as_run.step_s,
         },
         "faithfulness": check.to_json() | {"as_run": check.replayed.to_json()},
         "rows": [row.to_json() for row in rows],
@@ -268,7 +296,8 @@ def _print(report: dict[str, Any]) -> None:
     period, check = report["period"], report["faithfulness"]
     print(
         f"what-if over {period['since']} .. {period['until']} ({period['duration_s']:g} s): {period['contracts']} contracts, "
-        f"{period['snapshots_recorded']} snapshots recorded, IB's line limit {_fmt(period['line_limit_recorded'])}"
+        f"{period['snapshots_recorded']} snapshots recorded, IB's line limit {_fmt(period['line_limit_recorded'])}; "
+        + (f"replayed in steps of {period['step_s']:g} s" if period["step_s"] else "replayed exactly (no step)")
     )
     if not period["settings_recorded"]:
         print("note: this log predates recorded [freshness] settings; the config file's (or the defaults) stand in for them")

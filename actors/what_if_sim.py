@@ -42,11 +42,11 @@ from loguru import logger
 
 from actors.config import FreshnessSettings
 from actors.handlers import HandlerSet
-from actors.messaging import Request
+from actors.messaging import CommandRejected, Request
 from actors.queue import QueueActor
 from actors.queue_state import QueueState
 from actors.router import ActiveAtStart, RouterSettings, RouterTick, StreamRouter
-from actors.worker import QueueWorker, WorkerSettings
+from actors.worker import QueueWorker, WorkerSettings, _Answer
 from events.base import Event
 from events.ib import (
     ConnectionState,
@@ -64,7 +64,7 @@ from events.ib import (
     classify_ib_code,
 )
 from events.registry import ContractActivated, ContractDeactivated, LegAdded, LegRemoved
-from storage.event_log import Receipt
+from storage.event_log import LogFailedError, Receipt
 from storage.recorded_day import RecordedDay, SnapshotSample
 
 __all__ = ["MemoryLog", "ReplayingIb", "SimConfig", "SimLoop", "SimOutcome", "SimRef", "SimulationStuck", "simulate"]
@@ -167,6 +167,72 @@ class SimRef:
         self._enqueue((self._receive, message))
 
 
+class DirectRef:
+    """A ref whose ``tell`` has the target handle the message at once, in the sender's turn.
+
+    For the worker's messages to the router and the queue, and the router's to the queue: the sender
+    reaches its peer before it does anything else, which is one order the threads of the runtime may
+    take (each sender's messages stay in the order sent, and the target handles one message at a time:
+    none of these targets tells its sender anything synchronously). An ask still gets its reply through
+    the sender's mailbox (the loop). What the base class's ``on_receive`` checks first cannot happen
+    here (a failed recovery, a commit confirmed later: the memory log is durable at once), so a told
+    message goes straight to ``handle_message``.
+    """
+
+    def __init__(self, target: Any) -> None:
+        self._request = target._handle_request
+        self._message = target.handle_message
+        self._command = target.handle_command
+
+    def tell(self, message: Any) -> None:
+        if type(message) is Request:
+            self._request(message)
+        else:
+            self._message(message)
+
+    def ask_then(self, command: Any, reply: Settled, answer: _Answer) -> None:
+        """:meth:`ReplayWorker._ask`: the target answers now, and the worker's step goes on with it at once.
+
+        The reply or refusal ``_handle_request`` would give: the memory log is durable at once, so nothing
+        waits for a commit, and a command the target refuses is the worker's error to read, as through a
+        future.
+        """
+        try:
+            reply.value = self._command(command)
+        except (CommandRejected, LogFailedError) as exc:
+            reply.error = exc
+        answer.step(answer)
+
+
+class Settled:
+    """A reply already given, read as a ReplyFuture is (``get``), without its lock, waiter or callbacks."""
+
+    __slots__ = ("error", "value")
+
+    def __init__(self) -> None:
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def get(self, *, timeout: float | None = None) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class ReplayWorker(QueueWorker):
+    """The runtime's QueueWorker with one method replaced: how an ask reaches its peer and its answer comes back.
+
+    Every decision is QueueWorker's own (``_pump``, ``_granted``, ``_claimed``, ``_snapshotted``, the token
+    bucket). The peers are the loop's objects, not threads: the router and the queue answer at once
+    (:class:`DirectRef`), the replaying IB when the snapshot's recorded latency has passed, and the step
+    runs then, with a :class:`Settled` reply where the runtime reads a future.
+    """
+
+    def _ask(self, ref: Any, command: Any, step: Callable[[_Answer], None], **context: Any) -> None:
+        reply = Settled()
+        ref.ask_then(command, reply, _Answer(self._tell_self, step, reply, **context))  # type: ignore[arg-type]
+
+
 class MemoryLog:
     """The event log of a simulation: every append is durable at once; keeps nothing but the count."""
 
@@ -221,6 +287,15 @@ class SimConfig:
     lease_s: float = 60.0
     snapshot_timeout_s: float = 11.0
     as_run: bool = False
+    #: The replayed worker's step (s): it sends the snapshots a step's worth of the message budget allows
+    #: together (WorkerSettings.batch), each up to a step later than the runtime, which sends each the
+    #: moment its token is there (0: replay exactly so, about twice as slow; docs/audit.md, "What-if").
+    step_s: float = 0.0
+
+    @property
+    def batch(self) -> int:
+        """Snapshots sent together: a step's worth of ``max_snapshot_msgs_per_s``, at least 1."""
+        return max(1, int(self.step_s * self.freshness.max_snapshot_msgs_per_s + 1e-9))
 
 
 @dataclass(slots=True)
@@ -255,8 +330,8 @@ class ReplayingIb:
         self.connected = True
         self.streams: dict[int, float] = {}  # conid -> subscribed at
         self.ticking: dict[int, float] = {}  # conid -> first tick at
-        #: Snapshots IB has not answered yet: request -> conid (a disconnect answers them all).
-        self.open_snapshots: dict[Request, int] = {}
+        #: Snapshots IB has not answered yet: the worker's answer -> conid (a disconnect answers them all).
+        self.open_snapshots: dict[_Answer, int] = {}
         #: conid -> snapshot requests that reached IB.
         self.asked: Counter[int] = Counter()
         self.refusals_101 = 0
@@ -274,12 +349,8 @@ class ReplayingIb:
         return len(self.streams) + len(self.open_snapshots)
 
     def on_receive(self, message: Any) -> None:
-        if isinstance(message, Request):
-            command = message.command
-            if isinstance(command, Snapshot):
-                self._snapshot(command.conids[0], message)
-            else:
-                message.reply.set_exception(TypeError(f"what-if IB takes no {type(command).__name__}"))
+        if isinstance(message, Request):  # snapshots come through ask_then (ReplayWorker)
+            message.reply.set_exception(TypeError(f"what-if IB takes no {type(message.command).__name__} request"))
             return
         match message:
             case Subscribe(conid=conid):
@@ -336,34 +407,37 @@ class ReplayingIb:
 
     # ------------------------------------------------------------------ snapshots
 
-    def _snapshot(self, conid: int, request: Request) -> None:
+    def ask_then(self, command: Snapshot, reply: Settled, answer: _Answer) -> None:
+        """A snapshot request of :class:`ReplayWorker`: answered after the contract's next recorded latency."""
+        conid = command.conids[0]
         if not self.connected:
-            self._answer(request, conid, IbErrorKind.DISCONNECTED, None)
+            self._answer(reply, answer, conid, IbErrorKind.DISCONNECTED, None)
             return
         self.asked[conid] += 1
         if self.lines_used() >= self.true_lines:
             self.refusals_101 += 1
-            self._answer(request, conid, IbErrorKind.MAX_TICKERS, 101)
+            self._answer(reply, answer, conid, IbErrorKind.MAX_TICKERS, 101)
             return
         sample = next(self._samples.get(conid, self._fallback))
-        self.open_snapshots[request] = conid
+        self.open_snapshots[answer] = conid
         if sample.latency_s > self.timeout_s:  # the IB actor gives up at its timeout: no quote, an attempt counted
             sample = SnapshotSample(self.timeout_s, "failed", None)
-        self.loop.at(self.loop.now + sample.latency_s, self._snapshot_ends, (conid, request, sample, self._epoch))
+        self.loop.at(self.loop.now + sample.latency_s, self._snapshot_ends, (conid, reply, answer, sample, self._epoch))
 
-    def _snapshot_ends(self, arg: tuple[int, Request, SnapshotSample, int]) -> None:
-        conid, request, sample, epoch = arg
+    def _snapshot_ends(self, arg: tuple[int, Settled, _Answer, SnapshotSample, int]) -> None:
+        conid, reply, answer, sample, epoch = arg
         if epoch != self._epoch:
             return  # the connection it was sent on is gone, and the disconnect answered it
-        del self.open_snapshots[request]
+        del self.open_snapshots[answer]
         if self._in_blip(self.loop.now):
-            self._answer(request, conid, IbErrorKind.DATA_INTERRUPTED, 10182)
+            self._answer(reply, answer, conid, IbErrorKind.DATA_INTERRUPTED, 10182)
         elif sample.outcome == "ok":
             update = MarketUpdate(conid=conid, source="queue", ts_us=self.loop.clock_us(), delta=self._deltas.get(conid))
-            request.reply.set(SnapshotResult(updates=[update]))
+            reply.value = SnapshotResult(updates=[update])
+            answer.step(answer)
         else:
             kind = classify_ib_code(sample.code) if sample.code is not None else IbErrorKind.TIMEOUT
-            self._answer(request, conid, kind, sample.code)
+            self._answer(reply, answer, conid, kind, sample.code)
 
     def _in_blip(self, now_s: float) -> bool:
         """A recorded blip within BLIP_WINDOW_S of now (the nearest one on either side decides)."""
@@ -372,8 +446,9 @@ class ReplayingIb:
         return (i < len(blips) and blips[i] - now_s <= BLIP_WINDOW_S) or (i > 0 and now_s - blips[i - 1] <= BLIP_WINDOW_S)
 
     @staticmethod
-    def _answer(request: Request, conid: int, kind: IbErrorKind, code: int | None) -> None:
-        request.reply.set(SnapshotResult(failures=[SnapshotFailed(conid=conid, kind=kind, code=code, message="what-if")]))
+    def _answer(reply: Settled, answer: _Answer, conid: int, kind: IbErrorKind, code: int | None) -> None:
+        reply.value = SnapshotResult(failures=[SnapshotFailed(conid=conid, kind=kind, code=code, message="what-if")])
+        answer.step(answer)
 
     # ------------------------------------------------------------------ the connection
 
@@ -385,9 +460,9 @@ class ReplayingIb:
         for conid in list(self.streams):
             self._end_stream(conid)
         # as the IB actor does: every open snapshot fails "disconnected" (its item goes back without an attempt)
-        for request, conid in self.open_snapshots.items():
-            self._answer(request, conid, IbErrorKind.DISCONNECTED, None)
-        self.open_snapshots.clear()
+        cut, self.open_snapshots = self.open_snapshots, {}
+        for answer, conid in cut.items():
+            self._answer(answer.future, answer, conid, IbErrorKind.DISCONNECTED, None)  # type: ignore[arg-type]
         for peer in peers:
             peer.tell(ConnectionStateChanged(state=ConnectionState.DISCONNECTED, detail="what-if: runtime down"))
 
@@ -437,29 +512,30 @@ def _simulate(day: RecordedDay, config: SimConfig) -> SimOutcome:
         lease_check_s=0.0,
         dead_letter_retry_s=config.dead_letter_retry_s,
     )
-    queue_ref = _bind(loop, queue)
+    _bind(loop, queue)  # its own timers and effects come back on the loop
     router = StreamRouter(
         log,  # type: ignore[arg-type]
         RouterSettings.from_config(
             config.freshness, max_lines=config.max_lines, snapshot_timeout_s=config.snapshot_timeout_s
         ),
         ib=ib_ref,  # type: ignore[arg-type]
-        queue=queue_ref,  # type: ignore[arg-type]
+        queue=DirectRef(queue),  # type: ignore[arg-type]
         handlers=handlers,
         timer=False,
         clock=loop.clock_s,
     )
     router_ref = _bind(loop, router)
     ib.router = router_ref
-    worker = QueueWorker(
+    worker = ReplayWorker(
         WorkerSettings(
             max_snapshot_msgs_per_s=config.freshness.max_snapshot_msgs_per_s,
             lease_s=config.lease_s,
             snapshot_timeout_s=config.snapshot_timeout_s,
+            batch=config.batch,
         ),
-        queue=queue_ref,  # type: ignore[arg-type]
-        ib=ib_ref,  # type: ignore[arg-type]
-        router=router_ref,  # type: ignore[arg-type]
+        queue=DirectRef(queue),  # type: ignore[arg-type]
+        ib=ib,  # type: ignore[arg-type]  # its snapshots: ask_then, answered on the loop
+        router=DirectRef(router),  # type: ignore[arg-type]
         handlers=handlers,
         clock=loop.clock_s,
         call_later=loop.call_later,

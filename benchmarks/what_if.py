@@ -97,11 +97,12 @@ def main() -> int:
     p.add_argument("--contracts", type=int, default=500)
     p.add_argument("--actives", type=int, default=50)
     p.add_argument("--lines", default="60,100,200")
+    p.add_argument("--step", type=float, default=1.0, help="the replayed worker's step in seconds (what-if --step; 0: exact)")
     args = p.parse_args()
     day = trading_day(args.hours, args.contracts, args.actives)
     rows: list[dict[str, Any]] = []
     for lines in (int(x) for x in args.lines.split(",")):
-        config = SimConfig(label=f"{lines} lines", max_lines=lines, true_lines=lines, learned_at_start=lines)
+        config = SimConfig(label=f"{lines} lines", max_lines=lines, true_lines=lines, learned_at_start=lines, step_s=args.step)
         wall, cpu = time.perf_counter(), time.process_time()
         outcome = simulate(day, config)
         figures = figures_of_outcome(day, outcome)
@@ -117,6 +118,7 @@ def main() -> int:
                 "active_p99_s": figures.active.p99_s,
                 "other_p99_s": figures.other.p99_s,
                 "streamed_share": figures.streamed_share,
+                "missed_s": figures.missed_s,
             }
         )
         if not args.json:
@@ -126,6 +128,7 @@ def main() -> int:
         "hours": args.hours,
         "contracts": args.contracts,
         "actives": args.actives,
+        "step_s": args.step,
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "configs": rows,
         "replay_s": max(r["replay_s"] for r in rows),

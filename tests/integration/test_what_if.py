@@ -78,6 +78,7 @@ def test_the_as_run_replay_matches_the_record_and_more_lines_keep_prices_fresher
     period = report["period"]
     assert period["line_limit_recorded"] == 24  # the 101s taught it
     assert period["settings_recorded"] is True
+    assert period["step_s"] == 1.0  # the default: the replayed worker sends a second's worth at a time
     check = report["faithfulness"]
     assert check["faithful"], check["p99"]
     as_run, *rows = report["rows"]
@@ -117,6 +118,19 @@ def test_a_period_that_starts_mid_run_is_replayed_from_what_was_fresh_then(recor
     assert report["period"]["since"] == since.isoformat(timespec="seconds").replace("+00:00", "Z")
     assert report["period"]["until"] == whole["until"]  # the period ends with the record, not in 2099
     assert report["faithfulness"]["faithful"], report["faithfulness"]["p99"]
+
+
+def test_an_exact_replay_is_faithful_too_and_close_to_the_stepped_one(recorded: tuple[Path, Path]) -> None:
+    """--step 0 sends each snapshot the moment its token comes, as the runtime does; the default 1 s step
+    moves each by less than a second, which the ages show as at most about that."""
+    exact = json.loads(_what_if(recorded, "--max-lines", "30", "--step", "0", "--json").stdout)
+    stepped = json.loads(_what_if(recorded, "--max-lines", "30", "--json").stdout)
+    assert exact["period"]["step_s"] == 0
+    assert exact["faithfulness"]["faithful"], exact["faithfulness"]["p99"]
+    for row_exact, row_stepped in zip(exact["rows"], stepped["rows"], strict=True):
+        assert row_exact["extra"]["step_s"] == 0 and row_stepped["extra"]["step_s"] == 1.0
+        for path in ("active", "other"):
+            assert abs(row_exact[path]["p99_s"] - row_stepped[path]["p99_s"]) <= 1.5, (path, row_exact, row_stepped)
 
 
 def test_the_table_prints_the_faithfulness_check_first(recorded: tuple[Path, Path]) -> None:
@@ -165,6 +179,9 @@ def test_plot_writes_a_png_or_a_self_contained_html_page(recorded: tuple[Path, P
         (("--since", "yesterday"), 2, "is not an ISO-8601 time"),
         (("--plot", "chart.pdf"), 2, "must end in .png or .html"),
         (("--jobs", "0"), 2, "must be a number > 0"),
+        (("--step", "-1"), 2, "must be from 0 (exact) to 5 seconds"),
+        (("--step", "inf"), 2, "must be from 0 (exact) to 5 seconds"),
+        (("--step", "soon"), 2, "is not a number of seconds"),
         (("--since", "2030-01-01T00:00:00Z", "--until", "2029-01-01T00:00:00Z"), 1, "--until must be after --since"),
         (("--since", "2099-01-01T00:00:00Z"), 1, "the log ends before it"),
     ],

@@ -181,3 +181,26 @@ def test_a_backlog_of_monitoring_contracts_does_not_hold_active_contracts_withou
     # and the monitoring backlog is still worked off meanwhile, at about every other claim (~1/s)
     monitoring_priced = [c for c in range(1030, 1150) if len(outcome.quotes.get(c, ())) > 0]
     assert len(monitoring_priced) >= 90, len(monitoring_priced)
+
+
+def test_a_stepped_replay_sends_as_many_snapshots_and_ages_them_within_its_step() -> None:
+    """step_s: the replayed worker sends a step's worth together, so fewer loop steps, the same budget spent,
+    and no contract's newest quote more than a step (plus a snapshot) older than in the exact replay."""
+    day = _day(seconds=300.0, contracts=120)
+    exact = simulate(day, _config(max_snapshot_msgs_per_s=10.0))
+    stepped = simulate(day, _config(max_snapshot_msgs_per_s=10.0, step_s=1.0))
+    assert stepped.config.batch == 10
+    assert stepped.loop_steps < 0.8 * exact.loop_steps
+    assert abs(stepped.snapshots_sent - exact.snapshots_sent) <= 10  # the budget is spent either way
+    fig_exact, fig_stepped = figures_of_outcome(day, exact), figures_of_outcome(day, stepped)
+    assert fig_exact.other.p99_s is not None and fig_stepped.other.p99_s is not None
+    assert abs(fig_stepped.other.p99_s - fig_exact.other.p99_s) <= 1.0 + 0.5
+
+
+def test_a_step_longer_than_the_bucket_holds_still_sends() -> None:
+    """A 3 s step at 10/s is 30 snapshots, but the bucket holds a second's worth: the batch waits for 10."""
+    day = _day(seconds=60.0, contracts=40)
+    one_s = simulate(day, _config(max_snapshot_msgs_per_s=10.0, step_s=1.0))
+    three_s = simulate(day, _config(max_snapshot_msgs_per_s=10.0, step_s=3.0))
+    assert three_s.config.batch == 30
+    assert three_s.snapshots_sent == pytest.approx(one_s.snapshots_sent, abs=10)
