@@ -193,7 +193,8 @@ def test_a_stepped_replay_sends_as_many_snapshots_and_ages_them_within_its_step(
     assert stepped.loop_steps < 0.8 * exact.loop_steps
     assert abs(stepped.snapshots_sent - exact.snapshots_sent) <= 10  # the budget is spent either way
     fig_exact, fig_stepped = figures_of_outcome(day, exact), figures_of_outcome(day, stepped)
-    assert fig_exact.other.p99_s is not None and fig_stepped.other.p99_s is not None
+    assert fig_exact.other.p99_s is not None
+    assert fig_stepped.other.p99_s is not None
     assert abs(fig_stepped.other.p99_s - fig_exact.other.p99_s) <= 1.0 + 0.5
 
 
