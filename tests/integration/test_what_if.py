@@ -169,6 +169,7 @@ def test_plot_writes_a_png_or_a_self_contained_html_page(recorded: tuple[Path, P
     assert "data:image/png;base64," in text
     assert "<table>" in text
     assert "as run" in text
+    assert "snapshots sent in steps of 1 s" in text  # the page says how the replay sent its snapshots
 
 
 @pytest.mark.parametrize(
