@@ -15,8 +15,9 @@ objects (never started as pykka actors) and driven by a discrete-event loop:
   worker is the runtime's with its ask replaced (:class:`ReplayWorker`):
   answers come back as plain values, without futures or a mailbox hop;
 * the worker may send a step's worth of snapshots together
-  (``SimConfig.step_s``, ``WorkerSettings.batch``): each up to a step later
-  than the runtime would, for a replay about 1.5 times as fast;
+  (``SimConfig.step_s``, ``WorkerSettings.batch``; off by default): each up
+  to a step later than the runtime would, for a replay about 1.5 times as
+  fast;
 * their log is a :class:`MemoryLog` that is durable at once, so
   ``after_durable`` effects run in order without a disk;
 * IB is :class:`ReplayingIb`: the account's true line count (a request
@@ -296,7 +297,8 @@ class SimConfig:
     as_run: bool = False
     #: The replayed worker's step (s): it sends the snapshots a step's worth of the message budget allows
     #: together (WorkerSettings.batch), each up to a step later than the runtime, which sends each the
-    #: moment its token is there (0: replay exactly so, about twice as slow; docs/audit.md, "What-if").
+    #: moment its token is there (0, the default: replay exactly so; docs/audit.md, "What-if"). The bucket
+    #: holds a second's worth, so a step past 1 s sends no more together than 1 s does.
     step_s: float = 0.0
 
     @property
@@ -342,6 +344,8 @@ class ReplayingIb:
         #: conid -> snapshot requests that reached IB.
         self.asked: Counter[int] = Counter()
         self.refusals_101 = 0
+        #: Snapshot requests that came while the connection was down (each answered "disconnected").
+        self.asked_while_down = 0
         self.streamed: dict[int, list[tuple[int, int]]] = defaultdict(list)
         self._samples = {c: itertools.cycle(s) for c, s in day.snapshots.items() if s}
         everyone = [s for samples in day.snapshots.values() for s in samples if s.outcome == "ok"]
@@ -418,12 +422,13 @@ class ReplayingIb:
         """A snapshot request of :class:`ReplayWorker`: answered after the contract's next recorded latency."""
         conid = command.conids[0]
         if not self.connected:
-            self._answer(reply, answer, conid, IbErrorKind.DISCONNECTED, None)
+            self.asked_while_down += 1
+            self._answer_later(reply, answer, conid, IbErrorKind.DISCONNECTED, None)
             return
         self.asked[conid] += 1
         if self.lines_used() >= self.true_lines:
             self.refusals_101 += 1
-            self._answer(reply, answer, conid, IbErrorKind.MAX_TICKERS, 101)
+            self._answer_later(reply, answer, conid, IbErrorKind.MAX_TICKERS, 101)
             return
         sample = next(self._samples.get(conid, self._fallback))
         self.open_snapshots[answer] = conid
@@ -457,6 +462,12 @@ class ReplayingIb:
         reply.value = SnapshotResult(failures=[SnapshotFailed(conid=conid, kind=kind, code=code, message="what-if")])
         answer.step(answer)
 
+    def _answer_later(self, reply: Settled, answer: _Answer, conid: int, kind: IbErrorKind, code: int | None) -> None:
+        """An answer given at the instant of the request, or cut by a disconnect: the worker reads it as its next
+        message, as the runtime's does, and not inside the step that asked (which would ask again before it
+        heard of the disconnect: a burst of refused requests, one nested call deeper each)."""
+        self.loop.soon(_answered, (reply, answer, conid, kind, code))
+
     # ------------------------------------------------------------------ the connection
 
     def disconnect(self, peers: Iterable[SimRef]) -> None:
@@ -466,12 +477,13 @@ class ReplayingIb:
         self._epoch += 1
         for conid in list(self.streams):
             self._end_stream(conid)
+        # told first: the worker knows IB is gone before it reads the answers the disconnect cut, and asks nothing more
+        for peer in peers:
+            peer.tell(ConnectionStateChanged(state=ConnectionState.DISCONNECTED, detail="what-if: runtime down"))
         # as the IB actor does: every open snapshot fails "disconnected" (its item goes back without an attempt)
         cut, self.open_snapshots = self.open_snapshots, {}
         for answer, conid in cut.items():
-            self._answer(answer.future, answer, conid, IbErrorKind.DISCONNECTED, None)  # type: ignore[arg-type]
-        for peer in peers:
-            peer.tell(ConnectionStateChanged(state=ConnectionState.DISCONNECTED, detail="what-if: runtime down"))
+            self._answer_later(answer.future, answer, conid, IbErrorKind.DISCONNECTED, None)  # type: ignore[arg-type]
 
     def reconnect(self, peers: Iterable[SimRef]) -> None:
         if self.connected:
@@ -487,6 +499,11 @@ class ReplayingIb:
     def _tell_router(self, message: Any) -> None:
         if self.router is not None:
             self.router.tell(message)
+
+
+def _answered(arg: tuple[Settled, _Answer, int, IbErrorKind, int | None]) -> None:
+    """ReplayingIb._answer_later's answer, on the loop."""
+    ReplayingIb._answer(*arg)
 
 
 def simulate(day: RecordedDay, config: SimConfig) -> SimOutcome:
@@ -604,6 +621,7 @@ def _simulate(day: RecordedDay, config: SimConfig) -> SimOutcome:
         loop_steps=loop.steps,
         final_limit=router.ledger.limit,
         asked=dict(ib.asked),
+        extra={"asked_while_down": ib.asked_while_down},
     )
 
 

@@ -205,3 +205,14 @@ def test_a_step_longer_than_the_bucket_holds_still_sends() -> None:
     three_s = simulate(day, _config(max_snapshot_msgs_per_s=10.0, step_s=3.0))
     assert three_s.config.batch == 30
     assert three_s.snapshots_sent == pytest.approx(one_s.snapshots_sent, abs=10)
+
+
+def test_a_disconnect_is_known_to_the_worker_before_it_reads_the_snapshots_it_cut() -> None:
+    """Each outage cuts the open snapshots; the worker hears of the outage first and asks for nothing more until
+    IB is back. (Reading the cut answers first, it asked again at once, was refused at once, and asked again, a
+    call deeper each time, until its token bucket ran dry: a burst at every outage.)"""
+    outages = [(START_US + int((30 + 20 * k) * 1e6), START_US + int((30.3 + 20 * k) * 1e6)) for k in range(8)]
+    day = _day(seconds=200.0, contracts=200, down=outages)
+    outcome = simulate(day, _config(max_lines=20, true_lines=20, monitoring_s=5.0, max_snapshot_msgs_per_s=20.0))
+    assert outcome.snapshots_sent > 2000  # busy: snapshots were open at every outage
+    assert outcome.extra["asked_while_down"] == 0
