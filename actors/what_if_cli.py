@@ -12,10 +12,10 @@ the other configurations, which are as trustworthy as that check says.
 A row "N lines" is an account with N market data lines and ``max_lines``
 N; ``--monitoring-s`` varies the target age of non-active contracts. Every
 other setting is the one the record says was running. Nothing in the data
-directory changes. The replayed worker sends its snapshots a step's worth
-at a time (``--step``, default 1 s): each up to a step later than the
-runtime would, about twice as fast to replay; ``--step 0`` replays every
-snapshot at the instant its token comes, as the runtime does. The replays share nothing, so they run in parallel, one
+directory changes. By default every snapshot is replayed at the instant
+the runtime's worker would send it; ``--step 1`` sends a second's worth of
+the message budget together (each up to a second late), for a replay about
+1.5 times as fast but a little kinder to fewer lines (docs/audit.md). The replays share nothing, so they run in parallel, one
 worker process per core (``--jobs``). Argument parsing needs the standard
 library only.
 """
@@ -71,10 +71,10 @@ def _jobs(text: str) -> int:
     return int(values[0])
 
 
-#: The replayed worker's default step (s): a second's worth of snapshots sent together (SimConfig.step_s).
-DEFAULT_STEP_S = 1.0
-#: A longer step would hold snapshots back longer than IB takes to answer one: no longer a small error.
-MAX_STEP_S = 5.0
+#: The replayed worker's default step (s): none, every snapshot at its token's instant (SimConfig.step_s).
+DEFAULT_STEP_S = 0.0
+#: The token bucket holds a second's worth of the message budget: a longer step would send no more together.
+MAX_STEP_S = 1.0
 
 
 def step_seconds(text: str) -> float:
@@ -84,7 +84,7 @@ def step_seconds(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not math.isfinite(value) or not 0 <= value <= MAX_STEP_S:
-        raise argparse.ArgumentTypeError(f"{text!r} must be from 0 (exact) to {MAX_STEP_S:g} seconds")
+        raise argparse.ArgumentTypeError(f"{text!r} must be from 0 (exact) to {MAX_STEP_S:g} s")
     return value
 
 
@@ -112,8 +112,8 @@ def add_parser(sub: Any, data_dir_arg: Any) -> None:
         "--step",
         type=step_seconds,
         default=DEFAULT_STEP_S,
-        help=f"seconds: the replayed worker sends a step's worth of snapshots together, each up to a step late; "
-        f"0 replays each as the runtime sends it, about twice as slow (default {DEFAULT_STEP_S:g})",
+        help="seconds, up to 1: the replayed worker sends a step's worth of snapshots together, each up to a step "
+        "late, for a faster replay (default 0: each as the runtime sends it)",
     )
     p.add_argument("--jobs", type=_jobs, help="replays run at once, in worker processes (default: one per core for periods of 10 min or more)")
     p.add_argument("--json", action="store_true", help="one JSON object: period, faithfulness, a row per configuration")

@@ -97,7 +97,7 @@ def main() -> int:
     p.add_argument("--contracts", type=int, default=500)
     p.add_argument("--actives", type=int, default=50)
     p.add_argument("--lines", default="60,100,200")
-    p.add_argument("--step", type=float, default=1.0, help="the replayed worker's step in seconds (what-if --step; 0: exact)")
+    p.add_argument("--step", type=float, default=0.0, help="the replayed worker's step in seconds (what-if --step; 0, the default: exact)")
     args = p.parse_args()
     day = trading_day(args.hours, args.contracts, args.actives)
     rows: list[dict[str, Any]] = []
