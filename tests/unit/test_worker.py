@@ -34,11 +34,14 @@ from events.ib import (
     ConnectionState,
     ConnectionStateChanged,
     Disconnect,
+    IbErrorKind,
     IbStats,
     IbStatsReply,
     MarketUpdate,
+    SnapshotFailed,
+    SnapshotResult,
 )
-from events.queue import Enqueue, EnqueueMany, QueueStats, QueueStatsReply
+from events.queue import Claim, Claimed, ClaimedItem, Enqueue, EnqueueMany, QueueStats, QueueStatsReply
 from events.router import AcquireLines, LineGrant, LinesGranted, ReleaseLines, SnapshotDone
 from storage.event_log import EventLog
 from storage.reader import StoredEvent
@@ -400,3 +403,117 @@ def test_an_idle_worker_keeps_one_wake_up_timer_not_a_growing_crowd() -> None:
     assert outcome.snapshots_sent > 1000  # the budget's 10 a second, for 2 minutes
     # about a dozen messages a snapshot, and a few rounds a second while nothing is claimable: not hundreds
     assert outcome.loop_steps < 30 * outcome.snapshots_sent, outcome.loop_steps
+
+
+# ---------------------------------------------------------------- the batch's rules, with stub peers
+# The what-if replay's worker (ReplayWorker: the runtime's decisions, its asks answered in the caller's turn)
+# against a router and queue that lend exactly ``lines`` and hand out exactly ``items``, and an IB that keeps
+# every snapshot open until the test answers it: what the worker asks for, and when, is all there is to see.
+
+
+class StubPeers:
+    """The router and the queue for the batch tests: at most ``lines`` lines lent at once, ``items`` items a claim."""
+
+    def __init__(self, lines: int, items: int) -> None:
+        self.lines, self.items = lines, items
+        self.lent = 0
+        self.borrows: list[int] = []  # AcquireLines.n, in order
+        self.snapshots: list[tuple[Any, Any]] = []  # (reply, answer) of each snapshot sent, unanswered
+        self._next = 1
+
+    def ask_then(self, command: Any, reply: Any, answer: Any) -> None:
+        if isinstance(command, AcquireLines):
+            self.borrows.append(command.n)
+            n = min(command.n, self.lines - self.lent)
+            grants = [LineGrant(line_id=self._next + i, level=self.lent + i + 1) for i in range(n)]
+            self._next += n
+            self.lent += n
+            reply.value = LinesGranted(lines=grants, limit=100, lines_held=n)
+        elif isinstance(command, Claim):
+            n = min(command.n, self.items)
+            reply.value = Claimed(
+                items=[ClaimedItem(item_id=self._next + i, conid=CONIDS[i], priority=2, attempt=1, lease_until_us=1) for i in range(n)]
+            )
+            self._next += n
+        else:  # a snapshot: open until the test answers it
+            self.snapshots.append((reply, answer))
+            return
+        answer.step(answer)
+
+    def tell(self, message: Any) -> None:
+        if isinstance(message, SnapshotDone):
+            self.lent -= 1
+        elif isinstance(message, ReleaseLines):
+            self.lent -= len(message.line_ids)
+
+
+def _batch_worker(peers: StubPeers, clock: Clock, **settings: Any) -> QueueWorker:
+    from actors.what_if_sim import ReplayWorker
+
+    worker = ReplayWorker(
+        WorkerSettings(max_snapshot_msgs_per_s=10.0, idle_s=0.2, **settings),
+        queue=peers,  # type: ignore[arg-type]
+        ib=peers,  # type: ignore[arg-type]
+        router=peers,  # type: ignore[arg-type]
+        handlers=HandlerSet([]),
+        connected=True,
+        clock=clock,
+        call_later=lambda _delay, _fn: None,  # wake-ups: the test pumps by hand
+    )
+    worker._actor_ref = peers  # type: ignore[assignment]  # what it tells itself goes nowhere
+    return worker
+
+
+def test_a_batch_waits_for_what_the_bucket_holds_at_a_rate_cut_by_a_321() -> None:
+    clock = Clock()
+    peers = StubPeers(lines=50, items=50)
+    worker = _batch_worker(peers, clock, batch=10)
+    worker.bucket.slow_down(clock.now, hold_s=600.0)  # 5/s now: the bucket holds five
+    clock.now += 3.0
+    worker._pump()
+    assert peers.borrows == [5]  # five: a batch of ten would never come
+
+
+def test_while_lines_are_short_each_token_sends_at_once() -> None:
+    clock = Clock()
+    peers = StubPeers(lines=2, items=50)
+    worker = _batch_worker(peers, clock, batch=10)
+    clock.now += 1.0
+    worker._pump()
+    assert peers.borrows[0] == 10
+    assert len(peers.snapshots) == 2  # two lines only
+    reply, answer = peers.snapshots.pop(0)  # one comes back with a quote: its line is free again
+    reply.value = SnapshotResult(updates=[MarketUpdate(conid=answer.item.conid, source="queue", ts_us=1)])
+    answer.step(answer)
+    assert len(peers.snapshots) == 2  # the line went to the next snapshot at once, eight tokens being there
+
+
+def test_while_items_are_short_each_token_sends_at_once() -> None:
+    clock = Clock()
+    peers = StubPeers(lines=50, items=3)
+    worker = _batch_worker(peers, clock, batch=10)
+    clock.now += 1.0
+    worker._pump()
+    assert len(peers.snapshots) == 3
+    rounds = len(peers.borrows)
+    clock.now += 0.1
+    worker._pump()
+    assert len(peers.borrows) == rounds + 1
+
+
+def test_after_a_farm_blip_one_snapshot_probes_with_one_token() -> None:
+    clock = Clock()
+    peers = StubPeers(lines=50, items=50)
+    worker = _batch_worker(peers, clock, batch=10)
+    clock.now += 1.0
+    worker._pump()
+    assert len(peers.snapshots) == 10
+    for reply, answer in peers.snapshots:  # the blip cuts all ten: a pause of 0.5 s
+        cut = SnapshotFailed(conid=answer.item.conid, kind=IbErrorKind.DATA_INTERRUPTED, code=10182)
+        reply.value = SnapshotResult(failures=[cut])
+        answer.step(answer)
+    peers.snapshots.clear()
+    borrowed = len(peers.borrows)
+    clock.now += 0.6  # past the pause, six tokens: one probe, not a wait for ten
+    worker._pump()
+    assert peers.borrows[borrowed:] == [1]
