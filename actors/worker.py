@@ -368,8 +368,10 @@ class QueueWorker(pykka.ThreadingActor):
         for item, line in zip(items, lines, strict=False):
             self.open[item.item_id] = item
             self._ask(self.ib, Snapshot(conids=[item.conid], timeout_s=timeout_s), self._snapshotted, item=item, line=line, started=now)
-        if len(items) < len(lines):
-            self._wake_in(self.settings.idle_s)  # nothing more is claimable now
+        if self._short:
+            # fewer lines than asked for, or fewer items than lines: asking again now would get none. The answers
+            # of the snapshots just sent bring their lines back (each pumps); other lines are looked for in idle_s
+            self._wake_in(self.settings.idle_s)
         else:
             self._pump()
 

@@ -517,3 +517,20 @@ def test_after_a_farm_blip_one_snapshot_probes_with_one_token() -> None:
     clock.now += 0.6  # past the pause, six tokens: one probe, not a wait for ten
     worker._pump()
     assert peers.borrows[borrowed:] == [1]
+
+
+def test_after_a_short_borrow_the_worker_does_not_ask_again_at_once() -> None:
+    """The router lent two lines of the ten asked for: asking again in the same breath gets none (it was a futile
+    round trip for every snapshot while lines were short). The answers bring the lines back."""
+    clock = Clock()
+    peers = StubPeers(lines=2, items=50)
+    worker = _batch_worker(peers, clock)  # batch 1: the runtime's worker
+    clock.now += 1.0
+    worker._pump()
+    assert peers.borrows == [10]
+    assert len(peers.snapshots) == 2
+    reply, answer = peers.snapshots.pop(0)
+    reply.value = SnapshotResult(updates=[MarketUpdate(conid=answer.item.conid, source="queue", ts_us=1)])
+    answer.step(answer)
+    assert peers.borrows == [10, 8]  # the line came back with the answer and went out again at once (8 tokens left)
+    assert len(peers.snapshots) == 2
