@@ -464,10 +464,20 @@ def _batch_worker(peers: StubPeers, clock: Clock, **settings: Any) -> QueueWorke
     return worker
 
 
+def _stub_rig(lines: int, items: int, **settings: Any) -> tuple[Clock, StubPeers, QueueWorker]:
+    clock, peers = Clock(), StubPeers(lines=lines, items=items)
+    return clock, peers, _batch_worker(peers, clock, **settings)
+
+
+def _quote_the_first(peers: StubPeers) -> None:
+    """The first open snapshot comes back with a quote (its line is free again, and the worker pumps)."""
+    reply, answer = peers.snapshots.pop(0)
+    reply.value = SnapshotResult(updates=[MarketUpdate(conid=answer.item.conid, source="queue", ts_us=1)])
+    answer.step(answer)
+
+
 def test_a_batch_waits_for_what_the_bucket_holds_at_a_rate_cut_by_a_321() -> None:
-    clock = Clock()
-    peers = StubPeers(lines=50, items=50)
-    worker = _batch_worker(peers, clock, batch=10)
+    clock, peers, worker = _stub_rig(lines=50, items=50, batch=10)
     worker.bucket.slow_down(clock.now, hold_s=600.0)  # 5/s now: the bucket holds five
     clock.now += 3.0
     worker._pump()
@@ -475,23 +485,17 @@ def test_a_batch_waits_for_what_the_bucket_holds_at_a_rate_cut_by_a_321() -> Non
 
 
 def test_while_lines_are_short_each_token_sends_at_once() -> None:
-    clock = Clock()
-    peers = StubPeers(lines=2, items=50)
-    worker = _batch_worker(peers, clock, batch=10)
+    clock, peers, worker = _stub_rig(lines=2, items=50, batch=10)
     clock.now += 1.0
     worker._pump()
     assert peers.borrows[0] == 10
     assert len(peers.snapshots) == 2  # two lines only
-    reply, answer = peers.snapshots.pop(0)  # one comes back with a quote: its line is free again
-    reply.value = SnapshotResult(updates=[MarketUpdate(conid=answer.item.conid, source="queue", ts_us=1)])
-    answer.step(answer)
+    _quote_the_first(peers)
     assert len(peers.snapshots) == 2  # the line went to the next snapshot at once, eight tokens being there
 
 
 def test_while_items_are_short_each_token_sends_at_once() -> None:
-    clock = Clock()
-    peers = StubPeers(lines=50, items=3)
-    worker = _batch_worker(peers, clock, batch=10)
+    clock, peers, worker = _stub_rig(lines=50, items=3, batch=10)
     clock.now += 1.0
     worker._pump()
     assert len(peers.snapshots) == 3
@@ -502,9 +506,7 @@ def test_while_items_are_short_each_token_sends_at_once() -> None:
 
 
 def test_after_a_farm_blip_one_snapshot_probes_with_one_token() -> None:
-    clock = Clock()
-    peers = StubPeers(lines=50, items=50)
-    worker = _batch_worker(peers, clock, batch=10)
+    clock, peers, worker = _stub_rig(lines=50, items=50, batch=10)
     clock.now += 1.0
     worker._pump()
     assert len(peers.snapshots) == 10
@@ -522,15 +524,11 @@ def test_after_a_farm_blip_one_snapshot_probes_with_one_token() -> None:
 def test_after_a_short_borrow_the_worker_does_not_ask_again_at_once() -> None:
     """The router lent two lines of the ten asked for: asking again in the same breath gets none (it was a futile
     round trip for every snapshot while lines were short). The answers bring the lines back."""
-    clock = Clock()
-    peers = StubPeers(lines=2, items=50)
-    worker = _batch_worker(peers, clock)  # batch 1: the runtime's worker
+    clock, peers, worker = _stub_rig(lines=2, items=50)  # batch 1: the runtime's worker
     clock.now += 1.0
     worker._pump()
     assert peers.borrows == [10]
     assert len(peers.snapshots) == 2
-    reply, answer = peers.snapshots.pop(0)
-    reply.value = SnapshotResult(updates=[MarketUpdate(conid=answer.item.conid, source="queue", ts_us=1)])
-    answer.step(answer)
+    _quote_the_first(peers)
     assert peers.borrows == [10, 8]  # the line came back with the answer and went out again at once (8 tokens left)
     assert len(peers.snapshots) == 2
