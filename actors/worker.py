@@ -368,11 +368,11 @@ class QueueWorker(pykka.ThreadingActor):
         for item, line in zip(items, lines, strict=False):
             self.open[item.item_id] = item
             self._ask(self.ib, Snapshot(conids=[item.conid], timeout_s=timeout_s), self._snapshotted, item=item, line=line, started=now)
-        if self._short:
-            # fewer lines than asked for, or fewer items than lines: asking again now would get none. The answers
-            # of the snapshots just sent bring their lines back (each pumps); other lines are looked for in idle_s
-            self._wake_in(self.settings.idle_s)
+        if len(items) < len(lines):
+            self._wake_in(self.settings.idle_s)  # nothing more is claimable now
         else:
+            # also after a short borrow: an answer that came back while this round was under way could not pump
+            # (acquiring), so its line is free now and only this pump finds it at once
             self._pump()
 
     def _snapshotted(self, answer: _Answer) -> None:

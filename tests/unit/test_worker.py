@@ -519,16 +519,3 @@ def test_after_a_farm_blip_one_snapshot_probes_with_one_token() -> None:
     clock.now += 0.6  # past the pause, six tokens: one probe, not a wait for ten
     worker._pump()
     assert peers.borrows[borrowed:] == [1]
-
-
-def test_after_a_short_borrow_the_worker_does_not_ask_again_at_once() -> None:
-    """The router lent two lines of the ten asked for: asking again in the same breath gets none (it was a futile
-    round trip for every snapshot while lines were short). The answers bring the lines back."""
-    clock, peers, worker = _stub_rig(lines=2, items=50)  # batch 1: the runtime's worker
-    clock.now += 1.0
-    worker._pump()
-    assert peers.borrows == [10]
-    assert len(peers.snapshots) == 2
-    _quote_the_first(peers)
-    assert peers.borrows == [10, 8]  # the line came back with the answer and went out again at once (8 tokens left)
-    assert len(peers.snapshots) == 2
