@@ -15,7 +15,8 @@ other setting is the one the record says was running. Nothing in the data
 directory changes. By default every snapshot is replayed at the instant
 the runtime's worker would send it; ``--step 1`` sends a second's worth of
 the message budget together (each up to a second late), for a replay about
-1.5 times as fast but a little kinder to fewer lines (docs/audit.md). The replays share nothing, so they run in parallel, one
+1.5 times as fast that favours fewer lines by up to a second
+(docs/audit.md). The replays share nothing, so they run in parallel, one
 worker process per core (``--jobs``). Argument parsing needs the standard
 library only.
 """
@@ -293,11 +294,13 @@ def _ages(figures: dict[str, Any]) -> str:
 
 
 def _print(report: dict[str, Any]) -> None:
+    from actors.what_if_report import step_words
+
     period, check = report["period"], report["faithfulness"]
     print(
         f"what-if over {period['since']} .. {period['until']} ({period['duration_s']:g} s): {period['contracts']} contracts, "
         f"{period['snapshots_recorded']} snapshots recorded, IB's line limit {_fmt(period['line_limit_recorded'])}; "
-        + (f"replayed in steps of {period['step_s']:g} s" if period["step_s"] else "replayed exactly (no step)")
+        + step_words(period["step_s"])
     )
     if not period["settings_recorded"]:
         print("note: this log predates recorded [freshness] settings; the config file's (or the defaults) stand in for them")

@@ -17,6 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from actors.what_if_report import step_words
+
 __all__ = ["render_png", "write_plot"]
 
 
@@ -68,7 +70,7 @@ def render_png(report: dict[str, Any]) -> bytes:
     period = report["period"]
     verdict = "faithful" if report["faithfulness"]["faithful"] else "NOT faithful"
     fig.suptitle(
-        f"what-if {period['since']} .. {period['until']}, {period['contracts']} contracts; replay {verdict}; {_step(period)}",
+        f"what-if {period['since']} .. {period['until']}, {period['contracts']} contracts; replay {verdict}; {step_words(period.get('step_s', 0))}",
         fontsize=10,
     )
     fig.tight_layout()
@@ -120,14 +122,9 @@ def _page(report: dict[str, Any], png: bytes) -> str:
         "td:first-child,th:first-child{text-align:left}</style></head><body>"
         f"<h1>{title}</h1><p>{period['contracts']} contracts, {period['snapshots_recorded']} snapshots recorded; "
         f"the replay of the configuration that ran is {'faithful' if report['faithfulness']['faithful'] else 'NOT faithful'} "
-        f"to the positions table (p99 ages within 20% or 1 s); {html.escape(_step(period))}.</p>"
+        f"to the positions table (p99 ages within 20% or 1 s); {html.escape(step_words(period.get('step_s', 0)))}.</p>"
         f"<img alt='quote age by line count' src='data:image/png;base64,{image}'>"
         "<table><tr><th>configuration</th><th>streamed</th><th>active p50/p99/max s</th><th>other p50/p99/max s</th>"
         f"<th>missed</th><th>past target s</th><th>snapshots/s</th></tr>{body}</table></body></html>\n"
     )
 
-
-def _step(period: dict[str, Any]) -> str:
-    """How the replayed worker sent its snapshots (what-if --step); a report without the key predates steps."""
-    step = period.get("step_s", 0)
-    return f"snapshots sent in steps of {step:g} s" if step else "snapshots replayed exactly"

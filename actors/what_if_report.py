@@ -166,6 +166,11 @@ def figures_of_record(day: RecordedDay, *, monitoring_s: float, overflow_s: floa
     )
 
 
+def step_words(step_s: float) -> str:
+    """How a replay sent its snapshots (``what-if --step``), as the report, the table and the chart say it."""
+    return f"snapshots sent in steps of {step_s:g} s" if step_s else "snapshots replayed exactly"
+
+
 def figures_of_outcome(day: RecordedDay, outcome: SimOutcome) -> Figures:
     """The staleness one simulated configuration would have had, by the same definition as the record's."""
     tick_us = max(1, int(day.stream_tick_s * 1e6))

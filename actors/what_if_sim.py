@@ -181,22 +181,15 @@ class DirectRef:
     For the worker's messages to the router and the queue, and the router's to the queue: the sender
     reaches its peer before it does anything else, which is one order the threads of the runtime may
     take (each sender's messages stay in the order sent, and the target handles one message at a time:
-    none of these targets tells its sender anything synchronously). An ask still gets its reply through
-    the sender's mailbox (the loop). What the base class's ``on_receive`` checks first cannot happen
-    here (a failed recovery, a commit confirmed later: the memory log is durable at once), so a told
-    message goes straight to ``handle_message``.
+    none of these targets tells its sender anything synchronously). Asks come only from the worker,
+    through :meth:`ask_then`. What the base class's ``on_receive`` checks first cannot happen here (a
+    failed recovery, a commit confirmed later: the memory log is durable at once), so a told message
+    goes straight to ``handle_message``.
     """
 
     def __init__(self, target: Any) -> None:
-        self._request = target._handle_request
-        self._message = target.handle_message
+        self.tell = target.handle_message
         self._command = target.handle_command
-
-    def tell(self, message: Any) -> None:
-        if type(message) is Request:
-            self._request(message)
-        else:
-            self._message(message)
 
     def ask_then(self, command: Any, reply: Settled, answer: _Answer) -> None:
         """:meth:`ReplayWorker._ask`: the target answers now, and the worker's step goes on with it at once.
