@@ -235,6 +235,9 @@ def _as_run(day: Any, config: Any) -> Any:
         lease_s=rt.lease_s,
         snapshot_timeout_s=config.ib.snapshot_timeout_s,
         as_run=True,
+        # a gateway's requests go through the IB actor's pacer; the demo's fake IB has none
+        pacing_per_s=config.ib.pacing_per_s if day.paced else None,
+        pacing_window_s=1.0 + config.ib.pacing_guard_s,
     )
 
 
@@ -279,6 +282,9 @@ def _report(day: Any, as_run: Any, check: Any, rows: list[Any]) -> dict[str, Any
             "line_limit_recorded": day.true_lines,
             "settings_recorded": bool(day.settings),
             "step_s": as_run.step_s,
+            # requests reach IB as the IB actor's pacer lets them leave (None: a demo day, the fake IB has none)
+            "pacing_per_s": as_run.pacing_per_s,
+            "pacing_window_s": as_run.pacing_window_s,
         },
         "faithfulness": check.to_json() | {"as_run": check.replayed.to_json()},
         "rows": [row.to_json() for row in rows],
@@ -293,6 +299,12 @@ def _ages(figures: dict[str, Any]) -> str:
     return f"{_fmt(figures['p50_s'])}/{_fmt(figures['p99_s'])}/{_fmt(figures['max_s'])}"
 
 
+def _pacing_words(period: dict[str, Any]) -> str:
+    if period["pacing_per_s"] is None:
+        return "; IB as the demo's fake IB (no pacer)"
+    return f"; requests paced as the IB actor sends them ({period['pacing_per_s']:g} in {period['pacing_window_s']:g} s)"
+
+
 def _print(report: dict[str, Any]) -> None:
     from actors.what_if_report import step_words
 
@@ -301,6 +313,7 @@ def _print(report: dict[str, Any]) -> None:
         f"what-if over {period['since']} .. {period['until']} ({period['duration_s']:g} s): {period['contracts']} contracts, "
         f"{period['snapshots_recorded']} snapshots recorded, IB's line limit {_fmt(period['line_limit_recorded'])}; "
         + step_words(period["step_s"])
+        + _pacing_words(period)
     )
     if not period["settings_recorded"]:
         print("note: this log predates recorded [freshness] settings; the config file's (or the defaults) stand in for them")

@@ -200,6 +200,7 @@ def figures_of_outcome(day: RecordedDay, outcome: SimOutcome) -> Figures:
         "max_snapshot_msgs_per_s": config.freshness.max_snapshot_msgs_per_s,
         "as_run": config.as_run,
         "step_s": config.step_s,
+        "pacing_per_s": config.pacing_per_s,
         "refusals_101": outcome.refusals_101,
         "line_limit_at_end": outcome.final_limit,
         **outcome.extra,

@@ -23,7 +23,16 @@ objects (never started as pykka actors) and driven by a discrete-event loop:
 * IB is :class:`ReplayingIb`: the account's true line count (a request
   beyond it gets 101, as IB answers), each contract's recorded snapshot
   latencies and outcomes in order, recorded farm blips, and the time no
-  runtime ran (a disconnect).
+  runtime ran (a disconnect);
+* on a day recorded against a real gateway, every request and cancel reaches
+  IB when the IB actor's pacer would let it leave (:class:`PacedWire`, the
+  rule of :class:`~actors.ib_pacing.Pacer`): a burst of subscribes (many
+  contracts activated at once, a resubscribe after a reset) reaches IB over
+  a second or more, behind the snapshot requests and cancels already in the
+  pacer, while open snapshots end and free their lines. That decides which
+  requests of a burst IB refuses with 101, and so how the router learns its
+  limit: from several refusals, as the runtime did, not from the first. The
+  demo's fake IB has no pacer, and a day it recorded is replayed without one.
 
 Nothing sleeps: a recorded trading day runs as fast as the decisions can be
 computed (``benchmarks/what_if.py``). IB's portfolio marks are replayed as the
@@ -40,6 +49,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
+import math
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -293,6 +303,10 @@ class SimConfig:
     #: moment its token is there (0, the default: replay exactly so; docs/audit.md, "What-if"). The bucket
     #: holds a second's worth, so a step past 1 s sends no more together than 1 s does.
     step_s: float = 0.0
+    #: The IB actor's pacer (``[ib] pacing_per_s``), None for a day the demo's fake IB recorded (no pacer).
+    pacing_per_s: float | None = None
+    #: Its window: 1 s plus ``[ib] pacing_guard_s``.
+    pacing_window_s: float = 1.1
 
     @property
     def batch(self) -> int:
@@ -321,19 +335,66 @@ class SimOutcome:
         return sum(self.asked.values())
 
 
+class PacedWire:
+    """When a message handed to the IB actor's pacer leaves for IB: :class:`~actors.ib_pacing.Pacer`'s rule.
+
+    The pacer sends in the order it was given, at most ``limit`` messages in
+    any ``window_s``, and never drops one: a message leaves at the latest of
+    now, the message before it, and the moment the ``limit``-th send before
+    it leaves the window. Worked out when the message is handed over (O(1))
+    instead of by a timer, as nothing the replay sends is withdrawn once
+    queued except by a disconnect (:meth:`clear`). A unit test holds the two
+    to the same departure times.
+    """
+
+    def __init__(self, rate: float, window_s: float) -> None:
+        self.limit = max(1, int(rate))  # as Pacer: a fraction of a message is no message
+        self.window_s = window_s
+        #: Departure times still inside a window that ends now or later, in order (the latest may be queued).
+        self._sent: deque[float] = deque()
+        self._last = -math.inf
+
+    def depart(self, now: float) -> float:
+        """Hand one message over at ``now``; the time it leaves."""
+        sent, window = self._sent, self.window_s
+        while sent and sent[0] + window <= now:  # out of every window from now on (Pacer drops them so too)
+            sent.popleft()
+        at = now if now > self._last else self._last
+        if len(sent) >= self.limit:
+            free = sent[-self.limit] + window
+            if free > at:
+                at = free
+        sent.append(at)
+        self._last = at
+        return at
+
+    def clear(self, now: float) -> None:
+        """The socket went down: what was still queued never leaves (Pacer.clear); what left still counts."""
+        sent = self._sent
+        while sent and sent[-1] > now:
+            sent.pop()
+        self._last = sent[-1] if sent else -math.inf
+
+
 class ReplayingIb:
     """IB as the record says it behaved: a true line count, recorded snapshot latencies, blips and outages."""
 
-    def __init__(self, loop: SimLoop, day: RecordedDay, true_lines: int, snapshot_timeout_s: float) -> None:
+    def __init__(
+        self, loop: SimLoop, day: RecordedDay, true_lines: int, snapshot_timeout_s: float, wire: PacedWire | None = None
+    ) -> None:
         self.loop = loop
         self.true_lines = true_lines
         self.timeout_s = snapshot_timeout_s
+        #: The IB actor's pacer between the runtime and IB (None: the demo's fake IB, which answers at once).
+        self.wire = wire
         self.router: SimRef | None = None
         self.connected = True
         self.streams: dict[int, float] = {}  # conid -> subscribed at
         self.ticking: dict[int, float] = {}  # conid -> first tick at
         #: Snapshots IB has not answered yet: the worker's answer -> conid (a disconnect answers them all).
         self.open_snapshots: dict[_Answer, int] = {}
+        #: Snapshot requests still in the pacer: the worker's answer -> conid (no line yet; a disconnect drops them).
+        self.queued_snapshots: dict[_Answer, int] = {}
         #: conid -> snapshot requests that reached IB.
         self.asked: Counter[int] = Counter()
         self.refusals_101 = 0
@@ -352,13 +413,37 @@ class ReplayingIb:
     def lines_used(self) -> int:
         return len(self.streams) + len(self.open_snapshots)
 
+    def _send(self, arrive: Callable[[Any], None], arg: Any) -> None:
+        """A request or cancel reaches IB (``arrive``) when the pacer lets it leave: now, or later on the loop."""
+        wire, now = self.wire, self.loop.now
+        at = now if wire is None else wire.depart(now)
+        if at <= now:
+            arrive(arg)
+        else:
+            self.loop.at(at, self._arrives, (self._epoch, arrive, arg))
+
+    def _arrives(self, sent: tuple[int, Callable[[Any], None], Any]) -> None:
+        epoch, arrive, arg = sent
+        if epoch == self._epoch:  # else it was still in the pacer when the socket went down: it never left
+            arrive(arg)
+
+    def _cancel_snapshot(self) -> None:
+        """The IB actor cancels an answered snapshot at IB: the cancel takes its place in the pacer.
+
+        Its line is counted free from the answer on, as before the pacer was modelled: IB publishes no rule
+        on when an answered snapshot stops holding one, and the TWS simulator's ends with its
+        tickSnapshotEnd, just after the quote, without waiting for the cancel.
+        """
+        if self.wire is not None:
+            self.wire.depart(self.loop.now)
+
     def on_receive(self, message: Any) -> None:
         if isinstance(message, Request):  # snapshots come through ask_then (ReplayWorker)
             message.reply.set_exception(TypeError(f"what-if IB takes no {type(message.command).__name__} request"))
             return
         match message:
             case Subscribe(conid=conid):
-                self._subscribe(conid)
+                self._send(self._subscribe, conid)
             case Unsubscribe(conid=conid):
                 self._unsubscribe(conid)
             case _:
@@ -391,6 +476,12 @@ class ReplayingIb:
         self.loop.at(leaves, self._cancel_leaves, (conid, since))
 
     def _cancel_leaves(self, arg: tuple[int, float]) -> None:
+        """The stream is old enough: the IB actor hands its cancel to the pacer, and IB ends it when it comes."""
+        conid, since = arg
+        if self.streams.get(conid) == since:
+            self._send(self._cancel_arrives, arg)
+
+    def _cancel_arrives(self, arg: tuple[int, float]) -> None:
         conid, since = arg
         if self.streams.get(conid) != since:
             return
@@ -418,6 +509,20 @@ class ReplayingIb:
             self.asked_while_down += 1
             self._answer_later(reply, answer, conid, IbErrorKind.DISCONNECTED, None)
             return
+        now = self.loop.now
+        at = now if self.wire is None else self.wire.depart(now)
+        if at > now:
+            self.queued_snapshots[answer] = conid
+            self.loop.at(at, self._snapshot_leaves, (conid, reply, answer, now + self.timeout_s))
+        else:
+            self._snapshot_arrives(conid, reply, answer, now + self.timeout_s)
+
+    def _snapshot_leaves(self, arg: tuple[int, Settled, _Answer, float]) -> None:
+        conid, reply, answer, deadline = arg
+        if self.queued_snapshots.pop(answer, None) is not None:  # else a disconnect dropped it from the pacer
+            self._snapshot_arrives(conid, reply, answer, deadline)
+
+    def _snapshot_arrives(self, conid: int, reply: Settled, answer: _Answer, deadline: float) -> None:
         self.asked[conid] += 1
         if self.lines_used() >= self.true_lines:
             self.refusals_101 += 1
@@ -425,9 +530,11 @@ class ReplayingIb:
             return
         sample = next(self._samples.get(conid, self._fallback))
         self.open_snapshots[answer] = conid
-        if sample.latency_s > self.timeout_s:  # the IB actor gives up at its timeout: no quote, an attempt counted
-            sample = SnapshotSample(self.timeout_s, "failed", None)
-        self.loop.at(self.loop.now + sample.latency_s, self._snapshot_ends, (conid, reply, answer, sample, self._epoch))
+        now = self.loop.now
+        # the IB actor's deadline counts from before the request entered the pacer
+        if now + sample.latency_s > deadline:  # it gives up then: no quote, an attempt counted
+            sample = SnapshotSample(max(0.0, deadline - now), "failed", None)
+        self.loop.at(now + sample.latency_s, self._snapshot_ends, (conid, reply, answer, sample, self._epoch))
 
     def _snapshot_ends(self, arg: tuple[int, Settled, _Answer, SnapshotSample, int]) -> None:
         conid, reply, answer, sample, epoch = arg
@@ -437,9 +544,14 @@ class ReplayingIb:
         if self._in_blip(self.loop.now):
             self._answer(reply, answer, conid, IbErrorKind.DATA_INTERRUPTED, 10182)
         elif sample.outcome == "ok":
+            if self.wire is not None:  # answered at its first quote and cancelled at IB then (_cancel_snapshot)
+                self.wire.depart(self.loop.now)
             update = MarketUpdate(conid=conid, source="queue", ts_us=self.loop.clock_us(), delta=self._deltas.get(conid))
             reply.value = SnapshotResult(updates=[update])
             answer.step(answer)
+        elif sample.outcome == "failed" and sample.code is None:
+            self._cancel_snapshot()  # timed out: the IB actor cancels it at IB
+            self._answer(reply, answer, conid, IbErrorKind.TIMEOUT, None)
         else:
             kind = classify_ib_code(sample.code) if sample.code is not None else IbErrorKind.TIMEOUT
             self._answer(reply, answer, conid, kind, sample.code)
@@ -468,13 +580,16 @@ class ReplayingIb:
             return
         self.connected = False
         self._epoch += 1
+        if self.wire is not None:
+            self.wire.clear(self.loop.now)
         for conid in list(self.streams):
             self._end_stream(conid)
         # told first: the worker knows IB is gone before it reads the answers the disconnect cut, and asks nothing more
         for peer in peers:
             peer.tell(ConnectionStateChanged(state=ConnectionState.DISCONNECTED, detail="what-if: runtime down"))
         # as the IB actor does: every open snapshot fails "disconnected" (its item goes back without an attempt)
-        cut, self.open_snapshots = self.open_snapshots, {}
+        cut, self.open_snapshots = self.open_snapshots | self.queued_snapshots, {}
+        self.queued_snapshots = {}
         for answer, conid in cut.items():
             self._answer_later(answer.future, answer, conid, IbErrorKind.DISCONNECTED, None)  # type: ignore[arg-type]
 
@@ -517,7 +632,8 @@ def _simulate(day: RecordedDay, config: SimConfig) -> SimOutcome:
     log = MemoryLog()
     recorder = _Recorder()
     handlers: HandlerSet = recorder  # type: ignore[assignment]  # publish() is all the actors use
-    ib = ReplayingIb(loop, day, config.true_lines, config.snapshot_timeout_s)
+    wire = None if config.pacing_per_s is None else PacedWire(config.pacing_per_s, config.pacing_window_s)
+    ib = ReplayingIb(loop, day, config.true_lines, config.snapshot_timeout_s, wire)
     ib_ref = SimRef(loop, ib)
 
     queue = QueueActor(

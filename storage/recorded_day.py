@@ -149,6 +149,9 @@ class RecordedDay:
     portfolio: dict[int, np.ndarray] = field(default_factory=dict)
     #: The usual gap between a stream's rows (one row per contract per positions flush).
     stream_tick_s: float = 1.0
+    #: The run talked to a gateway through the IB actor's pacer (``runtime.py run``); False for the demo,
+    #: whose fake IB answers at once (``RuntimeStarted.mode`` "demo").
+    paced: bool = True
     #: conid -> [(start_us, end_us)] while the router held a stream for it (its decisions, as recorded).
     streamed: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     #: Snapshots the worker claimed in the period (one request each).
@@ -233,6 +236,7 @@ def read_recorded_day(
         quotes=quotes,
         portfolio=portfolio,
         stream_tick_s=stream_tick_s,
+        paced=reader.paced,
         streamed=_without(reader.stream_periods(end_us), down),
         snapshots_claimed=reader.claimed,
         seq_before_start=seq_before_start,
@@ -251,6 +255,7 @@ class _LogReader:
         self.last_us = 0
         self.max_lines = 0
         self.settings: dict[str, float] = {}
+        self.paced = True
         self._config_fixed = False
         self.learned: int | None = None
         self.learned_at_start: int | None = None
@@ -290,6 +295,7 @@ class _LogReader:
                     self.first_run_us = ts_us
                 if not self._config_fixed:  # the run in effect at the start (or the first after it) is "as run"
                     self.max_lines = event.max_lines
+                    self.paced = event.mode != "demo"
                     self.settings = dict(event.freshness)
                     self._config_fixed = started
                 if started and self.down and self.down[-1][0] == self.down[-1][1]:

@@ -145,6 +145,7 @@ def test_the_table_prints_the_faithfulness_check_first(recorded: tuple[Path, Pat
     result = _what_if(recorded, "--max-lines", "15,60", "--monitoring-s", "5,10")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
+    assert lines[0].endswith("; IB as the demo's fake IB (no pacer)")  # the demo's requests were never paced
     assert lines[1].startswith("faithfulness")
     assert "faithful" in lines[1]
     assert lines[2].lstrip().startswith("p99 age of active contracts")

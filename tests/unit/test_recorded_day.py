@@ -87,3 +87,13 @@ def test_snapshots_the_connection_cut_are_the_outage_not_farm_blips() -> None:
     ]:
         reader.take(t * S, ItemReleased(item_id=item_id, conid=1, detail=detail))
     assert reader.interruptions == [13 * S, 14 * S]
+
+
+def test_a_day_run_against_a_gateway_is_paced_and_a_demo_day_is_not() -> None:
+    """The IB actor paces what it sends a gateway; the demo's fake IB answers at once. The run in effect when the
+    period starts decides how the replay sends (a later run of the other kind does not change it)."""
+    for mode, paced in (("run", True), ("demo", False)):
+        reader = _LogReader(None)
+        reader.take(0, RuntimeStarted(writer_id="w", pid=1, host="h", mode=mode))
+        reader.take(50 * S, RuntimeStarted(writer_id="w", pid=2, host="h", mode="demo" if paced else "run"))
+        assert reader.paced is paced
