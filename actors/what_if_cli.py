@@ -278,6 +278,7 @@ def _report(day: Any, as_run: Any, check: Any, rows: list[Any]) -> dict[str, Any
             "registry_changes": len(day.active_changes),
             "snapshots_recorded": day.snapshots_recorded,
             "interruptions": len(day.interruptions_us),
+            "snapshot_rate_refusals": len(day.rate_limited_us),
             "down_s": round(sum(b - a for a, b in day.down) / 1e6, 1),
             "line_limit_recorded": day.true_lines,
             "settings_recorded": bool(day.settings),

@@ -91,6 +91,8 @@ __all__ = ["MemoryLog", "ReplayingIb", "SimConfig", "SimLoop", "SimOutcome", "Si
 DEFAULT_SNAPSHOT_S = 1.0
 #: A farm blip recorded at t cuts the snapshots that end within this many seconds of t.
 BLIP_WINDOW_S = 1.0
+#: A recorded 321 (snapshot rate exceeded) refuses the first snapshot request reaching IB this soon after it.
+RATE_LIMIT_WINDOW_S = 1.0
 #: How often the replaying IB tells the router that its streams still tick (the router's view of their age).
 STREAM_HEARTBEAT_S = 5.0
 #: The IB actor's minimum stream age before a cancel leaves (events.ib.IbSettings.min_stream_age_s).
@@ -405,6 +407,11 @@ class ReplayingIb:
         everyone = [s for samples in day.snapshots.values() for s in samples if s.outcome == "ok"]
         self._fallback = itertools.cycle(everyone or [SnapshotSample(DEFAULT_SNAPSHOT_S, "ok")])
         self._blips = [(ts_us - day.start_us) / 1e6 for ts_us in sorted(day.interruptions_us)]
+        #: When IB refused a snapshot for the request rate (321): each refuses the first snapshot request that
+        #: reaches IB within RATE_LIMIT_WINDOW_S after it (none comes that soon: IB saw no burst to refuse).
+        self._rate_limited = deque((ts_us - day.start_us) / 1e6 for ts_us in sorted(day.rate_limited_us))
+        #: Snapshots answered 321 from the record.
+        self.refusals_321 = 0
         self._deltas = {c.conid: c.delta for c in day.contracts}
         self._epoch = 0  # bumped at every disconnect: answers of an older connection are void
 
@@ -517,6 +524,15 @@ class ReplayingIb:
         else:
             self._snapshot_arrives(conid, reply, answer, now + self.timeout_s)
 
+    def _refused_for_rate(self) -> bool:
+        """A recorded 321 is due: this request takes it, unless it came too long after (then it is dropped)."""
+        due, now = self._rate_limited, self.loop.now
+        while due and due[0] <= now:
+            if now - due.popleft() <= RATE_LIMIT_WINDOW_S:
+                self.refusals_321 += 1
+                return True
+        return False
+
     def _snapshot_leaves(self, arg: tuple[int, Settled, _Answer, float]) -> None:
         conid, reply, answer, deadline = arg
         if self.queued_snapshots.pop(answer, None) is not None:  # else a disconnect dropped it from the pacer
@@ -524,6 +540,9 @@ class ReplayingIb:
 
     def _snapshot_arrives(self, conid: int, reply: Settled, answer: _Answer, deadline: float) -> None:
         self.asked[conid] += 1
+        if self._rate_limited and self._rate_limited[0] <= self.loop.now and self._refused_for_rate():
+            self._answer_later(reply, answer, conid, IbErrorKind.SNAPSHOT_RATE_LIMITED, 321)
+            return
         if self.lines_used() >= self.true_lines:
             self.refusals_101 += 1
             self._answer_later(reply, answer, conid, IbErrorKind.MAX_TICKERS, 101)
@@ -730,7 +749,7 @@ def _simulate(day: RecordedDay, config: SimConfig) -> SimOutcome:
         loop_steps=loop.steps,
         final_limit=router.ledger.limit,
         asked=dict(ib.asked),
-        extra={"asked_while_down": ib.asked_while_down},
+        extra={"asked_while_down": ib.asked_while_down, "refusals_321": ib.refusals_321},
     )
 
 

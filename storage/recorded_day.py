@@ -149,6 +149,9 @@ class RecordedDay:
     portfolio: dict[int, np.ndarray] = field(default_factory=dict)
     #: The usual gap between a stream's rows (one row per contract per positions flush).
     stream_tick_s: float = 1.0
+    #: When IB refused a snapshot for the rate of snapshot requests (321 "Snapshot requests limitation
+    #: exceeded", released "rate_limited: 321"): the worker halved its rate then, and the replay's does too.
+    rate_limited_us: list[int] = field(default_factory=list)
     #: The run talked to a gateway through the IB actor's pacer (``runtime.py run``); False for the demo,
     #: whose fake IB answers at once (``RuntimeStarted.mode`` "demo").
     paced: bool = True
@@ -237,6 +240,7 @@ def read_recorded_day(
         portfolio=portfolio,
         stream_tick_s=stream_tick_s,
         paced=reader.paced,
+        rate_limited_us=reader.rate_limited,
         streamed=_without(reader.stream_periods(end_us), down),
         snapshots_claimed=reader.claimed,
         seq_before_start=seq_before_start,
@@ -265,6 +269,7 @@ class _LogReader:
         self.claims: dict[int, tuple[int, int]] = {}  # item id -> (claimed at, conid)
         self.samples: dict[int, list[SnapshotSample]] = defaultdict(list)
         self.interruptions: list[int] = []
+        self.rate_limited: list[int] = []
         self.down: list[tuple[int, int]] = []
         #: IB outages while a runtime ran (closed periods), and the start of the one under way.
         self.ib_down: list[tuple[int, int]] = []
@@ -353,6 +358,8 @@ class _LogReader:
                 self.claims.pop(i, None)
                 if started and detail.startswith("interrupted") and not _connection_lost(detail):
                     self.interruptions.append(ts_us)
+                elif started and detail.startswith("rate_limited"):
+                    self.rate_limited.append(ts_us)
             case _:
                 pass
 

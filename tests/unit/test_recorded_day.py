@@ -97,3 +97,15 @@ def test_a_day_run_against_a_gateway_is_paced_and_a_demo_day_is_not() -> None:
         reader.take(0, RuntimeStarted(writer_id="w", pid=1, host="h", mode=mode))
         reader.take(50 * S, RuntimeStarted(writer_id="w", pid=2, host="h", mode="demo" if paced else "run"))
         assert reader.paced is paced
+
+
+def test_a_snapshot_ib_refused_for_the_request_rate_is_kept_with_its_time() -> None:
+    """321 "Snapshot requests limitation exceeded": the worker released the item and halved its rate. The
+    replay refuses a request at each such time, so its worker slows down when the runtime's did."""
+    reader = _LogReader(None)
+    reader.take(0, _started())
+    reader.take(5 * S, ItemReleased(item_id=1, conid=1, detail="rate_limited: 321"))
+    reader.take(6 * S, ItemReleased(item_id=2, conid=1, detail="refused: 101"))
+    reader.take(7 * S, ItemReleased(item_id=3, conid=1, detail="interrupted: 10182"))
+    assert reader.rate_limited == [5 * S]
+    assert reader.interruptions == [7 * S]

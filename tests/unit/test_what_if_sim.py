@@ -360,3 +360,19 @@ def test_snapshot_requests_still_in_the_pacer_at_a_disconnect_are_answered_and_n
     assert len(answers) == 50
     assert {a.failures[0].kind for a in answers} == {IbErrorKind.DISCONNECTED}
     assert sum(ib.asked.values()) == 10
+
+
+def test_a_recorded_321_refuses_a_snapshot_then_and_the_replayed_worker_slows_down_as_the_runtimes_did() -> None:
+    """IB refused snapshots for their rate at three moments of the day (321, released "rate_limited"): the replay
+    refuses the first request reaching IB within a second after each, and the worker halves its rate each time, so
+    fewer snapshots go out than on the same day without them. A 321 recorded while no snapshot is asked (here,
+    during an outage) finds none within its second and is dropped."""
+    plain = _day(seconds=120.0, contracts=200)
+    limited = _day(seconds=120.0, contracts=200, down=[(START_US + 90_000_000, START_US + 100_000_000)])
+    limited.rate_limited_us = [START_US + int(t * 1e6) for t in (20.0, 40.0, 60.0, 95.0)]
+    plain.down = limited.down
+    config = _config(max_lines=60, true_lines=60, monitoring_s=5.0, max_snapshot_msgs_per_s=20.0)
+    without, with_321 = simulate(plain, config), simulate(limited, config)
+    assert without.extra["refusals_321"] == 0
+    assert with_321.extra["refusals_321"] == 3
+    assert with_321.snapshots_sent < without.snapshots_sent - 50  # three halvings, each held rate_limit_hold_s
