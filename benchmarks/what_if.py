@@ -1,6 +1,6 @@
 """What-if replay speed: a trading day (6.5 h, 500 contracts, 100 lines) re-run per configuration.
 
-    python benchmarks/what_if.py [--json] [--hours 6.5] [--contracts 500] [--actives 50] [--lines 60,100,200]
+    python benchmarks/what_if.py [--json] [--hours 6.5] [--contracts 500] [--actives 50] [--lines 60,100,200] [--step S] [--demo]
 
 The recorded day is built in memory (the ``RecordedDay`` that
 ``storage.recorded_day`` reads from a data directory), so the figure is the
@@ -12,7 +12,9 @@ on and off every 10 minutes, snapshot latencies of 0.2-4 s (uniform, per
 contract, recorded in order), 1% of the contracts without a market data
 subscription (354), a farm blip every hour and one 5-minute disconnect. The
 account's IB limit is the configuration's line count; the runtime knew its
-limit at the start (a restart keeps it).
+limit at the start (a restart keeps it). The day is a gateway's: requests
+reach IB through the IB actor's pacer (``[ib] pacing_per_s``); ``--demo``
+replays it as the demo's fake IB, without one.
 
 Reported per configuration: wall and CPU seconds of the replay, snapshots
 requested, loop steps, CPU µs per snapshot, and the p99 ages it found.
@@ -36,6 +38,7 @@ import numpy as np
 
 from actors.what_if_report import figures_of_outcome
 from actors.what_if_sim import SimConfig, simulate
+from events.ib import IbSettings
 from storage.recorded_day import ActiveChange, RecordedContract, RecordedDay, SnapshotSample
 
 START_US = 1_780_000_000_000_000  # a Tuesday, 2026-05-28 20:26 UTC; only differences matter
@@ -98,11 +101,20 @@ def main() -> int:
     p.add_argument("--actives", type=int, default=50)
     p.add_argument("--lines", default="60,100,200")
     p.add_argument("--step", type=float, default=0.0, help="the replayed worker's step in seconds (what-if --step; 0, the default: exact)")
+    p.add_argument("--demo", action="store_true", help="replay as a demo day: no IB actor's pacer (default: a gateway's day, paced)")
     args = p.parse_args()
     day = trading_day(args.hours, args.contracts, args.actives)
     rows: list[dict[str, Any]] = []
     for lines in (int(x) for x in args.lines.split(",")):
-        config = SimConfig(label=f"{lines} lines", max_lines=lines, true_lines=lines, learned_at_start=lines, step_s=args.step)
+        config = SimConfig(
+            label=f"{lines} lines",
+            max_lines=lines,
+            true_lines=lines,
+            learned_at_start=lines,
+            step_s=args.step,
+            pacing_per_s=None if args.demo else IbSettings().pacing_per_s,
+            pacing_window_s=1.0 + IbSettings().pacing_guard_s,
+        )
         wall, cpu = time.perf_counter(), time.process_time()
         outcome = simulate(day, config)
         figures = figures_of_outcome(day, outcome)
@@ -129,6 +141,7 @@ def main() -> int:
         "contracts": args.contracts,
         "actives": args.actives,
         "step_s": args.step,
+        "paced": not args.demo,
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "configs": rows,
         "replay_s": max(r["replay_s"] for r in rows),
