@@ -67,6 +67,7 @@ from actors.router import ActiveAtStart, RouterSettings, RouterTick, StreamRoute
 from actors.worker import QueueWorker, WorkerSettings, _Answer
 from events.base import Event
 from events.ib import (
+    TERMINAL_KINDS,
     ConnectionState,
     ConnectionStateChanged,
     IbErrorKind,
@@ -412,6 +413,19 @@ class ReplayingIb:
         self._rate_limited = deque((ts_us - day.start_us) / 1e6 for ts_us in sorted(day.rate_limited_us))
         #: Snapshots answered 321 from the record.
         self.refusals_321 = 0
+        #: Contracts whose every stream IB refused for good (no subscription, no such contract): conid -> code.
+        self._refused_for_good: dict[int, int] = {}
+        #: conid -> [(s, code)] refusals that passed (a competing session, 10197): each refuses one subscribe near it.
+        self._refused_at: dict[int, list[tuple[float, int]]] = {}
+        for conid, refusals in day.stream_refusals.items():
+            for ts_us, code in refusals:
+                if classify_ib_code(code) in TERMINAL_KINDS:
+                    self._refused_for_good[conid] = code
+                else:
+                    self._refused_at.setdefault(conid, []).append(((ts_us - day.start_us) / 1e6, code))
+            if conid in self._refused_for_good and not day.snapshots.get(conid):
+                # never snapshotted in the record: IB would have refused a snapshot the same way
+                self._samples[conid] = itertools.cycle([SnapshotSample(0.0, "terminal", self._refused_for_good[conid])])
         self._deltas = {c.conid: c.delta for c in day.contracts}
         self._epoch = 0  # bumped at every disconnect: answers of an older connection are void
 
@@ -459,6 +473,10 @@ class ReplayingIb:
     def _subscribe(self, conid: int) -> None:
         if not self.connected or conid in self.streams:
             return  # down: the router resubmits on reconnect; already streaming: IB ignores the duplicate
+        code = self._refusal(conid)
+        if code is not None:
+            self._tell_router(StreamEnded(conid=conid, reason="refused", code=code, ts_us=self.loop.clock_us()))
+            return
         if self.lines_used() >= self.true_lines:
             self.refusals_101 += 1
             self._tell_router(StreamEnded(conid=conid, reason="refused", code=101, ts_us=self.loop.clock_us()))
@@ -466,6 +484,18 @@ class ReplayingIb:
         now = self.loop.now
         self.streams[conid] = now
         self.loop.at(now + FIRST_TICK_S, self._first_tick, (conid, now))
+
+    def _refusal(self, conid: int) -> int | None:
+        """The code IB refused this contract's stream with in the record, if it would refuse it now."""
+        code = self._refused_for_good.get(conid)
+        if code is not None or conid not in self._refused_at:
+            return code
+        now, refusals = self.loop.now, self._refused_at[conid]
+        for i, (at, code) in enumerate(refusals):
+            if abs(at - now) <= BLIP_WINDOW_S:
+                del refusals[i]  # each recorded refusal refuses one request
+                return code
+        return None
 
     def _first_tick(self, arg: tuple[int, float]) -> None:
         conid, since = arg

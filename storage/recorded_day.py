@@ -152,6 +152,9 @@ class RecordedDay:
     #: When IB refused a snapshot for the rate of snapshot requests (321 "Snapshot requests limitation
     #: exceeded", released "rate_limited: 321"): the worker halved its rate then, and the replay's does too.
     rate_limited_us: list[int] = field(default_factory=list)
+    #: conid -> [(ts_us, code)]: IB refused its stream for a reason other than the line count (no market data
+    #: subscription 354/10089/10168, a competing live session 10197, ...; ``StreamDemoted.code``).
+    stream_refusals: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     #: The run talked to a gateway through the IB actor's pacer (``runtime.py run``); False for the demo,
     #: whose fake IB answers at once (``RuntimeStarted.mode`` "demo").
     paced: bool = True
@@ -241,6 +244,7 @@ def read_recorded_day(
         stream_tick_s=stream_tick_s,
         paced=reader.paced,
         rate_limited_us=reader.rate_limited,
+        stream_refusals=dict(reader.stream_refusals),
         streamed=_without(reader.stream_periods(end_us), down),
         snapshots_claimed=reader.claimed,
         seq_before_start=seq_before_start,
@@ -270,6 +274,7 @@ class _LogReader:
         self.samples: dict[int, list[SnapshotSample]] = defaultdict(list)
         self.interruptions: list[int] = []
         self.rate_limited: list[int] = []
+        self.stream_refusals: dict[int, list[tuple[int, int]]] = defaultdict(list)
         self.down: list[tuple[int, int]] = []
         #: IB outages while a runtime ran (closed periods), and the start of the one under way.
         self.ib_down: list[tuple[int, int]] = []
@@ -337,6 +342,9 @@ class _LogReader:
             case StreamStarted(conid=c) | StreamPromoted(conid=c):
                 self.streaming.setdefault(c, ts_us)
             case StreamDemoted(conid=c) | StreamStopped(conid=c):
+                code = getattr(event, "code", None)  # IB refused the stream: replayed as it refused it (101 aside)
+                if started and code is not None and code != _MAX_TICKERS:
+                    self.stream_refusals[c].append((ts_us, code))
                 begun = self.streaming.pop(c, None)
                 if begun is not None:
                     self.streamed[c].append((begun, ts_us))
@@ -411,6 +419,9 @@ class _LogReader:
         if claimed is not None:
             self.samples[claimed[1]].append(SnapshotSample(max(0.0, (ts_us - claimed[0]) / 1e6), outcome, code))
 
+
+#: IB's "max number of tickers": the replayed IB decides those by its own line count.
+_MAX_TICKERS = 101
 
 #: Snapshots these end were cut by the connection, which the log records as an outage (ib.connection_state).
 _CONNECTION_KINDS = frozenset({IbErrorKind.DISCONNECTED, IbErrorKind.CONNECTIVITY_LOST, IbErrorKind.RESTORED_DATA_LOST})

@@ -10,6 +10,7 @@ from events.base import Event
 from events.ib import ConnectionState, ConnectionStateChanged
 from events.log import RuntimeStarted, RuntimeStopped
 from events.queue import ItemClaimed, ItemReleased
+from events.router import StreamDemoted, StreamStarted
 from storage.recorded_day import _LogReader
 
 S = 1_000_000  # µs
@@ -109,3 +110,14 @@ def test_a_snapshot_ib_refused_for_the_request_rate_is_kept_with_its_time() -> N
     reader.take(7 * S, ItemReleased(item_id=3, conid=1, detail="interrupted: 10182"))
     assert reader.rate_limited == [5 * S]
     assert reader.interruptions == [7 * S]
+
+
+def test_a_stream_ib_refused_for_a_reason_other_than_lines_is_kept_with_its_code() -> None:
+    """No subscription (10168) or a competing session (10197) refused the stream, and the replayed IB refuses it
+    so too; a 101 is the line count's, which the replayed IB decides by itself, and a shed stream has no code."""
+    reader = _LogReader(None)
+    reader.take(0, _started())
+    for t, conid, code in [(1, 7, 10168), (2, 8, 101), (3, 9, None), (4, 7, 10197)]:
+        reader.take(t * S, StreamStarted(conid=conid, reason="activated", lines_in_use=1, budget=10))
+        reader.take(t * S + 1, StreamDemoted(conid=conid, code=code, reason="refused"))
+    assert dict(reader.stream_refusals) == {7: [(1 * S + 1, 10168), (4 * S + 1, 10197)]}

@@ -376,3 +376,18 @@ def test_a_recorded_321_refuses_a_snapshot_then_and_the_replayed_worker_slows_do
     assert without.extra["refusals_321"] == 0
     assert with_321.extra["refusals_321"] == 3
     assert with_321.snapshots_sent < without.snapshots_sent - 50  # three halvings, each held rate_limit_hold_s
+
+
+def test_a_stream_ib_refused_for_good_is_refused_in_the_replay_and_a_competing_session_only_near_its_time() -> None:
+    """Contract 1000 had no market data subscription (10168 on its stream, and it was never snapshotted): the
+    replayed IB refuses its streams and its snapshots, and it stays unpriced, as in the record. Contract 1001 met a
+    competing live session (10197) once, when it was activated: that request is refused, and a later one is not."""
+    day = _day(seconds=120.0, contracts=10)
+    day.active_changes = [ActiveChange(START_US + 5_000_000, c, "s", kind) for c in (1000, 1001) for kind in ("leg_added", "activated")]
+    day.stream_refusals = {1000: [(START_US + 5_100_000, 10168)], 1001: [(START_US + 5_100_000, 10197)]}
+    day.snapshots = {c: s for c, s in day.snapshots.items() if c != 1000}
+    outcome = simulate(day, _config(max_lines=30, true_lines=30))
+    assert 1000 not in outcome.streamed
+    assert 1000 not in outcome.quotes  # never priced: no stream, every snapshot refused for good
+    assert outcome.asked[1000] >= 1
+    assert outcome.streamed[1001][0][0] > START_US + 6_000_000  # streamed, after the refused first request
