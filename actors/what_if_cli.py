@@ -216,6 +216,7 @@ def _as_run(day: Any, config: Any) -> Any:
     """The configuration the record says was running; [freshness] from the config where the log predates it."""
     import msgspec
 
+    from actors.fake_ib import FakeIbSettings
     from actors.what_if_sim import SimConfig
 
     fresh, rt = config.freshness, config.runtime
@@ -238,6 +239,7 @@ def _as_run(day: Any, config: Any) -> Any:
         # a gateway's requests go through the IB actor's pacer; the demo's fake IB has none
         pacing_per_s=config.ib.pacing_per_s if day.paced else None,
         pacing_window_s=1.0 + config.ib.pacing_guard_s,
+        min_stream_age_s=config.ib.min_stream_age_s if day.paced else FakeIbSettings().min_stream_age_s,
     )
 
 

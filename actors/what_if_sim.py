@@ -310,6 +310,8 @@ class SimConfig:
     pacing_per_s: float | None = None
     #: Its window: 1 s plus ``[ib] pacing_guard_s``.
     pacing_window_s: float = 1.1
+    #: How long a stream is kept before its cancel is sent (``[ib] min_stream_age_s``; the demo's fake IB: 0).
+    min_stream_age_s: float = MIN_STREAM_AGE_S
 
     @property
     def batch(self) -> int:
@@ -345,9 +347,11 @@ class PacedWire:
     any ``window_s``, and never drops one: a message leaves at the latest of
     now, the message before it, and the moment the ``limit``-th send before
     it leaves the window. Worked out when the message is handed over (O(1))
-    instead of by a timer, as nothing the replay sends is withdrawn once
-    queued except by a disconnect (:meth:`clear`). A unit test holds the two
-    to the same departure times.
+    instead of by a timer. Nothing is withdrawn once queued except by a
+    disconnect (:meth:`clear`): a snapshot request still queued at its
+    deadline, which the IB actor withdraws, keeps its place here (it matters
+    only with the pacer a whole snapshot timeout behind). A unit test holds
+    the two to the same departure times.
     """
 
     def __init__(self, rate: float, window_s: float) -> None:
@@ -383,16 +387,26 @@ class ReplayingIb:
     """IB as the record says it behaved: a true line count, recorded snapshot latencies, blips and outages."""
 
     def __init__(
-        self, loop: SimLoop, day: RecordedDay, true_lines: int, snapshot_timeout_s: float, wire: PacedWire | None = None
+        self,
+        loop: SimLoop,
+        day: RecordedDay,
+        true_lines: int,
+        snapshot_timeout_s: float,
+        wire: PacedWire | None = None,
+        min_stream_age_s: float = MIN_STREAM_AGE_S,
     ) -> None:
         self.loop = loop
         self.true_lines = true_lines
         self.timeout_s = snapshot_timeout_s
+        #: The IB actor's minimum stream age before it sends a cancel (``[ib] min_stream_age_s``).
+        self.min_stream_age_s = min_stream_age_s
         #: The IB actor's pacer between the runtime and IB (None: the demo's fake IB, which answers at once).
         self.wire = wire
         self.router: SimRef | None = None
         self.connected = True
         self.streams: dict[int, float] = {}  # conid -> subscribed at
+        #: Subscribes still in the pacer: conid -> an Unsubscribe came meanwhile (cancelled once IB has it).
+        self._subscribing: dict[int, bool] = {}
         self.ticking: dict[int, float] = {}  # conid -> first tick at
         #: Snapshots IB has not answered yet: the worker's answer -> conid (a disconnect answers them all).
         self.open_snapshots: dict[_Answer, int] = {}
@@ -464,11 +478,29 @@ class ReplayingIb:
             return
         match message:
             case Subscribe(conid=conid):
-                self._send(self._subscribe, conid)
+                self._subscribe_sent(conid)
             case Unsubscribe(conid=conid):
                 self._unsubscribe(conid)
             case _:
                 pass
+
+    def _subscribe_sent(self, conid: int) -> None:
+        """The IB actor hands a subscribe to its pacer (none while the socket is down: the router resubmits)."""
+        if not self.connected:
+            return
+        wire, now = self.wire, self.loop.now
+        at = now if wire is None else wire.depart(now)
+        if at <= now:
+            self._subscribe(conid)
+        else:
+            self._subscribing.setdefault(conid, False)
+            self.loop.at(at, self._arrives, (self._epoch, self._subscribe_arrives, conid))
+
+    def _subscribe_arrives(self, conid: int) -> None:
+        cancel = self._subscribing.pop(conid, False)
+        self._subscribe(conid)
+        if cancel and conid in self.streams:  # unsubscribed while it waited: cancelled once it is old enough
+            self._unsubscribe(conid)
 
     def _subscribe(self, conid: int) -> None:
         if not self.connected or conid in self.streams:
@@ -507,9 +539,12 @@ class ReplayingIb:
     def _unsubscribe(self, conid: int) -> None:
         since = self.streams.get(conid)
         if since is None:
+            if conid in self._subscribing:  # its subscribe is still in the pacer: the IB actor's cancel_pending
+                self._subscribing[conid] = True
+                return
             self._tell_router(StreamEnded(conid=conid, reason="cancelled", ts_us=self.loop.clock_us()))
             return
-        leaves = max(self.loop.now, since + MIN_STREAM_AGE_S)
+        leaves = max(self.loop.now, since + self.min_stream_age_s)
         self.loop.at(leaves, self._cancel_leaves, (conid, since))
 
     def _cancel_leaves(self, arg: tuple[int, float]) -> None:
@@ -547,12 +582,21 @@ class ReplayingIb:
             self._answer_later(reply, answer, conid, IbErrorKind.DISCONNECTED, None)
             return
         now = self.loop.now
+        deadline = now + self.timeout_s  # the IB actor's, counted from before the request entered the pacer
         at = now if self.wire is None else self.wire.depart(now)
-        if at > now:
-            self.queued_snapshots[answer] = conid
-            self.loop.at(at, self._snapshot_leaves, (conid, reply, answer, now + self.timeout_s))
+        if at <= now:
+            self._snapshot_arrives(conid, reply, answer, now, deadline)
+            return
+        self.queued_snapshots[answer] = conid
+        if at > deadline:  # still in the pacer at its deadline: the IB actor withdraws it (never sent) and times out
+            self.loop.at(deadline, self._snapshot_withdrawn, (conid, reply, answer))
         else:
-            self._snapshot_arrives(conid, reply, answer, now + self.timeout_s)
+            self.loop.at(at, self._snapshot_leaves, (conid, reply, answer, now, deadline))
+
+    def _snapshot_withdrawn(self, arg: tuple[int, Settled, _Answer]) -> None:
+        conid, reply, answer = arg
+        if self.queued_snapshots.pop(answer, None) is not None:  # else a disconnect answered it first
+            self._answer(reply, answer, conid, IbErrorKind.TIMEOUT, None)
 
     def _refused_for_rate(self) -> bool:
         """A recorded 321 is due: this request takes it, unless it came too long after (then it is dropped)."""
@@ -563,12 +607,12 @@ class ReplayingIb:
                 return True
         return False
 
-    def _snapshot_leaves(self, arg: tuple[int, Settled, _Answer, float]) -> None:
-        conid, reply, answer, deadline = arg
+    def _snapshot_leaves(self, arg: tuple[int, Settled, _Answer, float, float]) -> None:
+        conid, reply, answer, asked_at, deadline = arg
         if self.queued_snapshots.pop(answer, None) is not None:  # else a disconnect dropped it from the pacer
-            self._snapshot_arrives(conid, reply, answer, deadline)
+            self._snapshot_arrives(conid, reply, answer, asked_at, deadline)
 
-    def _snapshot_arrives(self, conid: int, reply: Settled, answer: _Answer, deadline: float) -> None:
+    def _snapshot_arrives(self, conid: int, reply: Settled, answer: _Answer, asked_at: float, deadline: float) -> None:
         self.asked[conid] += 1
         if self._rate_limited and self._rate_limited[0] <= self.loop.now and self._refused_for_rate():
             self._answer_later(reply, answer, conid, IbErrorKind.SNAPSHOT_RATE_LIMITED, 321)
@@ -580,10 +624,14 @@ class ReplayingIb:
         sample = next(self._samples.get(conid, self._fallback))
         self.open_snapshots[answer] = conid
         now = self.loop.now
-        # the IB actor's deadline counts from before the request entered the pacer
-        if now + sample.latency_s > deadline:  # it gives up then: no quote, an attempt counted
-            sample = SnapshotSample(max(0.0, deadline - now), "failed", None)
-        self.loop.at(now + sample.latency_s, self._snapshot_ends, (conid, reply, answer, sample, self._epoch))
+        # a recorded latency runs from the claim, through the recorded run's own pacer: it counts from the ask here
+        # too (from the arrival it would count a burst's wait twice), and never ends before the request reached IB
+        ends = asked_at + sample.latency_s
+        if ends < now:
+            ends = now
+        if ends > deadline:  # the IB actor gives up then: no quote, an attempt counted
+            ends, sample = deadline, SnapshotSample(deadline - asked_at, "failed", None)
+        self.loop.at(ends, self._snapshot_ends, (conid, reply, answer, sample, self._epoch))
 
     def _snapshot_ends(self, arg: tuple[int, Settled, _Answer, SnapshotSample, int]) -> None:
         conid, reply, answer, sample, epoch = arg
@@ -629,6 +677,7 @@ class ReplayingIb:
             return
         self.connected = False
         self._epoch += 1
+        self._subscribing.clear()  # dropped with the pacer's queue: the router resubmits after the reconnect
         if self.wire is not None:
             self.wire.clear(self.loop.now)
         for conid in list(self.streams):
@@ -682,7 +731,7 @@ def _simulate(day: RecordedDay, config: SimConfig) -> SimOutcome:
     recorder = _Recorder()
     handlers: HandlerSet = recorder  # type: ignore[assignment]  # publish() is all the actors use
     wire = None if config.pacing_per_s is None else PacedWire(config.pacing_per_s, config.pacing_window_s)
-    ib = ReplayingIb(loop, day, config.true_lines, config.snapshot_timeout_s, wire)
+    ib = ReplayingIb(loop, day, config.true_lines, config.snapshot_timeout_s, wire, config.min_stream_age_s)
     ib_ref = SimRef(loop, ib)
 
     queue = QueueActor(

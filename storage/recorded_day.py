@@ -297,6 +297,8 @@ class _LogReader:
             self.legs_at_start = {c: dict(legs) for c, legs in self.legs.items() if legs}
             self.learned_at_start = self.learned
             self.running_at_start = self._ran and self._stopped_at is None
+            # a run in effect when the period begins (--since mid-run) is "as run"; a restart inside it is not
+            self._config_fixed = self._config_fixed or self.running_at_start
             if self._stopped_at is not None:  # the period starts while no runtime ran
                 self.down.append((self.first_start_us, self.first_start_us))
         match event:
@@ -342,8 +344,10 @@ class _LogReader:
             case StreamStarted(conid=c) | StreamPromoted(conid=c):
                 self.streaming.setdefault(c, ts_us)
             case StreamDemoted(conid=c) | StreamStopped(conid=c):
-                code = getattr(event, "code", None)  # IB refused the stream: replayed as it refused it (101 aside)
-                if started and code is not None and code != _MAX_TICKERS:
+                # IB refused the stream: replayed as it refused it (101 aside); also from before the period, as a
+                # contract without a subscription is refused for good
+                code = getattr(event, "code", None)
+                if code is not None and code != _MAX_TICKERS:
                     self.stream_refusals[c].append((ts_us, code))
                 begun = self.streaming.pop(c, None)
                 if begun is not None:

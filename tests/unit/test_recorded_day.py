@@ -121,3 +121,15 @@ def test_a_stream_ib_refused_for_a_reason_other_than_lines_is_kept_with_its_code
         reader.take(t * S, StreamStarted(conid=conid, reason="activated", lines_in_use=1, budget=10))
         reader.take(t * S + 1, StreamDemoted(conid=conid, code=code, reason="refused"))
     assert dict(reader.stream_refusals) == {7: [(1 * S + 1, 10168), (4 * S + 1, 10197)]}
+
+
+def test_a_period_that_starts_mid_run_is_replayed_as_that_run_not_as_a_restart_inside_it() -> None:
+    """--since inside a gateway run with 50 lines, then a demo restart with 30: the run in effect at the start is
+    "as run" (its max_lines, its pacer)."""
+    reader = _LogReader(10 * S)
+    reader.take(0, RuntimeStarted(writer_id="w", pid=1, host="h", mode="run", max_lines=50))
+    reader.take(12 * S, _ib(ConnectionState.CONNECTED))
+    reader.take(20 * S, RuntimeStopped())
+    reader.take(30 * S, RuntimeStarted(writer_id="w", pid=2, host="h", mode="demo", max_lines=30))
+    assert reader.running_at_start
+    assert (reader.max_lines, reader.paced) == (50, True)

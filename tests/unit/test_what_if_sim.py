@@ -391,3 +391,73 @@ def test_a_stream_ib_refused_for_good_is_refused_in_the_replay_and_a_competing_s
     assert 1000 not in outcome.quotes  # never priced: no stream, every snapshot refused for good
     assert outcome.asked[1000] >= 1
     assert outcome.streamed[1001][0][0] > START_US + 6_000_000  # streamed, after the refused first request
+
+
+def test_a_contract_switched_off_while_its_subscribe_waits_in_the_pacer_is_cancelled_once_ib_has_it() -> None:
+    """The IB actor marks the cancel pending and sends it once the stream is old enough; told "cancelled" at once
+    instead, the replayed IB kept the stream open (a line held, quotes counted) to the end of the day."""
+    day = _burst_day(55)
+    off = [1050 + i for i in range(5)]  # the last of the burst: their subscribes are still in the pacer at 5.3 s
+    day.active_changes += [ActiveChange(START_US + 5_300_000, c, "burst", k) for c in off for k in ("leg_removed", "deactivated")]
+    outcome = simulate(day, _paced(max_lines=100, true_lines=100, min_stream_age_s=1.0))
+    for conid in off:
+        ends = [b for _, b in outcome.streamed.get(conid, [])]
+        assert all(end <= START_US + 9_000_000 for end in ends), (conid, ends)
+
+
+def test_the_replay_keeps_a_stream_as_long_as_the_ib_actors_minimum_age_before_cancelling_it() -> None:
+    """Switched off 0.1 s after it was switched on: with [ib] min_stream_age_s 1 s the stream ticks until its cancel
+    leaves at 1 s; with the demo's fake IB (0 s) it is cancelled before its first tick."""
+    day = _day(seconds=30.0, contracts=5)
+    changes = [(5_000_000, "leg_added"), (5_000_000, "activated"), (5_100_000, "leg_removed"), (5_100_000, "deactivated")]
+    day.active_changes = [ActiveChange(START_US + t, 1000, "s", kind) for t, kind in changes]
+    kept = simulate(day, _config(min_stream_age_s=1.0)).streamed.get(1000, [])
+    at_once = simulate(day, _config(min_stream_age_s=0.0)).streamed.get(1000, [])
+    assert [b - START_US for _, b in kept] == [6_000_000]
+    assert at_once == []
+
+
+def _asked_at_once(ib: Any, loop: SimLoop, conids: range) -> list[tuple[float, Any]]:
+    """Ask ReplayingIb for a snapshot of each conid at the loop's current instant; returns (time, answer) as they come."""
+    from actors.what_if_sim import Settled
+    from actors.worker import _Answer
+    from events.ib import Snapshot
+
+    answers: list[tuple[float, Any]] = []
+    for conid in conids:
+        reply = Settled()
+        step = lambda a: answers.append((loop.now, a.future.get()))  # noqa: E731
+        ib.ask_then(Snapshot(conids=[conid]), reply, _Answer(lambda _: None, step, reply))
+    return answers
+
+
+def test_a_snapshot_delayed_in_the_pacer_is_answered_its_recorded_latency_after_the_ask_not_after_the_wait() -> None:
+    """A recorded latency runs from the claim and already holds the recorded run's own wait in the pacer: twenty
+    asked at once through ten a second, with 1.5 s recorded, all answer at 1.5 s (the ten that left at 1 s too),
+    not the second ten at 2.5 s."""
+    from actors.what_if_sim import ReplayingIb
+
+    loop = SimLoop(START_US)
+    day = _day(contracts=20, snapshots={1000 + i: [SnapshotSample(1.5, "ok")] for i in range(20)})
+    ib = ReplayingIb(loop, day, true_lines=100, snapshot_timeout_s=11.0, wire=what_if_sim.PacedWire(10, 1.0))
+    answers = _asked_at_once(ib, loop, range(1000, 1020))
+    loop.run_until(10.0)
+    assert [t for t, _ in answers] == [1.5] * 20
+    assert all(a.updates for _, a in answers)
+
+
+def test_a_snapshot_still_in_the_pacer_at_its_deadline_is_withdrawn_and_times_out_unsent() -> None:
+    """Forty asked at once through ten a second with a 2 s deadline: thirty leave by 2 s and are answered; the IB
+    actor withdraws the last ten from the pacer at their deadline, so they time out then and never reach IB."""
+    from actors.what_if_sim import ReplayingIb
+    from events.ib import IbErrorKind
+
+    loop = SimLoop(START_US)
+    day = _day(contracts=40, snapshots={1000 + i: [SnapshotSample(0.1, "ok")] for i in range(40)})
+    ib = ReplayingIb(loop, day, true_lines=100, snapshot_timeout_s=2.0, wire=what_if_sim.PacedWire(10, 1.0))
+    answers = _asked_at_once(ib, loop, range(1000, 1040))
+    loop.run_until(10.0)
+    timed_out = [t for t, a in answers if a.failures and a.failures[0].kind == IbErrorKind.TIMEOUT]
+    assert timed_out == [2.0] * 10
+    assert sum(1 for _, a in answers if a.updates) == 30
+    assert sum(ib.asked.values()) == 30
