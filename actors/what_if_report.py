@@ -154,8 +154,8 @@ def _figures(
 
 
 def figures_of_record(day: RecordedDay, *, monitoring_s: float, overflow_s: float) -> Figures:
-    """The staleness the positions table recorded (stream and snapshot rows)."""
-    return _figures(
+    """The staleness the positions table recorded (stream and snapshot rows), and the 101s the runtime met."""
+    figures = _figures(
         "recorded",
         day,
         day.quotes,
@@ -164,6 +164,8 @@ def figures_of_record(day: RecordedDay, *, monitoring_s: float, overflow_s: floa
         overflow_s=overflow_s,
         snapshot_msgs_per_s=day.snapshots_claimed / day.duration_s,
     )
+    figures.extra = {"refusals_101": day.refusals_101}
+    return figures
 
 
 def step_words(step_s: float) -> str:

@@ -155,6 +155,8 @@ class RecordedDay:
     #: conid -> [(ts_us, code)]: IB refused its stream for a reason other than the line count (no market data
     #: subscription 354/10089/10168, a competing live session 10197, ...; ``StreamDemoted.code``).
     stream_refusals: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    #: 101s the runtime met in the period: streams demoted and snapshots released for IB's line count.
+    refusals_101: int = 0
     #: The run talked to a gateway through the IB actor's pacer (``runtime.py run``); False for the demo,
     #: whose fake IB answers at once (``RuntimeStarted.mode`` "demo").
     paced: bool = True
@@ -245,6 +247,7 @@ def read_recorded_day(
         paced=reader.paced,
         rate_limited_us=reader.rate_limited,
         stream_refusals=dict(reader.stream_refusals),
+        refusals_101=reader.refusals_101,
         streamed=_without(reader.stream_periods(end_us), down),
         snapshots_claimed=reader.claimed,
         seq_before_start=seq_before_start,
@@ -274,6 +277,7 @@ class _LogReader:
         self.samples: dict[int, list[SnapshotSample]] = defaultdict(list)
         self.interruptions: list[int] = []
         self.rate_limited: list[int] = []
+        self.refusals_101 = 0
         self.stream_refusals: dict[int, list[tuple[int, int]]] = defaultdict(list)
         self.down: list[tuple[int, int]] = []
         #: IB outages while a runtime ran (closed periods), and the start of the one under way.
@@ -349,6 +353,8 @@ class _LogReader:
                 code = getattr(event, "code", None)
                 if code is not None and code != _MAX_TICKERS:
                     self.stream_refusals[c].append((ts_us, code))
+                elif code == _MAX_TICKERS and started:
+                    self.refusals_101 += 1
                 begun = self.streaming.pop(c, None)
                 if begun is not None:
                     self.streamed[c].append((begun, ts_us))
@@ -372,6 +378,8 @@ class _LogReader:
                     self.interruptions.append(ts_us)
                 elif started and detail.startswith("rate_limited"):
                     self.rate_limited.append(ts_us)
+                elif started and detail == f"refused: {_MAX_TICKERS}":
+                    self.refusals_101 += 1
             case _:
                 pass
 

@@ -87,6 +87,7 @@ def test_the_as_run_replay_matches_the_record_and_more_lines_keep_prices_fresher
     assert as_run["extra"]["true_lines"] == 24
     assert as_run["extra"]["monitoring_s"] == 10
     assert as_run["extra"]["refusals_101"] >= 1  # the replayed IB refused beyond its 24 lines, as the real one did
+    assert check["recorded"]["extra"]["refusals_101"] >= 1  # and the record's row counts the run's own 101s
     assert [r["extra"]["max_lines"] for r in rows] == [15, 30, 60]
     # more lines: never staler, and from 15 to 60 lines materially fresher for the active contracts
     for fewer, more in itertools.pairwise(rows):

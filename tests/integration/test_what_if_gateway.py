@@ -88,6 +88,7 @@ def test_the_replay_meets_the_burst_as_the_gateway_did_and_matches_the_record(re
     report = _what_if(recorded)
     assert report["period"]["pacing_per_s"] == 45.0  # a gateway's day: the IB actor's pacer, [ib] pacing_per_s
     as_run = report["faithfulness"]["as_run"]
+    assert report["faithfulness"]["recorded"]["extra"]["refusals_101"] >= len(steps)  # each step was a 101
     # the same burst, refused as it reached IB: several 101s, as many as the gateway gave within a factor of
     # three (answered at once, the first refusal would have taught the replayed router everything)
     assert as_run["extra"]["refusals_101"] >= max(2, len(steps) / 3), (as_run["extra"], steps)

@@ -133,3 +133,15 @@ def test_a_period_that_starts_mid_run_is_replayed_as_that_run_not_as_a_restart_i
     reader.take(30 * S, RuntimeStarted(writer_id="w", pid=2, host="h", mode="demo", max_lines=30))
     assert reader.running_at_start
     assert (reader.max_lines, reader.paced) == (50, True)
+
+
+def test_the_101s_the_runtime_met_in_the_period_are_counted_for_the_recorded_row() -> None:
+    """A stream demoted for a 101 and a snapshot released for one count; one before the period does not, nor a
+    stream shed for a learned limit (no code)."""
+    reader = _LogReader(10 * S)
+    reader.take(0, _started())
+    reader.take(5 * S, ItemReleased(item_id=1, conid=1, detail="refused: 101"))
+    reader.take(11 * S, ItemReleased(item_id=2, conid=1, detail="refused: 101"))
+    reader.take(12 * S, StreamDemoted(conid=3, code=101, reason="IB refused the stream (error 101)"))
+    reader.take(13 * S, StreamDemoted(conid=4, code=None, reason="line limit 30 learned"))
+    assert reader.refusals_101 == 2
