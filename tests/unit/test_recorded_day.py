@@ -141,6 +141,7 @@ def test_the_101s_the_runtime_met_in_the_period_are_counted_for_the_recorded_row
     reader = _LogReader(10 * S)
     reader.take(0, _started())
     reader.take(5 * S, ItemReleased(item_id=1, conid=1, detail="refused: 101"))
+    reader.take(6 * S, StreamDemoted(conid=5, code=101, reason="IB refused the stream (error 101)"))
     reader.take(11 * S, ItemReleased(item_id=2, conid=1, detail="refused: 101"))
     reader.take(12 * S, StreamDemoted(conid=3, code=101, reason="IB refused the stream (error 101)"))
     reader.take(13 * S, StreamDemoted(conid=4, code=None, reason="line limit 30 learned"))
