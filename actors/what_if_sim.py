@@ -407,6 +407,11 @@ class ReplayingIb:
         self.streams: dict[int, float] = {}  # conid -> subscribed at
         #: Subscribes still in the pacer: conid -> an Unsubscribe came meanwhile (cancelled once IB has it).
         self._subscribing: dict[int, bool] = {}
+        #: Streams whose cancel is pending (waiting for the minimum age, or in the pacer).
+        self._cancel_pending: set[int] = set()
+        #: Subscribed again while their cancel was pending: a new request follows the cancel (the IB actor's
+        #: ``MdRequest.resubscribe``; it never revives a stream whose StreamEnded it has promised).
+        self._resubscribe: set[int] = set()
         self.ticking: dict[int, float] = {}  # conid -> first tick at
         #: Snapshots IB has not answered yet: the worker's answer -> conid (a disconnect answers them all).
         self.open_snapshots: dict[_Answer, int] = {}
@@ -488,6 +493,10 @@ class ReplayingIb:
         """The IB actor hands a subscribe to its pacer (none while the socket is down: the router resubmits)."""
         if not self.connected:
             return
+        if conid in self.streams or conid in self._subscribing:  # the IB actor sends nothing for a stream it has
+            if conid in self._cancel_pending or self._subscribing.get(conid):
+                self._resubscribe.add(conid)
+            return
         wire, now = self.wire, self.loop.now
         at = now if wire is None else wire.depart(now)
         if at <= now:
@@ -544,6 +553,7 @@ class ReplayingIb:
                 return
             self._tell_router(StreamEnded(conid=conid, reason="cancelled", ts_us=self.loop.clock_us()))
             return
+        self._cancel_pending.add(conid)
         leaves = max(self.loop.now, since + self.min_stream_age_s)
         self.loop.at(leaves, self._cancel_leaves, (conid, since))
 
@@ -558,7 +568,11 @@ class ReplayingIb:
         if self.streams.get(conid) != since:
             return
         self._end_stream(conid)
+        self._cancel_pending.discard(conid)
         self._tell_router(StreamEnded(conid=conid, reason="cancelled", ts_us=self.loop.clock_us()))
+        if conid in self._resubscribe:  # subscribed again meanwhile: the new request follows the cancel
+            self._resubscribe.discard(conid)
+            self._subscribe_sent(conid)
 
     def _end_stream(self, conid: int) -> None:
         self.streams.pop(conid, None)
@@ -678,6 +692,8 @@ class ReplayingIb:
         self.connected = False
         self._epoch += 1
         self._subscribing.clear()  # dropped with the pacer's queue: the router resubmits after the reconnect
+        self._cancel_pending.clear()
+        self._resubscribe.clear()
         if self.wire is not None:
             self.wire.clear(self.loop.now)
         for conid in list(self.streams):

@@ -461,3 +461,15 @@ def test_a_snapshot_still_in_the_pacer_at_its_deadline_is_withdrawn_and_times_ou
     assert timed_out == [2.0] * 10
     assert sum(1 for _, a in answers if a.updates) == 30
     assert sum(ib.asked.values()) == 30
+
+
+def test_a_contract_switched_on_again_while_its_cancel_is_pending_streams_again_after_the_cancel() -> None:
+    """On at 5.0 s, off at 5.1 s, on at 5.2 s, with a 1 s minimum stream age: the IB actor lets the cancel go at
+    6.0 s (its StreamEnded is promised) and subscribes again behind it, so the contract streams on to the end. Taken
+    as a duplicate, the second subscribe was dropped and the stream ended at the cancel."""
+    day = _day(seconds=30.0, contracts=5)
+    changes = [(5_000_000, "leg_added"), (5_000_000, "activated"), (5_100_000, "leg_removed"), (5_100_000, "deactivated")]
+    changes += [(5_200_000, "leg_added"), (5_200_000, "activated")]
+    day.active_changes = [ActiveChange(START_US + t, 1000, "s", kind) for t, kind in changes]
+    spans = simulate(day, _config(min_stream_age_s=1.0)).streamed.get(1000, [])
+    assert [(a - START_US, b - START_US) for a, b in spans] == [(5_300_000, 6_000_000), (6_300_000, 30_000_000)]
