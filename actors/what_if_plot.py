@@ -127,4 +127,3 @@ def _page(report: dict[str, Any], png: bytes) -> str:
         "<table><tr><th>configuration</th><th>streamed</th><th>active p50/p99/max s</th><th>other p50/p99/max s</th>"
         f"<th>missed</th><th>past target s</th><th>snapshots/s</th></tr>{body}</table></body></html>\n"
     )
-

@@ -453,14 +453,16 @@ class ReplayingIb:
     def lines_used(self) -> int:
         return len(self.streams) + len(self.open_snapshots)
 
-    def _send(self, arrive: Callable[[Any], None], arg: Any) -> None:
-        """A request or cancel reaches IB (``arrive``) when the pacer lets it leave: now, or later on the loop."""
+    def _send(self, arrive: Callable[[Any], None], arg: Any) -> bool:
+        """A request or cancel reaches IB (``arrive``) when the pacer lets it leave: now, or later on the loop
+        (then True: it waits in the pacer)."""
         wire, now = self.wire, self.loop.now
         at = now if wire is None else wire.depart(now)
         if at <= now:
             arrive(arg)
-        else:
-            self.loop.at(at, self._arrives, (self._epoch, arrive, arg))
+            return False
+        self.loop.at(at, self._arrives, (self._epoch, arrive, arg))
+        return True
 
     def _arrives(self, sent: tuple[int, Callable[[Any], None], Any]) -> None:
         epoch, arrive, arg = sent
@@ -497,13 +499,8 @@ class ReplayingIb:
             if conid in self._cancel_pending or self._subscribing.get(conid):
                 self._resubscribe.add(conid)
             return
-        wire, now = self.wire, self.loop.now
-        at = now if wire is None else wire.depart(now)
-        if at <= now:
-            self._subscribe(conid)
-        else:
-            self._subscribing.setdefault(conid, False)
-            self.loop.at(at, self._arrives, (self._epoch, self._subscribe_arrives, conid))
+        if self._send(self._subscribe_arrives, conid):
+            self._subscribing[conid] = False  # waits in the pacer; an Unsubscribe meanwhile sets it
 
     def _subscribe_arrives(self, conid: int) -> None:
         cancel = self._subscribing.pop(conid, False)

@@ -149,8 +149,8 @@ class RecordedDay:
     portfolio: dict[int, np.ndarray] = field(default_factory=dict)
     #: The usual gap between a stream's rows (one row per contract per positions flush).
     stream_tick_s: float = 1.0
-    #: When IB refused a snapshot for the rate of snapshot requests (321 "Snapshot requests limitation
-    #: exceeded", released "rate_limited: 321"): the worker halved its rate then, and the replay's does too.
+    #: When IB refused a snapshot for the rate of requests (321 "Snapshot requests limitation exceeded", or
+    #: the pacing error 100; released "rate_limited"): the worker halved its rate then, and the replay's does too.
     rate_limited_us: list[int] = field(default_factory=list)
     #: conid -> [(ts_us, code)]: IB refused its stream for a reason other than the line count (no market data
     #: subscription 354/10089/10168, a competing live session 10197, ...; ``StreamDemoted.code``).
@@ -351,9 +351,9 @@ class _LogReader:
                 # IB refused the stream: replayed as it refused it (101 aside); also from before the period, as a
                 # contract without a subscription is refused for good
                 code = getattr(event, "code", None)
-                if code is not None and code != _MAX_TICKERS:
+                if code is not None and classify_ib_code(code) is not IbErrorKind.MAX_TICKERS:
                     self.stream_refusals[c].append((ts_us, code))
-                elif code == _MAX_TICKERS and started:
+                elif code is not None and started:
                     self.refusals_101 += 1
                 begun = self.streaming.pop(c, None)
                 if begun is not None:
@@ -378,7 +378,7 @@ class _LogReader:
                     self.interruptions.append(ts_us)
                 elif started and detail.startswith("rate_limited"):
                     self.rate_limited.append(ts_us)
-                elif started and detail == f"refused: {_MAX_TICKERS}":
+                elif started and detail.startswith("refused"):  # the worker's word for a 101 (MAX_TICKERS)
                     self.refusals_101 += 1
             case _:
                 pass
@@ -431,9 +431,6 @@ class _LogReader:
         if claimed is not None:
             self.samples[claimed[1]].append(SnapshotSample(max(0.0, (ts_us - claimed[0]) / 1e6), outcome, code))
 
-
-#: IB's "max number of tickers": the replayed IB decides those by its own line count.
-_MAX_TICKERS = 101
 
 #: Snapshots these end were cut by the connection, which the log records as an outage (ib.connection_state).
 _CONNECTION_KINDS = frozenset({IbErrorKind.DISCONNECTED, IbErrorKind.CONNECTIVITY_LOST, IbErrorKind.RESTORED_DATA_LOST})

@@ -10,9 +10,9 @@ limit from several 101s, not one. The replay must meet the same burst the
 same way, or its row for what ran is not what ran.
 
 One run is recorded per module (about 30 s): 50 stocks held, IB's true
-count 30 of the 45 lines configured, 36 stocks activated together, 25 s
-recorded after the burst (shorter periods leave the p99 ages to a few
-seconds of the burst, and to chance).
+count 30 of the 45 lines configured, 36 stocks activated together, and
+180 snapshots recorded after the burst (shorter periods leave the p99 ages
+to a few seconds of the burst, and to chance).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,8 @@ from tests.simulator import TwsSimulator, default_universe
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = str(ROOT / "runtime.py")
 ACTIVATED = [str(1001 + i) for i in range(36)]
+#: Snapshots recorded after the burst (shorter periods leave the p99 ages to a few seconds of the burst).
+SNAPSHOTS_AFTER_BURST = 180
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +57,11 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         wait_for(lambda: (rt.socket_status() or {}).get("positions_rows_written", 0) >= 20, 30, "snapshots under way")
         added = cli("registry", "add", *ACTIVATED, "--strategy", "burst", *rt.dir_args())
         assert added.returncode == 0, added.stderr
-        rt.wait_status(lambda s: s["streams"] >= 20, 30, "the burst's streams at IB")
-        time.sleep(25)  # the burst, its 101s and the overflow's snapshots, recorded
+        status = rt.wait_status(lambda s: s["streams"] >= 20, 30, "the burst's streams at IB")
+        # then the burst's 101s and enough snapshots of the overflow and the others for steady p99 ages: counted
+        # in snapshots, not seconds, so a loaded machine records as much (about 25 s on an idle one)
+        enough = status["worker"]["succeeded"] + SNAPSHOTS_AFTER_BURST
+        rt.wait_status(lambda s: s["worker"]["succeeded"] >= enough, 120, f"{SNAPSHOTS_AFTER_BURST} snapshots after the burst")
         assert rt.terminate() == 0, rt.log_tail()
     finally:
         rt.close()
