@@ -278,6 +278,8 @@ class _LogReader:
         self.interruptions: list[int] = []
         self.rate_limited: list[int] = []
         self.refusals_101 = 0
+        #: (learned?, conid) -> 101s seen from one side only so far (see _saw_101).
+        self._unpaired_101: dict[tuple[bool, str], int] = defaultdict(int)
         self.stream_refusals: dict[int, list[tuple[int, int]]] = defaultdict(list)
         self.down: list[tuple[int, int]] = []
         #: IB outages while a runtime ran (closed periods), and the start of the one under way.
@@ -333,8 +335,10 @@ class _LogReader:
                 self._stopped_at = ts_us
                 if started:
                     self.down.append((ts_us, ts_us))
-            case LineLimitLearned(limit=limit):
+            case LineLimitLearned(limit=limit, reason=reason):
                 self.learned = limit
+                if started and reason.startswith("101 on"):  # "101 on stream C" / "101 on a snapshot of C"
+                    self._saw_101(reason.rsplit(" ", 1)[-1], learned=True)
             case LegAdded(conid=c, strategy=s, priority=p):
                 self.legs[c][s] = p
                 self._change(started, ActiveChange(ts_us, c, s, "leg_added", p))
@@ -354,7 +358,7 @@ class _LogReader:
                 if code is not None and classify_ib_code(code) is not IbErrorKind.MAX_TICKERS:
                     self.stream_refusals[c].append((ts_us, code))
                 elif code is not None and started:
-                    self.refusals_101 += 1
+                    self._saw_101(str(c), learned=False)
                 begun = self.streaming.pop(c, None)
                 if begun is not None:
                     self.streamed[c].append((begun, ts_us))
@@ -372,16 +376,27 @@ class _LogReader:
                 # the simulated IB answers every snapshot of such a contract the same way
                 terminal = code is not None and classify_ib_code(code) in TERMINAL_KINDS
                 self._sample(i, ts_us, "terminal" if terminal else "failed", code)
-            case ItemReleased(item_id=i, detail=detail):
+            case ItemReleased(item_id=i, conid=c, detail=detail):
                 self.claims.pop(i, None)
                 if started and detail.startswith("interrupted") and not _connection_lost(detail):
                     self.interruptions.append(ts_us)
                 elif started and detail.startswith("rate_limited"):
                     self.rate_limited.append(ts_us)
                 elif started and detail.startswith("refused"):  # the worker's word for a 101 (MAX_TICKERS)
-                    self.refusals_101 += 1
+                    self._saw_101(str(c), learned=False)
             case _:
                 pass
+
+    def _saw_101(self, conid: str, *, learned: bool) -> None:
+        """Count one 101, seen from either side: the stream demoted or snapshot released for it, or the limit
+        the router learned from it. Most show both, in either order (the queue and the router log apart); a 101
+        on a stream already being shed shows only the limit, and one that taught nothing new only the release."""
+        other = (not learned, conid)
+        if self._unpaired_101[other]:
+            self._unpaired_101[other] -= 1  # the same 101, seen from the other side
+            return
+        self._unpaired_101[(learned, conid)] += 1
+        self.refusals_101 += 1
 
     def _end_ib_outage(self, ts_us: int) -> None:
         if self._ib_down_since is not None:

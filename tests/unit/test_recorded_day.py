@@ -10,7 +10,7 @@ from events.base import Event
 from events.ib import ConnectionState, ConnectionStateChanged
 from events.log import RuntimeStarted, RuntimeStopped
 from events.queue import ItemClaimed, ItemReleased
-from events.router import StreamDemoted, StreamStarted
+from events.router import LineLimitLearned, StreamDemoted, StreamStarted
 from storage.recorded_day import _LogReader
 
 S = 1_000_000  # µs
@@ -146,3 +146,18 @@ def test_the_101s_the_runtime_met_in_the_period_are_counted_for_the_recorded_row
     reader.take(12 * S, StreamDemoted(conid=3, code=101, reason="IB refused the stream (error 101)"))
     reader.take(13 * S, StreamDemoted(conid=4, code=None, reason="line limit 30 learned"))
     assert reader.refusals_101 == 2
+
+
+def test_a_101_seen_from_both_sides_counts_once_and_one_seen_only_in_the_learned_limit_counts_too() -> None:
+    """Stream 8's 101 shows as its demotion and the limit learned from it (one 101); snapshot 9's as the limit
+    (logged first, by the router) and the release (by the queue), still one; stream 7 was being shed when its 101
+    came, so only the limit shows it. A limit learned without a 101 (max_lines held) is none."""
+    reader = _LogReader(None)
+    reader.take(0, _started())
+    reader.take(1 * S, StreamDemoted(conid=8, code=101, reason="IB refused the stream (error 101)"))
+    reader.take(1 * S + 1, LineLimitLearned(limit=40, reason="101 on stream 8"))
+    reader.take(2 * S, LineLimitLearned(limit=39, reason="101 on a snapshot of 9"))
+    reader.take(2 * S + 5, ItemReleased(item_id=1, conid=9, detail="refused: 101"))
+    reader.take(3 * S, LineLimitLearned(limit=38, reason="101 on stream 7"))
+    reader.take(4 * S, LineLimitLearned(limit=38, reason="max_lines held without a 101"))
+    assert reader.refusals_101 == 3
