@@ -278,8 +278,8 @@ class _LogReader:
         self.interruptions: list[int] = []
         self.rate_limited: list[int] = []
         self.refusals_101 = 0
-        #: (learned?, conid) -> 101s seen from one side only so far (see _saw_101).
-        self._unpaired_101: dict[tuple[bool, str], int] = defaultdict(int)
+        #: (learned?, conid) -> times of 101s seen from one side only so far (see _saw_101).
+        self._unpaired_101: dict[tuple[bool, str], list[int]] = defaultdict(list)
         self.stream_refusals: dict[int, list[tuple[int, int]]] = defaultdict(list)
         self.down: list[tuple[int, int]] = []
         #: IB outages while a runtime ran (closed periods), and the start of the one under way.
@@ -338,7 +338,7 @@ class _LogReader:
             case LineLimitLearned(limit=limit, reason=reason):
                 self.learned = limit
                 if started and reason.startswith("101 on"):  # "101 on stream C" / "101 on a snapshot of C"
-                    self._saw_101(reason.rsplit(" ", 1)[-1], learned=True)
+                    self._saw_101(ts_us, reason.rsplit(" ", 1)[-1], learned=True)
             case LegAdded(conid=c, strategy=s, priority=p):
                 self.legs[c][s] = p
                 self._change(started, ActiveChange(ts_us, c, s, "leg_added", p))
@@ -358,7 +358,7 @@ class _LogReader:
                 if code is not None and classify_ib_code(code) is not IbErrorKind.MAX_TICKERS:
                     self.stream_refusals[c].append((ts_us, code))
                 elif code is not None and started:
-                    self._saw_101(str(c), learned=False)
+                    self._saw_101(ts_us, str(c), learned=False)
                 begun = self.streaming.pop(c, None)
                 if begun is not None:
                     self.streamed[c].append((begun, ts_us))
@@ -383,19 +383,22 @@ class _LogReader:
                 elif started and detail.startswith("rate_limited"):
                     self.rate_limited.append(ts_us)
                 elif started and detail.startswith("refused"):  # the worker's word for a 101 (MAX_TICKERS)
-                    self._saw_101(str(c), learned=False)
+                    self._saw_101(ts_us, str(c), learned=False)
             case _:
                 pass
 
-    def _saw_101(self, conid: str, *, learned: bool) -> None:
+    def _saw_101(self, ts_us: int, conid: str, *, learned: bool) -> None:
         """Count one 101, seen from either side: the stream demoted or snapshot released for it, or the limit
-        the router learned from it. Most show both, in either order (the queue and the router log apart); a 101
-        on a stream already being shed shows only the limit, and one that taught nothing new only the release."""
-        other = (not learned, conid)
-        if self._unpaired_101[other]:
-            self._unpaired_101[other] -= 1  # the same 101, seen from the other side
+        the router learned from it. Most show both, in either order (the queue and the router log apart, within
+        milliseconds); a 101 on a stream already being shed shows only the limit, and one that taught nothing
+        new only the demotion or release, so a side left unpaired for a second is a 101 of its own."""
+        other = self._unpaired_101[(not learned, conid)]
+        while other and ts_us - other[0] > _SAME_101_US:
+            other.pop(0)  # too old to be this 101's other side
+        if other:
+            other.pop(0)  # the same 101, seen from the other side
             return
-        self._unpaired_101[(learned, conid)] += 1
+        self._unpaired_101[(learned, conid)].append(ts_us)
         self.refusals_101 += 1
 
     def _end_ib_outage(self, ts_us: int) -> None:
@@ -446,6 +449,9 @@ class _LogReader:
         if claimed is not None:
             self.samples[claimed[1]].append(SnapshotSample(max(0.0, (ts_us - claimed[0]) / 1e6), outcome, code))
 
+
+#: The two sides of one 101 in the log (see _LogReader._saw_101) are this close.
+_SAME_101_US = 1_000_000
 
 #: Snapshots these end were cut by the connection, which the log records as an outage (ib.connection_state).
 _CONNECTION_KINDS = frozenset({IbErrorKind.DISCONNECTED, IbErrorKind.CONNECTIVITY_LOST, IbErrorKind.RESTORED_DATA_LOST})

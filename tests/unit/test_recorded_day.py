@@ -161,3 +161,13 @@ def test_a_101_seen_from_both_sides_counts_once_and_one_seen_only_in_the_learned
     reader.take(3 * S, LineLimitLearned(limit=38, reason="101 on stream 7"))
     reader.take(4 * S, LineLimitLearned(limit=38, reason="max_lines held without a 101"))
     assert reader.refusals_101 == 3
+
+
+def test_a_101_that_taught_nothing_is_not_paired_with_a_later_one_of_the_same_contract() -> None:
+    """Stream 8 refused (101) without a limit learned (it taught nothing new); a minute later a 101 on it while it
+    was being shed shows only as a learned limit: two 101s, not one seen from both sides."""
+    reader = _LogReader(None)
+    reader.take(0, _started())
+    reader.take(1 * S, StreamDemoted(conid=8, code=101, reason="IB refused the stream (error 101)"))
+    reader.take(61 * S, LineLimitLearned(limit=40, reason="101 on stream 8"))
+    assert reader.refusals_101 == 2
