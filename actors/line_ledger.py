@@ -103,7 +103,7 @@ class LineLedger:
         return min(self._limit, max(self.proven, self.min_snapshot_lines) + step)
 
     def snapshot_room(self, streams: int) -> int:
-        return max(0, self.snapshot_ceiling() - self.lines_held(streams))
+        return max(0, self.snapshot_ceiling() - streams - len(self.snapshots))
 
     def stream_room(self, streams: int) -> bool:
         """May one more stream start?"""

@@ -437,7 +437,7 @@ class StreamRouter(EventSourcedActor[RouterState]):
 
     def _lend(self, n: int) -> LinesGranted:
         # streams first: lines an overflowed active contract could stream on are not lent to snapshots
-        ledger, streams = self.ledger, self.stream_lines()
+        ledger, streams = self.ledger, len(self.state.streams) + len(self.cancelling)  # stream_lines(), one a snapshot
         promotable = min(len(self.state.overflow), max(0, ledger.stream_slots - streams))
         n = min(n, ledger.snapshot_room(streams) - promotable)
         lent = ledger.lend(n, streams, self._clock()) if n > 0 else []
@@ -635,12 +635,23 @@ class StreamRouter(EventSourcedActor[RouterState]):
         return self.settings.overflow_s if conid in self.active else self.settings.monitoring_s
 
     def _owed(self, conid: int, reason: str, *, idle_only: bool = False) -> Enqueue:
-        """The queue item that keeps ``conid`` within its target: due when its newest quote passes the target."""
+        """The queue item that keeps ``conid`` within its target: due when its newest quote passes the target.
+
+        ``idle_only`` (the sweep's): only if the contract has no item; and one priced only by the portfolio so
+        far has its never-priced item, if any, dated by that price.
+        """
         latest = self.latest.get(conid)
         priority = _ACTIVE_OVERFLOW if conid in self.active else _MONITORING
         # never priced: the stalest there is (due at the epoch), so it goes before every priced contract
         due = NEVER_PRICED_DUE_US if latest is None else latest.ts_us + int(self.target_s(conid) * 1_000_000)
-        return Enqueue(conid=conid, priority=priority, reason=reason, due_us=max(1, due), only_if_idle=idle_only)
+        return Enqueue(
+            conid=conid,
+            priority=priority,
+            reason=reason,
+            due_us=max(1, due),
+            only_if_idle=idle_only,
+            reschedule_never_priced=idle_only and latest is not None and latest.source == "portfolio",
+        )
 
     def _on_queue_path(self, conid: int) -> bool:
         if conid in self.state.streams:
@@ -675,15 +686,8 @@ class StreamRouter(EventSourcedActor[RouterState]):
 
     def _sweep(self) -> None:
         """Owe a refresh to queue-path contracts without an item; date never-priced items by a portfolio price."""
-        owed = []
-        for conid in list(self.contracts) + list(self.state.overflow):
-            if not self._on_queue_path(conid):
-                continue
-            item = self._owed(conid, "sweep", idle_only=True)
-            latest = self.latest.get(conid)
-            if latest is not None and latest.source == "portfolio":
-                item = msgspec.structs.replace(item, reschedule_never_priced=True)
-            owed.append(item)
+        on_path = self._on_queue_path
+        owed = [self._owed(c, "sweep", idle_only=True) for c in [*self.contracts, *self.state.overflow] if on_path(c)]
         for start in range(0, len(owed), 1000):
             self._tell_queue(EnqueueMany(items=owed[start : start + 1000]))
 

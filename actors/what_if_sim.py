@@ -46,7 +46,6 @@ between rows (a stream is modelled as one quote per ``stream_tick_s``).
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import itertools
 import math
@@ -246,6 +245,10 @@ class ReplayWorker(QueueWorker):
         reply = Settled()
         ref.ask_then(command, reply, _Answer(self._tell_self, step, reply, **context))  # type: ignore[arg-type]
 
+    def _tell_self(self, message: Any) -> None:
+        """Its wake-ups, to its :class:`SimRef` (never stopped: no ``ActorDeadError`` to catch, no property to read)."""
+        self._actor_ref.tell(message)
+
 
 class MemoryLog:
     """The event log of a simulation: every append is durable at once; keeps nothing but the count."""
@@ -427,6 +430,7 @@ class ReplayingIb:
         everyone = [s for samples in day.snapshots.values() for s in samples if s.outcome == "ok"]
         self._fallback = itertools.cycle(everyone or [SnapshotSample(DEFAULT_SNAPSHOT_S, "ok")])
         self._blips = [(ts_us - day.start_us) / 1e6 for ts_us in sorted(day.interruptions_us)]
+        self._blip_i = 0  # the first blip not yet more than BLIP_WINDOW_S in the past (the loop's time only grows)
         #: When IB refused a snapshot for the request rate (321): each refuses the first snapshot request that
         #: reaches IB within RATE_LIMIT_WINDOW_S after it (none comes that soon: IB saw no burst to refuse).
         self._rate_limited = deque((ts_us - day.start_us) / 1e6 for ts_us in sorted(day.rate_limited_us))
@@ -628,7 +632,7 @@ class ReplayingIb:
         if self._rate_limited and self._rate_limited[0] <= self.loop.now and self._refused_for_rate():
             self._answer_later(reply, answer, conid, IbErrorKind.SNAPSHOT_RATE_LIMITED, 321)
             return
-        if self.lines_used() >= self.true_lines:
+        if len(self.streams) + len(self.open_snapshots) >= self.true_lines:  # lines_used(), one call less a snapshot
             self.refusals_101 += 1
             self._answer_later(reply, answer, conid, IbErrorKind.MAX_TICKERS, 101)
             return
@@ -665,10 +669,12 @@ class ReplayingIb:
             self._answer(reply, answer, conid, kind, sample.code)
 
     def _in_blip(self, now_s: float) -> bool:
-        """A recorded blip within BLIP_WINDOW_S of now (the nearest one on either side decides)."""
-        blips = self._blips
-        i = bisect.bisect_left(blips, now_s)
-        return (i < len(blips) and blips[i] - now_s <= BLIP_WINDOW_S) or (i > 0 and now_s - blips[i - 1] <= BLIP_WINDOW_S)
+        """A recorded blip within BLIP_WINDOW_S of now, on either side (``now_s`` never goes back)."""
+        blips, i = self._blips, self._blip_i
+        while i < len(blips) and now_s - blips[i] > BLIP_WINDOW_S:
+            i += 1
+        self._blip_i = i
+        return i < len(blips) and blips[i] - now_s <= BLIP_WINDOW_S
 
     @staticmethod
     def _answer(reply: Settled, answer: _Answer, conid: int, kind: IbErrorKind, code: int | None) -> None:

@@ -152,18 +152,21 @@ class TokenBucket:
         self._at = now
 
     def available(self, now: float) -> int:
-        self._refill(now)
+        if now != self._at or self.rate < self.configured:  # else _refill would change nothing (a pump asks often)
+            self._refill(now)
         # a token refilled in pieces can sum to 0.9999999999999998: counted as whole, or the wait for the
         # missing 2e-16 rounds away and a caller that sleeps wait_s() would wake at the same instant forever
         return int(self.tokens + _TOKEN_SLACK)
 
     def take(self, n: int, now: float) -> None:
-        self._refill(now)
+        if now != self._at or self.rate < self.configured:
+            self._refill(now)
         self.tokens -= n
 
     def wait_s(self, now: float, tokens: int = 1) -> float:
         """Seconds until ``tokens`` (at most what the bucket holds) are there."""
-        self._refill(now)
+        if now != self._at or self.rate < self.configured:
+            self._refill(now)
         if self.tokens + _TOKEN_SLACK >= tokens:
             return 0.0
         # at least a microsecond: a shorter wait may not move a float clock on (see available())
@@ -255,8 +258,14 @@ class QueueWorker(pykka.ThreadingActor):
         self._wake_at = None
 
     def on_receive(self, message: Any) -> Any:
-        if type(message) is _Answer:  # three a snapshot: before any other test
+        kind = type(message)
+        if kind is _Answer:  # three a snapshot: before any other test
             message.step(message)
+            return None
+        if kind is Wake:  # the worker's own timer, about one a snapshot: before the Request test and the match
+            if not message.timer or message.timer == self._timer:  # else a sooner wake-up replaced it, and has run or will
+                self._wake_at = None
+                self._pump()
             return None
         if isinstance(message, Request):
             if isinstance(message.command, WorkerStatus):
@@ -268,11 +277,6 @@ class QueueWorker(pykka.ThreadingActor):
                 message.reply.set_exception(TypeError(f"worker takes no command {type(message.command).__name__}"))
             return None
         match message:
-            case Wake(timer=timer):
-                if timer and timer != self._timer:
-                    return None  # replaced by a sooner wake-up, which has run or will
-                self._wake_at = None
-                self._pump()
             case ConnectionStateChanged(state=state):
                 was = self.connected
                 self.connected = state in DATA_FLOWS
@@ -307,7 +311,7 @@ class QueueWorker(pykka.ThreadingActor):
             return
         now = self._clock()
         if now < self._paused_until:
-            self._wake_in(self._paused_until - now)
+            self._wake_in(self._paused_until - now, now)
             return
         n = self.bucket.available(now)
         # a batch waits for its tokens (never more than the bucket holds, a second's worth at its present rate,
@@ -319,7 +323,7 @@ class QueueWorker(pykka.ThreadingActor):
         else:
             need = max(1, min(self._batch, int(self.bucket.rate)))
         if n < need:
-            self._wake_in(self.bucket.wait_s(now, need))
+            self._wake_in(self.bucket.wait_s(now, need), now)
             return
         if self._pause_s > 0:
             if self.open:
@@ -356,8 +360,9 @@ class QueueWorker(pykka.ThreadingActor):
         except Exception as exc:  # noqa: BLE001 - any failure is an answer without items
             logger.error("worker: claim failed: {}", repr(exc))
             items = []
-        self._give_back(lines[len(items) :])
-        self._short = self._short or len(items) < len(lines)
+        if len(items) < len(lines):
+            self._give_back(lines[len(items) :])
+            self._short = True
         if not self.connected:
             self._release(list(items), "disconnected")
             self._give_back(lines[: len(items)])
@@ -462,8 +467,9 @@ class QueueWorker(pykka.ThreadingActor):
         except pykka.ActorDeadError:  # only while shutting down: leases bring items back, the ledger reclaims lines
             logger.warning("worker: {} gone; {} not sent", type(message).__name__, type(message).__name__)
 
-    def _wake_in(self, delay_s: float) -> None:
-        due = self._clock() + delay_s
+    def _wake_in(self, delay_s: float, now: float | None = None) -> None:
+        """Wake after ``delay_s`` (from ``now``, the clock read just before, if given), unless a sooner wake-up is set."""
+        due = (self._clock() if now is None else now) + delay_s
         if self._wake_at is not None and self._wake_at <= due:
             return
         self._wake_at = due
