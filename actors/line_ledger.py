@@ -31,9 +31,15 @@ passes times in and persists the events it decides on.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
-__all__ = ["LineLedger", "SnapshotLine"]
+__all__ = ["PEAK_SETTLE_S", "LineLedger", "SnapshotLine"]
+
+#: A peak proven this soon before a 101 may count the refused request, still on its way to IB (the IB actor's
+#: pacer holds a burst for seconds, and IB's answer takes a round trip): the 101 caps it at what IB accepted.
+#: Ten seconds cover a pacer queue of ~450 messages; capping a real peak only slows a later climb back.
+PEAK_SETTLE_S = 10.0
 
 
 @dataclass(slots=True)
@@ -49,20 +55,28 @@ class SnapshotLine:
 class LineLedger:
     """Counts streams and snapshot lines; knows the configured ceiling, the learned limit and the proven level."""
 
-    def __init__(self, *, max_lines: int, min_snapshot_lines: int, ramp_step: int = 2) -> None:
+    def __init__(
+        self, *, max_lines: int, min_snapshot_lines: int, ramp_step: int = 2, peak_settle_s: float = PEAK_SETTLE_S
+    ) -> None:
         if max_lines < 1 or min_snapshot_lines < 0 or min_snapshot_lines >= max_lines:
             raise ValueError("need max_lines >= 1 and 0 <= min_snapshot_lines < max_lines")
         #: The configured ceiling (fixed: ``limit`` is kept from it and ``learned``).
         self.max_lines = max_lines
         self.min_snapshot_lines = min_snapshot_lines
         self.ramp_step = max(1, ramp_step)
+        self.peak_settle_s = peak_settle_s
         self.learned = None
         #: The most lines known to have been held at once without a refusal (lowered with a learned limit).
         self.proven = 0
         #: The most lines ever proven in this run: a limit learned below it means other clients of the
         #: account took lines for a while, and the probe may climb back faster.
         self.peak_proven = 0
+        #: (when, the peak before) for each raise of ``peak_proven`` in the last ``peak_settle_s``: a 101 caps them.
+        self._peak_raises: deque[tuple[float, int]] = deque()
         self.snapshots: dict[int, SnapshotLine] = {}
+        #: Streams not yet proven accepted by IB (no tick yet, not ``proof_s`` old): conid -> the level they
+        #: were started at (the router adds and removes them; a 101 caps them as it caps the snapshot lines).
+        self.unproven: dict[int, int] = {}
         self._next_line_id = 1
 
     # ------------------------------------------------------------------ figures
@@ -131,24 +145,54 @@ class LineLedger:
 
     # ------------------------------------------------------------------ learning
 
-    def prove(self, level: int) -> bool:
-        """``level`` lines were held together and IB served them; True if that is news."""
-        self.peak_proven = max(self.peak_proven, level)
+    def prove(self, level: int, now: float) -> bool:
+        """``level`` lines were held together and IB served them (seen at ``now``); True if that is news."""
+        if level > self.peak_proven:
+            self._recent_raises(now).append((now, self.peak_proven))
+            self.peak_proven = level
         if level > self.proven:
             self.proven = level
             return True
         return False
 
-    def limit_after_refusal(self, streams: int) -> int | None:
-        """After IB refused a request (its line already given back): the limit to learn, or None if not lower.
+    def limit_after_refusal(self, streams: int, now: float) -> int | None:
+        """After IB refused a request at ``now`` (its line already given back): the limit to learn, or None if not lower.
 
         What is still held is what IB accepted. (A line that closed in the
         same instant makes this an underestimate; the upward probe repairs it.)
+
+        A peak proven within ``peak_settle_s`` before is capped at it too, as
+        are the levels the open snapshot lines and the unproven streams will
+        prove. In
+        a burst (a start, a resubscribe, a probe) the router counts a request
+        from the moment it hands it to the IB actor, and a snapshot, or a
+        stream unrefused for ``proof_s``, proves a level with the refused
+        request in it before IB's 101 for it is back. Kept as the run's peak,
+        such a level would make every later limit look like lines lent to
+        other clients, and the probe would climb back towards it every tenth
+        of ``line_probe_s``, for a 101 each time, all day.
         """
         accepted = max(1, self.lines_held(streams))
+        raises = self._recent_raises(now)
+        if raises:  # the peak was raised in this burst: no higher than what IB accepts, above what stood before it
+            self.peak_proven = max(raises[0][1], min(self.peak_proven, accepted))
+        for line in self.snapshots.values():  # lent counting the refused request: they prove no more either
+            if line.level > accepted:
+                line.level = accepted
+        unproven = self.unproven
+        for conid, level in unproven.items():  # streams started so: the same
+            if level > accepted:
+                unproven[conid] = accepted
         if self.learned is None or accepted < self.learned:
             return accepted
         return None
+
+    def _recent_raises(self, now: float) -> deque[tuple[float, int]]:
+        """The raises of the peak within ``peak_settle_s`` before ``now`` (older ones are forgotten)."""
+        raises = self._peak_raises
+        while raises and raises[0][0] < now - self.peak_settle_s:
+            raises.popleft()
+        return raises
 
     @property
     def below_peak(self) -> bool:

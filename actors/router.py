@@ -60,7 +60,7 @@ from loguru import logger
 from actors.base import EventSourcedActor
 from actors.freshness import Rank, age_summary, days_to_expiry, outranks
 from actors.handlers import HandlerSet
-from actors.line_ledger import LineLedger
+from actors.line_ledger import PEAK_SETTLE_S, LineLedger
 from actors.ticker import Ticker
 from events.base import Command, Event, Reply
 from events.ib import (
@@ -127,6 +127,8 @@ class RouterSettings(msgspec.Struct, frozen=True, kw_only=True):
     line_probe_s: float = 300.0
     #: A line held this long without a 101 counts as accepted by IB (IB refuses on receipt).
     proof_s: float = 1.0
+    #: A 101 caps a peak proven this soon before it: the proof may have raced the refusal (line_ledger.PEAK_SETTLE_S).
+    peak_settle_s: float = PEAK_SETTLE_S
     #: A stream keeps its line at least this long before a better-ranked contract may take it.
     min_dwell_s: float = 30.0
     #: At equal priority and expiry, a waiting contract needs this many times the risk to take a line.
@@ -283,6 +285,7 @@ class StreamRouter(EventSourcedActor[RouterState]):
             max_lines=settings.max_lines,
             min_snapshot_lines=min(settings.min_snapshot_lines, settings.max_lines - 1),
             ramp_step=settings.ramp_step,
+            peak_settle_s=settings.peak_settle_s,
         )
         self.active: set[int] = set()
         self.contracts: dict[int, _Contract] = {}
@@ -293,8 +296,6 @@ class StreamRouter(EventSourcedActor[RouterState]):
         #: Contracts whose snapshots cannot succeed (no subscription, no contract): priced by the portfolio only.
         self.unpriceable: set[int] = set()
         self.subscribed_at: dict[int, float] = {}
-        #: Streams not yet proven accepted by IB: conid -> the line level they were started at.
-        self._unproven: dict[int, int] = {}
         #: Streams decided off but whose cancel has not reached the IB actor yet: they still hold a line.
         self.cancelling: set[int] = set()
         self._ticker: Ticker | None = None
@@ -349,7 +350,7 @@ class StreamRouter(EventSourcedActor[RouterState]):
             else:
                 # every quote is stamped when it arrives, so the last to arrive is the newest (one C-level update)
                 self.latest.update(zip(map(_CONID, updates), updates, strict=True))
-                if self._unproven:
+                if self.ledger.unproven:
                     for update in updates:
                         self._prove_stream(update.conid)
             self.ticks_forwarded += len(message.updates)
@@ -454,7 +455,7 @@ class StreamRouter(EventSourcedActor[RouterState]):
 
     def _learn_limit(self, why: str) -> None:
         """IB refused a request: what is still held is what it accepts."""
-        limit = self.ledger.limit_after_refusal(self.stream_lines())
+        limit = self.ledger.limit_after_refusal(self.stream_lines(), self._clock())
         if limit is None:
             return
         previous = self.state.learned_limit
@@ -500,7 +501,7 @@ class StreamRouter(EventSourcedActor[RouterState]):
             self.persist(
                 StreamStarted(conid=conid, reason=reason, lines_in_use=level, budget=self.ledger.stream_slots)
             )
-        self._unproven[conid] = level
+        self.ledger.unproven[conid] = level
 
         def effect() -> None:
             self.subscribed_at[conid] = self._clock()
@@ -517,7 +518,7 @@ class StreamRouter(EventSourcedActor[RouterState]):
         if conid not in self.state.streams:
             return
         self.persist(StreamStopped(conid=conid, reason="deactivated"))
-        self._unproven.pop(conid, None)
+        self.ledger.unproven.pop(conid, None)
         self.cancelling.add(conid)  # holds its line until the IB actor says the cancel is out
 
         def effect() -> None:
@@ -529,7 +530,7 @@ class StreamRouter(EventSourcedActor[RouterState]):
     def _demote(self, conid: int, why: str, *, code: int | None, cancel: bool) -> None:
         """The stream leaves its line for the queue at the overflow target (``cancel``: we end it at IB)."""
         self.persist(StreamDemoted(conid=conid, code=code, reason=why[:200]))
-        self._unproven.pop(conid, None)
+        self.ledger.unproven.pop(conid, None)
         self.announce("INFO", "router: stream {} demoted to the queue ({})", conid, why)
         if cancel:
             self.cancelling.add(conid)
@@ -668,8 +669,9 @@ class StreamRouter(EventSourcedActor[RouterState]):
             self._note_quote(done.update)
         match done.outcome:
             case "ok":
-                if line is not None:
-                    self.ledger.prove(line.level)
+                ledger = self.ledger
+                if line is not None and (line.level > ledger.proven or line.level > ledger.peak_proven):  # else no news
+                    ledger.prove(line.level, self._clock())
                 self.unpriceable.discard(conid)
                 self.last_error.pop(conid, None)
                 if self._on_queue_path(conid):
@@ -695,7 +697,7 @@ class StreamRouter(EventSourcedActor[RouterState]):
 
     def _tick(self) -> None:
         now = self._clock()
-        for conid, level in list(self._unproven.items()):
+        for conid, level in list(self.ledger.unproven.items()):
             sent = self.subscribed_at.get(conid)
             if sent is not None and now - sent >= self.settings.proof_s:
                 self._prove_stream(conid, level)
@@ -703,7 +705,7 @@ class StreamRouter(EventSourcedActor[RouterState]):
         # IB answers a 101 at once: a line it kept this long was accepted (the highest proves the others' levels)
         kept = [line.level for line in self.ledger.snapshots.values() if now - line.granted_at >= proof_s]
         if kept:
-            self.ledger.prove(max(kept))
+            self.ledger.prove(max(kept), now)
         for line in self.ledger.overdue(now, self.settings.lost_line_s):
             logger.warning("router: snapshot line {} lent {:.0f} s ago never came back; reclaimed", line.line_id, now - line.granted_at)
             self.ledger.give_back(line.line_id)
@@ -729,9 +731,9 @@ class StreamRouter(EventSourcedActor[RouterState]):
         self._rerank(now)
 
     def _prove_stream(self, conid: int, level: int | None = None) -> None:
-        level = self._unproven.pop(conid, level)
+        level = self.ledger.unproven.pop(conid, level)
         if level is not None:
-            self.ledger.prove(level)
+            self.ledger.prove(level, self._clock())
 
     def _note_quote(self, update: MarketUpdate) -> None:
         if update.source == "portfolio":
@@ -741,7 +743,7 @@ class StreamRouter(EventSourcedActor[RouterState]):
                 # status line and the refresh owed go by the newest stream or snapshot quote
                 return
         self.latest[update.conid] = update
-        if self._unproven and update.source == "stream":
+        if self.ledger.unproven and update.source == "stream":
             self._prove_stream(update.conid)
 
     def _rank(self, conid: int) -> Rank:

@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 
 from actors.freshness import NO_EXPIRY_DAYS, Rank, age_summary, days_to_expiry, outranks
-from actors.line_ledger import LineLedger
+from actors.line_ledger import PEAK_SETTLE_S, LineLedger
 
 
 def test_streams_never_take_the_snapshot_lines_and_snapshots_take_the_rest() -> None:
@@ -29,19 +29,19 @@ def test_streams_never_take_the_snapshot_lines_and_snapshots_take_the_rest() -> 
 def test_before_any_101_snapshot_lines_ramp_above_the_proven_level() -> None:
     ledger = LineLedger(max_lines=120, min_snapshot_lines=2, ramp_step=2)
     assert ledger.snapshot_ceiling() == 4  # nothing proven: min_snapshot_lines + the step
-    ledger.prove(50)
+    ledger.prove(50, now=0.0)
     assert ledger.snapshot_ceiling() == 56  # 50 + max(2, 50 // 8)
     assert len(ledger.lend(100, streams=50, now=0.0)) == 6
-    ledger.prove(112)
+    ledger.prove(112, now=1.0)
     assert ledger.snapshot_ceiling() == 120  # never above max_lines
 
 
 def test_a_refusal_teaches_what_is_still_held_and_only_lowers() -> None:
     ledger = LineLedger(max_lines=120, min_snapshot_lines=2)
-    assert ledger.limit_after_refusal(streams=80) == 80
+    assert ledger.limit_after_refusal(streams=80, now=0.0) == 80
     ledger.learned = 80
-    assert ledger.limit_after_refusal(streams=80) is None  # not lower: nothing to learn
-    assert ledger.limit_after_refusal(streams=79) == 79
+    assert ledger.limit_after_refusal(streams=80, now=0.0) is None  # not lower: nothing to learn
+    assert ledger.limit_after_refusal(streams=79, now=0.0) == 79
     assert ledger.probe_target() == 81
     ledger.learned = 120
     assert ledger.probe_target() is None  # at the ceiling: nothing to probe
@@ -99,14 +99,51 @@ def test_age_summary_counts_the_never_priced_apart() -> None:
 
 def test_below_the_peak_this_run_held_the_probe_may_climb_back_in_bigger_steps() -> None:
     ledger = LineLedger(max_lines=100, min_snapshot_lines=2)
-    ledger.prove(60)  # this run held 60 lines at once
+    ledger.prove(60, now=0.0)  # this run held 60 lines at once
     ledger.learned = 60
     assert not ledger.below_peak
     assert ledger.probe_target(step=8) == 68  # above the peak: the caller steps by one (tested in the router)
-    ledger.learned = 5  # other clients of the account took lines for a while
+    assert ledger.limit_after_refusal(streams=5, now=600.0) == 5  # ten minutes on: other clients took lines
+    ledger.learned = 5
     assert ledger.below_peak
     assert ledger.probe_target(step=1) == 6
     assert ledger.probe_target(step=16) == 21
     assert ledger.probe_target(step=64) == 60  # never past what this run proved
     ledger.learned = 100
     assert ledger.probe_target(step=4) is None  # at the ceiling
+
+
+def test_a_peak_proven_just_before_a_101_is_capped_at_what_ib_accepted_an_older_one_is_kept() -> None:
+    ledger = LineLedger(max_lines=60, min_snapshot_lines=2)
+    ledger.prove(40, now=0.0)  # held for minutes: this run's real level
+    ledger.prove(45, now=100.0)
+    ledger.prove(50, now=101.0)  # in a burst: counted with requests still on their way to IB
+    assert ledger.limit_after_refusal(streams=44, now=101.5) == 44  # ... one of which IB refused
+    assert ledger.peak_proven == 44
+    ledger.learned = 44
+    assert not ledger.below_peak  # no faster probing towards a level IB never held
+    assert ledger.limit_after_refusal(streams=30, now=101.6) == 30  # a lower count, still in the burst
+    assert ledger.peak_proven == 40  # never below what stood before the burst
+    ledger.learned = 30
+    assert ledger.below_peak
+    ledger.prove(44, now=200.0)
+    assert ledger.limit_after_refusal(streams=30, now=200.0 + PEAK_SETTLE_S + 1) is None  # not a race: a squeeze
+    assert ledger.peak_proven == 44
+
+
+def test_lines_and_streams_counted_with_a_refused_request_prove_no_more_than_ib_accepted() -> None:
+    ledger = LineLedger(max_lines=60, min_snapshot_lines=2)
+    ledger.learned = 47  # probes: two lines more than the 45 proven
+    ledger.unproven.update({9: 45, 7: 46})  # streams started in that order, IB's answers not back yet
+    (line,) = ledger.lend(1, streams=46, now=0.0)  # a snapshot line lent counting both
+    assert line.level == 47
+    del ledger.unproven[9]  # IB refused stream 9 (101): the router demotes it
+    assert ledger.limit_after_refusal(streams=45, now=0.2) == 46  # stream 7 and the snapshot line are held
+    assert (line.level, ledger.unproven[7]) == (46, 46)
+    ledger.give_back(line.line_id)  # the snapshot ends, then IB refuses stream 7 too: a stream started counting it
+    ledger.unproven[8] = 47
+    del ledger.unproven[7]
+    assert ledger.limit_after_refusal(streams=45, now=0.3) == 45
+    assert ledger.unproven[8] == 45
+    ledger.prove(ledger.unproven.pop(8), now=1.5)  # its first tick: no more than IB accepted
+    assert ledger.peak_proven == 45

@@ -69,6 +69,8 @@ OPTIONS = [p.conid for p in POSITIONS if p.sec_type == "OPT"]
 ALL = [p.conid for p in POSITIONS]
 #: High enough that the fake never refuses: an overspending router shows up in peak_lines.
 UNLIMITED = 10_000
+#: A 101 takes back a peak proven this soon before it (RouterSettings.peak_settle_s), compressed as proof_s is.
+RIG_PEAK_SETTLE_S = 0.05
 
 
 class Tap(pykka.ThreadingActor):
@@ -137,6 +139,7 @@ class Rig:
                 line_probe_s=line_probe_s,
                 tick_s=0.05,
                 proof_s=0.05,
+                peak_settle_s=RIG_PEAK_SETTLE_S,
                 min_dwell_s=min_dwell_s,
             ),
             ib=self.tap or self.ib,
@@ -690,6 +693,7 @@ def test_after_other_clients_give_lines_back_the_limit_climbs_back_in_doubling_s
     rig.activate(*OPTIONS[:9])
     rig.settle()
     wait_until(lambda: rig.status().proven_lines >= 9, timeout=5)  # held unrefused: proven by age
+    time.sleep(2 * RIG_PEAK_SETTLE_S)  # and held past the settle window: a level this run really held, not a race
     rig.deactivate(*OPTIONS[3:9])
     rig.settle()
     rig.ib.tell(SetLineLimit(limit=4))  # another client of the account holds all but 4 lines

@@ -6,6 +6,7 @@ checks what the real scheduler makes of it, or how ages are defined.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any
 
@@ -473,3 +474,22 @@ def test_a_contract_switched_on_again_while_its_cancel_is_pending_streams_again_
     day.active_changes = [ActiveChange(START_US + t, 1000, "s", kind) for t, kind in changes]
     spans = simulate(day, _config(min_stream_age_s=1.0)).streamed.get(1000, [])
     assert [(a - START_US, b - START_US) for a, b in spans] == [(5_300_000, 6_000_000), (6_300_000, 30_000_000)]
+
+
+def _refusals_after_the_burst(day_s: float) -> tuple[int, int]:
+    """(101s, of which after the first minute) on a gateway day whose burst met IB's limit, 30 of 60 lines."""
+    day = _burst_day(55)
+    day.end_us = START_US + int(day_s * 1e6)
+    burst = simulate(dataclasses.replace(day, end_us=START_US + 60_000_000), _paced(max_lines=60, true_lines=30))
+    whole = simulate(day, _paced(max_lines=60, true_lines=30))
+    return whole.refusals_101, whole.refusals_101 - burst.refusals_101
+
+
+def test_after_a_burst_met_the_limit_the_router_probes_for_more_lines_every_line_probe_s_not_a_tenth_of_it() -> None:
+    """In the burst, levels counted with requests still in the IB actor's pacer were proven before IB's 101s for
+    them came back. Kept as the run's peak, they made the learned limit look like lines taken by another client,
+    and the router probed towards them every 30 s all day, each probe refused (a 101, a stream demoted)."""
+    probe_s = FreshnessSettings().line_probe_s
+    total, after = _refusals_after_the_burst(20 * 60.0)
+    assert total > after > 0  # the burst's refusals, then the probes'
+    assert after <= (20 * 60.0 - 60.0) / probe_s + 1, (total, after)
