@@ -164,6 +164,10 @@ class QueueState:
         item_id = self._processing.get(conid)
         return None if item_id is None else self.items[item_id]
 
+    def holds(self, conid: int) -> bool:
+        """Whether ``conid`` has any item: waiting, processing or dead-lettered (one call, no list built)."""
+        return conid in self._waiting or conid in self._processing or conid in self._failed
+
     def dead_letters(self, conid: int) -> list[QueueItem]:
         return [self.items[i] for i in self._failed.get(conid, ())]
 
@@ -293,7 +297,10 @@ class QueueState:
         elif item.status == PENDING:
             if len(self._ready) + len(self._ready_top) > 2 * len(self._waiting) + 4096:
                 self._rebuild_ready(skip=item.item_id)
-            self._push_ready((item.due_us, item.priority, item.enqueued_us, item.item_id, item.gen))
+            entry = (item.due_us, item.priority, item.enqueued_us, item.item_id, item.gen)
+            heapq.heappush(self._ready, entry)  # _push_ready, written out: once a snapshot
+            if entry[1] == _TOP:
+                heapq.heappush(self._ready_top, entry)
 
     # ------------------------------------------------------------------ status bookkeeping
 
@@ -341,24 +348,31 @@ class QueueState:
             self._failed_count += 1
         self._push(item)
 
-    def _end(self, item: QueueItem) -> None:
-        self._leave(item)
-        item.gen += 1
-        del self.items[item.item_id]
-
     # ------------------------------------------------------------------ events
 
     def apply(self, event: Event) -> None:
+        # the three events of every snapshot first: each case is an isinstance check
         match event:
             case ItemEnqueued():
-                if event.item_id in self.items:
-                    raise QueueStateError(f"item {event.item_id} enqueued twice")
-                item = QueueItem(
-                    event.item_id, event.conid, event.priority, event.reason, event.enqueued_us, event.due_us
-                )
-                self.items[item.item_id] = item
-                self.next_item_id = max(self.next_item_id, item.item_id + 1)
+                item_id = event.item_id
+                if item_id in self.items:
+                    raise QueueStateError(f"item {item_id} enqueued twice")
+                item = QueueItem(item_id, event.conid, event.priority, event.reason, event.enqueued_us, event.due_us)
+                self.items[item_id] = item
+                if item_id >= self.next_item_id:
+                    self.next_item_id = item_id + 1
                 self._enter(item, PENDING)
+            case ItemClaimed():
+                item = self._get(event)
+                self._leave(item)
+                item.attempt, item.lease_until_us, item.worker = event.attempt, event.lease_until_us, event.worker
+                item.delayed = False
+                self._enter(item, PROCESSING)
+            case ItemSucceeded() | ItemCancelled():
+                item = self._get(event)
+                self._leave(item)
+                item.gen += 1
+                del self.items[item.item_id]
             case ItemReprioritized():
                 item = self._get(event)
                 self._leave(item)
@@ -368,14 +382,6 @@ class QueueState:
                 if event.due_us:
                     item.due_us = event.due_us if event.exact_due else min(item.due_us, event.due_us)
                 self._enter(item, item.status)
-            case ItemClaimed():
-                item = self._get(event)
-                self._leave(item)
-                item.attempt, item.lease_until_us, item.worker = event.attempt, event.lease_until_us, event.worker
-                item.delayed = False
-                self._enter(item, PROCESSING)
-            case ItemSucceeded() | ItemCancelled():
-                self._end(self._get(event))
             case ItemRetryScheduled():
                 item = self._get(event)
                 self._leave(item)
