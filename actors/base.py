@@ -323,11 +323,10 @@ class EventSourcedActor(pykka.ThreadingActor, Generic[S]):
         except Exception as exc:
             self._restore_after_refused(event, exc)
             raise reject(type(event).__struct_config__.tag, "inapplicable", f"{exc}") from exc
-        receipt = self.log.append(event, stream=self.stream, key=self.key_of(event))
-        self.last_seq = receipt.seq
-        self._last_batch = receipt.batch
-        self._since_snapshot += 1
-        if self._since_snapshot >= self.snapshot_every:
+        # the receipt is a (seq, batch) tuple: unpacked, not read field by field (three appends a snapshot)
+        self.last_seq, self._last_batch = self.log.append(event, stream=self.stream, key=self.key_of(event))
+        since = self._since_snapshot = self._since_snapshot + 1
+        if since >= self.snapshot_every:
             self._schedule_snapshot()
 
     def _restore_after_refused(self, event: Event, exc: Exception) -> None:
