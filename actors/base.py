@@ -305,11 +305,6 @@ class EventSourcedActor(pykka.ThreadingActor, Generic[S]):
 
     # ------------------------------------------------------------------ persistence
 
-    def key_of(self, event: Event) -> str:
-        """The log key of ``event``: its conid when it is about a contract."""
-        conid = getattr(event, "conid", None)
-        return str(conid) if conid is not None else self.stream
-
     def persist(self, event: Event) -> None:
         """Apply ``event`` now and append it; effects that depend on it go through ``after_durable``.
 
@@ -323,8 +318,10 @@ class EventSourcedActor(pykka.ThreadingActor, Generic[S]):
         except Exception as exc:
             self._restore_after_refused(event, exc)
             raise reject(type(event).__struct_config__.tag, "inapplicable", f"{exc}") from exc
+        conid = getattr(event, "conid", None)  # the log key: the conid of an event about a contract, else the stream
+        key = self.stream if conid is None else str(conid)
         # the receipt is a (seq, batch) tuple: unpacked, not read field by field (three appends a snapshot)
-        self.last_seq, self._last_batch = self.log.append(event, stream=self.stream, key=self.key_of(event))
+        self.last_seq, self._last_batch = self.log.append(event, stream=self.stream, key=key)
         since = self._since_snapshot = self._since_snapshot + 1
         if since >= self.snapshot_every:
             self._schedule_snapshot()
