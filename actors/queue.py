@@ -274,8 +274,6 @@ class QueueActor(EventSourcedActor[QueueState]):
                 continue
             enqueue(item, now, None)
 
-    def _told_succeed(self, command: Succeed) -> None:
-        self._succeed(command, None)
 
     def _on_fail(self, command: Fail) -> QueueAck:
         now, ignored = self.clock(), {}
@@ -291,7 +289,9 @@ class QueueActor(EventSourcedActor[QueueState]):
 
     def _each_live(self, command: Release, act: Callable[[QueueItem], None]) -> QueueAck:
         """``act`` on each item of ``command`` still PROCESSING under the lease it names; the others are ignored."""
-        ids, leases = _acked(command)
+        ids, leases = command.item_ids, command.leases
+        if leases and len(leases) != len(ids):
+            raise reject(command, "invalid", "leases must match item_ids one to one", "leases")
         ignored: dict[str, str] = {}
         changed = 0
         for i, item_id in enumerate(ids):
@@ -301,12 +301,15 @@ class QueueActor(EventSourcedActor[QueueState]):
                 changed += 1
         return QueueAck(changed=changed, ignored=ignored)
 
-    def _succeed(self, command: Succeed, ignored: dict[str, str] | None) -> int:
+    def _succeed(self, command: Succeed, ignored: dict[str, str] | None = None) -> int:
         """End each item of ``command`` still PROCESSING under the lease it names; how many ended.
 
-        ``_each_live``'s loop, written out: one a snapshot, it needs no callable made for it.
+        ``_each_live``'s loop, written out: one a snapshot, it needs no callable made for it. Told (no
+        ``ignored``), it is the handler itself.
         """
-        ids, leases = _acked(command)
+        ids, leases = command.item_ids, command.leases
+        if leases and len(leases) != len(ids):
+            raise reject(command, "invalid", "leases must match item_ids one to one", "leases")
         changed = 0
         for i, item_id in enumerate(ids):
             item = self._live(item_id, leases[i] if leases else None, ignored)
@@ -585,13 +588,5 @@ _TOLD: dict[type, Callable[[QueueActor, Any], Any]] = {
     **_HANDLERS,
     Enqueue: QueueActor._told_enqueue,
     EnqueueMany: QueueActor._told_enqueue_many,
-    Succeed: QueueActor._told_succeed,
+    Succeed: QueueActor._succeed,
 }
-
-
-def _acked(command: Succeed | Release) -> tuple[list[int], list[int]]:
-    """The item ids of an ack and their leases (empty: none given), or CommandRejected if they do not pair up."""
-    ids, leases = command.item_ids, command.leases
-    if leases and len(leases) != len(ids):
-        raise reject(command, "invalid", "leases must match item_ids one to one", "leases")
-    return ids, leases
