@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ RUNTIME = str(ROOT / "runtime.py")
 ACTIVATED = [str(1001 + i) for i in range(36)]
 #: Snapshots recorded after the burst (shorter periods leave the p99 ages to a few seconds of the burst).
 SNAPSHOTS_AFTER_BURST = 180
+#: [freshness] line_probe_s of the recorded run: short, so that the ~25 s after the burst hold several probes.
+LINE_PROBE_S = 5.0
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +51,7 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     config = write_config(
         tmp / "c.toml",
         runtime={"max_lines": 45},
-        freshness={"monitoring_s": 10.0},
+        freshness={"monitoring_s": 10.0, "line_probe_s": LINE_PROBE_S},
         ib={"min_stream_age_s": 0.05, "snapshot_timeout_s": 5.0},
     )
     rt = RuntimeProc(data_dir, config, "--ib-port", str(port), demo=False)
@@ -100,3 +103,23 @@ def test_the_replay_meets_the_burst_as_the_gateway_did_and_matches_the_record(re
     assert as_run["extra"]["refusals_101"] >= max(2, len(steps) / 3), (as_run["extra"], steps)
     assert as_run["extra"]["line_limit_at_end"] <= 30
     assert report["faithfulness"]["faithful"], report["faithfulness"]["p99"]
+
+
+def test_after_the_burst_the_router_probes_for_more_lines_every_line_probe_s(recorded: tuple[Path, Path]) -> None:
+    """The burst's levels were counted with subscribes still in the IB actor's pacer, and some were proven before
+    IB's 101s for them came back. Kept as the run's peak, they made the limit IB taught look like lines lent to
+    another client, and the router probed towards them every tenth of line_probe_s (59 probes in 150 s at a
+    line_probe_s of 20 s, each a 101 and a stream demoted), where it probes once a line_probe_s (7)."""
+    log = cli("audit", "--data-dir", str(recorded[0]), "--format", "jsonl")
+    assert log.returncode == 0, log.stderr
+    events = [json.loads(line) for line in log.stdout.splitlines() if line.strip()]
+    taught = [e["seq"] for e in events if e["type"] == "router.line_limit_learned"]
+    probes = [e for e in events if e["type"] == "router.line_limit_probed"]
+    assert taught, "the burst met IB's limit"
+    span_s = (_ts(events[-1]) - _ts(next(e for e in events if e["seq"] == taught[0]))).total_seconds()
+    assert span_s > 3 * LINE_PROBE_S, span_s  # long enough to tell one pace from the other
+    assert len(probes) <= span_s / LINE_PROBE_S + 1, (len(probes), span_s)
+
+
+def _ts(event: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(event["ts"].replace("Z", "+00:00"))
