@@ -455,8 +455,12 @@ class StreamRouter(EventSourcedActor[RouterState]):
 
     def _learn_limit(self, why: str) -> None:
         """IB refused a request: what is still held is what it accepts."""
+        climbing = self.ledger.below_peak
         limit = self.ledger.limit_after_refusal(self.stream_lines(), self._clock())
         if limit is None:
+            if climbing and not self.ledger.below_peak:  # the peak it climbed towards raced this 101: slow down
+                self._probe_step = 1
+                self._next_probe = self._clock() + self._probe_interval()
             return
         previous = self.state.learned_limit
         self.persist(LineLimitLearned(limit=limit, previous=previous, reason=why[:200]))

@@ -42,6 +42,7 @@ from actors.router import (
     StreamRouter,
     SweepNow,
 )
+from actors.what_if_sim import MemoryLog
 from actors.worker import QueueWorker, WorkerSettings, WorkerStatus
 from events.ib import (
     Connect,
@@ -739,3 +740,28 @@ def test_a_portfolio_mark_never_hides_how_old_the_market_data_is(rig_factory: An
     rows = {row.conid: row for row in ask(rig.router, ContractsQuery(), timeout=5).rows}
     assert (rows[quoted].source, rows[quoted].last_quote_us) == ("queue", old.ts_us)
     assert rows[marked_only].source == "queue"
+
+
+def test_a_101_that_takes_back_the_peak_being_climbed_to_slows_the_next_probe_down() -> None:
+    """Climbing back towards a peak (a tenth of line_probe_s apart) when a 101 shows that peak raced a refusal:
+    the next probe waits a whole line_probe_s, even when the 101 teaches no lower limit."""
+    now = [1000.0]
+    router = StreamRouter(
+        MemoryLog(),  # type: ignore[arg-type]
+        RouterSettings(max_lines=60, min_snapshot_lines=2, line_probe_s=300.0),
+        ib=pykka.ActorRef.__new__(pykka.ActorRef),  # never told: no stream is started here
+        queue=pykka.ActorRef.__new__(pykka.ActorRef),
+        handlers=HandlerSet([]),
+        timer=False,
+        clock=lambda: now[0],
+    )
+    router.ledger.learned = 40
+    router.ledger.prove(45, now=now[0])  # just now: this burst's
+    assert router.ledger.below_peak
+    router._probe_step, router._next_probe = 4, now[0] + 30.0  # climbing fast
+    router.ledger.lend(40, streams=0, now=now[0])  # 40 lines held when the 101 comes: no lower limit to learn
+    now[0] += 1.0
+    router._learn_limit("101 on a snapshot of 7")
+    assert router.ledger.learned == 40
+    assert not router.ledger.below_peak  # the peak is capped at what was held, 40
+    assert router._next_probe == now[0] + 300.0
