@@ -37,7 +37,7 @@ from dataclasses import dataclass
 __all__ = ["PEAK_SETTLE_S", "LineLedger", "SnapshotLine"]
 
 #: A peak proven this soon before a 101 may count the refused request, still on its way to IB (the IB actor's
-#: pacer holds a burst for seconds, and IB's answer takes a round trip): the 101 caps it at what IB accepted.
+#: pacer holds a burst for seconds, and IB's answer takes a round trip): the 101 caps it at the lines still held.
 #: Ten seconds cover a pacer queue of ~450 messages; capping a real peak only slows a later climb back.
 PEAK_SETTLE_S = 10.0
 
@@ -161,16 +161,19 @@ class LineLedger:
         What is still held is what IB accepted. (A line that closed in the
         same instant makes this an underestimate; the upward probe repairs it.)
 
-        A peak proven within ``peak_settle_s`` before is capped at it too, as
-        are the levels the open snapshot lines and the unproven streams will
-        prove. In
-        a burst (a start, a resubscribe, a probe) the router counts a request
-        from the moment it hands it to the IB actor, and a snapshot, or a
-        stream unrefused for ``proof_s``, proves a level with the refused
-        request in it before IB's 101 for it is back. Kept as the run's peak,
-        such a level would make every later limit look like lines lent to
-        other clients, and the probe would climb back towards it every tenth
-        of ``line_probe_s``, for a 101 each time, all day.
+        A peak raised within ``peak_settle_s`` before is capped at it too
+        (never below the peak that stood before those raises), as are the
+        levels the open snapshot lines and the unproven streams will prove.
+        In a burst (a start, a resubscribe, a probe) the router counts a
+        request from the moment it hands it to the IB actor, and a snapshot,
+        or a stream unrefused for ``proof_s``, can prove a level with the
+        refused request in it before IB's 101 for it is back. Kept as the
+        run's peak, such a level would make every later limit look like lines
+        lent to other clients, and the probe would climb back towards it
+        every tenth of ``line_probe_s``, for a 101 each time, all day. The
+        cost: when lines closed between IB's refusal and this call, the cap
+        (like the limit learned) is low, and a real peak in the window is
+        lost with the false one.
         """
         accepted = max(1, self.lines_held(streams))
         raises = self._recent_raises(now)
