@@ -58,7 +58,7 @@ Rules, including the ones section 4 leaves open:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 from loguru import logger
@@ -274,7 +274,6 @@ class QueueActor(EventSourcedActor[QueueState]):
                 continue
             enqueue(item, now, None)
 
-
     def _on_fail(self, command: Fail) -> QueueAck:
         now, ignored = self.clock(), {}
         item = self._live(command.item_id, command.lease_until_us, ignored)
@@ -285,38 +284,33 @@ class QueueActor(EventSourcedActor[QueueState]):
     def _on_release(self, command: Release) -> QueueAck:
         reason = command.reason
         kind = reason if reason in _RELEASE_REASONS else "released"
-        return self._each_live(command, lambda item: self._return(item, kind, reason))
-
-    def _each_live(self, command: Release, act: Callable[[QueueItem], None]) -> QueueAck:
-        """``act`` on each item of ``command`` still PROCESSING under the lease it names; the others are ignored."""
-        ids, leases = command.item_ids, command.leases
-        if leases and len(leases) != len(ids):
-            raise reject(command, "invalid", "leases must match item_ids one to one", "leases")
         ignored: dict[str, str] = {}
         changed = 0
-        for i, item_id in enumerate(ids):
-            item = self._live(item_id, leases[i] if leases else None, ignored)
-            if item is not None:
-                act(item)
-                changed += 1
+        for item in self._live_items(command, ignored):
+            self._return(item, kind, reason)
+            changed += 1
         return QueueAck(changed=changed, ignored=ignored)
 
     def _succeed(self, command: Succeed, ignored: dict[str, str] | None = None) -> int:
         """End each item of ``command`` still PROCESSING under the lease it names; how many ended.
 
-        ``_each_live``'s loop, written out: one a snapshot, it needs no callable made for it. Told (no
-        ``ignored``), it is the handler itself.
+        Told (no ``ignored``: nobody reads the reasons), it is the handler itself.
         """
+        changed = 0
+        for item in self._live_items(command, ignored):
+            self.persist(ItemSucceeded(item_id=item.item_id, conid=item.conid))
+            changed += 1
+        return changed
+
+    def _live_items(self, command: Succeed | Release, ignored: dict[str, str] | None) -> Iterator[QueueItem]:
+        """The items of ``command`` still PROCESSING under the lease it names; why the others are not, in ``ignored``."""
         ids, leases = command.item_ids, command.leases
         if leases and len(leases) != len(ids):
             raise reject(command, "invalid", "leases must match item_ids one to one", "leases")
-        changed = 0
         for i, item_id in enumerate(ids):
             item = self._live(item_id, leases[i] if leases else None, ignored)
             if item is not None:
-                self.persist(ItemSucceeded(item_id=item_id, conid=item.conid))
-                changed += 1
-        return changed
+                yield item
 
     def _on_cancel(self, command: Cancel) -> QueueAck:
         ignored: dict[str, str] = {}

@@ -673,9 +673,8 @@ class StreamRouter(EventSourcedActor[RouterState]):
             self._note_quote(done.update)
         match done.outcome:
             case "ok":
-                ledger = self.ledger
-                if line is not None and (line.level > ledger.proven or line.level > ledger.peak_proven):  # else no news
-                    ledger.prove(line.level, self._clock())
+                if line is not None:
+                    self.ledger.prove(line.level, self._clock())
                 self.unpriceable.discard(conid)
                 self.last_error.pop(conid, None)
                 if self._on_queue_path(conid):
