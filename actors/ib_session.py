@@ -157,6 +157,12 @@ class IbSession:
         self.state = ConnectionState.DISCONNECTED
         self._up = False
         self._ever_connected = False
+        #: False from an 1100 until IB's 1101/1102: TWS is up but cut off from IB's servers. Read when a
+        #: connect completes, because the 1100 may arrive while ib_insync is still synchronising.
+        self._ib_reachable = True
+        #: The session was cut off from IB before it asked for any stream: whatever restores it (1102 "data
+        #: maintained" included) must have every stream asked for.
+        self._resubscribe_on_restore = False
         self._want_connected = False
         self._runner: asyncio.Task[None] | None = None
         self._down = asyncio.Event()
@@ -231,6 +237,8 @@ class IbSession:
             self._set_state(ConnectionState.CONNECTING, f"{s.host}:{s.port} client {s.client_id}")
             self._down.clear()
             self._api_error = ""
+            self._ib_reachable = True
+            self._resubscribe_on_restore = False
             try:
                 await self.ib.connectAsync(
                     s.host, s.port, s.client_id, timeout=s.connect_timeout_s, readonly=s.readonly, account=s.account
@@ -252,7 +260,15 @@ class IbSession:
                 self._paced(lambda: self.ib.reqMarketDataType(s.market_data_type))
                 resubscribe = self._ever_connected
                 self._ever_connected = True
-                self._set_state(ConnectionState.CONNECTED, "connected", resubscribe=resubscribe)
+                if self._ib_reachable:
+                    self._set_state(ConnectionState.CONNECTED, "connected", resubscribe=resubscribe)
+                else:
+                    # An 1100 came while connecting, and no 1101/1102 since: CONNECTED would say data flows,
+                    # and every snapshot the worker sent would time out as the contract's failure.
+                    self._resubscribe_on_restore = True
+                    self._set_state(
+                        ConnectionState.CONNECTIVITY_LOST, "connected to TWS, which is cut off from IB (1100)"
+                    )
                 await self._down.wait()
                 if not self._want_connected:
                     return
@@ -831,16 +847,19 @@ class IbSession:
         logger.warning("IB error {} {} (req {}, conid {}): {}", code, kind, req_id, conid, text)
         self._publish(IbError(code=code, kind=kind, req_id=req_id, conid=conid, message=text))
         if code == 1100:
+            self._ib_reachable = False
             self._interrupt_snapshots(code, text, send_cancel=True)
             self._set_state(ConnectionState.CONNECTIVITY_LOST, text)
         elif code == 1101:
+            self._ib_reachable, self._resubscribe_on_restore = True, False
             self._withdraw_cancels()
             self._forget_streams()
             self._interrupt_snapshots(code, text, send_cancel=False)  # IB dropped them with the streams
             self._resubmit_account_data()
             self._set_state(ConnectionState.RESTORED_DATA_LOST, text, resubscribe=True)
         elif code == 1102:
-            self._set_state(ConnectionState.RESTORED_DATA_KEPT, text)
+            resubscribe, self._ib_reachable, self._resubscribe_on_restore = self._resubscribe_on_restore, True, False
+            self._set_state(ConnectionState.RESTORED_DATA_KEPT, text, resubscribe=resubscribe)
         if req is None or code not in TERMINAL_MD_CODES:
             return
         if req.snapshot:

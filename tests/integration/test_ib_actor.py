@@ -15,6 +15,7 @@ import pykka
 from actors.ib import IbActor
 from actors.messaging import ask, ask_async
 from events.ib import (
+    Connect,
     ConnectionState,
     ConnectionStateChanged,
     Disconnect,
@@ -225,6 +226,35 @@ def test_1100_and_1102_are_reported_with_the_socket_up(connect_ib: Start, sim: T
     assert sim.stats().connections == 1
     # Farm status notes (2104/2106/2158) at connect were not emitted.
     assert not [m for m in inbox.messages(IbError) if m.code in (2104, 2106, 2158)]
+
+
+def test_1100_while_connecting_is_not_hidden_by_the_connect(sim: TwsSimulator) -> None:
+    """TWS cut off from IB as the client connects: no CONNECTED until IB is back, and then a full resubscribe.
+
+    The 1100 arrives while ib_insync is still synchronising. Reporting CONNECTED when the connect completes
+    would tell the worker that data flows: its snapshots would time out and count as failed attempts.
+    """
+    sim.configure(codes_at_connect=(1100,))
+    inbox = Inbox.start()
+    assert inbox.ref is not None
+    ref = IbActor.start(fast_settings(sim.port), [inbox.ref])
+    ref.tell(Connect())
+    inbox.wait_for(lambda m: isinstance(m, PositionsComplete), timeout=10)  # the connect is complete
+    wait_until(lambda: stats(ref).connected)
+    states = [m.state for m in inbox.messages(ConnectionStateChanged)]
+    assert states[-1] == ConnectionState.CONNECTIVITY_LOST, states
+    assert ConnectionState.CONNECTED not in states, states
+    assert stats(ref).state == ConnectionState.CONNECTIVITY_LOST
+    result = ask(ref, Snapshot(conids=[1001], timeout_s=5))
+    assert [(f.conid, f.kind, f.code) for f in result.failures] == [(1001, IbErrorKind.DATA_INTERRUPTED, 1100)]
+    assert sim.stats().by_msg_id.get(1, 0) == 0  # no reqMktData: nothing asked of an IB that cannot answer
+    sim.send_error(1102)
+    # The session holds no stream yet: "data maintained" still means every stream must be asked for.
+    back = inbox.wait_for(
+        lambda m: isinstance(m, ConnectionStateChanged) and m.state == ConnectionState.RESTORED_DATA_KEPT
+    )
+    assert back.resubscribe
+    assert ask(ref, Snapshot(conids=[1001], timeout_s=5)).updates[0].conid == 1001
 
 
 def test_disconnect_fails_snapshots_in_flight(connect_ib: Start, sim: TwsSimulator) -> None:

@@ -54,6 +54,12 @@ SERVER_VERSION = 176
 HEARTBEAT_S = 0.01
 STALL_S = 0.05
 MIN_CLIENT_VERSION = 157
+#: IB's texts for its system codes (tws-api/message_codes.html).
+_SYSTEM_TEXTS = {
+    1100: "Connectivity between IB and Trader Workstation has been lost.",
+    1101: "Connectivity between IB and TWS has been restored- data lost.",
+    1102: "Connectivity between IB and TWS has been restored- data maintained.",
+}
 
 # Incoming message ids (client -> TWS), from ib_insync's client.py.
 REQ_MKT_DATA = 1
@@ -184,6 +190,9 @@ class SimConfig:
     #: markers are -1 (impliedVol, optPrice, pvDividend, undPrice) and -2 (delta, gamma, vega, theta).
     model_greeks: dict[int, tuple[float, float, float, float, float, float, float, float]] = field(default_factory=dict)
     server_version: int = SERVER_VERSION
+    #: Error codes sent to every new session right after its greeting (startApi), while the client is still
+    #: synchronising: 1100 says TWS is cut off from IB's servers as the client connects.
+    codes_at_connect: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -457,11 +466,7 @@ class TwsSimulator:
 
     def send_error(self, code: int, message: str = "", req_id: int = -1) -> None:
         """Send error ``code`` to every client. 1101 also forgets every stream and the account updates, as IB does."""
-        texts = {
-            1100: "Connectivity between IB and Trader Workstation has been lost.",
-            1101: "Connectivity between IB and TWS has been restored- data lost.",
-            1102: "Connectivity between IB and TWS has been restored- data maintained.",
-        }
+        texts = _SYSTEM_TEXTS
 
         def send() -> None:
             for session in list(self._sessions):
@@ -669,6 +674,8 @@ class TwsSimulator:
             (2158, "Sec-def data farm connection is OK:secdefnj"),
         ):
             session.error(-1, code, text)
+        for code in self.config.codes_at_connect:
+            session.error(-1, code, _SYSTEM_TEXTS.get(code, f"simulated error {code}"))
 
     def _positions(self, session: _Session, fields: list[str]) -> None:
         for pos in self.config.positions:
