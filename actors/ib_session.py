@@ -163,6 +163,9 @@ class IbSession:
         #: The session was cut off from IB before it asked for any stream: whatever restores it (1102 "data
         #: maintained" included) must have every stream asked for.
         self._resubscribe_on_restore = False
+        #: Market data farms IB reported broken (2103) and not yet OK (2104): a snapshot that times out meanwhile
+        #: is the farm's silence, not the contract's.
+        self._farms_down: set[str] = set()
         self._want_connected = False
         self._runner: asyncio.Task[None] | None = None
         self._down = asyncio.Event()
@@ -239,6 +242,7 @@ class IbSession:
             self._api_error = ""
             self._ib_reachable = True
             self._resubscribe_on_restore = False
+            self._farms_down.clear()  # a session hears of its farms afresh (2104/2103 after startApi)
             try:
                 await self.ib.connectAsync(
                     s.host, s.port, s.client_id, timeout=s.connect_timeout_s, readonly=s.readonly, account=s.account
@@ -808,7 +812,13 @@ class IbSession:
         self._close_batch_requests(batch, send_cancel=True)  # cancels in the pacer before the reply leaves
         for req, update in late:
             self._answer(req, update)
-        self._fail_open(batch, IbErrorKind.TIMEOUT, None, "no complete quote within the timeout")
+        if self._farms_down:
+            # A TWS may hold requests while a farm is down rather than answer 10182: the silence is the
+            # farm's, so back to the queue without an attempt (and the worker pauses), not the contract's failure.
+            farms = ", ".join(sorted(self._farms_down))
+            self._fail_open(batch, IbErrorKind.DATA_INTERRUPTED, 2103, f"no quote while market data farm {farms} is down")
+        else:
+            self._fail_open(batch, IbErrorKind.TIMEOUT, None, "no complete quote within the timeout")
         self._finish(batch)
 
     def _fail_open(self, batch: Batch, kind: IbErrorKind, code: int | None, message: str) -> None:
@@ -838,6 +848,7 @@ class IbSession:
         conid = req.conid if req is not None else (contract.conId if contract is not None and contract.conId else None)
         if code in DATA_BACK_CODES:
             self._data_back()
+        self._note_farm(code, text)
         if code == 300 and req_id in self._cancelled_snapshots:
             logger.debug("IB: cancel of snapshot {} crossed its end ({})", req_id, text)
             return
@@ -875,6 +886,19 @@ class IbSession:
             self._drop_request(req, send_cancel=False)
             if refused:
                 self._ended(req.conid, "refused", code)  # after the IbError above; ends a pending cancel too
+
+    def _note_farm(self, code: int, text: str) -> None:
+        """Keep the market data farms IB says are broken (2103 ...:usfarm) until it says they are OK (2104, 2108).
+
+        IB's text ends with the farm's name. 1101/1102 (IB's servers back) and a new session mean IB will
+        report its farms afresh.
+        """
+        if code == 2103:
+            self._farms_down.add(text.rpartition(":")[2] or text)
+        elif code in (2104, 2108):  # OK, or "inactive but should be available upon demand": not broken
+            self._farms_down.discard(text.rpartition(":")[2] or text)
+        elif code in (1101, 1102):
+            self._farms_down.clear()
 
     def _resubmit_account_data(self) -> None:
         """1101 lost the account subscriptions too: ask again for the portfolio marks and the positions.

@@ -407,3 +407,24 @@ def test_1102_brings_back_streams_a_blip_killed(connect_ib: Start, sim: TwsSimul
     inbox.wait_for(lambda m: isinstance(m, MarketUpdate) and m.conid == 1001 and m.source == "stream")
     assert stats(ref).streams == 1
     assert not inbox.messages(StreamEnded)
+
+
+def test_a_snapshot_unanswered_while_the_farm_is_down_is_interrupted_not_failed(
+    connect_ib: Start, sim: TwsSimulator
+) -> None:
+    """A TWS that holds snapshot requests while its market data farm is down, instead of answering 10182.
+
+    The timeout is then the farm's, not the contract's: DATA_INTERRUPTED (back to the queue without an
+    attempt, and the worker pauses), not TIMEOUT (an attempt, and after a few of them a dead letter).
+    """
+    sim.configure(farm_down_silent=True)
+    ref, inbox = connect_ib()
+    sim.farm_blip(None)
+    inbox.wait_for(lambda m: isinstance(m, IbError) and m.code == 2103)
+    result = ask(ref, Snapshot(conids=[1001], timeout_s=0.3))
+    assert [(f.conid, f.kind, f.code) for f in result.failures] == [(1001, IbErrorKind.DATA_INTERRUPTED, 2103)]
+    sim.farm_ok()  # its 2104 reaches the actor before the answer to the next request
+    assert ask(ref, Snapshot(conids=[1001], timeout_s=5)).updates[0].conid == 1001
+    sim.set_never_answer(1002)
+    result = ask(ref, Snapshot(conids=[1002], timeout_s=0.3))  # the farm is up: silence is the contract's now
+    assert [(f.conid, f.kind) for f in result.failures] == [(1002, IbErrorKind.TIMEOUT)]

@@ -193,6 +193,9 @@ class SimConfig:
     #: Error codes sent to every new session right after its greeting (startApi), while the client is still
     #: synchronising: 1100 says TWS is cut off from IB's servers as the client connects.
     codes_at_connect: tuple[int, ...] = ()
+    #: While the farm is down (``farm_blip``), new snapshot requests get no answer at all instead of 10182: a
+    #: TWS that holds them for the farm. Streams still get 10182.
+    farm_down_silent: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -851,7 +854,7 @@ class TwsSimulator:
         else:
             session.streams[req_id] = conid
         self._peak_lines = max(self._peak_lines, self._lines())
-        if snapshot and conid in self._never_answer:
+        if snapshot and (conid in self._never_answer or self._farm_down):  # farm down: only when silent
             return
         session.send(TICK_REQ_PARAMS, req_id, c.min_tick, "9c0001", 3)
         if conid in self.config.unsubscribed:  # only with type 3/4 here: 1/2 were refused with 354
@@ -878,7 +881,7 @@ class TwsSimulator:
             return config.refused[conid]
         if conid in config.unsubscribed and session.market_data_type in (1, 2):
             return 354
-        if self._farm_down:
+        if self._farm_down and not (snapshot and config.farm_down_silent):
             return 10182
         if snapshot and config.snapshot_rate_limit > 0:
             now = time.monotonic()
