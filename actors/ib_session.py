@@ -756,6 +756,10 @@ class IbSession:
         if not req.answered and ticker is not None:
             if any_price(ticker):
                 answer = to_update(req.conid, ticker, "queue")
+            elif self._farms_down:  # the farm's silence, not the contract's (see _expire)
+                answer = SnapshotFailed(
+                    conid=req.conid, kind=IbErrorKind.DATA_INTERRUPTED, code=2103, message=self._farms_down_text()
+                )
             else:
                 answer = SnapshotFailed(conid=req.conid, kind=IbErrorKind.NO_DATA, message="snapshot ended without prices")
         self._drop_request(req, send_cancel=False)  # IB ended it: the line is free (before the reply says so)
@@ -815,8 +819,7 @@ class IbSession:
         if self._farms_down:
             # A TWS may hold requests while a farm is down rather than answer 10182: the silence is the
             # farm's, so back to the queue without an attempt (and the worker pauses), not the contract's failure.
-            farms = ", ".join(sorted(self._farms_down))
-            self._fail_open(batch, IbErrorKind.DATA_INTERRUPTED, 2103, f"no quote while market data farm {farms} is down")
+            self._fail_open(batch, IbErrorKind.DATA_INTERRUPTED, 2103, self._farms_down_text())
         else:
             self._fail_open(batch, IbErrorKind.TIMEOUT, None, "no complete quote within the timeout")
         self._finish(batch)
@@ -899,6 +902,9 @@ class IbSession:
             self._farms_down.discard(text.rpartition(":")[2] or text)
         elif code in (1101, 1102):
             self._farms_down.clear()
+
+    def _farms_down_text(self) -> str:
+        return f"no quote while market data farm {', '.join(sorted(self._farms_down))} is down"
 
     def _resubmit_account_data(self) -> None:
         """1101 lost the account subscriptions too: ask again for the portfolio marks and the positions.

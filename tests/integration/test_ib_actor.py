@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pykka
+import pytest
 
 from actors.ib import IbActor
 from actors.messaging import ask, ask_async
@@ -409,15 +410,16 @@ def test_1102_brings_back_streams_a_blip_killed(connect_ib: Start, sim: TwsSimul
     assert not inbox.messages(StreamEnded)
 
 
-def test_a_snapshot_unanswered_while_the_farm_is_down_is_interrupted_not_failed(
-    connect_ib: Start, sim: TwsSimulator
+@pytest.mark.parametrize("answer", ["silent", "end"])
+def test_a_snapshot_without_data_while_the_farm_is_down_is_interrupted_not_failed(
+    connect_ib: Start, sim: TwsSimulator, answer: str
 ) -> None:
-    """A TWS that holds snapshot requests while its market data farm is down, instead of answering 10182.
+    """A TWS that, while its market data farm is down, holds snapshot requests or ends them without a quote.
 
-    The timeout is then the farm's, not the contract's: DATA_INTERRUPTED (back to the queue without an
-    attempt, and the worker pauses), not TIMEOUT (an attempt, and after a few of them a dead letter).
+    The missing quote is then the farm's, not the contract's: DATA_INTERRUPTED (back to the queue without an
+    attempt, and the worker pauses), not TIMEOUT or NO_DATA (an attempt each, and after a few a dead letter).
     """
-    sim.configure(farm_down_silent=True)
+    sim.configure(farm_down_snapshots=answer)
     ref, inbox = connect_ib()
     sim.farm_blip(None)
     inbox.wait_for(lambda m: isinstance(m, IbError) and m.code == 2103)
