@@ -114,6 +114,10 @@ class Unresolved(Enum):
     NO_ANSWER = "no answer"
 
 
+#: The name under which TWS's link to IB's data server (2110) is kept with the farms that are down.
+_TWS_SERVER = "TWS-server"
+
+
 class IbSession:
     """ib_insync's IB plus our streams, snapshots, contract cache, pacing and reconnects."""
 
@@ -163,9 +167,10 @@ class IbSession:
         #: The session was cut off from IB before it asked for any stream: whatever restores it (1102 "data
         #: maintained" included) must have every stream asked for.
         self._resubscribe_on_restore = False
-        #: Market data farms IB reported broken (2103) and not yet OK (2104): a snapshot that times out meanwhile
-        #: is the farm's silence, not the contract's.
-        self._farms_down: set[str] = set()
+        #: What IB reported broken and not yet back, name -> code: market data farms (2103 ...:usfarm) and TWS's
+        #: link to IB's data server (2110). A snapshot that gets no price meanwhile is their silence, not the
+        #: contract's.
+        self._data_down: dict[str, int] = {}
         self._want_connected = False
         self._runner: asyncio.Task[None] | None = None
         self._down = asyncio.Event()
@@ -242,7 +247,7 @@ class IbSession:
             self._api_error = ""
             self._ib_reachable = True
             self._resubscribe_on_restore = False
-            self._farms_down.clear()  # a session hears of its farms afresh (2104/2103 after startApi)
+            self._data_down.clear()  # a session hears of its farms afresh (2104/2103 after startApi)
             try:
                 await self.ib.connectAsync(
                     s.host, s.port, s.client_id, timeout=s.connect_timeout_s, readonly=s.readonly, account=s.account
@@ -756,10 +761,9 @@ class IbSession:
         if not req.answered and ticker is not None:
             if any_price(ticker):
                 answer = to_update(req.conid, ticker, "queue")
-            elif self._farms_down:  # the farm's silence, not the contract's (see _expire)
-                answer = SnapshotFailed(
-                    conid=req.conid, kind=IbErrorKind.DATA_INTERRUPTED, code=2103, message=self._farms_down_text()
-                )
+            elif self._data_down:  # the farm's silence, not the contract's (see _expire)
+                code, text = self._data_down_cause()
+                answer = SnapshotFailed(conid=req.conid, kind=IbErrorKind.DATA_INTERRUPTED, code=code, message=text)
             else:
                 answer = SnapshotFailed(conid=req.conid, kind=IbErrorKind.NO_DATA, message="snapshot ended without prices")
         self._drop_request(req, send_cancel=False)  # IB ended it: the line is free (before the reply says so)
@@ -768,6 +772,8 @@ class IbSession:
 
     def _answer(self, req: MdRequest, answer: MarketUpdate | SnapshotFailed) -> None:
         req.answered = True
+        if _TWS_SERVER in self._data_down and isinstance(answer, MarketUpdate):
+            del self._data_down[_TWS_SERVER]  # a price came through: TWS reaches IB's data server again
         batch = req.batch
         if batch is None or batch.replied:
             return
@@ -816,10 +822,10 @@ class IbSession:
         self._close_batch_requests(batch, send_cancel=True)  # cancels in the pacer before the reply leaves
         for req, update in late:
             self._answer(req, update)
-        if self._farms_down:
+        if self._data_down:
             # A TWS may hold requests while a farm is down rather than answer 10182: the silence is the
             # farm's, so back to the queue without an attempt (and the worker pauses), not the contract's failure.
-            self._fail_open(batch, IbErrorKind.DATA_INTERRUPTED, 2103, self._farms_down_text())
+            self._fail_open(batch, IbErrorKind.DATA_INTERRUPTED, *self._data_down_cause())
         else:
             self._fail_open(batch, IbErrorKind.TIMEOUT, None, "no complete quote within the timeout")
         self._finish(batch)
@@ -851,7 +857,7 @@ class IbSession:
         conid = req.conid if req is not None else (contract.conId if contract is not None and contract.conId else None)
         if code in DATA_BACK_CODES:
             self._data_back()
-        self._note_farm(code, text)
+        self._note_data_down(code, text)
         if code == 300 and req_id in self._cancelled_snapshots:
             logger.debug("IB: cancel of snapshot {} crossed its end ({})", req_id, text)
             return
@@ -890,21 +896,32 @@ class IbSession:
             if refused:
                 self._ended(req.conid, "refused", code)  # after the IbError above; ends a pending cancel too
 
-    def _note_farm(self, code: int, text: str) -> None:
-        """Keep the market data farms IB says are broken (2103 ...:usfarm) until it says they are OK (2104, 2108).
+    def _note_data_down(self, code: int, text: str) -> None:
+        """Keep what IB says is broken until it says it is back (tws-api/message_codes.html).
 
-        IB's text ends with the farm's name. 1101/1102 (IB's servers back) and a new session mean IB will
-        report its farms afresh.
+        A market data farm (2103, its name after the text's last colon) until 2104 "OK" or 2108 "inactive but
+        should be available upon demand" for it; TWS's link to IB's data server (2110 "broken. It will be
+        restored automatically") until 2104 for any farm (it comes back through them) or a price (see
+        ``_answer``). 1101/1102 (IB's servers back) and a new session clear everything: IB reports its farms
+        afresh.
         """
         if code == 2103:
-            self._farms_down.add(text.rpartition(":")[2] or text)
-        elif code in (2104, 2108):  # OK, or "inactive but should be available upon demand": not broken
-            self._farms_down.discard(text.rpartition(":")[2] or text)
+            self._data_down[text.rpartition(":")[2] or text] = code
+        elif code == 2110:
+            self._data_down[_TWS_SERVER] = code
+        elif code in (2104, 2108):
+            self._data_down.pop(text.rpartition(":")[2] or text, None)
+            if code == 2104:
+                self._data_down.pop(_TWS_SERVER, None)
         elif code in (1101, 1102):
-            self._farms_down.clear()
+            self._data_down.clear()
 
-    def _farms_down_text(self) -> str:
-        return f"no quote while market data farm {', '.join(sorted(self._farms_down))} is down"
+    def _data_down_cause(self) -> tuple[int, str]:
+        """The code and text a snapshot without a price gets while something is down."""
+        names = sorted(self._data_down)
+        code = self._data_down[names[0]] if len(names) == 1 else 2103
+        what = ", ".join("TWS's link to IB's data server" if n == _TWS_SERVER else f"market data farm {n}" for n in names)
+        return code, f"no quote while {what} is down"
 
     def _resubmit_account_data(self) -> None:
         """1101 lost the account subscriptions too: ask again for the portfolio marks and the positions.

@@ -430,3 +430,19 @@ def test_a_snapshot_without_data_while_the_farm_is_down_is_interrupted_not_faile
     sim.set_never_answer(1002)
     result = ask(ref, Snapshot(conids=[1002], timeout_s=0.3))  # the farm is up: silence is the contract's now
     assert [(f.conid, f.kind) for f in result.failures] == [(1002, IbErrorKind.TIMEOUT)]
+
+
+def test_a_snapshot_unanswered_while_tws_is_cut_off_from_the_data_server_is_interrupted(
+    connect_ib: Start, sim: TwsSimulator
+) -> None:
+    """2110 "Connectivity between TWS and server is broken. It will be restored automatically": until a price
+    comes through again (or 2104, 1101, 1102), a snapshot that gets none is the outage's, not the contract's."""
+    ref, inbox = connect_ib()
+    sim.set_never_answer(1001)
+    sim.send_error(2110, "Connectivity between Trader Workstation and server is broken. It will be restored automatically.")
+    inbox.wait_for(lambda m: isinstance(m, IbError) and m.code == 2110)
+    result = ask(ref, Snapshot(conids=[1001], timeout_s=0.3))
+    assert [(f.conid, f.kind, f.code) for f in result.failures] == [(1001, IbErrorKind.DATA_INTERRUPTED, 2110)]
+    assert ask(ref, Snapshot(conids=[1002], timeout_s=5)).updates[0].conid == 1002  # a price: the link is back
+    result = ask(ref, Snapshot(conids=[1001], timeout_s=0.3))
+    assert [(f.conid, f.kind) for f in result.failures] == [(1001, IbErrorKind.TIMEOUT)]
