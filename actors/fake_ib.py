@@ -25,7 +25,7 @@ Every random choice comes from ``seed``.
 
 Handles:
     Connect, Disconnect, Subscribe, Unsubscribe, RequestPositions,
-    PushTicks, InjectDisconnect, InjectError, InjectFarmBlip, InjectFarmOk,
+    PushTicks, InjectDisconnect, InjectError, ClearError, InjectFarmBlip, InjectFarmOk,
     SetNeverAnswer, SetSnapshotLatency, SetLineLimit, SetMarketClosed (told);
     Request(Snapshot) -> SnapshotResult; Request(IbStats) -> IbStatsReply;
     AddSubscriber / RemoveSubscriber envelopes.
@@ -81,6 +81,7 @@ from events.ib import (
 
 __all__ = [
     "AddSubscriber",
+    "ClearError",
     "FakeIbActor",
     "FakeIbSettings",
     "InjectDisconnect",
@@ -170,6 +171,12 @@ class InjectError(Command, tag="fake_ib.inject_error", frozen=True, kw_only=True
 
     code: int
     conid: int | None = None
+
+
+class ClearError(Command, tag="fake_ib.clear_error", frozen=True, kw_only=True):
+    """Stop answering ``conid``'s market data requests with the error an ``InjectError`` stuck to it."""
+
+    conid: int
 
 
 class SetNeverAnswer(Command, tag="fake_ib.set_never_answer", frozen=True, kw_only=True):
@@ -410,6 +417,8 @@ class FakeIbActor(pykka.ThreadingActor):
                 self._inject_disconnect()
             case InjectError(code=code, conid=conid):
                 self._inject_error(code, conid)
+            case ClearError(conid=conid):
+                self._errors.pop(conid, None)
             case SetNeverAnswer(conid=conid, never=never):
                 (self._never.add if never else self._never.discard)(conid)
             case SetSnapshotLatency(seconds=seconds):

@@ -114,6 +114,13 @@ _ACTIVE_OVERFLOW, _MONITORING = Priority.ACTIVE_OVERFLOW, Priority.MONITORING
 _CONID = operator.attrgetter("conid")
 _SOURCE = operator.attrgetter("source")
 _OPTION_TYPES = frozenset({"OPT", "FOP"})
+#: A stream IB refused for a reason other than lines waits (first, cap) seconds, doubling, before it is asked
+#: for again: no subscription or no contract will not change soon.
+_REFUSED_BACKOFF_S = (60.0, 3600.0)
+#: 10197 "No market data during competing live session": the account's other login (TWS or the mobile app)
+#: took the data. Account-wide and over when that login ends, typically within minutes: a shorter wait.
+_COMPETING_SESSION = 10197
+_COMPETING_BACKOFF_S = (30.0, 300.0)
 
 class RouterSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_lines: int = 100
@@ -353,6 +360,9 @@ class StreamRouter(EventSourcedActor[RouterState]):
                 if self.ledger.unproven:
                     for update in updates:
                         self._prove_stream(update.conid)
+                if self._refusals:
+                    for update in updates:
+                        self._refusals.pop(update.conid, None)
             self.ticks_forwarded += len(message.updates)
             self.handlers.publish(message)
             return None
@@ -584,9 +594,11 @@ class StreamRouter(EventSourcedActor[RouterState]):
             self._learn_limit(f"101 on stream {conid}")
         else:
             # not a matter of lines (no subscription, no contract, a competing session): the queue serves it,
-            # and promoting it again at once would only earn the same refusal -- back off, doubling to an hour
+            # and promoting it again at once would only earn the same refusal -- back off, doubling. The count
+            # is the contract's refusals since it last streamed a quote (see _note_quote).
             n = self._refusals[conid] = self._refusals.get(conid, 0) + 1
-            self._refused_until[conid] = self._clock() + min(3600.0, 60.0 * 2 ** (n - 1))
+            first, cap = _COMPETING_BACKOFF_S if code == _COMPETING_SESSION else _REFUSED_BACKOFF_S
+            self._refused_until[conid] = self._clock() + min(cap, first * 2 ** (n - 1))
         self._fill_lines()
 
     def _journal_connection(self, change: ConnectionStateChanged) -> None:
@@ -746,8 +758,11 @@ class StreamRouter(EventSourcedActor[RouterState]):
                 # status line and the refresh owed go by the newest stream or snapshot quote
                 return
         self.latest[update.conid] = update
-        if self.ledger.unproven and update.source == "stream":
-            self._prove_stream(update.conid)
+        if update.source == "stream":
+            if self.ledger.unproven:
+                self._prove_stream(update.conid)
+            if self._refusals:
+                self._refusals.pop(update.conid, None)  # it streams: its earlier refusals are history
 
     def _rank(self, conid: int) -> Rank:
         info = self.contracts.get(conid)

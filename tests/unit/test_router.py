@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from actors.fake_ib import (
+    ClearError,
     FakeIbActor,
     FakeIbSettings,
     InjectDisconnect,
@@ -677,6 +678,71 @@ def test_a_stream_refused_for_no_subscription_goes_to_the_queue_and_is_not_asked
         ask(rig.router, RouterTick())
     assert ("stream_promoted", refused) not in rig.router_events()
     assert rig.ib_stats().streams == 2
+
+
+def _promotions(rig: Rig, conid: int) -> int:
+    return rig.router_events().count(("stream_promoted", conid))
+
+
+def _refused_again_at(rig: Rig, clock: ManualClock, conid: int, wait_s: float) -> None:
+    """The refused contract is not asked for again just before ``wait_s`` has passed, and is at ``wait_s``."""
+    promoted = _promotions(rig, conid)
+    demoted = rig.router_events().count(("stream_demoted", conid))
+    clock.now += wait_s - 0.5
+    ask(rig.router, RouterTick())
+    assert _promotions(rig, conid) == promoted, f"asked again before {wait_s} s"
+    clock.now += 0.5
+    ask(rig.router, RouterTick())
+    wait_until(lambda: rig.router_events().count(("stream_demoted", conid)) == demoted + 1, timeout=5)
+
+
+def test_a_competing_session_s_refusals_back_off_from_30_s_to_5_minutes(rig_factory: Any) -> None:
+    """10197: the account's other login took the data, account-wide and over within minutes, not an hour."""
+    clock = ManualClock()
+    rig = rig_factory(max_lines=8, reserve=2, clock=clock)
+    competing = OPTIONS[1]
+    rig.ib.tell(InjectError(code=10197, conid=competing))
+    rig.activate(competing)
+    wait_until(lambda: ("stream_demoted", competing) in rig.router_events(), timeout=5)
+    for wait_s in (30.0, 60.0, 120.0, 240.0, 300.0, 300.0):
+        _refused_again_at(rig, clock, competing, wait_s)
+
+
+def test_a_contract_that_streamed_again_starts_its_refusal_backoff_afresh(rig_factory: Any) -> None:
+    """Refusals count since the contract last streamed: a competing login each afternoon is not an ever
+    longer wait."""
+    clock = ManualClock()
+    rig = rig_factory(max_lines=8, reserve=2, clock=clock)
+    competing = OPTIONS[1]
+    rig.ib.tell(InjectError(code=10197, conid=competing))
+    rig.activate(competing)
+    wait_until(lambda: ("stream_demoted", competing) in rig.router_events(), timeout=5)
+    _refused_again_at(rig, clock, competing, 30.0)  # the second refusal: 60 s next
+    rig.ib.tell(ClearError(conid=competing))  # the other login ends
+    clock.now += 60.0
+    ask(rig.router, RouterTick())
+    wait_until(lambda: _promotions(rig, competing) == 2, timeout=5)  # started, refused, promoted, refused, promoted
+    # it streams (its first quote); then a new competing login kills the stream (the fake IB tells both, in order)
+    rig.ib.tell(InjectError(code=10197, conid=competing))
+    wait_until(lambda: rig.router_events().count(("stream_demoted", competing)) == 3, timeout=5)
+    _refused_again_at(rig, clock, competing, 30.0)  # 30 s again, not 120 s
+
+
+def test_a_quote_among_a_socket_read_s_ticks_clears_the_contract_s_refusals_too() -> None:
+    """The IB actor sends the ticks of one socket read as one MarketUpdates: the router's streaming hot path."""
+    router = StreamRouter(
+        MemoryLog(),  # type: ignore[arg-type]
+        RouterSettings(max_lines=60, min_snapshot_lines=2),
+        ib=pykka.ActorRef.__new__(pykka.ActorRef),  # never told: no stream is started here
+        queue=pykka.ActorRef.__new__(pykka.ActorRef),
+        handlers=HandlerSet([]),
+        timer=False,
+        clock=lambda: 1000.0,
+    )
+    router._refusals = {OPTIONS[0]: 2, OPTIONS[1]: 3}
+    quote = MarketUpdate(conid=OPTIONS[1], source="stream", ts_us=1, bid=1.0, ask=1.1)
+    router.on_receive(MarketUpdates(updates=[MarketUpdate(conid=STOCKS[0], source="stream", ts_us=1, last=5.0), quote]))
+    assert router._refusals == {OPTIONS[0]: 2}
 
 
 def test_a_snapshot_s_101_does_not_demote_a_stream_of_the_same_contract(rig_factory: Any) -> None:
