@@ -686,7 +686,7 @@ class IbSession:
     # ------------------------------------------------------------- snapshots
     def snapshot(self, conids: list[int], timeout_s: float, reply: pykka.Future[Any]) -> None:
         unique = list(dict.fromkeys(conids))
-        batch = Batch(conids=unique, reply=reply)
+        batch = Batch(conids=unique, reply=reply, outage=self._data_down_cause() if self._data_down else None)
         if not self.connected:
             for conid in unique:
                 batch.failures[conid] = SnapshotFailed(
@@ -761,8 +761,8 @@ class IbSession:
         if not req.answered and ticker is not None:
             if any_price(ticker):
                 answer = to_update(req.conid, ticker, "queue")
-            elif self._data_down:  # the farm's silence, not the contract's (see _expire)
-                code, text = self._data_down_cause()
+            elif req.batch is not None and req.batch.outage is not None:  # the farm's silence (see _expire)
+                code, text = req.batch.outage
                 answer = SnapshotFailed(conid=req.conid, kind=IbErrorKind.DATA_INTERRUPTED, code=code, message=text)
             else:
                 answer = SnapshotFailed(conid=req.conid, kind=IbErrorKind.NO_DATA, message="snapshot ended without prices")
@@ -822,10 +822,11 @@ class IbSession:
         self._close_batch_requests(batch, send_cancel=True)  # cancels in the pacer before the reply leaves
         for req, update in late:
             self._answer(req, update)
-        if self._data_down:
-            # A TWS may hold requests while a farm is down rather than answer 10182: the silence is the
-            # farm's, so back to the queue without an attempt (and the worker pauses), not the contract's failure.
-            self._fail_open(batch, IbErrorKind.DATA_INTERRUPTED, *self._data_down_cause())
+        if batch.outage is not None:
+            # A TWS may hold requests while a farm is down rather than answer 10182, and serve them or not once it
+            # is back: the silence is the farm's, so back to the queue without an attempt (and the worker pauses),
+            # not the contract's failure.
+            self._fail_open(batch, IbErrorKind.DATA_INTERRUPTED, *batch.outage)
         else:
             self._fail_open(batch, IbErrorKind.TIMEOUT, None, "no complete quote within the timeout")
         self._finish(batch)
@@ -903,12 +904,14 @@ class IbSession:
         should be available upon demand" for it; TWS's link to IB's data server (2110 "broken. It will be
         restored automatically") until 2104 for any farm (it comes back through them) or a price (see
         ``_answer``). 1101/1102 (IB's servers back) and a new session clear everything: IB reports its farms
-        afresh.
+        afresh. A snapshot batch asked for, or open, while something is down keeps the cause (``Batch.outage``):
+        a request TWS held may still time out after the farm is back.
         """
-        if code == 2103:
-            self._data_down[text.rpartition(":")[2] or text] = code
-        elif code == 2110:
-            self._data_down[_TWS_SERVER] = code
+        if code in (2103, 2110):
+            self._data_down[_TWS_SERVER if code == 2110 else text.rpartition(":")[2] or text] = code
+            cause = self._data_down_cause()
+            for batch in self._batches:  # open now: whatever they get no price for is the outage's too
+                batch.outage = cause
         elif code in (2104, 2108):
             self._data_down.pop(text.rpartition(":")[2] or text, None)
             if code == 2104:

@@ -446,3 +446,20 @@ def test_a_snapshot_unanswered_while_tws_is_cut_off_from_the_data_server_is_inte
     assert ask(ref, Snapshot(conids=[1002], timeout_s=5)).updates[0].conid == 1002  # a price: the link is back
     result = ask(ref, Snapshot(conids=[1001], timeout_s=0.3))
     assert [(f.conid, f.kind) for f in result.failures] == [(1001, IbErrorKind.TIMEOUT)]
+
+
+def test_a_snapshot_open_when_the_farm_goes_down_and_never_answered_is_interrupted(
+    connect_ib: Start, sim: TwsSimulator
+) -> None:
+    """Asked before the 2103, held silently after it (and maybe past the 2104): still the farm's silence."""
+    ref, inbox = connect_ib()
+    sim.set_never_answer(1001)
+    pending = ask_async(ref, Snapshot(conids=[1001], timeout_s=1.0))
+    wait_until(lambda: sim.stats().open_snapshots == 1)
+    sim.send_error(2103, "Market data farm connection is broken:usfarm")
+    inbox.wait_for(lambda m: isinstance(m, IbError) and m.code == 2103)
+    sim.send_error(2104, "Market data farm connection is OK:usfarm")  # back before the timeout
+    result = pending.get(timeout=10)
+    assert [(f.conid, f.kind, f.code) for f in result.failures] == [(1001, IbErrorKind.DATA_INTERRUPTED, 2103)]
+    result = ask(ref, Snapshot(conids=[1001], timeout_s=0.3))  # asked with the farm up: the contract's silence
+    assert [(f.conid, f.kind) for f in result.failures] == [(1001, IbErrorKind.TIMEOUT)]
