@@ -167,6 +167,8 @@ class IbSession:
         #: The session was cut off from IB before it asked for any stream: whatever restores it (1102 "data
         #: maintained" included) must have every stream asked for.
         self._resubscribe_on_restore = False
+        #: An 1101 came while connecting: the account data is asked for again once the connect is complete.
+        self._resubmit_after_connect = False
         #: What IB reported broken and not yet back, name -> code: market data farms (2103 ...:usfarm) and TWS's
         #: link to IB's data server (2110). A snapshot that gets no price meanwhile is their silence, not the
         #: contract's.
@@ -246,7 +248,7 @@ class IbSession:
             self._down.clear()
             self._api_error = ""
             self._ib_reachable = True
-            self._resubscribe_on_restore = False
+            self._resubscribe_on_restore = self._resubmit_after_connect = False
             self._data_down.clear()  # a session hears of its farms afresh (2104/2103 after startApi)
             try:
                 await self.ib.connectAsync(
@@ -265,6 +267,9 @@ class IbSession:
                 # The account connectAsync subscribed to (its own rule): 1101 makes us subscribe it again.
                 accounts = self.ib.client.getAccounts()
                 self._account = s.account or (accounts[0] if len(accounts) == 1 else "")
+                if self._resubmit_after_connect:
+                    self._resubmit_after_connect = False
+                    self._resubmit_account_data()
                 # Per API session, before any market data request (TWS API docs, "Market Data Types").
                 self._paced(lambda: self.ib.reqMarketDataType(s.market_data_type))
                 resubscribe = self._ever_connected
@@ -876,7 +881,12 @@ class IbSession:
             self._withdraw_cancels()
             self._forget_streams()
             self._interrupt_snapshots(code, text, send_cancel=False)  # IB dropped them with the streams
-            self._resubmit_account_data()
+            if self._up:
+                self._resubmit_account_data()
+            else:
+                # connectAsync is still synchronising: a reqPositions now would replace the one it waits for
+                # (ib_insync keys both 'positions') and the connect would hang until its timeout
+                self._resubmit_after_connect = True
             self._set_state(ConnectionState.RESTORED_DATA_LOST, text, resubscribe=True)
         elif code == 1102:
             resubscribe, self._ib_reachable, self._resubscribe_on_restore = self._resubscribe_on_restore, True, False

@@ -463,3 +463,19 @@ def test_a_snapshot_open_when_the_farm_goes_down_and_never_answered_is_interrupt
     assert [(f.conid, f.kind, f.code) for f in result.failures] == [(1001, IbErrorKind.DATA_INTERRUPTED, 2103)]
     result = ask(ref, Snapshot(conids=[1001], timeout_s=0.3))  # asked with the farm up: the contract's silence
     assert [(f.conid, f.kind) for f in result.failures] == [(1001, IbErrorKind.TIMEOUT)]
+
+
+def test_1101_while_connecting_does_not_stall_the_connect(sim: TwsSimulator) -> None:
+    """1101 asks for the account data again; during connectAsync's own synchronisation a second reqPositions
+    would replace the request connectAsync waits for (ib_insync keys it 'positions'), and the connect would
+    hang until its timeout. The account data is asked for again once the connect is complete."""
+    sim.configure(codes_at_connect=(1101,))
+    inbox = Inbox.start()
+    assert inbox.ref is not None
+    ref = IbActor.start(fast_settings(sim.port, connect_timeout_s=3.0), [inbox.ref])
+    ref.tell(Connect())
+    inbox.wait_for(is_connected(), timeout=10)
+    wait_until(lambda: sim.stats().by_msg_id.get(61, 0) >= 2)  # reqPositions: connectAsync's, then ours
+    wait_until(lambda: sim.stats().by_msg_id.get(6, 0) >= 2)  # reqAccountUpdates: the same
+    assert sim.stats().connections == 1  # no connect timed out
+    assert not [m for m in inbox.messages(ConnectionStateChanged) if m.state == ConnectionState.DISCONNECTED]
