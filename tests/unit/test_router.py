@@ -696,14 +696,20 @@ def _refused_again_at(rig: Rig, clock: ManualClock, conid: int, wait_s: float) -
     wait_until(lambda: rig.router_events().count(("stream_demoted", conid)) == demoted + 1, timeout=5)
 
 
-def test_a_competing_session_s_refusals_back_off_from_30_s_to_5_minutes(rig_factory: Any) -> None:
-    """10197: the account's other login took the data, account-wide and over within minutes, not an hour."""
+def _competing_session(rig_factory: Any) -> tuple[Rig, ManualClock, int]:
+    """A rig on a manual clock whose one active contract IB refused with 10197, a competing live session."""
     clock = ManualClock()
     rig = rig_factory(max_lines=8, reserve=2, clock=clock)
     competing = OPTIONS[1]
     rig.ib.tell(InjectError(code=10197, conid=competing))
     rig.activate(competing)
     wait_until(lambda: ("stream_demoted", competing) in rig.router_events(), timeout=5)
+    return rig, clock, competing
+
+
+def test_a_competing_session_s_refusals_back_off_from_30_s_to_5_minutes(rig_factory: Any) -> None:
+    """10197: the account's other login took the data, account-wide and over within minutes, not an hour."""
+    rig, clock, competing = _competing_session(rig_factory)
     for wait_s in (30.0, 60.0, 120.0, 240.0, 300.0, 300.0):
         _refused_again_at(rig, clock, competing, wait_s)
 
@@ -711,12 +717,7 @@ def test_a_competing_session_s_refusals_back_off_from_30_s_to_5_minutes(rig_fact
 def test_a_contract_that_streamed_again_starts_its_refusal_backoff_afresh(rig_factory: Any) -> None:
     """Refusals count since the contract last streamed: a competing login each afternoon is not an ever
     longer wait."""
-    clock = ManualClock()
-    rig = rig_factory(max_lines=8, reserve=2, clock=clock)
-    competing = OPTIONS[1]
-    rig.ib.tell(InjectError(code=10197, conid=competing))
-    rig.activate(competing)
-    wait_until(lambda: ("stream_demoted", competing) in rig.router_events(), timeout=5)
+    rig, clock, competing = _competing_session(rig_factory)
     _refused_again_at(rig, clock, competing, 30.0)  # the second refusal: 60 s next
     rig.ib.tell(ClearError(conid=competing))  # the other login ends
     clock.now += 60.0
