@@ -89,12 +89,15 @@ def test_the_as_run_replay_matches_the_record_and_more_lines_keep_prices_fresher
     assert as_run["extra"]["refusals_101"] >= 1  # the replayed IB refused beyond its 24 lines, as the real one did
     assert check["recorded"]["extra"]["refusals_101"] >= 1  # and the record's row counts the run's own 101s
     assert [r["extra"]["max_lines"] for r in rows] == [15, 30, 60]
-    # more lines: never staler, and from 15 to 60 lines materially fresher for the active contracts
+    # more lines: never staler, and from 15 to 60 lines materially fresher for the active contracts. "Never
+    # staler" within half a second: past the line count IB really has (24), 30 and 60 lines configured stream
+    # the same share, and what differs is the order of snapshots due together. A recording made on a loaded
+    # machine once gave 0.2 s past target at 30 lines and 0.3 s (a second contract 0.1 s late) at 60.
     for fewer, more in itertools.pairwise(rows):
         assert more["streamed_share"] >= fewer["streamed_share"]
         assert more["active"]["p99_s"] <= fewer["active"]["p99_s"] + 0.5
         assert more["other"]["p99_s"] <= fewer["other"]["p99_s"] + 0.5
-        assert more["missed_s"] <= fewer["missed_s"]
+        assert more["missed_s"] <= fewer["missed_s"] + 0.5
     assert rows[-1]["active"]["p99_s"] < rows[0]["active"]["p99_s"] / 2
     up_share = 1 - period["down_s"] / period["duration_s"]  # nothing streams while IB is away
     assert rows[-1]["streamed_share"] > up_share - 0.05
