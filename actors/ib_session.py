@@ -36,6 +36,9 @@ up to ~11 s): whenever a Snapshot is answered, none of its requests holds a
 line any more, or its cancel is already in the pacer ahead of anything sent
 later.
 
+A 100 (IB's message rate) naming an open request says IB did not process
+it: a snapshot fails as PACING, a stream ends "refused", as other refusals.
+
 IB's data realities (docs/operations.md, "IB's data realities"):
 reqMarketDataType(``market_data_type``) goes out at every connect before
 CONNECTED; each quote carries the request's ``marketDataType`` as
@@ -841,7 +844,7 @@ class IbSession:
             self._set_state(ConnectionState.RESTORED_DATA_LOST, text, resubscribe=True)
         elif code == 1102:
             self._set_state(ConnectionState.RESTORED_DATA_KEPT, text)
-        if req is None or code not in TERMINAL_MD_CODES:
+        if req is None or (code not in TERMINAL_MD_CODES and code != 100):
             return
         if req.snapshot:
             self._drop_request(req, send_cancel=False)  # dead at IB: the line is free before the reply says so

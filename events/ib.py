@@ -286,7 +286,8 @@ class StreamEnded(Message, tag="ib.stream_ended", frozen=True, kw_only=True):
       waits forever. A second Unsubscribe while a cancel is pending is
       answered by that cancel's StreamEnded.
     - ``"refused"``: IB refused or killed the stream (101, 200, 354, 10089,
-      10168, ...; see actors.ib_quotes.TERMINAL_MD_CODES), or its contract
+      10168, ...; see actors.ib_quotes.TERMINAL_MD_CODES; also 100, the
+      message rate: IB did not process the request), or its contract
       could not be resolved; sent right after the IbError that says so. A
       refusal also answers a pending Unsubscribe and any Subscribe of that
       conid still pending.
