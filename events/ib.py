@@ -275,7 +275,9 @@ class StreamEnded(Message, tag="ib.stream_ended", frozen=True, kw_only=True):
     that stream and the cancel precedes any later request in the wire order.
     (For a refused stream there is no cancel: IB itself freed the line.) So a
     Subscribe (for any contract) sent after receiving it can never find the
-    line still taken by this stream, not even transiently.
+    line still taken by this stream, not even transiently -- unless IB
+    refuses the cancel past its message rate (100): the IB actor then sends
+    the cancel again after a pause, and until it leaves IB counts the line.
 
     Sent exactly once per stream that ends, and only:
 

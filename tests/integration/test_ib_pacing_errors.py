@@ -22,17 +22,20 @@ from events.ib import (
     IbErrorKind,
     IbStats,
     IbStatsReply,
+    MarketUpdate,
     PositionsComplete,
     Snapshot,
     SnapshotResult,
     StreamEnded,
     Subscribe,
+    Unsubscribe,
 )
 from tests.simulator import TwsSimulator
 from tests.support import Inbox, wait_until
 
 Start = Callable[..., tuple[pykka.ActorRef[Any], Inbox]]
 STOCKS = list(range(1001, 1301))
+CANCEL_MKT_DATA = 2
 #: The actor's pacer, far above the simulator's rate: the burst reaches IB unpaced.
 UNPACED = 1000.0
 
@@ -75,3 +78,22 @@ def test_stream_refused_with_100_ends_refused(connect_ib: Start, sim: TwsSimulat
     # No phantom line: every stream we count is one IB holds.
     wait_until(lambda: stats(ref).streams == sim.stats().streams, what="our streams are IB's")
     assert stats(ref).streams < len(conids)
+
+
+def test_cancel_refused_with_100_is_sent_again(connect_ib: Start, sim: TwsSimulator) -> None:
+    ref, inbox = connect_ib(pacing_per_s=UNPACED)
+    inbox.wait_for(lambda m: isinstance(m, PositionsComplete))
+    ref.tell(Subscribe(conid=1001))
+    inbox.wait_for(lambda m: isinstance(m, MarketUpdate) and m.conid == 1001)
+    sim.set_pacing_limit(0)  # the gateway's window is full (other traffic): the cancel is refused
+    ref.tell(Unsubscribe(conid=1001))
+    end = inbox.wait_for(lambda m: isinstance(m, StreamEnded) and m.conid == 1001, timeout=5)
+    assert end.reason == "cancelled"  # the cancel left the pacer
+    wait_until(lambda: sim.stats().errors_by_code.get(100, 0) == 1, what="the cancel refused")
+    assert sim.stats().streams == 1  # IB still holds the line
+    sim.set_pacing_limit(50)  # the other traffic is gone; the actor waits one window before sending again
+    wait_until(lambda: sim.stats().streams == 0, timeout=5, what="the cancel sent again and accepted")
+    assert stats(ref).streams == 0
+    # Sent again once after a pause, not at once into the same full window: no storm of refused cancels.
+    assert sim.stats().by_msg_id[CANCEL_MKT_DATA] == 2
+    assert sim.stats().errors_by_code[100] == 1
