@@ -16,6 +16,12 @@ queues in series would hide the queue depth and add nothing. The window is
 ``1 s + guard`` so that delivery jitter cannot bunch more than ``rate``
 messages into one 1 s window at IB's end.
 
+If IB answers 100 all the same (a gateway that counts its window
+differently, other traffic on the account), its window is full by its own
+count: :meth:`Pacer.hold` sends nothing more for one window, so what the
+IB actor sends again is not refused in turn (IB drops a client that keeps
+exceeding).
+
 Runs only in the IB actor's asyncio loop thread; not thread-safe by design.
 """
 
@@ -64,6 +70,7 @@ class Pacer:
         self._times: deque[float] = deque()
         self._queue: deque[PacedMessage] = deque()
         self._timer: asyncio.TimerHandle | None = None
+        self._held_until = 0.0
         self.sent = 0
         self.max_in_window = 0
 
@@ -78,19 +85,38 @@ class Pacer:
         self.drain()
         return message
 
+    def hold(self) -> None:
+        """IB refused a message past its rate (100): send nothing for one window from now; the queue waits."""
+        until = self._loop.time() + self.window_s
+        if until <= self._held_until:
+            return
+        self._held_until = until
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._queue:
+            self._timer = self._loop.call_at(until, self.drain)
+
     def clear(self) -> None:
-        """Forget everything queued (the socket it was meant for is gone)."""
+        """Forget everything queued (the socket it was meant for is gone), and any hold with it."""
         for message in self._queue:
             message.cancelled = True
         self._queue.clear()
+        self._held_until = 0.0
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
     def drain(self) -> None:
         """Send what the window allows now; schedule the rest for when the oldest send leaves the window."""
+        if self._timer is not None:
+            self._timer.cancel()
         self._timer = None
         now = self._loop.time()
+        if now < self._held_until:
+            if self._queue:
+                self._timer = self._loop.call_at(self._held_until, self.drain)
+            return
         times = self._times
         while times and now - times[0] >= self.window_s:
             times.popleft()

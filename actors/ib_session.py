@@ -36,6 +36,11 @@ up to ~11 s): whenever a Snapshot is answered, none of its requests holds a
 line any more, or its cancel is already in the pacer ahead of anything sent
 later.
 
+A 100 (IB's message rate) naming a request says IB did not process that
+message: an open request is refused (a snapshot fails as PACING, a stream
+ends "refused"), a cancel we sent goes again; after any 100 the pacer
+pauses one window (see ``_paced_out``).
+
 IB's data realities (docs/operations.md, "IB's data realities"):
 reqMarketDataType(``market_data_type``) goes out at every connect before
 CONNECTED; each quote carries the request's ``marketDataType`` as
@@ -186,6 +191,9 @@ class IbSession:
         #: req_ids of snapshots we cancelled after their first quote: IB's 300 for a cancel that crossed
         #: the snapshot's own tickSnapshotEnd is expected, not news.
         self._cancelled_snapshots: set[int] = set()
+        #: req_id -> when its cancelMktData left the pacer, for LATE_TICKS_S: a 100 naming it says IB did not
+        #: process that cancel, and the line is still taken at IB until it is sent again.
+        self._cancels_out: dict[int, float] = {}
         #: The market data type last seen per conid, for portfolio updates (which carry none).
         self._data_types: dict[int, DataType] = {}
         self._reissue_timer: asyncio.TimerHandle | None = None
@@ -310,6 +318,7 @@ class IbSession:
         self._up = False
         self.pacer.clear()
         self._cancels.clear()  # withdrawn with the pacer: moot, never confirmed (the resubscribe covers them)
+        self._cancels_out.clear()
         self._forget_streams()
         self._cancelled_snapshots.clear()
         for batch in list(self._batches):
@@ -458,7 +467,7 @@ class IbSession:
             send_cancel = False  # never left: nothing to cancel at IB
         cancel: PacedMessage | None = None
         if send_cancel and self.connected:
-            cancel = self._paced(lambda: self.ib.client.cancelMktData(req.req_id), on_cancel_sent)
+            cancel = self._send_cancel(req.req_id, on_cancel_sent)
         else:
             send_cancel = False
         w = self.ib.wrapper
@@ -476,6 +485,23 @@ class IbSession:
         if batch is not None and batch.replied and not any(r.req_id in self._by_req for r in batch.requests):
             self._finish(batch)
         return cancel
+
+    def _send_cancel(self, req_id: int, on_sent: Callable[[float], None] | None = None) -> PacedMessage | None:
+        """Hand one cancelMktData to the pacer; once it has left, a 100 naming ``req_id`` sends it again."""
+
+        def sent(at: float) -> None:
+            out = self._cancels_out
+            while out:  # oldest first: forget cancels past the time a 100 for them could still come
+                first = next(iter(out))
+                if at - out[first] < LATE_TICKS_S:
+                    break
+                del out[first]
+            out.pop(req_id, None)
+            out[req_id] = at
+            if on_sent is not None:
+                on_sent(at)
+
+        return self._paced(lambda: self.ib.client.cancelMktData(req_id), sent)
 
     def _release_ticker(self, req: MdRequest) -> None:
         self._cancelled_snapshots.discard(req.req_id)
@@ -592,6 +618,7 @@ class IbSession:
         for cancel in self._cancels.values():
             cancel.cancel()
         self._cancels.clear()
+        self._cancels_out.clear()  # a 100 for one of them is moot too
 
     def _forget_streams(self) -> None:
         """IB dropped every stream (socket lost, or 1101): forget them so resubmitted Subscribes are new."""
@@ -867,6 +894,8 @@ class IbSession:
         if code == 300 and req_id in self._cancelled_snapshots:
             logger.debug("IB: cancel of snapshot {} crossed its end ({})", req_id, text)
             return
+        if code == 100:
+            self._paced_out(req_id, req)
         if code in QUIET_CODES or (kind == IbErrorKind.INFO and code not in NOTICE_CODES):
             logger.debug("IB info {} (req {}): {}", code, req_id, text)
             return
@@ -891,7 +920,7 @@ class IbSession:
         elif code == 1102:
             resubscribe, self._ib_reachable, self._resubscribe_on_restore = self._resubscribe_on_restore, True, False
             self._set_state(ConnectionState.RESTORED_DATA_KEPT, text, resubscribe=resubscribe)
-        if req is None or code not in TERMINAL_MD_CODES:
+        if req is None or (code not in TERMINAL_MD_CODES and code != 100):
             return
         if req.snapshot:
             self._drop_request(req, send_cancel=False)  # dead at IB: the line is free before the reply says so
@@ -935,6 +964,23 @@ class IbSession:
         code = self._data_down[names[0]] if len(names) == 1 else 2103
         what = ", ".join("TWS's link to IB's data server" if n == _TWS_SERVER else f"market data farm {n}" for n in names)
         return code, f"no quote while {what} is down"
+
+    def _paced_out(self, req_id: int, req: MdRequest | None) -> None:
+        """IB refused a message past its rate (100) and did not process it: pause the pacer, resend a cancel.
+
+        A 100 naming an open request refused that request: it holds no line
+        and ends as the other refusals do (below, in :meth:`_on_error`). One
+        naming a request whose cancel we sent refused the cancel: the line is
+        still taken at IB, so the cancel goes again, behind the pacer's hold.
+        The holder was already told the stream ended (StreamEnded "cancelled"
+        when the first cancel left): until the second one leaves, IB counts
+        one line more than we do.
+        """
+        self.pacer.hold()
+        if req is None and req_id in self._cancels_out and self.connected:
+            logger.info("IB: cancel of request {} refused past the message rate; sending it again", req_id)
+            del self._cancels_out[req_id]
+            self._send_cancel(req_id)
 
     def _resubmit_account_data(self) -> None:
         """1101 lost the account subscriptions too: ask again for the portfolio marks and the positions.

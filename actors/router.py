@@ -121,6 +121,10 @@ _REFUSED_BACKOFF_S = (60.0, 3600.0)
 #: took the data. Account-wide and over when that login ends, typically within minutes: a shorter wait.
 _COMPETING_SESSION = 10197
 _COMPETING_BACKOFF_S = (30.0, 300.0)
+#: After IB refused a stream's request past its message rate (100): a matter of the moment, not of the contract.
+#: Longer than the IB actor's pause after a 100 (one pacing window, ~1.1 s), so the retry meets an empty window.
+PACING_RETRY_S = 2.0
+
 
 class RouterSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_lines: int = 100
@@ -592,6 +596,10 @@ class StreamRouter(EventSourcedActor[RouterState]):
         self.last_error[conid] = f"stream refused: {code}"
         if code == 101:
             self._learn_limit(f"101 on stream {conid}")
+        elif code == 100:
+            # IB did not process the request (too many messages that second): nothing about lines or the
+            # contract, so no doubling backoff -- stream it again once the IB actor's pause is over
+            self._refused_until[conid] = self._clock() + PACING_RETRY_S
         else:
             # not a matter of lines (no subscription, no contract, a competing session): the queue serves it,
             # and promoting it again at once would only earn the same refusal -- back off, doubling. The count

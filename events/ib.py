@@ -275,7 +275,9 @@ class StreamEnded(Message, tag="ib.stream_ended", frozen=True, kw_only=True):
     that stream and the cancel precedes any later request in the wire order.
     (For a refused stream there is no cancel: IB itself freed the line.) So a
     Subscribe (for any contract) sent after receiving it can never find the
-    line still taken by this stream, not even transiently.
+    line still taken by this stream, not even transiently -- unless IB
+    refuses the cancel past its message rate (100): the IB actor then sends
+    the cancel again after a pause, and until it leaves IB counts the line.
 
     Sent exactly once per stream that ends, and only:
 
@@ -286,7 +288,8 @@ class StreamEnded(Message, tag="ib.stream_ended", frozen=True, kw_only=True):
       waits forever. A second Unsubscribe while a cancel is pending is
       answered by that cancel's StreamEnded.
     - ``"refused"``: IB refused or killed the stream (101, 200, 354, 10089,
-      10168, ...; see actors.ib_quotes.TERMINAL_MD_CODES), or its contract
+      10168, ...; see actors.ib_quotes.TERMINAL_MD_CODES; also 100, the
+      message rate: IB did not process the request), or its contract
       could not be resolved; sent right after the IbError that says so. A
       refusal also answers a pending Unsubscribe and any Subscribe of that
       conid still pending.

@@ -149,6 +149,8 @@ class SimConfig:
     #: IB's message rate: more than this many messages in any window answers error 100.
     pacing_limit: int = 50
     pacing_window_s: float = 1.0
+    #: Judge no pacing window that holds a stall of the simulator's own thread (see ``_note_stall``).
+    pacing_forgives_stalls: bool = True
     #: Whether an open snapshot holds a line until its tickSnapshotEnd (IB does not say; we assume yes).
     snapshots_use_lines: bool = True
     #: Streaming ticks for every open stream this often (0 = only the initial quote).
@@ -574,6 +576,19 @@ class TwsSimulator:
 
         self._call(set_limit)
 
+    def set_pacing_limit(self, limit: int) -> None:
+        """IB's message rate from now on (a busier gateway, say): messages past it are refused with error 100.
+
+        Strict, stalls of the simulator's thread included: a test that lowers the limit sends far past it
+        and wants the refusals even on a busy machine.
+        """
+
+        def set_limit() -> None:
+            self.config.pacing_limit = limit
+            self.config.pacing_forgives_stalls = False
+
+        self._call(set_limit)
+
     def stats(self) -> SimStats:
         def read() -> SimStats:
             with self._lock:
@@ -620,7 +635,7 @@ class TwsSimulator:
             times.append(now)
             while times and now - times[0] >= self.config.pacing_window_s:
                 times.popleft()
-            if now - self._stalled_at < self.config.pacing_window_s:
+            if self.config.pacing_forgives_stalls and now - self._stalled_at < self.config.pacing_window_s:
                 return True  # arrival times within this window are not known (see _note_stall)
             self._max_in_window = max(self._max_in_window, len(times))
             if len(times) > self.config.pacing_limit:

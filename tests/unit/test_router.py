@@ -56,6 +56,7 @@ from events.ib import (
     MarketUpdate,
     MarketUpdates,
     PositionChanged,
+    StreamEnded,
     Subscribe,
 )
 from events.queue import Priority
@@ -744,6 +745,25 @@ def test_a_quote_among_a_socket_read_s_ticks_clears_the_contract_s_refusals_too(
     quote = MarketUpdate(conid=OPTIONS[1], source="stream", ts_us=1, bid=1.0, ask=1.1)
     router.on_receive(MarketUpdates(updates=[MarketUpdate(conid=STOCKS[0], source="stream", ts_us=1, last=5.0), quote]))
     assert router._refusals == {OPTIONS[0]: 2}
+
+
+def test_a_stream_refused_past_ib_s_message_rate_is_streamed_again_after_a_short_pause(rig_factory: Any) -> None:
+    """100 says nothing about the contract or the lines: no limit learned, no 60 s..1 h refusal backoff."""
+    clock = ManualClock()
+    rig = rig_factory(max_lines=8, reserve=2, clock=clock)
+    rig.activate(*OPTIONS[:3])
+    rig.settle()
+    refused = OPTIONS[1]
+    # what the IB actor says when IB answered the stream's reqMktData with 100 (see test_ib_pacing_errors.py)
+    rig.router.tell(StreamEnded(conid=refused, reason="refused", code=100, ts_us=0))
+    wait_until(lambda: ("stream_demoted", refused) in rig.router_events(), timeout=5)
+    assert rig.status().line_cap is None  # nothing learned about lines
+    clock.now += 1.0
+    ask(rig.router, RouterTick())
+    assert ("stream_promoted", refused) not in rig.router_events()  # not into the IB actor's pause
+    clock.now += 1.5
+    ask(rig.router, RouterTick())
+    wait_until(lambda: ("stream_promoted", refused) in rig.router_events(), timeout=5)
 
 
 def test_a_snapshot_s_101_does_not_demote_a_stream_of_the_same_contract(rig_factory: Any) -> None:

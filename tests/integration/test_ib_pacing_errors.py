@@ -1,0 +1,99 @@
+"""IB's error 100 ("Max rate of messages per second has been exceeded") through the real IbActor.
+
+The simulator refuses a message past its rate (it is not processed) and
+answers 100 with that message's request id, as TWS does. The actor's pacer
+is set far above the simulator's rate here, so that 100s really come, as
+they would from a gateway that counts its window differently or carries
+other traffic. Every wait is on a message, a reply or a counter, with a
+timeout.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pykka
+
+from actors.messaging import ask
+from events.ib import (
+    IbError,
+    IbErrorKind,
+    IbStats,
+    IbStatsReply,
+    MarketUpdate,
+    PositionsComplete,
+    Snapshot,
+    SnapshotResult,
+    StreamEnded,
+    Subscribe,
+    Unsubscribe,
+)
+from tests.simulator import TwsSimulator
+from tests.support import Inbox, wait_until
+
+Start = Callable[..., tuple[pykka.ActorRef[Any], Inbox]]
+STOCKS = list(range(1001, 1301))
+CANCEL_MKT_DATA = 2
+#: The actor's pacer, far above the simulator's rate: the burst reaches IB unpaced.
+UNPACED = 1000.0
+
+
+def stats(ref: pykka.ActorRef[Any]) -> IbStatsReply:
+    reply = ask(ref, IbStats())
+    assert isinstance(reply, IbStatsReply)
+    return reply
+
+
+def test_snapshot_refused_with_100_fails_at_once_as_pacing(connect_ib: Start, sim: TwsSimulator) -> None:
+    ref, inbox = connect_ib(pacing_per_s=UNPACED)
+    inbox.wait_for(lambda m: isinstance(m, PositionsComplete))  # contracts cached: one message per snapshot
+    sim.set_pacing_limit(10)
+    conids = STOCKS[:40]
+    started = time.monotonic()
+    # The batch's own timeout is far away: the reply must not wait for it.
+    result = ask(ref, Snapshot(conids=conids, timeout_s=60), timeout=10)
+    assert isinstance(result, SnapshotResult)
+    assert time.monotonic() - started < 10
+    assert sorted([u.conid for u in result.updates] + [f.conid for f in result.failures]) == conids
+    assert result.failures  # at least 30 of the 40 were past the rate
+    assert {(f.kind, f.code) for f in result.failures} == {(IbErrorKind.PACING, 100)}
+    assert all(isinstance(e, IbError) and e.kind == IbErrorKind.PACING for e in inbox.messages(IbError))
+    wait_until(lambda: stats(ref).snapshots_in_flight == 0)  # a refused request holds no line
+
+
+def test_stream_refused_with_100_ends_refused(connect_ib: Start, sim: TwsSimulator) -> None:
+    ref, inbox = connect_ib(pacing_per_s=UNPACED)
+    inbox.wait_for(lambda m: isinstance(m, PositionsComplete))
+    sim.set_pacing_limit(5)
+    conids = STOCKS[:20]
+    for conid in conids:
+        ref.tell(Subscribe(conid=conid))
+    refused = inbox.wait_for(lambda m: isinstance(m, StreamEnded) and m.reason == "refused", timeout=5)
+    assert refused.code == 100
+    assert refused.conid in conids
+    errors = [e for e in inbox.messages(IbError) if e.conid == refused.conid]
+    assert [(e.code, e.kind) for e in errors] == [(100, IbErrorKind.PACING)]  # the IbError comes first
+    # No phantom line: every stream we count is one IB holds.
+    wait_until(lambda: stats(ref).streams == sim.stats().streams, what="our streams are IB's")
+    assert stats(ref).streams < len(conids)
+
+
+def test_cancel_refused_with_100_is_sent_again(connect_ib: Start, sim: TwsSimulator) -> None:
+    ref, inbox = connect_ib(pacing_per_s=UNPACED)
+    inbox.wait_for(lambda m: isinstance(m, PositionsComplete))
+    ref.tell(Subscribe(conid=1001))
+    inbox.wait_for(lambda m: isinstance(m, MarketUpdate) and m.conid == 1001)
+    sim.set_pacing_limit(0)  # the gateway's window is full (other traffic): the cancel is refused
+    ref.tell(Unsubscribe(conid=1001))
+    end = inbox.wait_for(lambda m: isinstance(m, StreamEnded) and m.conid == 1001, timeout=5)
+    assert end.reason == "cancelled"  # the cancel left the pacer
+    wait_until(lambda: sim.stats().errors_by_code.get(100, 0) == 1, what="the cancel refused")
+    assert sim.stats().streams == 1  # IB still holds the line
+    sim.set_pacing_limit(50)  # the other traffic is gone; the actor waits one window before sending again
+    wait_until(lambda: sim.stats().streams == 0, timeout=5, what="the cancel sent again and accepted")
+    assert stats(ref).streams == 0
+    # Sent again once after a pause, not at once into the same full window: no storm of refused cancels.
+    assert sim.stats().by_msg_id[CANCEL_MKT_DATA] == 2
+    assert sim.stats().errors_by_code[100] == 1
