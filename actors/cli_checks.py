@@ -56,16 +56,19 @@ def data_dir_problem(data_dir: str, *, write: bool) -> str | None:
     ``write``: the runtime will create tables and a lock there, so the
     directory (or the nearest existing parent, which it would create the
     rest under) must be writable by this user. Readers only need it to be a
-    directory when it exists.
+    directory they can read, when it exists.
     """
     if "://" in data_dir and not data_dir.startswith("file://"):
         return None
     path = Path(data_dir.removeprefix("file://"))
-    if not str(path).strip():
+    if not data_dir.removeprefix("file://").strip():  # Path("") is ".": the directory we happen to be in
         return "the data directory is empty: give a path"
     if path.exists() and not path.is_dir():
         return f"data directory {path} is not a directory"
     if not write:
+        # a log there but unreadable must not read as "no event log"
+        if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
+            return f"data directory {path} is not readable by this user"
         return None
     existing = path
     while not existing.exists():
