@@ -45,8 +45,14 @@ PARALLEL_FROM_S = 600.0
 BOOSTER_PACK_LINES = 100
 
 
-def positive_list(kind: type) -> Any:
-    """argparse type: a comma-separated list of positive numbers (``60,100,200``)."""
+#: What the config accepts for ``[runtime] max_lines`` and a ``[freshness]`` target (actors.config): a row
+#: for a configuration the runtime would refuse to start with answers nothing.
+MAX_LINES_MOST = 100_000
+TARGET_S_MOST = 86_400.0
+
+
+def positive_list(kind: type, most: float | None = None, what: str = "") -> Any:
+    """argparse type: a comma-separated list of positive numbers (``60,100,200``), each at most ``most``."""
 
     def parse(text: str) -> list[Any]:
         values = []
@@ -57,6 +63,8 @@ def positive_list(kind: type) -> Any:
                 raise argparse.ArgumentTypeError(f"{part.strip()!r} in {text!r} is not a {'whole ' if kind is int else ''}number") from None
             if not math.isfinite(value) or value <= 0:
                 raise argparse.ArgumentTypeError(f"{part.strip()!r} in {text!r} must be a number > 0")
+            if most is not None and value > most:
+                raise argparse.ArgumentTypeError(f"{part.strip()!r} in {text!r} must be at most {most:g} ({what})")
             values.append(value)
         if len(values) > 12:
             raise argparse.ArgumentTypeError(f"{text!r}: at most 12 values")
@@ -90,10 +98,15 @@ def step_seconds(text: str) -> float:
 
 
 def iso_time(text: str) -> str:
+    """argparse type: an ISO-8601 time (UTC when it names no zone) that is a point in UTC."""
     try:
-        datetime.fromisoformat(text.replace("Z", "+00:00"))
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an ISO-8601 time (e.g. 2026-11-30T14:30:00Z)") from None
+    try:
+        (value if value.tzinfo is None else value.astimezone(UTC)).replace(tzinfo=UTC).timestamp()
+    except (OverflowError, ValueError):  # 9999-12-31T23:59:59-14:00 is past the last UTC time Python has
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range: years 1 to 9999, in UTC") from None
     return text
 
 
@@ -105,10 +118,14 @@ def add_parser(sub: Any, data_dir_arg: Any) -> None:
     p.add_argument("--until", type=iso_time, help="ISO-8601 end of the period (default: the last thing recorded)")
     p.add_argument(
         "--max-lines",
-        type=positive_list(int),
+        type=positive_list(int, MAX_LINES_MOST, "the most [runtime] max_lines allows"),
         help=f"line counts to try, comma-separated (default: as run, and as run + {BOOSTER_PACK_LINES}: a booster pack)",
     )
-    p.add_argument("--monitoring-s", type=positive_list(float), help="target ages (s) of non-active contracts to try (default: as run)")
+    p.add_argument(
+        "--monitoring-s",
+        type=positive_list(float, TARGET_S_MOST, "a day: the most [freshness] monitoring_s allows"),
+        help="target ages (s) of non-active contracts to try (default: as run)",
+    )
     p.add_argument(
         "--step",
         type=step_seconds,
@@ -148,6 +165,14 @@ def cmd_what_if(args: argparse.Namespace, config: Any) -> int:
         return EXIT_FAILED
     day = _with_queue_at_start(day, data_dir)
     as_run = dataclasses.replace(_as_run(day, config), step_s=args.step)
+    kept = as_run.freshness.min_snapshot_lines
+    if too_few := [n for n in args.max_lines or [] if n <= kept]:
+        print(
+            f"error: --max-lines {too_few[0]}: the run kept {kept} lines for snapshots (min_snapshot_lines {kept}), so streams "
+            f"would get none and the runtime would refuse to start; try more than {kept}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     configs = [as_run] + [
         _variant(as_run, lines, monitoring)
         for lines in (args.max_lines or [as_run.max_lines, as_run.max_lines + BOOSTER_PACK_LINES])
