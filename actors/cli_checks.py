@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import socket
 from pathlib import Path
 from typing import NoReturn
@@ -22,6 +23,7 @@ __all__ = [
     "OneLineParser",
     "data_dir_problem",
     "duration",
+    "error_line",
     "log_file_problem",
     "log_level",
     "port_problem",
@@ -48,6 +50,15 @@ def duration(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds >= 0 (0: until stopped)")
     return value
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def error_line(exc: BaseException) -> str:
+    """``exc``'s text on one line: delta-rs puts its chain of causes one a line, each after a coloured arrow."""
+    causes = (_ANSI.sub("", line).strip().lstrip("↳").strip() for line in str(exc).splitlines())
+    return ": ".join(cause.rstrip(".") for cause in causes if cause) or type(exc).__name__
 
 
 def data_dir_problem(data_dir: str, *, write: bool) -> str | None:

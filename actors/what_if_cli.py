@@ -154,16 +154,20 @@ def cmd_what_if(args: argparse.Namespace, config: Any) -> int:
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
+    from actors.cli_checks import error_line
     from actors.what_if_report import faithfulness, figures_of_record
-    from storage.recorded_day import NoRecordError, read_recorded_day
+    from storage.recorded_day import NoRecordError, UnreadableTableError, read_recorded_day
 
     data_dir = config.runtime.data_dir
     try:
-        day = read_recorded_day(data_dir, since=args.since, until=args.until)
+        day = _with_queue_at_start(read_recorded_day(data_dir, since=args.since, until=args.until), data_dir)
     except NoRecordError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    day = _with_queue_at_start(day, data_dir)
+    except UnreadableTableError as exc:
+        cause = error_line(exc.__cause__ or exc)
+        print(f"error: cannot read the record in {data_dir}: {exc.what}: {cause}", file=sys.stderr)
+        return EXIT_FAILED
     as_run = dataclasses.replace(_as_run(day, config), step_s=args.step)
     kept = as_run.freshness.min_snapshot_lines
     if too_few := [n for n in args.max_lines or [] if n <= kept]:
@@ -217,10 +221,12 @@ def _with_queue_at_start(day: Any, data_dir: str) -> Any:
     """
     from actors.base import state_at
     from actors.queue_state import QueueState
+    from storage.recorded_day import reading
 
     if day.seq_before_start <= 0:
         return day
-    state = state_at(data_dir, "queue", QueueState, seq=day.seq_before_start, until_us=day.start_us)
+    with reading("the queue's snapshot and events before the period"):
+        state = state_at(data_dir, "queue", QueueState, seq=day.seq_before_start, until_us=day.start_us)
     if not state.items:
         return day
     return dataclasses.replace(day, queue_at_start=state.dump())

@@ -11,14 +11,17 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.integration.test_bad_inputs import assert_refused
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = str(ROOT / "runtime.py")
@@ -222,3 +225,38 @@ def test_a_data_directory_with_nothing_recorded_is_one_line(tmp_path: Path) -> N
     assert result.returncode == 1
     assert result.stderr.startswith("error: no event log in")
     assert result.stderr.count("\n") == 1
+
+
+def _copy(recorded: tuple[Path, Path], tmp_path: Path) -> Path:
+    """A copy of the recorded data directory, to damage."""
+    copy = tmp_path / "data"
+    shutil.copytree(recorded[0], copy)
+    return copy
+
+
+def _live_file(table: Path) -> Path:
+    """A data file the table's current version reads (the demo's clean stop compacts each table)."""
+    from deltalake import DeltaTable
+
+    return Path(DeltaTable(str(table)).file_uris()[0])
+
+
+@pytest.mark.parametrize(
+    ("table", "damage"),
+    [
+        ("events", lambda f: f.write_bytes(b"")),
+        ("events", lambda f: f.unlink()),
+        ("positions", lambda f: f.write_bytes(f.read_bytes()[:1000])),
+    ],
+    ids=["events-file-emptied", "events-file-deleted", "positions-file-truncated"],
+)
+def test_a_damaged_record_is_one_line_and_left_as_it_was(
+    recorded: tuple[Path, Path], tmp_path: Path, table: str, damage: Callable[[Path], Any]
+) -> None:
+    data = _copy(recorded, tmp_path)
+    damage(_live_file(data / table))
+    before = _tree_digest(data)
+    result = _cli("what-if", "--data-dir", str(data), "--config", str(recorded[1]), "--max-lines", "30")
+    assert_refused(result, 1, f"cannot read the record in {data}", table)
+    assert _tree_digest(data) == before
+
