@@ -34,6 +34,7 @@ import os
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 __all__ = ["add_parser", "cmd_what_if", "positive_list"]
@@ -138,13 +139,24 @@ def add_parser(sub: Any, data_dir_arg: Any) -> None:
     p.add_argument("--plot", metavar="FILE", help="write a chart: FILE.png, or FILE.html (the chart and the table in one page)")
 
 
-def _plot_problem(path: str | None) -> str | None:
+def _plot_problem(path: str | None) -> tuple[int, str] | None:
+    """Why the chart could not be written, and the exit code; checked before the replay, which can take minutes."""
     if path is None:
         return None
     if not path.lower().endswith((".png", ".html")):
-        return f"--plot {path!r}: the file must end in .png or .html"
+        return EXIT_USAGE, f"--plot {path!r}: the file must end in .png or .html"
     if importlib.util.find_spec("matplotlib") is None:  # found, not imported: the chart imports it when drawn
-        return "--plot needs matplotlib, which is not installed (pip install '.[plot]')"
+        return EXIT_USAGE, "--plot needs matplotlib, which is not installed (pip install '.[plot]')"
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        return EXIT_FAILED, f"--plot {path}: that is a directory"
+    if not folder.exists():
+        return EXIT_FAILED, f"--plot {path}: directory {folder} does not exist"
+    if not folder.is_dir():
+        return EXIT_FAILED, f"--plot {path}: {folder} is not a directory"
+    if not os.access(folder, os.W_OK | os.X_OK):  # the chart is written beside its name, then moved onto it
+        return EXIT_FAILED, f"--plot {path}: directory {folder} is not writable by this user"
     return None
 
 
@@ -152,8 +164,9 @@ def cmd_what_if(args: argparse.Namespace, config: Any) -> int:
     """Replay, print (or --json), and --plot; exit 1 when the data directory holds nothing to replay."""
     problem = _plot_problem(args.plot)
     if problem is not None:
-        print(f"error: {problem}", file=sys.stderr)
-        return EXIT_USAGE
+        code, words = problem
+        print(f"error: {words}", file=sys.stderr)
+        return code
     from actors.cli_checks import error_line
     from actors.what_if_report import faithfulness, figures_of_record
     from storage.recorded_day import NoRecordError, UnreadableTableError, read_recorded_day

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -259,4 +260,38 @@ def test_a_damaged_record_is_one_line_and_left_as_it_was(
     result = _cli("what-if", "--data-dir", str(data), "--config", str(recorded[1]), "--max-lines", "30")
     assert_refused(result, 1, f"cannot read the record in {data}", table)
     assert _tree_digest(data) == before
+
+
+@pytest.mark.parametrize(
+    ("where", "says"),
+    [
+        ("no-such-dir/chart.png", "does not exist"),
+        ("a-file/chart.png", "is not a directory"),
+        ("a-dir.png", "is a directory"),
+    ],
+)
+def test_a_chart_that_cannot_be_written_is_refused_before_the_record_is_read(tmp_path: Path, where: str, says: str) -> None:
+    """Refused first: a day's replay can take minutes, and a typo in --plot must not cost them."""
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "a-dir.png").mkdir()
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    result = _cli("what-if", "--data-dir", str(tmp_path / "no-data-here"), "--plot", str(tmp_path / where))
+    assert_refused(result, 1, "--plot", says)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_a_chart_cut_short_by_a_full_disk_leaves_no_file(recorded: tuple[Path, Path], tmp_path: Path) -> None:
+    """A write that fails part-way (here: the file size limit, as a full disk would) leaves nothing behind."""
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))  # the page is ~100 kB; Python ignores SIGXFSZ
+
+    page = tmp_path / "chart.html"
+    data, config = recorded
+    result = subprocess.run(
+        [sys.executable, RUNTIME, "what-if", "--data-dir", str(data), "--config", str(config), "--max-lines", "30", "--plot", str(page)],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=120, preexec_fn=small_files,
+    )  # fmt: skip
+    assert_refused(result, 1, f"--plot {page}", "too large")
+    assert list(tmp_path.iterdir()) == []
 
