@@ -31,6 +31,7 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from datetime import UTC, datetime
@@ -199,10 +200,7 @@ def cmd_what_if(args: argparse.Namespace, config: Any) -> int:
     default_jobs = 1 if day.duration_s < PARALLEL_FROM_S else os.cpu_count() or 1  # a process costs ~1 s to start
     jobs = min(args.jobs or default_jobs, len(configs))
     if jobs > 1:
-        # one process per configuration at a time: the replays share nothing, and each is CPU-bound Python
-        context = multiprocessing.get_context("spawn")  # no fork of a process that holds delta-rs threads
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-            rows = list(pool.map(_replay, [day] * len(configs), configs))
+        rows = _replay_in_processes(jobs, day, configs)
     else:
         rows = [_replay(day, sim_config) for sim_config in configs]
     check = faithfulness(recorded, rows[0])
@@ -243,6 +241,33 @@ def _with_queue_at_start(day: Any, data_dir: str) -> Any:
     if not state.items:
         return day
     return dataclasses.replace(day, queue_at_start=state.dump())
+
+
+def _replay_in_processes(jobs: int, day: Any, configs: list[Any]) -> list[Any]:
+    """One process per configuration at a time: the replays share nothing, and each is CPU-bound Python.
+
+    A Ctrl-C is this process's to answer. The workers start with SIGINT
+    blocked (a child keeps its parent's signal mask), so the one a terminal
+    sends the whole process group prints no traceback from a worker still
+    starting; here it ends the workers at once and cancels what is queued,
+    instead of waiting for the replays under way.
+    """
+    context = multiprocessing.get_context("spawn")  # no fork of a process that holds delta-rs threads
+    pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context)
+    try:
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            results = pool.map(_replay, [day] * len(configs), configs)  # every worker is started by now
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a Ctrl-C held meanwhile arrives here
+        rows = list(results)
+    except BaseException:
+        for worker in multiprocessing.active_children():
+            worker.terminate()  # a replay under way is not waited for: it can take minutes
+        pool.shutdown(cancel_futures=True)  # the pool finds its workers gone and releases its queues at once
+        raise
+    pool.shutdown()
+    return rows
 
 
 def _replay(day: Any, sim_config: Any) -> Any:

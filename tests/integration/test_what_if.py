@@ -295,3 +295,40 @@ def test_a_chart_cut_short_by_a_full_disk_leaves_no_file(recorded: tuple[Path, P
     assert_refused(result, 1, f"--plot {page}", "too large")
     assert list(tmp_path.iterdir()) == []
 
+
+#: Runs runtime.py as ``python runtime.py what-if ...`` would, with a Ctrl-C at the terminal (SIGINT to the
+#: whole process group) at a known point: when the replay starts, or when the parent first waits for a result
+#: of its worker processes. No sleep: the command itself says when.
+_CTRL_C = """
+import concurrent.futures, os, runpy, signal, sys
+sys.path.insert(0, {root!r})
+sys.argv = [{runtime!r}, *sys.argv[1:]]
+import actors.what_if_sim as sim
+
+def ctrl_c(real):
+    def at(*args, **kwargs):
+        os.killpg(0, signal.SIGINT)
+        return real(*args, **kwargs)
+    return at
+
+sim.simulate = ctrl_c(sim.simulate)
+concurrent.futures.Future.result = ctrl_c(concurrent.futures.Future.result)
+runpy.run_path({runtime!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"], ids=["in-process", "worker-processes"])
+def test_ctrl_c_during_a_replay_is_one_line_and_writes_nothing(recorded: tuple[Path, Path], tmp_path: Path, jobs: str) -> None:
+    data, config = recorded
+    before = _tree_digest(data)
+    chart = tmp_path / "chart.png"
+    args = ["what-if", "--data-dir", str(data), "--config", str(config), "--max-lines", "15,30,60", "--jobs", jobs, "--plot", str(chart)]
+    launcher = _CTRL_C.format(root=str(ROOT), runtime=RUNTIME)
+    with subprocess.Popen(
+        [sys.executable, "-c", launcher, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own process group: the Ctrl-C reaches it and its workers, not pytest
+    ) as proc:  # fmt: skip
+        out, err = proc.communicate(timeout=120)  # returns once every holder of its stderr (workers too) is gone
+    assert_refused(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), 130, "interrupted")
+    assert not chart.exists()
+    assert _tree_digest(data) == before
