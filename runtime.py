@@ -57,7 +57,15 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from actors.cli_checks import OneLineParser, data_dir_problem, duration, log_file_problem, log_level, port_problem
+from actors.cli_checks import (
+    OneLineParser,
+    data_dir_problem,
+    duration,
+    error_line,
+    log_file_problem,
+    log_level,
+    port_problem,
+)
 from actors.fleet_view import add_parser as fleet_parser
 from actors.operator_cli import add_parsers as operator_parsers
 from actors.what_if_cli import add_parser as what_if_parser
@@ -1031,7 +1039,7 @@ def _unreadable(exc: BaseException, data_dir: str) -> int:
     if (store := store_error(data_dir, exc)) is not None:  # the object store went away after the start-up check
         print(f"error: {store}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"error: the event log cannot be read: {str(exc).rstrip('.')}. Run 'python runtime.py verify' for the first bad seq.", file=sys.stderr)
+    print(f"error: the event log cannot be read: {error_line(exc)}. Run 'python runtime.py verify' for the first bad seq.", file=sys.stderr)
     return EXIT_FAILED
 
 
