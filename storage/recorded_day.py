@@ -243,8 +243,14 @@ def read_recorded_day(
                 seq_before_start = stored.seq  # before the period: up to the first RuntimeStarted, or --since
             reader.take(stored.ts_us, stored.event)
     if reader.first_start_us is None:
+        if until_us is not None and not reader.last_us:  # not one event read: all came after --until
+            raise NoRecordError(f"nothing recorded before --until {until}: the log starts after it")
         if since_us is not None:
+            if until_us is not None:
+                raise NoRecordError(f"nothing recorded from --since {since} to --until {until}")
             raise NoRecordError(f"nothing recorded after --since {since}: the log ends before it")
+        if until_us is not None:
+            raise NoRecordError(f"no run started before --until {until}")
         raise NoRecordError(f"no run recorded in {data_dir} (no RuntimeStarted event)")
     start_us = reader.first_start_us
     if since_us is not None and not reader.running_at_start:

@@ -200,6 +200,8 @@ def test_plot_writes_a_png_or_a_self_contained_html_page(recorded: tuple[Path, P
         (("--step", "soon"), 2, "is not a number of seconds"),
         (("--since", "2030-01-01T00:00:00Z", "--until", "2029-01-01T00:00:00Z"), 1, "--until must be after --since"),
         (("--since", "2099-01-01T00:00:00Z"), 1, "the log ends before it"),
+        (("--until", "2020-01-01T00:00:00Z"), 1, "the log starts after it"),
+        (("--since", "2020-01-01T00:00:00Z", "--until", "2021-01-01T00:00:00Z"), 1, "the log starts after it"),
         (("--until", "9999-12-31T23:59:59-14:00"), 2, "out of range"),
         (("--since", "0001-01-01T00:00:00+01:00"), 2, "out of range"),
         (("--max-lines", "100001"), 2, "at most 100000"),
