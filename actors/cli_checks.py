@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import socket
 from pathlib import Path
 from typing import NoReturn
@@ -22,6 +23,7 @@ __all__ = [
     "OneLineParser",
     "data_dir_problem",
     "duration",
+    "error_line",
     "log_file_problem",
     "log_level",
     "port_problem",
@@ -50,22 +52,34 @@ def duration(text: str) -> float:
     return value
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def error_line(exc: BaseException) -> str:
+    """``exc``'s text on one line: delta-rs puts its chain of causes one a line, each after a coloured arrow."""
+    causes = (_ANSI.sub("", line).strip().lstrip("↳").strip() for line in str(exc).splitlines())
+    return ": ".join(cause.rstrip(".") for cause in causes if cause) or type(exc).__name__
+
+
 def data_dir_problem(data_dir: str, *, write: bool) -> str | None:
     """Why ``data_dir`` (a local path) cannot be used, or None; URIs are left to delta-rs.
 
     ``write``: the runtime will create tables and a lock there, so the
     directory (or the nearest existing parent, which it would create the
     rest under) must be writable by this user. Readers only need it to be a
-    directory when it exists.
+    directory they can read, when it exists.
     """
     if "://" in data_dir and not data_dir.startswith("file://"):
         return None
     path = Path(data_dir.removeprefix("file://"))
-    if not str(path).strip():
+    if not data_dir.removeprefix("file://").strip():  # Path("") is ".": the directory we happen to be in
         return "the data directory is empty: give a path"
     if path.exists() and not path.is_dir():
         return f"data directory {path} is not a directory"
     if not write:
+        # a log there but unreadable must not read as "no event log"
+        if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
+            return f"data directory {path} is not readable by this user"
         return None
     existing = path
     while not existing.exists():

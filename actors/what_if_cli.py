@@ -31,9 +31,11 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 __all__ = ["add_parser", "cmd_what_if", "positive_list"]
@@ -45,8 +47,14 @@ PARALLEL_FROM_S = 600.0
 BOOSTER_PACK_LINES = 100
 
 
-def positive_list(kind: type) -> Any:
-    """argparse type: a comma-separated list of positive numbers (``60,100,200``)."""
+#: What the config accepts for ``[runtime] max_lines`` and a ``[freshness]`` target (actors.config): a row
+#: for a configuration the runtime would refuse to start with answers nothing.
+MAX_LINES_MOST = 100_000
+TARGET_S_MOST = 86_400.0
+
+
+def positive_list(kind: type, most: float | None = None, what: str = "") -> Any:
+    """argparse type: a comma-separated list of positive numbers (``60,100,200``), each at most ``most``."""
 
     def parse(text: str) -> list[Any]:
         values = []
@@ -57,6 +65,8 @@ def positive_list(kind: type) -> Any:
                 raise argparse.ArgumentTypeError(f"{part.strip()!r} in {text!r} is not a {'whole ' if kind is int else ''}number") from None
             if not math.isfinite(value) or value <= 0:
                 raise argparse.ArgumentTypeError(f"{part.strip()!r} in {text!r} must be a number > 0")
+            if most is not None and value > most:
+                raise argparse.ArgumentTypeError(f"{part.strip()!r} in {text!r} must be at most {most:g} ({what})")
             values.append(value)
         if len(values) > 12:
             raise argparse.ArgumentTypeError(f"{text!r}: at most 12 values")
@@ -90,10 +100,15 @@ def step_seconds(text: str) -> float:
 
 
 def iso_time(text: str) -> str:
+    """argparse type: an ISO-8601 time (UTC when it names no zone) that is a point in UTC."""
     try:
-        datetime.fromisoformat(text.replace("Z", "+00:00"))
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an ISO-8601 time (e.g. 2026-11-30T14:30:00Z)") from None
+    try:
+        (value if value.tzinfo is None else value.astimezone(UTC)).replace(tzinfo=UTC).timestamp()
+    except (OverflowError, ValueError):  # 9999-12-31T23:59:59-14:00 is past the last UTC time Python has
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range: years 1 to 9999, in UTC") from None
     return text
 
 
@@ -105,10 +120,14 @@ def add_parser(sub: Any, data_dir_arg: Any) -> None:
     p.add_argument("--until", type=iso_time, help="ISO-8601 end of the period (default: the last thing recorded)")
     p.add_argument(
         "--max-lines",
-        type=positive_list(int),
+        type=positive_list(int, MAX_LINES_MOST, "the most [runtime] max_lines allows"),
         help=f"line counts to try, comma-separated (default: as run, and as run + {BOOSTER_PACK_LINES}: a booster pack)",
     )
-    p.add_argument("--monitoring-s", type=positive_list(float), help="target ages (s) of non-active contracts to try (default: as run)")
+    p.add_argument(
+        "--monitoring-s",
+        type=positive_list(float, TARGET_S_MOST, "a day: the most [freshness] monitoring_s allows"),
+        help="target ages (s) of non-active contracts to try (default: as run)",
+    )
     p.add_argument(
         "--step",
         type=step_seconds,
@@ -121,13 +140,24 @@ def add_parser(sub: Any, data_dir_arg: Any) -> None:
     p.add_argument("--plot", metavar="FILE", help="write a chart: FILE.png, or FILE.html (the chart and the table in one page)")
 
 
-def _plot_problem(path: str | None) -> str | None:
+def _plot_problem(path: str | None) -> tuple[int, str] | None:
+    """Why the chart could not be written, and the exit code; checked before the replay, which can take minutes."""
     if path is None:
         return None
     if not path.lower().endswith((".png", ".html")):
-        return f"--plot {path!r}: the file must end in .png or .html"
+        return EXIT_USAGE, f"--plot {path!r}: the file must end in .png or .html"
     if importlib.util.find_spec("matplotlib") is None:  # found, not imported: the chart imports it when drawn
-        return "--plot needs matplotlib, which is not installed (pip install '.[plot]')"
+        return EXIT_USAGE, "--plot needs matplotlib, which is not installed (pip install '.[plot]')"
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        return EXIT_FAILED, f"--plot {path}: that is a directory"
+    if not folder.exists():
+        return EXIT_FAILED, f"--plot {path}: directory {folder} does not exist"
+    if not folder.is_dir():
+        return EXIT_FAILED, f"--plot {path}: {folder} is not a directory"
+    if not os.access(folder, os.W_OK | os.X_OK):  # the chart is written beside its name, then moved onto it
+        return EXIT_FAILED, f"--plot {path}: directory {folder} is not writable by this user"
     return None
 
 
@@ -135,19 +165,32 @@ def cmd_what_if(args: argparse.Namespace, config: Any) -> int:
     """Replay, print (or --json), and --plot; exit 1 when the data directory holds nothing to replay."""
     problem = _plot_problem(args.plot)
     if problem is not None:
-        print(f"error: {problem}", file=sys.stderr)
-        return EXIT_USAGE
+        code, words = problem
+        print(f"error: {words}", file=sys.stderr)
+        return code
+    from actors.cli_checks import error_line
     from actors.what_if_report import faithfulness, figures_of_record
-    from storage.recorded_day import NoRecordError, read_recorded_day
+    from storage.recorded_day import NoRecordError, UnreadableTableError, read_recorded_day
 
     data_dir = config.runtime.data_dir
     try:
-        day = read_recorded_day(data_dir, since=args.since, until=args.until)
+        day = _with_queue_at_start(read_recorded_day(data_dir, since=args.since, until=args.until), data_dir)
     except NoRecordError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    day = _with_queue_at_start(day, data_dir)
+    except UnreadableTableError as exc:
+        cause = error_line(exc.__cause__ or exc)
+        print(f"error: cannot read the record in {data_dir}: {exc.what}: {cause}", file=sys.stderr)
+        return EXIT_FAILED
     as_run = dataclasses.replace(_as_run(day, config), step_s=args.step)
+    kept = as_run.freshness.min_snapshot_lines
+    if too_few := [n for n in args.max_lines or [] if n <= kept]:
+        print(
+            f"error: --max-lines {too_few[0]}: the run kept {kept} lines for snapshots (min_snapshot_lines {kept}), so streams "
+            f"would get none and the runtime would refuse to start; try more than {kept}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     configs = [as_run] + [
         _variant(as_run, lines, monitoring)
         for lines in (args.max_lines or [as_run.max_lines, as_run.max_lines + BOOSTER_PACK_LINES])
@@ -157,10 +200,7 @@ def cmd_what_if(args: argparse.Namespace, config: Any) -> int:
     default_jobs = 1 if day.duration_s < PARALLEL_FROM_S else os.cpu_count() or 1  # a process costs ~1 s to start
     jobs = min(args.jobs or default_jobs, len(configs))
     if jobs > 1:
-        # one process per configuration at a time: the replays share nothing, and each is CPU-bound Python
-        context = multiprocessing.get_context("spawn")  # no fork of a process that holds delta-rs threads
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-            rows = list(pool.map(_replay, [day] * len(configs), configs))
+        rows = _replay_in_processes(jobs, day, configs)
     else:
         rows = [_replay(day, sim_config) for sim_config in configs]
     check = faithfulness(recorded, rows[0])
@@ -192,13 +232,42 @@ def _with_queue_at_start(day: Any, data_dir: str) -> Any:
     """
     from actors.base import state_at
     from actors.queue_state import QueueState
+    from storage.recorded_day import reading
 
     if day.seq_before_start <= 0:
         return day
-    state = state_at(data_dir, "queue", QueueState, seq=day.seq_before_start, until_us=day.start_us)
+    with reading("the queue's snapshot and events before the period"):
+        state = state_at(data_dir, "queue", QueueState, seq=day.seq_before_start, until_us=day.start_us)
     if not state.items:
         return day
     return dataclasses.replace(day, queue_at_start=state.dump())
+
+
+def _replay_in_processes(jobs: int, day: Any, configs: list[Any]) -> list[Any]:
+    """One process per configuration at a time: the replays share nothing, and each is CPU-bound Python.
+
+    A Ctrl-C is this process's to answer. The workers start with SIGINT
+    blocked (a child keeps its parent's signal mask), so the one a terminal
+    sends the whole process group prints no traceback from a worker still
+    starting; here it ends the workers at once and cancels what is queued,
+    instead of waiting for the replays under way.
+    """
+    context = multiprocessing.get_context("spawn")  # no fork of a process that holds delta-rs threads
+    pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context)
+    try:
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            results = pool.map(_replay, [day] * len(configs), configs)  # every worker is started by now
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a Ctrl-C held meanwhile arrives here
+        rows = list(results)
+    except BaseException:
+        for worker in multiprocessing.active_children():
+            worker.terminate()  # a replay under way is not waited for: it can take minutes
+        pool.shutdown(cancel_futures=True)  # the pool finds its workers gone and releases its queues at once
+        raise
+    pool.shutdown()
+    return rows
 
 
 def _replay(day: Any, sim_config: Any) -> Any:

@@ -11,8 +11,11 @@ forced: the trading host has no display.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
+import os
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -81,13 +84,20 @@ def render_png(report: dict[str, Any]) -> bytes:
 
 
 def write_plot(path: str, report: dict[str, Any]) -> None:
-    """Write the chart to ``path``: a PNG, or an HTML page holding it and the table."""
+    """Write the chart to ``path``: a PNG, or an HTML page holding it and the table; all of it, or nothing."""
     png = render_png(report)
+    data = png if path.lower().endswith(".png") else _page(report, png).encode("utf-8")
     target = Path(path)
-    if target.suffix.lower() == ".png":
-        target.write_bytes(png)
-        return
-    target.write_text(_page(report, png), encoding="utf-8")
+    # beside the target, then moved onto it: a full disk or a Ctrl-C part-way leaves no half-written chart
+    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(temp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
 
 
 def _cell(figures: dict[str, Any]) -> str:

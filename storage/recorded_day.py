@@ -36,6 +36,8 @@ Nothing here writes: the data directory is only read.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -59,7 +61,16 @@ from events.router import (
 from storage.reader import open_table, read_events, table_exists, to_utc
 from storage.tables import table_uri
 
-__all__ = ["ActiveChange", "NoRecordError", "RecordedContract", "RecordedDay", "SnapshotSample", "read_recorded_day"]
+__all__ = [
+    "ActiveChange",
+    "NoRecordError",
+    "RecordedContract",
+    "RecordedDay",
+    "SnapshotSample",
+    "UnreadableTableError",
+    "read_recorded_day",
+    "reading",
+]
 
 _TYPES = [
     "log.runtime_started",
@@ -90,6 +101,26 @@ LOOKBACK_S = 86_400.0
 
 class NoRecordError(ValueError):
     """The data directory holds no period that can be replayed (one line for the user)."""
+
+
+class UnreadableTableError(Exception):
+    """A table is there but cannot be read: a file deleted, cut short or not readable. The cause is chained."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what} cannot be read")
+        #: Which table ("the events table"), for the one line the user gets.
+        self.what = what
+
+
+@contextmanager
+def reading(what: str) -> Iterator[None]:
+    """Name ``what`` was being read in whatever a damaged file raises: Arrow, OS and delta-rs errors alike."""
+    try:
+        yield
+    except NoRecordError:
+        raise
+    except Exception as exc:
+        raise UnreadableTableError(what) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,22 +226,31 @@ def read_recorded_day(
     """Read the period [since, until] (default: everything recorded) of ``data_dir``."""
     events_uri = table_uri(data_dir, "events")
     positions_uri = table_uri(data_dir, "positions")
-    if not table_exists(events_uri, storage_options):
-        raise NoRecordError(f"no event log in {data_dir}")
-    if not table_exists(positions_uri, storage_options):
-        raise NoRecordError(f"no positions table in {data_dir}: nothing was priced, nothing to compare with")
+    with reading("the events table"):
+        if not table_exists(events_uri, storage_options):
+            raise NoRecordError(f"no event log in {data_dir}")
+    with reading("the positions table"):
+        if not table_exists(positions_uri, storage_options):
+            raise NoRecordError(f"no positions table in {data_dir}: nothing was priced, nothing to compare with")
     since_us, until_us = _us(since), _us(until)
     if since_us is not None and until_us is not None and until_us <= since_us:
         raise NoRecordError("--until must be after --since")
     reader = _LogReader(since_us)
     seq_before_start = 0
-    for stored in read_events(events_uri, types=_TYPES, until=until, storage_options=storage_options):
-        if (reader.first_start_us is None) if since_us is None else (stored.ts_us < since_us):
-            seq_before_start = stored.seq  # before the period: up to the first RuntimeStarted, or --since
-        reader.take(stored.ts_us, stored.event)
+    with reading("the events table"):
+        for stored in read_events(events_uri, types=_TYPES, until=until, storage_options=storage_options):
+            if (reader.first_start_us is None) if since_us is None else (stored.ts_us < since_us):
+                seq_before_start = stored.seq  # before the period: up to the first RuntimeStarted, or --since
+            reader.take(stored.ts_us, stored.event)
     if reader.first_start_us is None:
+        if until_us is not None and not reader.last_us:  # not one event read: all came after --until
+            raise NoRecordError(f"nothing recorded before --until {until}: the log starts after it")
         if since_us is not None:
+            if until_us is not None:
+                raise NoRecordError(f"nothing recorded from --since {since} to --until {until}")
             raise NoRecordError(f"nothing recorded after --since {since}: the log ends before it")
+        if until_us is not None:
+            raise NoRecordError(f"no run started before --until {until}")
         raise NoRecordError(f"no run recorded in {data_dir} (no RuntimeStarted event)")
     start_us = reader.first_start_us
     if since_us is not None and not reader.running_at_start:
@@ -219,7 +259,8 @@ def read_recorded_day(
         start_us = reader.first_run_us  # nothing ran between --since and the next start: nothing to replay there
         reader.down = [(a, b) for a, b in reader.down if a >= start_us]
     last_us = reader.last_us
-    quotes, stream_tick_s, portfolio, contracts, positions_last = _read_positions(positions_uri, start_us, until_us, storage_options)
+    with reading("the positions table"):
+        quotes, stream_tick_s, portfolio, contracts, positions_last = _read_positions(positions_uri, start_us, until_us, storage_options)
     recorded_until = max(last_us, positions_last)
     # past the last thing recorded there is nothing to compare with: the period ends there
     end_us = recorded_until if until_us is None else min(until_us, recorded_until)

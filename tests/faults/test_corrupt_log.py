@@ -161,3 +161,18 @@ def test_allow_broken_log_proceeds_past_an_unreadable_file(demo_log: Path, tmp_p
     allowed = _cli("run", "--demo", "--duration", "1", "--allow-broken-log", "--data-dir", str(data_dir))
     assert allowed.returncode == EXIT_OK, allowed.stderr[-3000:]
     assert _cli("verify", "--data-dir", str(data_dir)).returncode == EXIT_FAILED
+
+
+@pytest.mark.parametrize("damage", [Path.unlink, lambda path: path.write_bytes(b"")], ids=["deleted", "emptied"])
+@pytest.mark.parametrize("command", [["audit"], ["replay", "--seq", "{seq}"]], ids=["audit", "replay"])
+def test_reading_a_missing_or_empty_file_is_one_line(
+    demo_log: Path, tmp_path: Path, damage: Callable[[Path], None], command: list[str]
+) -> None:
+    """delta-rs tells these with its chain of causes one a line, each after a coloured arrow: joined, on one."""
+    data_dir, first_seq = _damaged(demo_log, tmp_path, damage)
+    result = _cli(*(a.format(seq=first_seq) for a in command), "--data-dir", str(data_dir))
+    assert result.returncode == EXIT_FAILED, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: the event log cannot be read: "), lines[0]
+    assert "\x1b[" not in lines[0]

@@ -82,6 +82,7 @@ CASES = [
     ("data-dir-is-a-file/run", ["run", "--demo", "--data-dir", "{file}"], {}, 1, ["{file}", "not a directory"]),
     ("data-dir-is-a-file/status", ["status", "--data-dir", "{file}"], {}, 1, ["{file}", "not a directory"]),
     ("data-dir-is-a-file/registry", ["registry", "list", "--data-dir", "{file}"], {}, 1, ["not a directory"]),
+    ("data-dir-empty/what-if", ["what-if", "--data-dir", ""], {}, 1, ["the data directory is empty"]),
     ("config-is-a-directory", ["run", "--demo", "--data-dir", "{dir}", "--config", "{tmp}"], {}, 2, ["is a directory"]),
     ("config-is-binary", ["status", "--data-dir", "{dir}", "--config", "{binary}"], {}, 2, ["{binary}"]),
     ("log-level-unknown", ["run", "--demo", "--data-dir", "{dir}", "--log-level", "LOUD"], {}, 2, ["LOUD", "WARNING"]),
@@ -130,6 +131,22 @@ def test_a_data_dir_the_user_cannot_write_is_refused_before_anything_is_written(
     result = _as_unprivileged(["run", "--demo", "--data-dir", str(data_dir)])
     assert_refused(result, 1, str(data_dir), "not writable")
     assert list(unwritable_parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [["what-if"], ["replay"], ["audit"]])
+def test_a_data_dir_the_user_cannot_read_is_named_not_called_empty(command: list[str]) -> None:
+    """A log that is there but unreadable is not "no event log": the refusal says which it is."""
+    top = Path(tempfile.mkdtemp(prefix="slotwise-unreadable-"))
+    top.chmod(0o755)  # traversable by the unprivileged user the command may run as
+    data_dir = top / "data"
+    data_dir.mkdir()
+    data_dir.chmod(0o000)
+    try:
+        result = _as_unprivileged([*command, "--data-dir", str(data_dir)])
+    finally:
+        data_dir.chmod(0o755)
+        shutil.rmtree(top)
+    assert_refused(result, 1, str(data_dir), "not readable")
 
 
 def test_a_log_level_is_accepted_in_any_case(tmp_path: Path) -> None:

@@ -11,14 +11,18 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import resource
+import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.integration.test_bad_inputs import assert_refused
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = str(ROOT / "runtime.py")
@@ -199,6 +203,13 @@ def test_plot_writes_a_png_or_a_self_contained_html_page(recorded: tuple[Path, P
         (("--step", "soon"), 2, "is not a number of seconds"),
         (("--since", "2030-01-01T00:00:00Z", "--until", "2029-01-01T00:00:00Z"), 1, "--until must be after --since"),
         (("--since", "2099-01-01T00:00:00Z"), 1, "the log ends before it"),
+        (("--until", "2020-01-01T00:00:00Z"), 1, "the log starts after it"),
+        (("--since", "2020-01-01T00:00:00Z", "--until", "2021-01-01T00:00:00Z"), 1, "the log starts after it"),
+        (("--until", "9999-12-31T23:59:59-14:00"), 2, "out of range"),
+        (("--since", "0001-01-01T00:00:00+01:00"), 2, "out of range"),
+        (("--max-lines", "100001"), 2, "at most 100000"),
+        (("--monitoring-s", "1e300"), 2, "at most 86400"),
+        (("--max-lines", "1,30"), 2, "min_snapshot_lines"),
     ],
 )
 def test_a_bad_input_gets_one_line_and_a_non_zero_exit(
@@ -220,3 +231,109 @@ def test_a_data_directory_with_nothing_recorded_is_one_line(tmp_path: Path) -> N
     assert result.returncode == 1
     assert result.stderr.startswith("error: no event log in")
     assert result.stderr.count("\n") == 1
+
+
+def _copy(recorded: tuple[Path, Path], tmp_path: Path) -> Path:
+    """A copy of the recorded data directory, to damage."""
+    copy = tmp_path / "data"
+    shutil.copytree(recorded[0], copy)
+    return copy
+
+
+def _live_file(table: Path) -> Path:
+    """A data file the table's current version reads (the demo's clean stop compacts each table)."""
+    from deltalake import DeltaTable
+
+    return Path(DeltaTable(str(table)).file_uris()[0])
+
+
+@pytest.mark.parametrize(
+    ("table", "damage"),
+    [
+        ("events", lambda f: f.write_bytes(b"")),
+        ("events", lambda f: f.unlink()),
+        ("positions", lambda f: f.write_bytes(f.read_bytes()[:1000])),
+    ],
+    ids=["events-file-emptied", "events-file-deleted", "positions-file-truncated"],
+)
+def test_a_damaged_record_is_one_line_and_left_as_it_was(
+    recorded: tuple[Path, Path], tmp_path: Path, table: str, damage: Callable[[Path], Any]
+) -> None:
+    data = _copy(recorded, tmp_path)
+    damage(_live_file(data / table))
+    before = _tree_digest(data)
+    result = _cli("what-if", "--data-dir", str(data), "--config", str(recorded[1]), "--max-lines", "30")
+    assert_refused(result, 1, f"cannot read the record in {data}", table)
+    assert _tree_digest(data) == before
+
+
+@pytest.mark.parametrize(
+    ("where", "says"),
+    [
+        ("no-such-dir/chart.png", "does not exist"),
+        ("a-file/chart.png", "is not a directory"),
+        ("a-dir.png", "is a directory"),
+    ],
+)
+def test_a_chart_that_cannot_be_written_is_refused_before_the_record_is_read(tmp_path: Path, where: str, says: str) -> None:
+    """Refused first: a day's replay can take minutes, and a typo in --plot must not cost them."""
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "a-dir.png").mkdir()
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    result = _cli("what-if", "--data-dir", str(tmp_path / "no-data-here"), "--plot", str(tmp_path / where))
+    assert_refused(result, 1, "--plot", says)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_a_chart_cut_short_by_a_full_disk_leaves_no_file(recorded: tuple[Path, Path], tmp_path: Path) -> None:
+    """A write that fails part-way (here: the file size limit, as a full disk would) leaves nothing behind."""
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))  # the page is ~100 kB; Python ignores SIGXFSZ
+
+    page = tmp_path / "chart.html"
+    data, config = recorded
+    result = subprocess.run(
+        [sys.executable, RUNTIME, "what-if", "--data-dir", str(data), "--config", str(config), "--max-lines", "30", "--plot", str(page)],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=120, preexec_fn=small_files,
+    )  # fmt: skip
+    assert_refused(result, 1, f"--plot {page}", "too large")
+    assert list(tmp_path.iterdir()) == []
+
+
+#: Runs runtime.py as ``python runtime.py what-if ...`` would, with a Ctrl-C at the terminal (SIGINT to the
+#: whole process group) at a known point: when the replay starts, or when the parent first waits for a result
+#: of its worker processes. No sleep: the command itself says when.
+_CTRL_C = """
+import concurrent.futures, os, runpy, signal, sys
+sys.path.insert(0, {root!r})
+sys.argv = [{runtime!r}, *sys.argv[1:]]
+import actors.what_if_sim as sim
+
+def ctrl_c(real):
+    def at(*args, **kwargs):
+        os.killpg(0, signal.SIGINT)
+        return real(*args, **kwargs)
+    return at
+
+sim.simulate = ctrl_c(sim.simulate)
+concurrent.futures.Future.result = ctrl_c(concurrent.futures.Future.result)
+runpy.run_path({runtime!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"], ids=["in-process", "worker-processes"])
+def test_ctrl_c_during_a_replay_is_one_line_and_writes_nothing(recorded: tuple[Path, Path], tmp_path: Path, jobs: str) -> None:
+    data, config = recorded
+    before = _tree_digest(data)
+    chart = tmp_path / "chart.png"
+    args = ["what-if", "--data-dir", str(data), "--config", str(config), "--max-lines", "15,30,60", "--jobs", jobs, "--plot", str(chart)]
+    launcher = _CTRL_C.format(root=str(ROOT), runtime=RUNTIME)
+    with subprocess.Popen(
+        [sys.executable, "-c", launcher, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own process group: the Ctrl-C reaches it and its workers, not pytest
+    ) as proc:  # fmt: skip
+        out, err = proc.communicate(timeout=120)  # returns once every holder of its stderr (workers too) is gone
+    assert_refused(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), 130, "interrupted")
+    assert not chart.exists()
+    assert _tree_digest(data) == before
