@@ -9,7 +9,8 @@ import pykka
 import pytest
 
 from actors.ib import IbActor
-from events.ib import Connect, ConnectionState, ConnectionStateChanged, IbSettings
+from actors.messaging import ask
+from events.ib import Connect, ConnectionState, ConnectionStateChanged, IbSettings, IbStats, IbStatsReply
 from tests.simulator import SimConfig, TwsSimulator, default_universe
 from tests.support import Inbox
 
@@ -40,6 +41,13 @@ def fast_settings(port: int, **overrides: Any) -> IbSettings:
     }
     values.update(overrides)
     return IbSettings(**values)
+
+
+def stats(ref: pykka.ActorRef[Any]) -> IbStatsReply:
+    """The IB actor's counters (streams, snapshots in flight, lines, pacer)."""
+    reply = ask(ref, IbStats())
+    assert isinstance(reply, IbStatsReply)
+    return reply
 
 
 def is_connected(resubscribe: bool | None = None) -> Callable[[Any], bool]:

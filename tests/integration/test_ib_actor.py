@@ -22,8 +22,6 @@ from events.ib import (
     Disconnect,
     IbError,
     IbErrorKind,
-    IbStats,
-    IbStatsReply,
     MarketUpdate,
     PositionChanged,
     PositionsComplete,
@@ -33,19 +31,13 @@ from events.ib import (
     Subscribe,
     Unsubscribe,
 )
-from tests.integration.conftest import fast_settings, is_connected
+from tests.integration.conftest import fast_settings, is_connected, stats
 from tests.simulator import TwsSimulator
 from tests.support import Inbox, wait_until
 
 Start = Callable[..., tuple[pykka.ActorRef[Any], Inbox]]
 STOCKS = list(range(1001, 1301))
 CALL = 900001
-
-
-def stats(ref: pykka.ActorRef[Any]) -> IbStatsReply:
-    reply = ask(ref, IbStats())
-    assert isinstance(reply, IbStatsReply)
-    return reply
 
 
 def test_connect_reports_every_position(connect_ib: Start, sim: TwsSimulator) -> None:

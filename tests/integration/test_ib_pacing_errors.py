@@ -20,8 +20,6 @@ from actors.messaging import ask
 from events.ib import (
     IbError,
     IbErrorKind,
-    IbStats,
-    IbStatsReply,
     MarketUpdate,
     PositionsComplete,
     Snapshot,
@@ -30,6 +28,7 @@ from events.ib import (
     Subscribe,
     Unsubscribe,
 )
+from tests.integration.conftest import stats
 from tests.simulator import TwsSimulator
 from tests.support import Inbox, wait_until
 
@@ -38,12 +37,6 @@ STOCKS = list(range(1001, 1301))
 CANCEL_MKT_DATA = 2
 #: The actor's pacer, far above the simulator's rate: the burst reaches IB unpaced.
 UNPACED = 1000.0
-
-
-def stats(ref: pykka.ActorRef[Any]) -> IbStatsReply:
-    reply = ask(ref, IbStats())
-    assert isinstance(reply, IbStatsReply)
-    return reply
 
 
 def test_snapshot_refused_with_100_fails_at_once_as_pacing(connect_ib: Start, sim: TwsSimulator) -> None:
