@@ -191,6 +191,8 @@ class IbSession:
         #: req_ids of snapshots we cancelled after their first quote: IB's 300 for a cancel that crossed
         #: the snapshot's own tickSnapshotEnd is expected, not news.
         self._cancelled_snapshots: set[int] = set()
+        #: When IB last answered 100 (past its message rate), on the loop's clock.
+        self._last_rate_refusal = float("-inf")
         #: req_id -> when its cancelMktData left the pacer, for LATE_TICKS_S: a 100 naming it says IB did not
         #: process that cancel, and the line is still taken at IB until it is sent again.
         self._cancels_out: dict[int, float] = {}
@@ -385,8 +387,9 @@ class IbSession:
 
         ``Unresolved.NOT_FOUND`` only when IB answered that there is no such
         contract (200, or no details); a request IB left unanswered within
-        ``snapshot_timeout_s`` (the sec-def farm is down: 2157, or slow) or cut
-        by a disconnect is ``Unresolved.NO_ANSWER``, which says nothing about
+        ``snapshot_timeout_s`` (the sec-def farm is down: 2157, or slow), cut
+        by a disconnect, or answered empty after a 100 (ib_insync ends a refused
+        request empty) is ``Unresolved.NO_ANSWER``, which says nothing about
         the contract.
         """
         cached = self.contracts.get(conid)
@@ -397,8 +400,13 @@ class IbSession:
             pending = self._loop.create_future()
             self._resolving[conid] = pending
             try:
+                asked = self._loop.time()
                 request = self.ib.reqContractDetailsAsync(self._lib.Contract(conId=conid))  # paced at the wire
                 details = await asyncio.wait_for(request, self.settings.snapshot_timeout_s)
+                if not details and self._last_rate_refusal >= asked:
+                    # ib_insync ends a request IB refused past its message rate (100) with an empty answer, as it
+                    # does one for a conid IB does not know (200): with a 100 since the ask, it may be ours
+                    raise TimeoutError("a contract details request may have been refused past IB's message rate")
                 if details:
                     contract = details[0].contract
                     if not contract.exchange:
@@ -977,6 +985,7 @@ class IbSession:
         one line more than we do.
         """
         self.pacer.hold()
+        self._last_rate_refusal = self._loop.time()
         if req is None and req_id in self._cancels_out and self.connected:
             logger.info("IB: cancel of request {} refused past the message rate; sending it again", req_id)
             del self._cancels_out[req_id]

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pykka
+import pytest
 
 from actors.messaging import ask
 from events.ib import (
@@ -29,7 +30,7 @@ from events.ib import (
     Unsubscribe,
 )
 from tests.integration.conftest import stats
-from tests.simulator import TwsSimulator
+from tests.simulator import SimConfig, SimContract, TwsSimulator, default_universe
 from tests.support import Inbox, wait_until
 
 Start = Callable[..., tuple[pykka.ActorRef[Any], Inbox]]
@@ -37,6 +38,8 @@ STOCKS = list(range(1001, 1301))
 CANCEL_MKT_DATA = 2
 #: The actor's pacer, far above the simulator's rate: the burst reaches IB unpaced.
 UNPACED = 1000.0
+#: A contract IB knows but the account holds no position in: streaming it needs its contract details first.
+UNHELD = 777001
 
 
 def test_snapshot_refused_with_100_fails_at_once_as_pacing(connect_ib: Start, sim: TwsSimulator) -> None:
@@ -90,3 +93,25 @@ def test_cancel_refused_with_100_is_sent_again(connect_ib: Start, sim: TwsSimula
     # Sent again once after a pause, not at once into the same full window: no storm of refused cancels.
     assert sim.stats().by_msg_id[CANCEL_MKT_DATA] == 2
     assert sim.stats().errors_by_code[100] == 1
+
+
+@pytest.fixture
+def sim_config() -> SimConfig:
+    """The default account, and one contract IB knows that the account holds no position in."""
+    config = default_universe(n_stocks=300, n_option_strikes=10)
+    config.contracts[UNHELD] = SimContract(conid=UNHELD, symbol="ZZZ", local_symbol="ZZZ", trading_class="NMS")
+    return config
+
+
+def test_contract_details_refused_with_100_are_no_answer_not_no_contract(connect_ib: Start, sim: TwsSimulator) -> None:
+    """ib_insync ends a request refused with an error with an empty answer, as it does for 200 "no security
+    definition": read as no such contract, the stream would end refused (200) and wait out a minute's backoff."""
+    ref, inbox = connect_ib(pacing_per_s=UNPACED, reissue_initial_s=0.2)
+    inbox.wait_for(lambda m: isinstance(m, PositionsComplete))
+    sim.set_pacing_limit(0)  # the gateway's window is full: the contract details request is refused
+    ref.tell(Subscribe(conid=UNHELD))
+    wait_until(lambda: sim.stats().errors_by_code.get(100, 0) >= 1, what="the details request refused")
+    sim.set_pacing_limit(50)
+    # resolved again after the reissue backoff, and streamed
+    inbox.wait_for(lambda m: isinstance(m, MarketUpdate) and m.conid == UNHELD, timeout=10)
+    assert not [m for m in inbox.messages(StreamEnded) if m.conid == UNHELD]
