@@ -15,8 +15,8 @@ import contextlib
 import csv
 import io
 import json
+import re
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -57,12 +57,6 @@ sys.exit(runtime.main(sys.argv[1:]))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(ROOT / "runtime.py"), *args, "--data-dir", str(data_dir)],
@@ -95,12 +89,14 @@ class Demo:
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
     tmp = tmp_path_factory.mktemp("audit")
     data_dir = tmp / "data"
-    port = _free_port()
+    log_file = tmp / "slotwise.log"
     config = tmp / "small.toml"
+    # port 0: the runtime binds a free port itself and logs which (a port picked here and released
+    # could be taken by another process before the runtime bound it)
     config.write_text(
         "[runtime]\nmax_attempts = 2\nretry_backoff_s = 0.2\n"
         "status_interval_s = 2.0\nsnapshot_every = 200\n\n"
-        f"[metrics]\nenabled = true\nport = {port}\n"
+        "[metrics]\nenabled = true\nport = 0\n"
     )
     proc = subprocess.Popen(
         [
@@ -114,6 +110,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
             str(DEMO_S),
             "--config",
             str(config),
+            "--log-file",
+            str(log_file),
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -134,7 +132,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
             wait_until(dead_lettered, 30, 0.3, what="the refused contracts to be dead-lettered")
         assert status.get("dead_letters") == len(REFUSED), status
         status_text = cli("status", data_dir=data_dir).stdout
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        served = re.search(r"metrics at (http://\S+/metrics)", log_file.read_text())  # logged before it serves status
+        assert served, log_file.read_text()[-3000:]
+        with urllib.request.urlopen(served[1], timeout=10) as response:
             metrics, content_type = response.read().decode(), response.headers["Content-Type"]
         live = cli("replay", "--json", data_dir=data_dir)
         assert live.returncode == 0, live.stderr
