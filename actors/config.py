@@ -86,7 +86,9 @@ class MetricsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
     enabled: bool = False
     host: str = "127.0.0.1"
-    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 9464
+    #: 0 takes any free port, named in the log's ``metrics at http://host:port/metrics`` line (tests use it:
+    #: a port picked, released and then passed here could be taken by another process in between).
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9464
 
 
 class DemoSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

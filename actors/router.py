@@ -146,6 +146,9 @@ class RouterSettings(msgspec.Struct, frozen=True, kw_only=True):
     risk_factor: float = 2.0
     #: Re-owe a refresh to every queue-path contract without an item this often (a safety net).
     sweep_s: float = 30.0
+    #: The first sweep comes this soon after the start (after the first positions and portfolio), if
+    #: sooner than ``sweep_s``.
+    first_sweep_s: float = 3.0
     #: Housekeeping period: proofs by age, probes, re-ranking, reclaiming lost lines.
     tick_s: float = 0.5
     #: A lent snapshot line not given back within this is reclaimed (its answer was lost).
@@ -333,7 +336,7 @@ class StreamRouter(EventSourcedActor[RouterState]):
             self.persist(RouterRestarted())
         now = self._clock()
         self._next_probe = now + self.settings.line_probe_s
-        self._next_sweep = now + min(self.settings.sweep_s, 3.0)  # soon after the first positions and portfolio
+        self._next_sweep = now + min(self.settings.sweep_s, self.settings.first_sweep_s)
         if self._timer:
             self._ticker = Ticker(self.actor_ref, RouterTick(), self.settings.tick_s, name="router-tick").start()
 

@@ -15,8 +15,9 @@ import contextlib
 import csv
 import io
 import json
+import re
 import shutil
-import socket
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -40,7 +41,6 @@ ROOT = Path(__file__).resolve().parents[2]
 #: Stocks of the demo account the fake IB answers with an error that no retry can help (no contract, no
 #: subscription): they are dead-lettered at their first failure.
 REFUSED = {100003: 200, 100011: 354}
-DEMO_S = 7.0
 
 #: The demo, with the fake IB refusing REFUSED. The runtime has no flag for injected faults, so the
 #: settings class is wrapped before ``runtime.main`` builds the graph (it imports it at start).
@@ -55,12 +55,6 @@ fake.FakeIbSettings = settings
 import runtime
 sys.exit(runtime.main(sys.argv[1:]))
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
@@ -95,12 +89,14 @@ class Demo:
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
     tmp = tmp_path_factory.mktemp("audit")
     data_dir = tmp / "data"
-    port = _free_port()
+    log_file = tmp / "slotwise.log"
     config = tmp / "small.toml"
+    # port 0: the runtime binds a free port itself and logs which (a port picked here and released
+    # could be taken by another process before the runtime bound it)
     config.write_text(
         "[runtime]\nmax_attempts = 2\nretry_backoff_s = 0.2\n"
         "status_interval_s = 2.0\nsnapshot_every = 200\n\n"
-        f"[metrics]\nenabled = true\nport = {port}\n"
+        "[metrics]\nenabled = true\nport = 0\n"
     )
     proc = subprocess.Popen(
         [
@@ -110,10 +106,10 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
             "--demo",
             "--data-dir",
             str(data_dir),
-            "--duration",
-            str(DEMO_S),
             "--config",
             str(config),
+            "--log-file",
+            str(log_file),
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -131,13 +127,18 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
             return status.get("dead_letters") == len(REFUSED)
 
         with contextlib.suppress(CollectorTimeout):
-            wait_until(dead_lettered, 30, 0.3, what="the refused contracts to be dead-lettered")
+            wait_until(dead_lettered, 60, 0.3, what="the refused contracts to be dead-lettered")
         assert status.get("dead_letters") == len(REFUSED), status
         status_text = cli("status", data_dir=data_dir).stdout
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        served = re.search(r"metrics at (http://\S+/metrics)", log_file.read_text())  # logged before it serves status
+        assert served, log_file.read_text()[-3000:]
+        with urllib.request.urlopen(served[1], timeout=10) as response:
             metrics, content_type = response.read().decode(), response.headers["Content-Type"]
         live = cli("replay", "--json", data_dir=data_dir)
         assert live.returncode == 0, live.stderr
+        # stopped once asked, not after a fixed --duration: on a loaded machine a run of a few seconds
+        # could end before the status and metrics above were read
+        proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:

@@ -36,10 +36,17 @@ default_duration_s = 0.0
 """
 
 
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A loopback port that refuses connections for the whole test.
+
+    The socket stays bound and never listens: a connect is refused, and no other process can take the
+    port meanwhile (one bound and released at once could be listened on by anything before the runtime
+    got to it).
+    """
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        yield holder.getsockname()[1]
 
 
 class Service:
@@ -93,9 +100,9 @@ def service(tmp_path: Path) -> Iterator[type[Service]]:
         svc.close()
 
 
-def test_a_service_run_writes_its_status_line_to_the_log_file(service: type[Service]) -> None:
+def test_a_service_run_writes_its_status_line_to_the_log_file(service: type[Service], closed_port: int) -> None:
     """No --demo, no IB to talk to: it still runs, and says how it is doing every status_interval_s."""
-    svc = service(env={"SLOTWISE_IB_PORT": str(_closed_port()), "SLOTWISE_IB_RECONNECT_MAX_S": "1"})
+    svc = service(env={"SLOTWISE_IB_PORT": str(closed_port), "SLOTWISE_IB_RECONNECT_MAX_S": "1"})
     svc.wait_log(r"\| INFO +\| __main__: status: lines .*\| IB ", "a status line in the log file")
     # ten a burst window: a periodic line is never collapsed into a "... and N more" summary
     wait_for(lambda: svc.log().count("__main__: status: ") >= 12, 60, "twelve status lines", interval=0.2)

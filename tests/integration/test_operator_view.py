@@ -134,6 +134,9 @@ def test_offline_reads_the_same_contracts_from_the_tables(running: RuntimeProc) 
     assert any(r["path"] == "stream" for r in offline.values())
 
 
+# about a dozen CLI runs, each a cold Python start importing deltalake and pyarrow: 19 s in one suite run
+# on a 2-core machine, 61 s in one with more load, half the suite's 120 s hang limit
+@pytest.mark.timeout(300)
 def test_a_dead_letter_is_listed_shown_and_requeued(running: RuntimeProc) -> None:
     added = cli("registry", "add", str(UNKNOWN_CONID), "--strategy", "spx-ic", *running.dir_args())
     assert added.returncode == 0, added.stderr

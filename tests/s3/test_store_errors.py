@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -62,11 +63,15 @@ def _objects(server: S3Server, bucket: str) -> list[str]:
 
 
 @pytest.fixture
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def closed_port() -> Iterator[int]:
+    """A loopback port nothing listens on, for the whole test.
+
+    The socket stays bound and never listens: a connect is refused, and no other process (another test's
+    server, another run on the machine) can take the port between this fixture and the command's connect.
+    """
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        yield holder.getsockname()[1]
 
 
 @pytest.mark.parametrize("command", COMMANDS.values(), ids=COMMANDS.keys())

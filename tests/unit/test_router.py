@@ -145,6 +145,10 @@ class Rig:
                 proof_s=0.05,
                 peak_settle_s=peak_settle_s,
                 min_dwell_s=min_dwell_s,
+                # no timed sweep: the tests sweep by SweepNow; a first sweep a few seconds after the start
+                # would land in the middle of a test on a loaded machine and queue what it cancelled
+                sweep_s=3600.0,
+                first_sweep_s=3600.0,
             ),
             ib=self.tap or self.ib,
             queue=self.queue,
