@@ -178,6 +178,9 @@ class IbSession:
         #: link to IB's data server (2110). A snapshot that gets no price meanwhile is their silence, not the
         #: contract's.
         self._data_down: dict[str, int] = {}
+        #: When ``_data_down`` last became non-empty (the loop's clock), and whether a snapshot got a price since.
+        self._down_since = 0.0
+        self._priced_while_down = False
         self._want_connected = False
         self._runner: asyncio.Task[None] | None = None
         self._down = asyncio.Event()
@@ -726,7 +729,7 @@ class IbSession:
     # ------------------------------------------------------------- snapshots
     def snapshot(self, conids: list[int], timeout_s: float, reply: pykka.Future[Any]) -> None:
         unique = list(dict.fromkeys(conids))
-        batch = Batch(conids=unique, reply=reply, outage=self._data_down_cause() if self._data_down else None)
+        batch = Batch(conids=unique, reply=reply, outage=self._data_down_cause() if self._excuses_silence() else None)
         if not self.connected:
             for conid in unique:
                 batch.failures[conid] = SnapshotFailed(
@@ -812,8 +815,9 @@ class IbSession:
 
     def _answer(self, req: MdRequest, answer: MarketUpdate | SnapshotFailed) -> None:
         req.answered = True
-        if _TWS_SERVER in self._data_down and isinstance(answer, MarketUpdate):
-            del self._data_down[_TWS_SERVER]  # a price came through: TWS reaches IB's data server again
+        if self._data_down and isinstance(answer, MarketUpdate):
+            self._priced_while_down = True
+            self._data_down.pop(_TWS_SERVER, None)  # a price came through: TWS reaches IB's data server again
         batch = req.batch
         if batch is None or batch.replied:
             return
@@ -955,16 +959,25 @@ class IbSession:
         a request TWS held may still time out after the farm is back.
         """
         if code in (2103, 2110):
+            if not self._data_down:
+                self._down_since, self._priced_while_down = self._loop.time(), False
             self._data_down[_TWS_SERVER if code == 2110 else text.rpartition(":")[2] or text] = code
-            cause = self._data_down_cause()
-            for batch in self._batches:  # open now: whatever they get no price for is the outage's too
-                batch.outage = cause
+            if self._excuses_silence():
+                cause = self._data_down_cause()
+                for batch in self._batches:  # open now: whatever they get no price for is the outage's too
+                    batch.outage = cause
         elif code in (2104, 2108):
             self._data_down.pop(text.rpartition(":")[2] or text, None)
             if code == 2104:
                 self._data_down.pop(_TWS_SERVER, None)
         elif code in (1101, 1102):
             self._data_down.clear()
+
+    def _excuses_silence(self) -> bool:
+        """Whether a snapshot asked for now that gets no price is the outage's (see ``IbSettings.outage_excuse_s``)."""
+        if not self._data_down:
+            return False
+        return not (self._priced_while_down and self._loop.time() - self._down_since > self.settings.outage_excuse_s)
 
     def _data_down_cause(self) -> tuple[int, str]:
         """The code and text a snapshot without a price gets while something is down."""

@@ -471,3 +471,22 @@ def test_1101_while_connecting_does_not_stall_the_connect(sim: TwsSimulator) -> 
     wait_until(lambda: sim.stats().by_msg_id.get(6, 0) >= 2)  # reqAccountUpdates: the same
     assert sim.stats().connections == 1  # no connect timed out
     assert not [m for m in inbox.messages(ConnectionStateChanged) if m.state == ConnectionState.DISCONNECTED]
+
+
+def test_an_old_outage_with_prices_coming_through_no_longer_excuses_a_silent_contract(
+    connect_ib: Start, sim: TwsSimulator
+) -> None:
+    """A farm reported broken long ago, while other contracts' prices come through, is not this contract's farm:
+    its silence is its own again (TIMEOUT: an attempt, backing off to a dead letter), not an interruption that
+    would put it back at the head of the queue at once, forever."""
+    ref, inbox = connect_ib(outage_excuse_s=1.0)
+    sim.set_never_answer(1001)
+    open_at_outage = ask_async(ref, Snapshot(conids=[1001], timeout_s=3.0))
+    wait_until(lambda: sim.stats().open_snapshots == 1)
+    sim.send_error(2103, "Market data farm connection is broken:eufarm")  # usfarm still serves
+    inbox.wait_for(lambda m: isinstance(m, IbError) and m.code == 2103)
+    assert ask(ref, Snapshot(conids=[1002], timeout_s=5)).updates[0].conid == 1002  # a price all the same
+    result = open_at_outage.get(timeout=10)  # 3 s after it was asked: the outage is older than 1 s now
+    assert [(f.kind, f.code) for f in result.failures] == [(IbErrorKind.DATA_INTERRUPTED, 2103)]  # young outage
+    result = ask(ref, Snapshot(conids=[1001], timeout_s=0.3))
+    assert [(f.conid, f.kind) for f in result.failures] == [(1001, IbErrorKind.TIMEOUT)]
