@@ -85,14 +85,18 @@ def test_cancel_refused_with_100_is_sent_again(connect_ib: Start, sim: TwsSimula
     ref.tell(Unsubscribe(conid=1001))
     end = inbox.wait_for(lambda m: isinstance(m, StreamEnded) and m.conid == 1001, timeout=5)
     assert end.reason == "cancelled"  # the cancel left the pacer
-    wait_until(lambda: sim.stats().errors_by_code.get(100, 0) == 1, what="the cancel refused")
+    wait_until(lambda: sim.stats().errors_by_code.get(100, 0) >= 1, what="the cancel refused")
+    refused_at = time.monotonic()
     assert sim.stats().streams == 1  # IB still holds the line
     sim.set_pacing_limit(50)  # the other traffic is gone; the actor waits one window before sending again
+    full_for_s = time.monotonic() - refused_at  # on a loaded machine the window may stay full past one pause
     wait_until(lambda: sim.stats().streams == 0, timeout=5, what="the cancel sent again and accepted")
     assert stats(ref).streams == 0
-    # Sent again once after a pause, not at once into the same full window: no storm of refused cancels.
-    assert sim.stats().by_msg_id[CANCEL_MKT_DATA] == 2
-    assert sim.stats().errors_by_code[100] == 1
+    # Each refused cancel sent again once, the last one accepted...
+    refusals = sim.stats().errors_by_code[100]
+    assert sim.stats().by_msg_id[CANCEL_MKT_DATA] == refusals + 1
+    # ...and after a pause of a window (1.1 s), not at once into the same full window: no storm of refusals.
+    assert refusals <= 2 + full_for_s / 1.1, (refusals, full_for_s)
 
 
 @pytest.fixture

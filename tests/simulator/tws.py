@@ -195,9 +195,6 @@ class SimConfig:
     #: Error codes sent to every new session right after its greeting (startApi), while the client is still
     #: synchronising: 1100 says TWS is cut off from IB's servers as the client connects.
     codes_at_connect: tuple[int, ...] = ()
-    #: What a snapshot requested while the farm is down (``farm_blip``) gets: "10182" (the error), "silent" (no
-    #: answer at all: a TWS that holds it for the farm) or "end" (tickSnapshotEnd with no quote). Streams get 10182.
-    farm_down_snapshots: str = "10182"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -869,10 +866,7 @@ class TwsSimulator:
         else:
             session.streams[req_id] = conid
         self._peak_lines = max(self._peak_lines, self._lines())
-        if snapshot and (conid in self._never_answer or self._farm_down):  # farm down: "silent" or "end"
-            if self._farm_down and self.config.farm_down_snapshots == "end":
-                session.send(TICK_SNAPSHOT_END, 1, req_id)
-                del session.snapshots[req_id]
+        if snapshot and conid in self._never_answer:
             return
         session.send(TICK_REQ_PARAMS, req_id, c.min_tick, "9c0001", 3)
         if conid in self.config.unsubscribed:  # only with type 3/4 here: 1/2 were refused with 354
@@ -899,7 +893,7 @@ class TwsSimulator:
             return config.refused[conid]
         if conid in config.unsubscribed and session.market_data_type in (1, 2):
             return 354
-        if self._farm_down and not (snapshot and config.farm_down_snapshots in ("silent", "end")):
+        if self._farm_down:
             return 10182
         if snapshot and config.snapshot_rate_limit > 0:
             now = time.monotonic()
