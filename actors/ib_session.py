@@ -180,9 +180,10 @@ class IbSession:
         self._cancels: dict[int, PacedMessage] = {}
         self._by_req: dict[int, MdRequest] = {}
         self._batches: set[Batch] = set()
-        #: req_ids of snapshots we cancelled after their first quote: IB's 300 for a cancel that crossed
-        #: the snapshot's own tickSnapshotEnd is expected, not news.
-        self._cancelled_snapshots: set[int] = set()
+        #: req_ids whose cancel may meet no request at IB, so its 300 is expected, not news: snapshots we cancelled
+        #: after their first quote (the cancel may cross their own tickSnapshotEnd), and streams refused with 100
+        #: (cancelled in case IB served them all the same).
+        self._cancels_300_expected: set[int] = set()
         #: When IB last answered 100 (past its message rate), on the loop's clock.
         self._last_rate_refusal = float("-inf")
         #: req_id -> when its cancelMktData left the pacer, for LATE_TICKS_S: a 100 naming it says IB did not
@@ -313,7 +314,7 @@ class IbSession:
         self._cancels.clear()  # withdrawn with the pacer: moot, never confirmed (the resubscribe covers them)
         self._cancels_out.clear()
         self._forget_streams()
-        self._cancelled_snapshots.clear()
+        self._cancels_300_expected.clear()
         for batch in list(self._batches):
             self._fail_open(batch, IbErrorKind.DISCONNECTED, IB_NOT_CONNECTED, "disconnected from IB")
             self._close_batch_requests(batch, send_cancel=False)
@@ -503,7 +504,7 @@ class IbSession:
         return self._paced(lambda: self.ib.client.cancelMktData(req_id), sent)
 
     def _release_ticker(self, req: MdRequest) -> None:
-        self._cancelled_snapshots.discard(req.req_id)
+        self._cancels_300_expected.discard(req.req_id)
         self._lib.release_ticker(self.ib.wrapper, req.req_id, req.contract, req.ticker)
 
     def lines_in_use(self) -> int:
@@ -780,7 +781,7 @@ class IbSession:
         # sends after the reply can find this snapshot still open at IB (it would stay so until
         # tickSnapshotEnd, up to ~11 s later).
         if self._drop_request(req, send_cancel=True) is not None:
-            self._cancelled_snapshots.add(req.req_id)
+            self._cancels_300_expected.add(req.req_id)
         self._answer(req, update)
 
     def _on_snapshot_end(self, req_id: int) -> None:
@@ -878,7 +879,7 @@ class IbSession:
         conid = req.conid if req is not None else (contract.conId if contract is not None and contract.conId else None)
         if code in DATA_BACK_CODES:
             self._data_back()
-        if code == 300 and req_id in self._cancelled_snapshots:
+        if code == 300 and req_id in self._cancels_300_expected:
             logger.debug("IB: cancel of snapshot {} crossed its end ({})", req_id, text)
             return
         if code == 100:
@@ -921,7 +922,10 @@ class IbSession:
             refused = self.streams.get(req.conid) is req
             if refused:
                 del self.streams[req.conid]  # refused by IB: holds no line (the router demotes on 101)
-            self._drop_request(req, send_cancel=False)
+            # A 100 may not mean IB dropped the request (its documents do not say): cancel it too, or a stream IB
+            # served all the same would hold a line nobody counts once the router asks for it again.
+            if self._drop_request(req, send_cancel=code == 100) is not None:
+                self._cancels_300_expected.add(req.req_id)
             if refused:
                 self._ended(req.conid, "refused", code)  # after the IbError above; ends a pending cancel too
 

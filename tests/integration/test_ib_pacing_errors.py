@@ -74,6 +74,32 @@ def test_stream_refused_with_100_ends_refused(connect_ib: Start, sim: TwsSimulat
     # No phantom line: every stream we count is one IB holds.
     wait_until(lambda: stats(ref).streams == sim.stats().streams, what="our streams are IB's")
     assert stats(ref).streams < len(conids)
+    # The refused streams are cancelled at IB too, in case IB served them all the same; this IB had dropped them
+    # and answers 300, which is expected, not news.
+    sim.set_pacing_limit(50)
+    wait_until(lambda: sim.stats().errors_by_code.get(300, 0) >= 1, what="a cancel of a refused stream")
+    assert ask(ref, Snapshot(conids=[STOCKS[-1]], timeout_s=5)).updates  # its answer comes after the 300s
+    assert not [e for e in inbox.messages(IbError) if e.code == 300]
+
+
+def test_a_stream_refused_with_100_that_ib_processed_all_the_same_holds_no_line(
+    connect_ib: Start, sim: TwsSimulator
+) -> None:
+    """IB's documents do not say that a message answered 100 was dropped. If IB served it all the same, the
+    stream the actor ended as refused (and the router asks for again) would hold a line nobody counts: the
+    actor cancels it at IB too, which costs one message and at worst a 300 for a request IB never had."""
+    ref, inbox = connect_ib(pacing_per_s=UNPACED)
+    inbox.wait_for(lambda m: isinstance(m, PositionsComplete))
+    sim.configure(pacing_processes_refused=True)
+    sim.set_pacing_limit(5)
+    conids = STOCKS[:20]
+    for conid in conids:
+        ref.tell(Subscribe(conid=conid))
+    inbox.wait_for(lambda m: isinstance(m, StreamEnded) and m.reason == "refused" and m.code == 100, timeout=5)
+    sim.set_pacing_limit(50)
+    # every line IB holds is one of our streams: the refused-but-served ones were cancelled
+    wait_until(lambda: stats(ref).streams == sim.stats().streams, timeout=10, what="our streams are IB's")
+    assert not [e for e in inbox.messages(IbError) if e.code == 300]  # the expected 300s are not news
 
 
 def test_cancel_refused_with_100_is_sent_again(connect_ib: Start, sim: TwsSimulator) -> None:

@@ -151,6 +151,9 @@ class SimConfig:
     pacing_window_s: float = 1.0
     #: Judge no pacing window that holds a stall of the simulator's own thread (see ``_note_stall``).
     pacing_forgives_stalls: bool = True
+    #: A message past the rate is answered 100 and then processed all the same. IB's documents do not say whether
+    #: it drops such a message; the IB actor must be right either way.
+    pacing_processes_refused: bool = False
     #: Whether an open snapshot holds a line until its tickSnapshotEnd (IB does not say; we assume yes).
     snapshots_use_lines: bool = True
     #: Streaming ticks for every open stream this often (0 = only the initial quote).
@@ -330,6 +333,8 @@ class _Session(asyncio.Protocol):
                 self.sim._on_message(self, fields)
             else:
                 self.error(_req_id_of(fields), 100, "Max rate of messages per second has been exceeded:max=50 rec=51")
+                if self.sim.config.pacing_processes_refused:
+                    self.sim._on_message(self, fields)
 
     # -- output
     def write(self, data: bytes) -> None:
