@@ -139,6 +139,7 @@ class TokenBucket:
         self.tokens = min(1.0, rate)
         self._at = now
         self._slow_until = 0.0
+        self._halved_at = float("-inf")
 
     def _refill(self, now: float) -> None:
         if now >= self._slow_until and self.rate < self.configured:
@@ -173,11 +174,17 @@ class TokenBucket:
         return max(1e-6, (tokens - self.tokens) / self.rate)
 
     def slow_down(self, now: float, hold_s: float) -> None:
-        """IB said too many snapshots: halve the rate, hold it at least ``hold_s``."""
+        """IB said too many snapshots: halve the rate, hold it at least ``hold_s``.
+
+        Refusals within a second of the one that halved it are the same overload at IB (a burst of requests
+        refused together): they extend the hold but do not halve again.
+        """
         self._refill(now)
-        self.rate = max(self.configured / 16, self.rate / 2)
+        if now - self._halved_at >= 1.0:
+            self.rate = max(self.configured / 16, self.rate / 2)
+            self._halved_at = now
         self.tokens = min(self.tokens, 0.0)
-        self._slow_until = now + hold_s
+        self._slow_until = max(self._slow_until, now + hold_s)
 
 
 class _Answer(msgspec.Struct, frozen=True):

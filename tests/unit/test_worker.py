@@ -297,6 +297,19 @@ def test_the_token_bucket_halves_on_a_rate_limit_and_climbs_back() -> None:
     assert bucket.rate == 10.0
 
 
+def test_refusals_in_the_same_second_halve_the_rate_once() -> None:
+    """Snapshots refused for the rate together (a burst of 100s or 321s: one overload at IB) say it once: four of
+    them used to cut the rate to a sixteenth for the whole hold. A refusal a second later halves it again."""
+    bucket = TokenBucket(16.0, now=0.0)
+    for t in (0.0, 0.2, 0.5, 0.9):
+        bucket.slow_down(t, hold_s=10.0)
+    assert bucket.rate == 8.0
+    bucket.available(5.0)
+    assert bucket.rate == 8.0  # held from the last refusal of the burst
+    bucket.slow_down(5.0, hold_s=10.0)
+    assert bucket.rate == 4.0
+
+
 def test_a_slow_down_without_a_hold_climbs_back_at_the_same_instant() -> None:
     """The hold is over at once: the next refill climbs, even at the instant of the slow-down (a refill skipped
     because no time had passed once left the rate halved until the clock moved)."""
