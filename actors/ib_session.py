@@ -36,10 +36,11 @@ up to ~11 s): whenever a Snapshot is answered, none of its requests holds a
 line any more, or its cancel is already in the pacer ahead of anything sent
 later.
 
-A 100 (IB's message rate) naming a request says IB did not process that
-message: an open request is refused (a snapshot fails as PACING, a stream
-ends "refused"), a cancel we sent goes again; after any 100 the pacer
-pauses one window (see ``_paced_out``).
+A 100 (IB's message rate) naming a request is taken as IB's refusal of
+that message (its documents do not say so): an open request is refused (a
+snapshot fails as PACING, a stream ends "refused" and is cancelled too, in
+case IB served it all the same), a cancel we sent goes again; after any 100
+the pacer pauses one window (see ``_paced_out``).
 
 IB's data realities (docs/operations.md, "IB's data realities"):
 reqMarketDataType(``market_data_type``) goes out at every connect before
@@ -880,7 +881,7 @@ class IbSession:
         if code in DATA_BACK_CODES:
             self._data_back()
         if code == 300 and req_id in self._cancels_300_expected:
-            logger.debug("IB: cancel of snapshot {} crossed its end ({})", req_id, text)
+            logger.debug("IB: cancel of {} met no request there, as expected ({})", req_id, text)
             return
         if code == 100:
             self._paced_out(req_id, req)
@@ -930,7 +931,7 @@ class IbSession:
                 self._ended(req.conid, "refused", code)  # after the IbError above; ends a pending cancel too
 
     def _paced_out(self, req_id: int, req: MdRequest | None) -> None:
-        """IB refused a message past its rate (100) and did not process it: pause the pacer, resend a cancel.
+        """IB refused a message past its rate (100), taken as not processed: pause the pacer, resend a cancel.
 
         A 100 naming an open request refused that request: it holds no line
         and ends as the other refusals do (below, in :meth:`_on_error`). One

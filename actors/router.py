@@ -123,7 +123,7 @@ _COMPETING_SESSION = 10197
 _COMPETING_BACKOFF_S = (30.0, 300.0)
 #: After IB refused a stream's request past its message rate (100): a matter of the moment, not of the contract.
 #: Longer than the IB actor's pause after a 100 (one pacing window, ~1.1 s), so the retry meets an empty window.
-PACING_RETRY_S = 2.0
+_PACING_RETRY_S = 2.0
 
 
 class RouterSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -602,7 +602,7 @@ class StreamRouter(EventSourcedActor[RouterState]):
         elif code == 100:
             # IB did not process the request (too many messages that second): nothing about lines or the
             # contract, so no doubling backoff -- stream it again once the IB actor's pause is over
-            self._refused_until[conid] = self._clock() + PACING_RETRY_S
+            self._refused_until[conid] = self._clock() + _PACING_RETRY_S
         else:
             # not a matter of lines (no subscription, no contract, a competing session): the queue serves it,
             # and promoting it again at once would only earn the same refusal -- back off, doubling. The count
