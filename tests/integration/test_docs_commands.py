@@ -24,6 +24,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,9 @@ def _localise(command: str, root: Path, scratch: dict[str, Path]) -> str:
         command += " --duration 1"
     if demo_run and "--data-dir" not in command:
         command += f" --data-dir {scratch.setdefault(f'unnamed-{len(scratch)}', root / f'scratch-{len(scratch)}')}"
+    # a period shown as a day of its own (the day the page was written): the day the demo recorded, today (UTC)
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
+    command = re.sub(r"(--(?:since|until) )\d{4}-\d{2}-\d{2}T", lambda m: f"{m.group(1)}{today}T", command)
     return command.replace("/tmp/auditor/", f"{root / 'auditor'}/")
 
 
