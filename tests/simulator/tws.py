@@ -198,6 +198,9 @@ class SimConfig:
     #: Error codes sent to every new session right after its greeting (startApi), while the client is still
     #: synchronising: 1100 says TWS is cut off from IB's servers as the client connects.
     codes_at_connect: tuple[int, ...] = ()
+    #: What a snapshot requested while the farm is down (``farm_blip``) gets: "10182" (the error), "silent" (no
+    #: answer at all: a TWS that holds it for the farm) or "end" (tickSnapshotEnd with no quote). Streams get 10182.
+    farm_down_snapshots: str = "10182"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -250,6 +253,12 @@ def default_universe(n_stocks: int = 300, n_option_strikes: int = 10) -> SimConf
             )
             positions.append(SimPosition(conid=conid, position=-1.0 if right == "C" else 2.0, avg_cost=250.0))
     return SimConfig(contracts=contracts, positions=positions)
+
+
+def farm_of(sec_type: str) -> str:
+    """The market data farm that serves a contract here: US options on "usopt", everything else on "usfarm"
+    (IB names the farm in its 2103/2104 messages and says nothing of which farm serves which contract)."""
+    return "usopt" if sec_type in ("OPT", "FOP") else "usfarm"
 
 
 def _fmt(value: Any) -> str:
@@ -386,7 +395,10 @@ class TwsSimulator:
         self._portfolio: asyncio.Task[None] | None = None
         self._rng = random.Random(self.config.seed)
         self._snapshot_times: deque[float] = deque()
-        self._farm_down = False
+        #: conid -> snapshot requests answered with a quote (``snapshot_quotes``).
+        self._snapshot_quotes: Counter[int] = Counter()
+        #: Market data farms down now (``farm_blip``): a contract's farm is :func:`farm_of` it.
+        self._farms_down: set[str] = set()
         #: The security definition farm (which answers reqContractDetails) is down: requests wait for it.
         self._secdef_down = False
         self._held_details: list[tuple[_Session, list[str]]] = []
@@ -511,38 +523,47 @@ class TwsSimulator:
 
         self._call(apply)
 
-    def farm_blip(self, down_s: float | None = None) -> None:
-        """The market data farm drops: 2103, then 10182 for every stream and open snapshot (the socket stays up).
+    def farm_blip(self, down_s: float | None = None, farm: str = "usfarm") -> None:
+        """A market data farm drops: 2103, then 10182 for every stream and open snapshot of its contracts (the
+        socket stays up). The default "usfarm" serves every contract but options (:func:`farm_of`).
 
-        New market data requests are answered 10182 until the farm is back: after ``down_s`` or at
-        ``farm_ok()``, which sends 2104 (None: only ``farm_ok()``).
+        New market data requests for its contracts are answered 10182 (or as ``farm_down_snapshots`` says)
+        until the farm is back: after ``down_s`` or at ``farm_ok()``, which sends 2104 (None: only ``farm_ok()``).
         """
 
         def blip() -> None:
-            self._farm_down = True
+            self._farms_down.add(farm)
             for session in list(self._sessions):
-                session.error(-1, 2103, "Market data farm connection is broken:usfarm")
-                for req_id in [*session.streams, *session.snapshots]:
-                    session.error(req_id, 10182, "Failed to request live updates (disconnected).")
-                session.streams.clear()
-                session.snapshots.clear()
+                session.error(-1, 2103, f"Market data farm connection is broken:{farm}")
+                for requests in (session.streams, session.snapshots):
+                    for req_id, conid in list(requests.items()):
+                        if self._farm_of(conid) == farm:
+                            session.error(req_id, 10182, "Failed to request live updates (disconnected).")
+                            del requests[req_id]
             if down_s is not None:
                 assert self._loop is not None
-                self._loop.call_later(down_s, self._farm_back)
+                self._loop.call_later(down_s, self._farm_back, True, farm)
 
         self._call(blip)
 
-    def farm_ok(self, announce: bool = True) -> None:
+    def farm_ok(self, announce: bool = True, farm: str = "usfarm") -> None:
         """The farm is back: 2104 to every session (``announce=False``: silently, e.g. before a 1102)."""
-        self._call(lambda: self._farm_back(announce))
+        self._call(lambda: self._farm_back(announce, farm))
 
-    def _farm_back(self, announce: bool = True) -> None:
-        if not self._farm_down:
+    def _farm_back(self, announce: bool = True, farm: str = "usfarm") -> None:
+        if farm not in self._farms_down:
             return
-        self._farm_down = False
+        self._farms_down.discard(farm)
         if announce:
             for session in list(self._sessions):
-                session.error(-1, 2104, "Market data farm connection is OK:usfarm")
+                session.error(-1, 2104, f"Market data farm connection is OK:{farm}")
+
+    def _farm_of(self, conid: int) -> str:
+        c = self.config.contracts.get(conid)
+        return farm_of(c.sec_type if c is not None else "STK")
+
+    def _farm_down_for(self, conid: int) -> bool:
+        return bool(self._farms_down) and self._farm_of(conid) in self._farms_down
 
     def secdef_down(self) -> None:
         """The security definition farm drops: 2157 to every session; contract details wait for ``secdef_ok``.
@@ -590,6 +611,11 @@ class TwsSimulator:
             self.config.pacing_forgives_stalls = False
 
         self._call(set_limit)
+
+    def snapshot_quotes(self) -> dict[int, int]:
+        """conid -> snapshot requests answered with a quote so far."""
+        with self._lock:
+            return dict(self._snapshot_quotes)
 
     def stats(self) -> SimStats:
         def read() -> SimStats:
@@ -871,7 +897,11 @@ class TwsSimulator:
         else:
             session.streams[req_id] = conid
         self._peak_lines = max(self._peak_lines, self._lines())
-        if snapshot and conid in self._never_answer:
+        farm_down = self._farm_down_for(conid)
+        if snapshot and (conid in self._never_answer or farm_down):  # farm down: "silent" or "end"
+            if farm_down and self.config.farm_down_snapshots == "end":
+                session.send(TICK_SNAPSHOT_END, 1, req_id)
+                del session.snapshots[req_id]
             return
         session.send(TICK_REQ_PARAMS, req_id, c.min_tick, "9c0001", 3)
         if conid in self.config.unsubscribed:  # only with type 3/4 here: 1/2 were refused with 354
@@ -898,7 +928,7 @@ class TwsSimulator:
             return config.refused[conid]
         if conid in config.unsubscribed and session.market_data_type in (1, 2):
             return 354
-        if self._farm_down:
+        if self._farm_down_for(conid) and not (snapshot and config.farm_down_snapshots in ("silent", "end")):
             return 10182
         if snapshot and config.snapshot_rate_limit > 0:
             now = time.monotonic()
@@ -921,6 +951,8 @@ class TwsSimulator:
         if req_id not in session.snapshots:
             return  # cancelled (or killed) before its quote was due
         self._quote(session, req_id, c, full=True)
+        with self._lock:
+            self._snapshot_quotes[c.conid] += 1
         assert self._loop is not None
         self._loop.call_later(self.config.snapshot_end_delay_s, self._end_snapshot, session, req_id)
 
