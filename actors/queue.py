@@ -284,10 +284,11 @@ class QueueActor(EventSourcedActor[QueueState]):
     def _on_release(self, command: Release) -> QueueAck:
         reason = command.reason
         kind = reason if reason in _RELEASE_REASONS else "released"
+        not_before = self.clock() + int(command.hold_s * 1_000_000) if command.hold_s > 0 else 0
         ignored: dict[str, str] = {}
         changed = 0
         for item in self._live_items(command, ignored):
-            self._return(item, kind, reason)
+            self._return(item, kind, reason, not_before)
             changed += 1
         return QueueAck(changed=changed, ignored=ignored)
 
@@ -490,11 +491,14 @@ class QueueActor(EventSourcedActor[QueueState]):
         if waiting is not None:
             self._absorb(item, waiting.priority, waiting.due_us, waiting.reason)
 
-    def _return(self, item: QueueItem, kind: str, detail: str) -> None:
-        """A PROCESSING item goes back to waiting, or merges into the contract's waiting item."""
+    def _return(self, item: QueueItem, kind: str, detail: str, not_before_us: int = 0) -> None:
+        """A PROCESSING item goes back to waiting (claimable from ``not_before_us``, 0: at once), or merges into the
+        contract's waiting item (which keeps its own time: it was owed a refresh for another reason)."""
         waiting = self.state.waiting_item(item.conid)
         if waiting is None:
-            self.persist(ItemReleased(item_id=item.item_id, conid=item.conid, reason=kind, detail=detail))  # type: ignore[arg-type]
+            self.persist(
+                ItemReleased(item_id=item.item_id, conid=item.conid, reason=kind, detail=detail, not_before_us=not_before_us)  # type: ignore[arg-type]
+            )
         else:
             self._merge(item, waiting, f"{kind}: merged into waiting item {waiting.item_id}")
 

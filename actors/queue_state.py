@@ -398,6 +398,8 @@ class QueueState:
             case ItemReleased():
                 item = self._get(event)
                 self._leave(item)
+                if event.not_before_us:  # held back (a farm outage): waits in the delayed heap, as a retry does
+                    item.not_before_us, item.delayed = event.not_before_us, True
                 self._enter(item, PENDING)
             case ItemRequeued():
                 item = self._get(event)
@@ -426,7 +428,9 @@ class QueueState:
             item = QueueItem.from_row(row)
             state.items[item.item_id] = item
             status = item.status
-            item.delayed = status == PENDING and item.failures > 0
+            # waiting out a retry or a hold (a release's not-before time, later than its enqueue): the delayed heap
+            # moves it to the ready heap at the first claim after that time, as the live state's would
+            item.delayed = status == PENDING and (item.failures > 0 or item.not_before_us > item.enqueued_us)
             state._enter(item, status)
         return state
 

@@ -121,6 +121,9 @@ class Release(Command, tag="queue.release", frozen=True, kw_only=True, forbid_un
     item_ids: list[ItemId]
     reason: Reason = "released"
     leases: list[Micros] = []
+    #: Not claimable again for this long (s): the contract's data is away (a farm outage), and as the stalest
+    #: item it would otherwise be claimed again at once, ahead of every contract IB can serve. 0: at once.
+    hold_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 0.0
 
 
 class Cancel(Command, tag="queue.cancel", frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -252,6 +255,9 @@ class ItemReleased(Event, tag="queue.item_released", frozen=True, kw_only=True):
     reason: Literal["lease_expired", "disconnected", "restart", "released"] = "released"
     #: Free text of the Release command that caused it, if any.
     detail: Reason = ""
+    #: Claimable again from then (a Release's ``hold_s``); 0: at once. Added after version 1 was stored: an
+    #: older event decodes with 0, which is what it meant.
+    not_before_us: Micros = 0
 
 
 class ItemCancelled(Event, tag="queue.item_cancelled", frozen=True, kw_only=True):

@@ -90,6 +90,35 @@ def test_claim_order_is_staleness_then_priority_then_enqueue_time(event_log: Eve
     assert [c.conid for c in ask(ref, Claim(n=10)).items] == [3]
 
 
+def test_a_release_with_a_hold_is_claimed_only_after_it_and_a_restart_keeps_the_hold(event_log: EventLog) -> None:
+    """A farm outage's item goes back held (the worker's Release ``hold_s``): the stalest, yet not claimed again
+    before the hold ends, while the others are; the log, replayed or snapshotted, holds it back just as long."""
+    clock = Clock()
+    ref = start(event_log, clock)
+    base = clock.now
+    ask(ref, Enqueue(conid=1, due_us=base - 60 * S))  # the stalest
+    ask(ref, Enqueue(conid=2, due_us=base + 10 * S))
+    cut = ask(ref, Claim(n=1)).items[0]
+    assert cut.conid == 1
+    ack = ask(ref, Release(item_ids=[cut.item_id], reason="interrupted: 2103", leases=[cut.lease_until_us], hold_s=5.0))
+    assert ack.changed == 1
+    clock.now += 4 * S
+    assert [c.conid for c in ask(ref, Claim(n=5)).items] == [2]  # conid 1 is held
+    live = ref.proxy().state.get(timeout=5)
+    replayed = QueueState()
+    event_log.flush()
+    for stored in event_log.read(streams=["queue"]):
+        replayed.apply(stored.event)
+    assert replayed.dump() == live.dump()
+    released = [s.event for s in event_log.read(streams=["queue"], types=["queue.item_released"])]
+    assert [(e.not_before_us, e.detail) for e in released] == [(base + 5 * S, "interrupted: 2103")]
+    for state in (replayed, QueueState.load(live.dump())):  # recovered from the log, or from a snapshot
+        assert state.take_ready(clock.now, 5) == []
+        assert [it.conid for it in state.take_ready(base + 5 * S, 5)] == [1]
+    clock.now = base + 5 * S
+    assert [c.conid for c in ask(ref, Claim(n=5)).items] == [1]
+
+
 def test_a_coalesced_enqueue_keeps_the_earlier_due_time_and_idle_only_enqueues_skip_busy_contracts(
     event_log: EventLog,
 ) -> None:
