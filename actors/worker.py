@@ -19,11 +19,16 @@ How a snapshot ended decides the acknowledgement:
 
 * a quote -> Succeed;
 * disconnect, reset, farm blip (DATA_INTERRUPTED), 101, 321 -> Release:
-  not the contract's fault, no attempt counted (a farm blip, a competing
-  session or a 101 also pauses new snapshots, 0.5 s doubling to 8 s, and
-  sends one at a time until a quote comes through or IB reports the
-  connection back; 321 halves the rate; while the socket is down nothing is
-  claimed at all);
+  not the contract's fault, no attempt counted (a competing session or a
+  101 also pauses new snapshots, 0.5 s doubling to 8 s, and sends one at a
+  time until a quote comes through or IB reports the connection back; so
+  does a farm blip when no quote came through for 2 s, i.e. IB's data is
+  away for every contract; 321 halves the rate; while the socket is down
+  nothing is claimed at all). A farm blip's item goes back *held*: not
+  claimable for 2 s, doubling to 60 s while its contract's snapshots keep
+  being cut, so one farm down (its contracts silent or cut) does not put
+  its contracts, still the stalest, back in front of every contract IB can
+  serve;
 * no subscription even for delayed data, no such contract -> Fail(terminal):
   dead-lettered at once, never a retry storm;
 * anything else (no data, timeout) -> Fail: retried with backoff.
@@ -95,6 +100,17 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     interrupted_pause_s: float = 0.5
     #: ...up to this; the first quote that comes through ends the pause.
     interrupted_pause_max_s: float = 8.0
+    #: A snapshot cut by a farm blip, or silent while a farm is down, goes back to the queue held this long before
+    #: it can be claimed again, doubling while its contract's snapshots keep coming back so: the contract's farm
+    #: may be the one that is down, and its item, still the stalest, would otherwise be claimed again at once,
+    #: ahead of every contract IB can serve (one snapshot at a time while the worker pauses)...
+    interrupted_hold_s: float = 2.0
+    #: ...up to this (how late, at most, such a contract is asked again after its farm is back).
+    interrupted_hold_max_s: float = 60.0
+    #: Interrupted snapshots pause the worker only when no snapshot got a quote for this long: IB's data is then
+    #: away for every contract. One farm down leaves the others' quotes coming, and a pause there would have
+    #: the worker probe the down farm's contracts one at a time while the rest went stale.
+    interrupted_quiet_s: float = 2.0
     #: Wait until this many snapshots can go out together (never more than the bucket holds: a second's worth).
     #: 1, the runtime's: each snapshot leaves the moment its token is there. The what-if replay may set more
     #: (``--step``): the same decisions a few at a time, each snapshot up to ``(batch - 1) / rate`` s later.
@@ -250,6 +266,10 @@ class QueueWorker(pykka.ThreadingActor):
         #: While IB's data farm is away every snapshot comes back interrupted: no point asking at full rate.
         self._pause_s = 0.0
         self._paused_until = 0.0
+        #: conid -> the hold its last interrupted snapshot went back with (s); forgotten at its next quote.
+        self._holds: dict[int, float] = {}
+        #: When the last snapshot got a quote (the clock's time).
+        self._quoted_at = float("-inf")
         self.cycles = 0
         self.succeeded = 0
         self.failed = 0
@@ -411,6 +431,9 @@ class QueueWorker(pykka.ThreadingActor):
             self._tell(self.queue, Succeed(item_ids=[item.item_id], leases=[item.lease_until_us]))
             self._report(line, item.conid, "ok", update=update)
             self._pause_s = 0.0
+            self._quoted_at = now
+            if self._holds:
+                self._holds.pop(item.conid, None)
         else:
             failure = (
                 result.failures[0]
@@ -427,13 +450,14 @@ class QueueWorker(pykka.ThreadingActor):
             if outcome == "rate_limited":
                 self.bucket.slow_down(now, self.settings.rate_limit_hold_s)
                 logger.warning("worker: IB limits snapshots ({}); rate now {:.1f}/s", failure.code, self.bucket.rate)
-            elif failure.kind in _PAUSING_KINDS and now >= self._paused_until:
+            elif failure.kind in _PAUSING_KINDS and now >= self._paused_until and self._all_away(failure, now):
                 # a farm blip (the socket stays up, so no connection state stops the claims): the first cut, or
                 # the one probe after a pause, backs off further; the others cut at the same moment say nothing new
                 s = self.settings
                 self._pause_s = min(s.interrupted_pause_max_s, max(s.interrupted_pause_s, 2 * self._pause_s))
                 self._paused_until = now + self._pause_s
-            self._release([item], f"{outcome}: {failure.code}")
+            hold_s = self._hold(item.conid) if failure.kind is IbErrorKind.DATA_INTERRUPTED else 0.0
+            self._release([item], f"{outcome}: {failure.code}", hold_s)
             self._report(line, item.conid, outcome, error=error)
             return
         terminal = failure.kind in TERMINAL_KINDS
@@ -459,13 +483,31 @@ class QueueWorker(pykka.ThreadingActor):
         if lines:
             self._tell(self.router, ReleaseLines(line_ids=[line.line_id for line in lines]))
 
-    def _release(self, items: list[ClaimedItem], reason: str) -> None:
+    def _all_away(self, failure: SnapshotFailed, now: float) -> bool:
+        """Whether an answer that pauses the worker says so for every contract: a competing session (10197) and no
+        line at IB (101) do; an interruption only when no quote came through lately (one farm down is not all)."""
+        return failure.kind is not IbErrorKind.DATA_INTERRUPTED or now - self._quoted_at >= self.settings.interrupted_quiet_s
+
+    def _hold(self, conid: int) -> float:
+        """How long the item of ``conid``, cut by a farm outage, waits before it is claimable again (see
+        ``WorkerSettings.interrupted_hold_s``): doubled since its last quote, so a contract whose farm stays
+        down costs a line ever more rarely, and a contract cut once by a blip is asked again soon."""
+        s = self.settings
+        hold = self._holds[conid] = min(s.interrupted_hold_max_s, 2 * self._holds.get(conid, s.interrupted_hold_s / 2))
+        return hold
+
+    def _release(self, items: list[ClaimedItem], reason: str, hold_s: float = 0.0) -> None:
         if not items:
             return
         self.released += len(items)
         self._tell(
             self.queue,
-            Release(item_ids=[i.item_id for i in items], reason=reason[:200], leases=[i.lease_until_us for i in items]),
+            Release(
+                item_ids=[i.item_id for i in items],
+                reason=reason[:200],
+                leases=[i.lease_until_us for i in items],
+                hold_s=hold_s,
+            ),
         )
 
     def _tell(self, ref: pykka.ActorRef[Any], message: Any) -> None:

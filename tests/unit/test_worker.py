@@ -41,7 +41,7 @@ from events.ib import (
     SnapshotFailed,
     SnapshotResult,
 )
-from events.queue import Claim, Claimed, ClaimedItem, Enqueue, EnqueueMany, QueueStats, QueueStatsReply
+from events.queue import Claim, Claimed, ClaimedItem, Enqueue, EnqueueMany, QueueStats, QueueStatsReply, Release
 from events.router import AcquireLines, LineGrant, LinesGranted, ReleaseLines, SnapshotDone
 from storage.event_log import EventLog
 from storage.reader import StoredEvent
@@ -432,6 +432,7 @@ class StubPeers:
         self.lent = 0
         self.borrows: list[int] = []  # AcquireLines.n, in order
         self.snapshots: list[tuple[Any, Any]] = []  # (reply, answer) of each snapshot sent, unanswered
+        self.released: list[Release] = []
         self._next = 1
 
     def ask_then(self, command: Any, reply: Any, answer: Any) -> None:
@@ -458,6 +459,8 @@ class StubPeers:
             self.lent -= 1
         elif isinstance(message, ReleaseLines):
             self.lent -= len(message.line_ids)
+        elif isinstance(message, Release):
+            self.released.append(message)
 
 
 def _batch_worker(peers: StubPeers, clock: Clock, **settings: Any) -> QueueWorker:
@@ -532,3 +535,63 @@ def test_after_a_farm_blip_one_snapshot_probes_with_one_token() -> None:
     clock.now += 0.6  # past the pause, six tokens: one probe, not a wait for ten
     worker._pump()
     assert peers.borrows[borrowed:] == [1]
+
+
+def _cut(peers: StubPeers, index: int = 0, code: int = 10182) -> None:
+    """An open snapshot comes back cut by a farm outage (10182, or a 2103 TWS held silent)."""
+    reply, answer = peers.snapshots.pop(index)
+    reply.value = SnapshotResult(failures=[SnapshotFailed(conid=answer.item.conid, kind=IbErrorKind.DATA_INTERRUPTED, code=code)])
+    answer.step(answer)
+
+
+def test_a_cut_snapshot_goes_back_held_longer_each_time_until_its_contract_quotes() -> None:
+    """Its farm may be the one that is down: claimed again at once, it would go before every contract IB can serve."""
+    clock, peers, worker = _stub_rig(lines=1, items=1)  # one contract, claimed again and again
+    holds = []
+    for answer in ("cut", "cut", "cut", "quote", "cut"):
+        clock.now += 10.0  # past any pause
+        worker._pump()
+        assert len(peers.snapshots) == 1
+        if answer == "cut":
+            _cut(peers, code=2103)
+            holds.append(peers.released[-1].hold_s)
+        else:
+            _quote_the_first(peers)
+    assert holds == [2.0, 4.0, 8.0, 2.0]  # doubled while cut, back to the start after a quote
+    assert {r.reason for r in peers.released} == {"interrupted: 2103"}
+    assert all(r.item_ids for r in peers.released)
+
+
+def test_a_cut_while_other_contracts_quote_does_not_pause_the_worker() -> None:
+    """One farm down (the others quote) is not IB's data away for everyone: no pause, no one-at-a-time probing,
+    which would serve the down farm's contracts, held or not, before the rest."""
+    clock, peers, worker = _stub_rig(lines=50, items=10)
+    clock.now += 1.0
+    worker._pump()
+    assert len(peers.snapshots) == 10
+    _quote_the_first(peers)
+    clock.now += 0.5
+    while peers.snapshots:
+        _cut(peers)
+    borrowed = len(peers.borrows)
+    clock.now += 0.6
+    worker._pump()
+    assert peers.borrows[borrowed:] == [6]  # the six tokens there, at once
+
+
+def test_cuts_with_no_quote_for_a_while_pause_the_worker() -> None:
+    """Every contract cut, nothing quoted for 2 s: IB's data is away (a blip of every farm), so the worker pauses."""
+    clock, peers, worker = _stub_rig(lines=50, items=10)
+    clock.now += 1.0
+    worker._pump()
+    _quote_the_first(peers)
+    clock.now += 2.0
+    while peers.snapshots:
+        _cut(peers)
+    borrowed = len(peers.borrows)
+    clock.now += 0.3  # within the first pause (0.5 s)
+    worker._pump()
+    assert peers.borrows[borrowed:] == []
+    clock.now += 0.3
+    worker._pump()
+    assert peers.borrows[borrowed:] == [1]  # one probe
