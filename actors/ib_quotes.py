@@ -225,3 +225,6 @@ class Batch:
     requests: list[MdRequest] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
     replied: bool = False
+    #: Why IB's data was down at some moment of this batch's life (code, text), if it was: a farm (2103) or
+    #: TWS's link to IB's data server (2110). A request it held may time out after the farm is back.
+    outage: tuple[int, str] | None = None

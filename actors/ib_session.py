@@ -120,6 +120,19 @@ class Unresolved(Enum):
     NO_ANSWER = "no answer"
 
 
+#: The name under which TWS's link to IB's data server (2110) is kept with the farms that are down.
+_TWS_SERVER = "TWS-server"
+
+
+def _farm_name(text: str) -> str:
+    """The farm a farm status message names: after the colon of 2103/2104 ("... is broken:usfarm.nj"), after the
+    period of 2108 ("... available upon demand.usfarm.nj"); farm names hold periods themselves."""
+    if ":" in text:
+        return text.rpartition(":")[2].strip()
+    _, sep, name = text.partition("upon demand.")
+    return name.strip() if sep else text
+
+
 class IbSession:
     """ib_insync's IB plus our streams, snapshots, contract cache, pacing and reconnects."""
 
@@ -171,6 +184,13 @@ class IbSession:
         self._resubscribe_on_restore = False
         #: An 1101 came while connecting: the account data is asked for again once the connect is complete.
         self._resubmit_after_connect = False
+        #: What IB reported broken and not yet back, name -> code: market data farms (2103 ...:usfarm) and TWS's
+        #: link to IB's data server (2110). A snapshot that gets no price meanwhile is their silence, not the
+        #: contract's.
+        self._data_down: dict[str, int] = {}
+        #: When ``_data_down`` last became non-empty (the loop's clock), and whether a snapshot got a price since.
+        self._down_since = 0.0
+        self._priced_while_down = False
         self._want_connected = False
         self._runner: asyncio.Task[None] | None = None
         self._down = asyncio.Event()
@@ -253,6 +273,7 @@ class IbSession:
             self._api_error = ""
             self._ib_reachable = True
             self._resubscribe_on_restore = self._resubmit_after_connect = False
+            self._data_down.clear()  # a session hears of its farms afresh (2104/2103 after startApi)
             try:
                 await self.ib.connectAsync(
                     s.host, s.port, s.client_id, timeout=s.connect_timeout_s, readonly=s.readonly, account=s.account
@@ -719,7 +740,7 @@ class IbSession:
     # ------------------------------------------------------------- snapshots
     def snapshot(self, conids: list[int], timeout_s: float, reply: pykka.Future[Any]) -> None:
         unique = list(dict.fromkeys(conids))
-        batch = Batch(conids=unique, reply=reply)
+        batch = Batch(conids=unique, reply=reply, outage=self._data_down_cause() if self._excuses_silence() else None)
         if not self.connected:
             for conid in unique:
                 batch.failures[conid] = SnapshotFailed(
@@ -794,6 +815,9 @@ class IbSession:
         if not req.answered and ticker is not None:
             if any_price(ticker):
                 answer = to_update(req.conid, ticker, "queue")
+            elif req.batch is not None and req.batch.outage is not None:  # the farm's silence (see _expire)
+                code, text = req.batch.outage
+                answer = SnapshotFailed(conid=req.conid, kind=IbErrorKind.DATA_INTERRUPTED, code=code, message=text)
             else:
                 answer = SnapshotFailed(conid=req.conid, kind=IbErrorKind.NO_DATA, message="snapshot ended without prices")
         self._drop_request(req, send_cancel=False)  # IB ended it: the line is free (before the reply says so)
@@ -802,6 +826,9 @@ class IbSession:
 
     def _answer(self, req: MdRequest, answer: MarketUpdate | SnapshotFailed) -> None:
         req.answered = True
+        if self._data_down and isinstance(answer, MarketUpdate):
+            self._priced_while_down = True
+            self._data_down.pop(_TWS_SERVER, None)  # a price came through: TWS reaches IB's data server again
         batch = req.batch
         if batch is None or batch.replied:
             return
@@ -850,7 +877,13 @@ class IbSession:
         self._close_batch_requests(batch, send_cancel=True)  # cancels in the pacer before the reply leaves
         for req, update in late:
             self._answer(req, update)
-        self._fail_open(batch, IbErrorKind.TIMEOUT, None, "no complete quote within the timeout")
+        if batch.outage is not None:
+            # A TWS may hold requests while a farm is down rather than answer 10182, and serve them or not once it
+            # is back: the silence is the farm's, so back to the queue without an attempt (and the worker pauses),
+            # not the contract's failure.
+            self._fail_open(batch, IbErrorKind.DATA_INTERRUPTED, *batch.outage)
+        else:
+            self._fail_open(batch, IbErrorKind.TIMEOUT, None, "no complete quote within the timeout")
         self._finish(batch)
 
     def _fail_open(self, batch: Batch, kind: IbErrorKind, code: int | None, message: str) -> None:
@@ -880,6 +913,7 @@ class IbSession:
         conid = req.conid if req is not None else (contract.conId if contract is not None and contract.conId else None)
         if code in DATA_BACK_CODES:
             self._data_back()
+        self._note_data_down(code, text)
         if code == 300 and req_id in self._cancels_300_expected:
             logger.debug("IB: cancel of {} met no request there, as expected ({})", req_id, text)
             return
@@ -929,6 +963,44 @@ class IbSession:
                 self._cancels_300_expected.add(req.req_id)
             if refused:
                 self._ended(req.conid, "refused", code)  # after the IbError above; ends a pending cancel too
+
+    def _note_data_down(self, code: int, text: str) -> None:
+        """Keep what IB says is broken until it says it is back (tws-api/message_codes.html).
+
+        A market data farm (2103, named as :func:`_farm_name` reads it) until 2104 "OK" or 2108 "inactive but
+        should be available upon demand" for it; TWS's link to IB's data server (2110 "broken. It will be
+        restored automatically") until 2104 for any farm (it comes back through them) or a price (see
+        ``_answer``). 1101/1102 (IB's servers back) and a new session clear everything: IB reports its farms
+        afresh. A snapshot batch asked for, or open, while something is down keeps the cause (``Batch.outage``):
+        a request TWS held may still time out after the farm is back.
+        """
+        if code in (2103, 2110):
+            if not self._data_down:
+                self._down_since, self._priced_while_down = self._loop.time(), False
+            self._data_down[_TWS_SERVER if code == 2110 else _farm_name(text)] = code
+            if self._excuses_silence():
+                cause = self._data_down_cause()
+                for batch in self._batches:  # open now: whatever they get no price for is the outage's too
+                    batch.outage = cause
+        elif code in (2104, 2108):
+            self._data_down.pop(_farm_name(text), None)
+            if code == 2104:
+                self._data_down.pop(_TWS_SERVER, None)
+        elif code in (1101, 1102):
+            self._data_down.clear()
+
+    def _excuses_silence(self) -> bool:
+        """Whether a snapshot asked for now that gets no price is the outage's (see ``IbSettings.outage_excuse_s``)."""
+        if not self._data_down:
+            return False
+        return not (self._priced_while_down and self._loop.time() - self._down_since > self.settings.outage_excuse_s)
+
+    def _data_down_cause(self) -> tuple[int, str]:
+        """The code and text a snapshot without a price gets while something is down."""
+        names = sorted(self._data_down)
+        code = self._data_down[names[0]] if len(names) == 1 else 2103
+        what = ", ".join("TWS's link to IB's data server" if n == _TWS_SERVER else f"market data farm {n}" for n in names)
+        return code, f"no quote while {what} is down"
 
     def _paced_out(self, req_id: int, req: MdRequest | None) -> None:
         """IB refused a message past its rate (100), taken as not processed: pause the pacer, resend a cancel.

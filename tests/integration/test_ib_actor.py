@@ -402,6 +402,85 @@ def test_1102_brings_back_streams_a_blip_killed(connect_ib: Start, sim: TwsSimul
     assert not inbox.messages(StreamEnded)
 
 
+@pytest.mark.parametrize("answer", ["silent", "end"])
+def test_a_snapshot_without_data_while_the_farm_is_down_is_interrupted_not_failed(
+    connect_ib: Start, sim: TwsSimulator, answer: str
+) -> None:
+    """A TWS that, while its market data farm is down, holds snapshot requests or ends them without a quote.
+
+    The missing quote is then the farm's, not the contract's: DATA_INTERRUPTED (back to the queue without an
+    attempt, and the worker pauses), not TIMEOUT or NO_DATA (an attempt each, and after a few a dead letter).
+    """
+    sim.configure(farm_down_snapshots=answer)
+    ref, inbox = connect_ib()
+    sim.farm_blip(None)
+    inbox.wait_for(lambda m: isinstance(m, IbError) and m.code == 2103)
+    result = ask(ref, Snapshot(conids=[1001], timeout_s=0.3))
+    assert [(f.conid, f.kind, f.code) for f in result.failures] == [(1001, IbErrorKind.DATA_INTERRUPTED, 2103)]
+    sim.farm_ok()  # its 2104 reaches the actor before the answer to the next request
+    assert ask(ref, Snapshot(conids=[1001], timeout_s=5)).updates[0].conid == 1001
+    sim.set_never_answer(1002)
+    result = ask(ref, Snapshot(conids=[1002], timeout_s=0.3))  # the farm is up: silence is the contract's now
+    assert [(f.conid, f.kind) for f in result.failures] == [(1002, IbErrorKind.TIMEOUT)]
+
+
+def test_a_snapshot_unanswered_while_tws_is_cut_off_from_the_data_server_is_interrupted(
+    connect_ib: Start, sim: TwsSimulator
+) -> None:
+    """2110 "Connectivity between TWS and server is broken. It will be restored automatically": until a price
+    comes through again (or 2104, 1101, 1102), a snapshot that gets none is the outage's, not the contract's."""
+    ref, inbox = connect_ib()
+    sim.set_never_answer(1001)
+    sim.send_error(2110, "Connectivity between Trader Workstation and server is broken. It will be restored automatically.")
+    inbox.wait_for(lambda m: isinstance(m, IbError) and m.code == 2110)
+    result = ask(ref, Snapshot(conids=[1001], timeout_s=0.3))
+    assert [(f.conid, f.kind, f.code) for f in result.failures] == [(1001, IbErrorKind.DATA_INTERRUPTED, 2110)]
+    assert ask(ref, Snapshot(conids=[1002], timeout_s=5)).updates[0].conid == 1002  # a price: the link is back
+    result = ask(ref, Snapshot(conids=[1001], timeout_s=0.3))
+    assert [(f.conid, f.kind) for f in result.failures] == [(1001, IbErrorKind.TIMEOUT)]
+
+
+def test_a_snapshot_open_when_the_farm_goes_down_and_never_answered_is_interrupted(
+    connect_ib: Start, sim: TwsSimulator
+) -> None:
+    """Asked before the 2103, held silently after it (and maybe past the 2104): still the farm's silence."""
+    ref, inbox = connect_ib()
+    sim.set_never_answer(1001)
+    pending = ask_async(ref, Snapshot(conids=[1001], timeout_s=1.0))
+    wait_until(lambda: sim.stats().open_snapshots == 1)
+    sim.send_error(2103, "Market data farm connection is broken:usfarm")
+    inbox.wait_for(lambda m: isinstance(m, IbError) and m.code == 2103)
+    sim.send_error(2104, "Market data farm connection is OK:usfarm")  # back before the timeout
+    result = pending.get(timeout=10)
+    assert [(f.conid, f.kind, f.code) for f in result.failures] == [(1001, IbErrorKind.DATA_INTERRUPTED, 2103)]
+    result = ask(ref, Snapshot(conids=[1001], timeout_s=0.3))  # asked with the farm up: the contract's silence
+    assert [(f.conid, f.kind) for f in result.failures] == [(1001, IbErrorKind.TIMEOUT)]
+
+
+def test_a_2108_for_the_farm_ends_its_outage_though_it_names_the_farm_after_a_period(
+    connect_ib: Start, sim: TwsSimulator
+) -> None:
+    """IB's 2108 reads "... should be available upon demand.usfarm.nj" (the farm after a period, and farm names
+    hold periods): it says the farm is usable, so a silent snapshot after it is the contract's own again."""
+    ref, inbox = connect_ib()
+    sim.set_never_answer(1001)
+    sim.send_error(2103, "Market data farm connection is broken:usfarm.nj")
+    inbox.wait_for(lambda m: isinstance(m, IbError) and m.code == 2103)
+    result = ask(ref, Snapshot(conids=[1001], timeout_s=0.3))
+    assert [(f.kind, f.code) for f in result.failures] == [(IbErrorKind.DATA_INTERRUPTED, 2103)]
+    assert "usfarm.nj" in result.failures[0].message
+    sim.send_error(2108, "Market data farm connection is inactive but should be available upon demand.usfarm.nj")
+    sim.send_error(2103, "Market data farm connection is broken:eufarm")  # a marker: the 2108 came before it
+    inbox.wait_for(lambda m: isinstance(m, IbError) and m.code == 2103 and "eufarm" in m.message)
+    result = ask(ref, Snapshot(conids=[1001], timeout_s=0.3))
+    assert [(f.kind, f.code) for f in result.failures] == [(IbErrorKind.DATA_INTERRUPTED, 2103)]
+    assert "usfarm.nj" not in result.failures[0].message  # only eufarm is down now
+    sim.send_error(2104, "Market data farm connection is OK:eufarm")
+    assert ask(ref, Snapshot(conids=[1002], timeout_s=5)).updates  # 2104s are quiet: a request behind it
+    result = ask(ref, Snapshot(conids=[1001], timeout_s=0.3))
+    assert [(f.kind, f.code) for f in result.failures] == [(IbErrorKind.TIMEOUT, None)]
+
+
 def test_1101_while_connecting_does_not_stall_the_connect(sim: TwsSimulator, caplog: pytest.LogCaptureFixture) -> None:
     """1101 asks for the account data again; during connectAsync's own synchronisation a second reqPositions
     would replace the request connectAsync waits for (ib_insync keys it 'positions'), and the connect would
@@ -419,3 +498,23 @@ def test_1101_while_connecting_does_not_stall_the_connect(sim: TwsSimulator, cap
     wait_until(lambda: sim.stats().by_msg_id.get(61, 0) >= 2)  # reqPositions: connectAsync's, then ours
     wait_until(lambda: sim.stats().by_msg_id.get(6, 0) >= 2)  # reqAccountUpdates: the same
     assert sim.stats().connections == 1
+
+
+
+def test_an_old_outage_with_prices_coming_through_no_longer_excuses_a_silent_contract(
+    connect_ib: Start, sim: TwsSimulator
+) -> None:
+    """A farm reported broken long ago, while other contracts' prices come through, is not this contract's farm:
+    its silence is its own again (TIMEOUT: an attempt, backing off to a dead letter), not an interruption that
+    would put it back at the head of the queue at once, forever."""
+    ref, inbox = connect_ib(outage_excuse_s=1.0)
+    sim.set_never_answer(1001)
+    open_at_outage = ask_async(ref, Snapshot(conids=[1001], timeout_s=3.0))
+    wait_until(lambda: sim.stats().open_snapshots == 1)
+    sim.send_error(2103, "Market data farm connection is broken:eufarm")  # usfarm still serves
+    inbox.wait_for(lambda m: isinstance(m, IbError) and m.code == 2103)
+    assert ask(ref, Snapshot(conids=[1002], timeout_s=5)).updates[0].conid == 1002  # a price all the same
+    result = open_at_outage.get(timeout=10)  # 3 s after it was asked: the outage is older than 1 s now
+    assert [(f.kind, f.code) for f in result.failures] == [(IbErrorKind.DATA_INTERRUPTED, 2103)]  # young outage
+    result = ask(ref, Snapshot(conids=[1001], timeout_s=0.3))
+    assert [(f.conid, f.kind) for f in result.failures] == [(1001, IbErrorKind.TIMEOUT)]
