@@ -89,6 +89,7 @@ from actors.ib_quotes import (
 from events.base import Message
 from events.ib import (
     IB_NOT_CONNECTED,
+    MARKET_DATA_FARM_BACK_CODES,
     ConnectionState,
     ConnectionStateChanged,
     DataType,
@@ -913,6 +914,7 @@ class IbSession:
         conid = req.conid if req is not None else (contract.conId if contract is not None and contract.conId else None)
         if code in DATA_BACK_CODES:
             self._data_back()
+        back = code in MARKET_DATA_FARM_BACK_CODES and self._was_down(code, text)
         self._note_data_down(code, text)
         if code == 300 and req_id in self._cancels_300_expected:
             logger.debug("IB: cancel of {} met no request there, as expected ({})", req_id, text)
@@ -921,6 +923,8 @@ class IbSession:
             self._paced_out(req_id, req)
         if code in QUIET_CODES or (kind == IbErrorKind.INFO and code not in NOTICE_CODES):
             logger.debug("IB info {} (req {}): {}", code, req_id, text)
+            if back:  # the worker lifts the holds of snapshots the outage cut
+                self._publish(IbError(code=code, kind=kind, req_id=req_id, message=text))
             return
         logger.warning("IB error {} {} (req {}, conid {}): {}", code, kind, req_id, conid, text)
         self._publish(IbError(code=code, kind=kind, req_id=req_id, conid=conid, message=text))
@@ -988,6 +992,10 @@ class IbSession:
                 self._data_down.pop(_TWS_SERVER, None)
         elif code in (1101, 1102):
             self._data_down.clear()
+
+    def _was_down(self, code: int, text: str) -> bool:
+        """Whether this farm note (2104, 2108) ends an outage IB reported: not the 2104s of every connect."""
+        return _farm_name(text) in self._data_down or (code == 2104 and _TWS_SERVER in self._data_down)
 
     def _excuses_silence(self) -> bool:
         """Whether a snapshot asked for now that gets no price is the outage's (see ``IbSettings.outage_excuse_s``)."""

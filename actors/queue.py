@@ -83,11 +83,13 @@ from events.queue import (
     ItemClaimed,
     ItemDeadLettered,
     ItemEnqueued,
+    ItemHoldLifted,
     ItemReleased,
     ItemReprioritized,
     ItemRequeued,
     ItemRetryScheduled,
     ItemSucceeded,
+    LiftHolds,
     QueueAck,
     QueueStats,
     QueueStatsReply,
@@ -128,11 +130,11 @@ class QueueActor(EventSourcedActor[QueueState]):
     """Owns the refresh queue; stream ``queue``.
 
     Handles (asked, in a Request): Enqueue, EnqueueMany, Succeed, Fail,
-    Release, Cancel, Requeue, ExpireLeases -> QueueAck; Claim -> Claimed;
+    Release, LiftHolds, Cancel, Requeue, ExpireLeases -> QueueAck; Claim -> Claimed;
     QueueStats -> QueueStatsReply. Told: the same commands (a refusal is
     logged), and the registry's ContractActivated (cancels the contract's items).
     Emits (stored): ItemEnqueued, ItemReprioritized, ItemClaimed, ItemSucceeded,
-    ItemRetryScheduled, ItemDeadLettered, ItemReleased, ItemCancelled, ItemRequeued.
+    ItemRetryScheduled, ItemDeadLettered, ItemReleased, ItemHoldLifted, ItemCancelled, ItemRequeued.
     Proxy queries: ``stats()``, ``summary(items)``.
     """
 
@@ -289,6 +291,26 @@ class QueueActor(EventSourcedActor[QueueState]):
         changed = 0
         for item in self._live_items(command, ignored):
             self._return(item, kind, reason, not_before)
+            changed += 1
+        return QueueAck(changed=changed, ignored=ignored)
+
+    def _on_lift_holds(self, command: LiftHolds) -> QueueAck:
+        """Each named contract's waiting item, if it waits out a hold (not yet over), is claimable from now on.
+
+        A hold's delay and a retry's backoff look alike in the state (a not-before time in the future): the
+        worker names only contracts whose last snapshot was cut, not failed, so a delay it lifts is a hold.
+        """
+        now, state = self.clock(), self.state
+        ignored: dict[str, str] = {}
+        changed = 0
+        for conid in command.conids:
+            waiting = state.waiting_item(conid)
+            if waiting is None or not waiting.delayed or waiting.not_before_us <= now:
+                ignored[str(conid)] = "no held item"
+                continue
+            self.persist(
+                ItemHoldLifted(item_id=waiting.item_id, conid=conid, not_before_us=now, reason=command.reason)
+            )
             changed += 1
         return QueueAck(changed=changed, ignored=ignored)
 
@@ -575,6 +597,7 @@ _HANDLERS: dict[type, Callable[[QueueActor, Any], Any]] = {
     Succeed: QueueActor._on_succeed,
     Fail: QueueActor._on_fail,
     Release: QueueActor._on_release,
+    LiftHolds: QueueActor._on_lift_holds,
     Cancel: QueueActor._on_cancel,
     Requeue: QueueActor._on_requeue,
     ExpireLeases: QueueActor._on_expire_leases,

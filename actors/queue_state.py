@@ -49,6 +49,7 @@ from events.queue import (
     ItemClaimed,
     ItemDeadLettered,
     ItemEnqueued,
+    ItemHoldLifted,
     ItemReleased,
     ItemReprioritized,
     ItemRequeued,
@@ -400,6 +401,13 @@ class QueueState:
                 self._leave(item)
                 if event.not_before_us:  # held back (a farm outage): waits in the delayed heap, as a retry does
                     item.not_before_us, item.delayed = event.not_before_us, True
+                self._enter(item, PENDING)
+            case ItemHoldLifted():
+                item = self._get(event)
+                if item.status != PENDING:
+                    raise QueueStateError(f"hold lifted from item {item.item_id}, which is {item.status}, not waiting")
+                self._leave(item)
+                item.not_before_us = event.not_before_us  # still delayed: the delayed heap hands it over at once
                 self._enter(item, PENDING)
             case ItemRequeued():
                 item = self._get(event)

@@ -28,7 +28,8 @@ How a snapshot ended decides the acknowledgement:
   claimable for 2 s, doubling to 60 s while its contract's snapshots keep
   being cut, so one farm down (its contracts silent or cut) does not put
   its contracts, still the stalest, back in front of every contract IB can
-  serve;
+  serve; IB's "farm OK" (2104, 2108) or a connection restored lifts every
+  hold at once;
 * no subscription even for delayed data, no such contract -> Fail(terminal):
   dead-lettered at once, never a retry storm;
 * anything else (no data, timeout) -> Fail: retried with backoff.
@@ -36,9 +37,10 @@ How a snapshot ended decides the acknowledgement:
 The worker never blocks its own thread on IB, the queue or the router: each
 step is an ``ask_async`` whose answer comes back as a message.
 
-Handles: Wake (timer), ConnectionStateChanged (from IB), WorkerStatus (ask).
+Handles: Wake (timer), ConnectionStateChanged and IbError 2104/2108 (a
+farm back: holds are lifted) from IB, WorkerStatus (ask).
 Emits: AcquireLines / ReleaseLines / SnapshotDone to the router; Claim /
-Succeed / Fail / Release to the queue; Snapshot to IB;
+Succeed / Fail / Release / LiftHolds to the queue; Snapshot to IB;
 MarketUpdate(source="queue") to the handlers.
 """
 
@@ -59,14 +61,16 @@ from actors.messaging import ReplyFuture, Request, ask_async
 from events.base import Command, Reply
 from events.ib import (
     DATA_FLOWS,
+    MARKET_DATA_FARM_BACK_CODES,
     TERMINAL_KINDS,
     ConnectionStateChanged,
+    IbError,
     IbErrorKind,
     Snapshot,
     SnapshotFailed,
     SnapshotResult,
 )
-from events.queue import Claim, ClaimedItem, Fail, Release, Succeed
+from events.queue import Claim, ClaimedItem, Fail, LiftHolds, Release, Succeed
 from events.router import AcquireLines, LineGrant, ReleaseLines, SnapshotDone, SnapshotOutcome
 
 __all__ = ["QueueWorker", "TokenBucket", "Wake", "WorkerSettings", "WorkerStatus", "WorkerStatusReply"]
@@ -311,7 +315,11 @@ class QueueWorker(pykka.ThreadingActor):
                     logger.warning("worker: IB disconnected ({}); open snapshots come back without an attempt", state)
                 if self.connected:
                     self._pause_s = self._paused_until = 0.0  # IB says data flows again
+                    self._lift_holds()
                     self._pump()
+            case IbError(code=code) if code in MARKET_DATA_FARM_BACK_CODES:
+                self._lift_holds()  # a farm is back, perhaps the one that cut them: no need to wait out the holds
+                self._pump()
             case _:
                 pass
         return None
@@ -462,6 +470,8 @@ class QueueWorker(pykka.ThreadingActor):
             return
         terminal = failure.kind in TERMINAL_KINDS
         self.failed += 1
+        if self._holds:  # its own failure: the item's delay is a retry's backoff now, not a hold to lift
+            self._holds.pop(item.conid, None)
         self._tell(
             self.queue,
             Fail(
@@ -487,6 +497,15 @@ class QueueWorker(pykka.ThreadingActor):
         """Whether an answer that pauses the worker says so for every contract: a competing session (10197) and no
         line at IB (101) do; an interruption only when no quote came through lately (one farm down is not all)."""
         return failure.kind is not IbErrorKind.DATA_INTERRUPTED or now - self._quoted_at >= self.settings.interrupted_quiet_s
+
+    def _lift_holds(self) -> None:
+        """IB says data is back: the items held since a farm outage cut their snapshots may be claimed now, and a
+        contract cut again starts over at the first hold. Which farm serves which contract IB does not say, so
+        every hold is lifted; a contract whose farm is still down is cut and held again."""
+        if self._holds:
+            conids = sorted(self._holds)
+            self._holds.clear()
+            self._tell(self.queue, LiftHolds(conids=conids))
 
     def _hold(self, conid: int) -> float:
         """How long the item of ``conid``, cut by a farm outage, waits before it is claimable again (see

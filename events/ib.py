@@ -21,6 +21,7 @@ from events.base import Command, Conid, Event, Message, Reply
 __all__ = [
     "DATA_FLOWS",
     "IB_NOT_CONNECTED",
+    "MARKET_DATA_FARM_BACK_CODES",
     "MARKET_DATA_TYPES",
     "SNAPSHOT_LIMIT_TEXT",
     "TERMINAL_KINDS",
@@ -49,6 +50,12 @@ __all__ = [
     "UpdateSource",
     "classify_ib_code",
 ]
+
+
+#: IB's notes that a market data farm can serve again: 2104 "Market data farm connection is OK:usfarm" and 2108
+#: "... is inactive but should be available upon demand.usfarm.nj". Quiet in the log; published as IbError (kind
+#: INFO) when they end an outage IB reported (2103, 2110), because the worker lifts the holds of snapshots it cut.
+MARKET_DATA_FARM_BACK_CODES = frozenset({2104, 2108})
 
 
 class ConnectionState(StrEnum):

@@ -1,9 +1,9 @@
 """Messages of the Queue actor: the persistent refresh queue (DESIGN.md section 4).
 
-Handles: Enqueue, EnqueueMany, Claim, Succeed, Fail, Release, Cancel, Requeue,
+Handles: Enqueue, EnqueueMany, Claim, Succeed, Fail, Release, LiftHolds, Cancel, Requeue,
 ExpireLeases, QueueStats.
 Emits (stored): ItemEnqueued, ItemReprioritized, ItemClaimed, ItemSucceeded,
-ItemRetryScheduled, ItemDeadLettered, ItemReleased, ItemCancelled, ItemRequeued.
+ItemRetryScheduled, ItemDeadLettered, ItemReleased, ItemHoldLifted, ItemCancelled, ItemRequeued.
 Every stored queue event is keyed by its conid, so one filter on ``key``
 tells a contract's whole story.
 """
@@ -31,11 +31,13 @@ __all__ = [
     "ItemClaimed",
     "ItemDeadLettered",
     "ItemEnqueued",
+    "ItemHoldLifted",
     "ItemReleased",
     "ItemReprioritized",
     "ItemRequeued",
     "ItemRetryScheduled",
     "ItemSucceeded",
+    "LiftHolds",
     "Priority",
     "QueueAck",
     "QueueStats",
@@ -124,6 +126,14 @@ class Release(Command, tag="queue.release", frozen=True, kw_only=True, forbid_un
     #: Not claimable again for this long (s): the contract's data is away (a farm outage), and as the stalest
     #: item it would otherwise be claimed again at once, ahead of every contract IB can serve. 0: at once.
     hold_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 0.0
+
+
+class LiftHolds(Command, tag="queue.lift_holds", frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """IB says a market data farm is back: the waiting items of these contracts, held since a farm outage cut
+    their snapshots (a Release's ``hold_s``), may be claimed at once instead of when their holds end."""
+
+    conids: list[Conid]
+    reason: Reason = "market data farm back"
 
 
 class Cancel(Command, tag="queue.cancel", frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -274,6 +284,16 @@ class ItemRequeued(Event, tag="queue.item_requeued", frozen=True, kw_only=True):
     reason: Reason = ""
     #: When the operator requeued it; the item's not-before time from then on.
     requeued_us: Micros = 0
+
+
+class ItemHoldLifted(Event, tag="queue.item_hold_lifted", frozen=True, kw_only=True):
+    """A held item (ItemReleased ``not_before_us``) is claimable from ``not_before_us`` on: its farm is back."""
+
+    version: ClassVar[int] = 1
+    item_id: ItemId
+    conid: Conid
+    not_before_us: Micros
+    reason: Reason = ""
 
 
 def failures_from_attempt(data: dict[str, Any]) -> dict[str, Any]:

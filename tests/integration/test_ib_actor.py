@@ -479,6 +479,9 @@ def test_a_2108_for_the_farm_ends_its_outage_though_it_names_the_farm_after_a_pe
     assert ask(ref, Snapshot(conids=[1002], timeout_s=5)).updates  # 2104s are quiet: a request behind it
     result = ask(ref, Snapshot(conids=[1001], timeout_s=0.3))
     assert [(f.kind, f.code) for f in result.failures] == [(IbErrorKind.TIMEOUT, None)]
+    # each note that ended an outage is published (the worker lifts its holds); those of the connect are not
+    backs = [(m.code, m.message.rpartition(":")[2]) for m in inbox.messages(IbError) if m.code in (2104, 2108)]
+    assert backs == [(2108, "Market data farm connection is inactive but should be available upon demand.usfarm.nj"), (2104, "eufarm")]
 
 
 def test_1101_while_connecting_does_not_stall_the_connect(sim: TwsSimulator, caplog: pytest.LogCaptureFixture) -> None:

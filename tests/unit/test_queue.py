@@ -24,6 +24,7 @@ from events.queue import (
     ExpireLeases,
     Fail,
     ItemReleased,
+    LiftHolds,
     Priority,
     QueueStats,
     Release,
@@ -117,6 +118,28 @@ def test_a_release_with_a_hold_is_claimed_only_after_it_and_a_restart_keeps_the_
         assert [it.conid for it in state.take_ready(base + 5 * S, 5)] == [1]
     clock.now = base + 5 * S
     assert [c.conid for c in ask(ref, Claim(n=5)).items] == [1]
+
+
+def test_lifting_holds_makes_held_items_claimable_at_once_and_nothing_else(event_log: EventLog) -> None:
+    """IB's "farm OK": the worker names the contracts it holds; their items need not wait out the holds."""
+    clock = Clock()
+    ref = start(event_log, clock)
+    ask(ref, EnqueueMany(items=[Enqueue(conid=c) for c in (1, 2, 3)]))
+    claimed = {c.conid: c for c in ask(ref, Claim(n=3)).items}
+    for conid in (1, 2):
+        cut = claimed[conid]
+        ask(ref, Release(item_ids=[cut.item_id], reason="interrupted: 10182", leases=[cut.lease_until_us], hold_s=30.0))
+    assert ask(ref, Claim(n=5)).items == []
+    ack = ask(ref, LiftHolds(conids=[1, 3, 4]))  # 3 is processing, 4 unknown: nothing held to lift
+    assert (ack.changed, ack.ignored) == (1, {"3": "no held item", "4": "no held item"})
+    assert [c.conid for c in ask(ref, Claim(n=5)).items] == [1]  # 2 is still held
+    live = ref.proxy().state.get(timeout=5)
+    replayed = QueueState()
+    event_log.flush()
+    for stored in event_log.read(streams=["queue"]):
+        replayed.apply(stored.event)
+    assert replayed.dump() == live.dump()
+    assert [s.type for s in event_log.read(streams=["queue"], types=["queue.item_hold_lifted"])] == ["queue.item_hold_lifted"]
 
 
 def test_a_coalesced_enqueue_keeps_the_earlier_due_time_and_idle_only_enqueues_skip_busy_contracts(

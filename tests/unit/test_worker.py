@@ -34,6 +34,7 @@ from events.ib import (
     ConnectionState,
     ConnectionStateChanged,
     Disconnect,
+    IbError,
     IbErrorKind,
     IbStats,
     IbStatsReply,
@@ -41,7 +42,17 @@ from events.ib import (
     SnapshotFailed,
     SnapshotResult,
 )
-from events.queue import Claim, Claimed, ClaimedItem, Enqueue, EnqueueMany, QueueStats, QueueStatsReply, Release
+from events.queue import (
+    Claim,
+    Claimed,
+    ClaimedItem,
+    Enqueue,
+    EnqueueMany,
+    LiftHolds,
+    QueueStats,
+    QueueStatsReply,
+    Release,
+)
 from events.router import AcquireLines, LineGrant, LinesGranted, ReleaseLines, SnapshotDone
 from storage.event_log import EventLog
 from storage.reader import StoredEvent
@@ -433,6 +444,7 @@ class StubPeers:
         self.borrows: list[int] = []  # AcquireLines.n, in order
         self.snapshots: list[tuple[Any, Any]] = []  # (reply, answer) of each snapshot sent, unanswered
         self.released: list[Release] = []
+        self.lifted: list[list[int]] = []  # LiftHolds.conids, in order
         self._next = 1
 
     def ask_then(self, command: Any, reply: Any, answer: Any) -> None:
@@ -461,6 +473,8 @@ class StubPeers:
             self.lent -= len(message.line_ids)
         elif isinstance(message, Release):
             self.released.append(message)
+        elif isinstance(message, LiftHolds):
+            self.lifted.append(message.conids)
 
 
 def _batch_worker(peers: StubPeers, clock: Clock, **settings: Any) -> QueueWorker:
@@ -595,3 +609,36 @@ def test_cuts_with_no_quote_for_a_while_pause_the_worker() -> None:
     clock.now += 0.3
     worker._pump()
     assert peers.borrows[borrowed:] == [1]  # one probe
+
+
+def test_a_farm_back_lifts_the_holds_and_a_contract_cut_again_starts_over() -> None:
+    """IB's 2104 (or 2108) after an outage: the items held for it may be claimed now, not when their holds end."""
+    clock, peers, worker = _stub_rig(lines=1, items=1)
+    for _ in range(2):
+        clock.now += 10.0
+        worker._pump()
+        _cut(peers)
+    assert [r.hold_s for r in peers.released] == [2.0, 4.0]
+    worker.on_receive(IbError(code=2104, kind=IbErrorKind.INFO, message="Market data farm connection is OK:usfarm"))
+    assert peers.lifted == [[CONIDS[0]]]
+    worker.on_receive(IbError(code=2104, kind=IbErrorKind.INFO, message="Market data farm connection is OK:usopt"))
+    assert peers.lifted == [[CONIDS[0]]]  # nothing held any more: nothing to lift
+    clock.now += 10.0
+    worker._pump()
+    _cut(peers)
+    assert peers.released[-1].hold_s == 2.0  # a new outage: the first hold again
+
+
+def test_a_contract_that_fails_on_its_own_after_a_cut_is_not_lifted() -> None:
+    """Its delay is then a retry's backoff, which a farm coming back says nothing about."""
+    clock, peers, worker = _stub_rig(lines=1, items=1)
+    clock.now += 10.0
+    worker._pump()
+    _cut(peers)
+    clock.now += 10.0
+    worker._pump()
+    reply, answer = peers.snapshots.pop(0)
+    reply.value = SnapshotResult(failures=[SnapshotFailed(conid=answer.item.conid, kind=IbErrorKind.TIMEOUT)])
+    answer.step(answer)
+    worker.on_receive(IbError(code=2104, kind=IbErrorKind.INFO, message="Market data farm connection is OK:usfarm"))
+    assert peers.lifted == []
