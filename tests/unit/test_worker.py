@@ -642,3 +642,59 @@ def test_a_contract_that_fails_on_its_own_after_a_cut_is_not_lifted() -> None:
     answer.step(answer)
     worker.on_receive(IbError(code=2104, kind=IbErrorKind.INFO, message="Market data farm connection is OK:usfarm"))
     assert peers.lifted == []
+
+
+def test_one_farm_down_with_silent_snapshots_leaves_the_other_contracts_fresh() -> None:
+    """The options' farm is down for 5 minutes and TWS holds their snapshots until the 11 s timeout (excused:
+    DATA_INTERRUPTED 2103); the stocks' farm serves. Driven on simulated time by the what-if loop (the real
+    router, queue and worker). The stocks must stay near their 60 s target.
+
+    It stalled before: when no stock happened to be due for 2 s (or every line was holding a silent option),
+    the cuts paused the worker, which then probed one snapshot at a time, the stalest first: always an option
+    (each option's hold, a few seconds, had long passed by its next probe, 19 s apart), so no stock was
+    refreshed until the farm was back, and no snapshot price ended the session's outage excuse either.
+    """
+    import numpy as np
+
+    from actors import what_if_sim
+    from actors.what_if_sim import ReplayingIb, SimConfig, simulate
+    from storage.recorded_day import RecordedContract, RecordedDay, SnapshotSample
+
+    start = 1_780_000_000_000_000
+    down, up, end = 120.0, 420.0, 480.0
+    stocks, options = list(range(1000, 1300)), set(range(5000, 5030))
+    held = [
+        RecordedContract(conid=c, symbol=f"S{c}", sec_type="OPT" if c in options else "STK", position=1.0,
+                         delta=0.5 if c in options else None, appeared_us=start)
+        for c in [*stocks, *sorted(options)]
+    ]  # fmt: skip
+    day = RecordedDay(
+        start_us=start, end_us=start + int(end * 1e6), max_lines=100, settings={}, true_lines=None,
+        learned_at_start=None, contracts=held, active_at_start={}, active_changes=[],
+        snapshots={c.conid: [SnapshotSample(0.5, "ok")] for c in held}, interruptions_us=[], down=[],
+    )  # fmt: skip
+    arrives = ReplayingIb._snapshot_arrives
+
+    def silent_options(ib: ReplayingIb, conid: int, reply: Any, answer: Any, asked_at: float, deadline: float) -> None:
+        if conid not in options or not down <= ib.loop.now < up:
+            arrives(ib, conid, reply, answer, asked_at, deadline)
+            return
+        ib.open_snapshots[answer] = conid
+
+        def cut(_: Any) -> None:
+            del ib.open_snapshots[answer]
+            ib._answer(reply, answer, conid, IbErrorKind.DATA_INTERRUPTED, 2103)
+
+        ib.loop.at(deadline, cut)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(what_if_sim.ReplayingIb, "_snapshot_arrives", silent_options)
+        outcome = simulate(day, SimConfig(label="t", max_lines=100, true_lines=100, learned_at_start=None))
+
+    def age(conid: int, at_s: float) -> float:
+        times = outcome.quotes.get(conid, np.array([], dtype=np.int64))
+        times = times[times <= start + at_s * 1e6]
+        return at_s - (int(times.max()) - start) / 1e6 if len(times) else float("inf")
+
+    assert max(age(c, up - 1) for c in stocks) < 90.0  # within the 60 s target, and a snapshot cycle
+    assert max(age(c, end) for c in options) < 75.0  # and the options are asked again once their farm is back
