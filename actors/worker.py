@@ -21,15 +21,18 @@ How a snapshot ended decides the acknowledgement:
 * disconnect, reset, farm blip (DATA_INTERRUPTED), 101, 321 -> Release:
   not the contract's fault, no attempt counted (a competing session or a
   101 also pauses new snapshots, 0.5 s doubling to 8 s, and sends one at a
-  time until a quote comes through or IB reports the connection back; so
-  does a farm blip when no quote came through for 2 s, i.e. IB's data is
-  away for every contract; 321 halves the rate; while the socket is down
-  nothing is claimed at all). A farm blip's item goes back *held*: not
-  claimable for 2 s, doubling to 60 s while its contract's snapshots keep
-  being cut, so one farm down (its contracts silent or cut) does not put
-  its contracts, still the stalest, back in front of every contract IB can
-  serve; IB's "farm OK" (2104, 2108) or a connection restored lifts every
-  hold at once;
+  time until a quote comes through or IB reports the connection back; 321
+  halves the rate; while the socket is down nothing is claimed at all). A
+  farm blip's item goes back *held*: not claimable for 2 s, doubling to
+  60 s while its contract's snapshots keep being cut, so one farm down (its
+  contracts silent or cut) does not put its contracts, still the stalest,
+  back in front of every contract IB can serve. A farm blip does not pause
+  the worker: the worker cannot tell one farm down from all, and a pause
+  probes the stalest contract, one at a time -- always the down farm's,
+  whose short holds have passed by its next probe -- so the others went
+  unrefreshed for the whole outage. The holds and the message budget bound
+  what a farm that stays down costs. IB's "farm OK" (2104, 2108) after an
+  outage, or a connection restored, lifts every hold at once;
 * no subscription even for delayed data, no such contract -> Fail(terminal):
   dead-lettered at once, never a retry storm;
 * anything else (no data, timeout) -> Fail: retried with backoff.
@@ -86,9 +89,10 @@ _RELEASE_KINDS: dict[IbErrorKind, SnapshotOutcome] = {
     IbErrorKind.SNAPSHOT_RATE_LIMITED: "rate_limited",
     IbErrorKind.PACING: "rate_limited",
 }
-#: Answers that say "not now" for every contract alike (a farm blip, a competing session, no free line at IB:
-#: other clients of the account hold them): new snapshots pause with backoff instead of asking at full rate.
-_PAUSING_KINDS = frozenset({IbErrorKind.DATA_INTERRUPTED, IbErrorKind.COMPETING_SESSION, IbErrorKind.MAX_TICKERS})
+#: Answers that say "not now" for every contract alike (a competing session, no free line at IB: other clients
+#: of the account hold them): new snapshots pause with backoff instead of asking at full rate. Not a farm blip
+#: (DATA_INTERRUPTED): it may be one farm's, and its items go back held instead (``interrupted_hold_s``).
+_PAUSING_KINDS = frozenset({IbErrorKind.COMPETING_SESSION, IbErrorKind.MAX_TICKERS})
 
 
 class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -100,7 +104,7 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     idle_s: float = 0.2
     #: After a 321, the rate stays reduced at least this long.
     rate_limit_hold_s: float = 10.0
-    #: Snapshots cut by a reset or a farm blip pause new ones this long, doubling while it lasts...
+    #: Snapshots refused for every contract (10197, 101) pause new ones this long, doubling while it lasts...
     interrupted_pause_s: float = 0.5
     #: ...up to this; the first quote that comes through ends the pause.
     interrupted_pause_max_s: float = 8.0
@@ -111,10 +115,6 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     interrupted_hold_s: float = 2.0
     #: ...up to this (how late, at most, such a contract is asked again after its farm is back).
     interrupted_hold_max_s: float = 60.0
-    #: Interrupted snapshots pause the worker only when no snapshot got a quote for this long: IB's data is then
-    #: away for every contract. One farm down leaves the others' quotes coming, and a pause there would have
-    #: the worker probe the down farm's contracts one at a time while the rest went stale.
-    interrupted_quiet_s: float = 2.0
     #: Wait until this many snapshots can go out together (never more than the bucket holds: a second's worth).
     #: 1, the runtime's: each snapshot leaves the moment its token is there. The what-if replay may set more
     #: (``--step``): the same decisions a few at a time, each snapshot up to ``(batch - 1) / rate`` s later.
@@ -272,8 +272,6 @@ class QueueWorker(pykka.ThreadingActor):
         self._paused_until = 0.0
         #: conid -> the hold its last interrupted snapshot went back with (s); forgotten at its next quote.
         self._holds: dict[int, float] = {}
-        #: When the last snapshot got a quote (the clock's time).
-        self._quoted_at = float("-inf")
         self.cycles = 0
         self.succeeded = 0
         self.failed = 0
@@ -438,7 +436,6 @@ class QueueWorker(pykka.ThreadingActor):
             self._tell(self.queue, Succeed(item_ids=[item.item_id], leases=[item.lease_until_us]))
             self._report(line, item.conid, "ok", update=update)
             self._pause_s = 0.0
-            self._quoted_at = now
             if self._holds:
                 self._holds.pop(item.conid, None)
         else:
@@ -457,9 +454,10 @@ class QueueWorker(pykka.ThreadingActor):
             if outcome == "rate_limited":
                 self.bucket.slow_down(now, self.settings.rate_limit_hold_s)
                 logger.warning("worker: IB limits snapshots ({}); rate now {:.1f}/s", failure.code, self.bucket.rate)
-            elif failure.kind in _PAUSING_KINDS and now >= self._paused_until and self._all_away(failure, now):
-                # a farm blip (the socket stays up, so no connection state stops the claims): the first cut, or
-                # the one probe after a pause, backs off further; the others cut at the same moment say nothing new
+            elif failure.kind in _PAUSING_KINDS and now >= self._paused_until:
+                # a competing session or no line at IB (the socket stays up, so no connection state stops the
+                # claims): the first refusal, or the one probe after a pause, backs off further; the others
+                # refused at the same moment say nothing new
                 s = self.settings
                 self._pause_s = min(s.interrupted_pause_max_s, max(s.interrupted_pause_s, 2 * self._pause_s))
                 self._paused_until = now + self._pause_s
@@ -491,11 +489,6 @@ class QueueWorker(pykka.ThreadingActor):
     def _give_back(self, lines: list[LineGrant]) -> None:
         if lines:
             self._tell(self.router, ReleaseLines(line_ids=[line.line_id for line in lines]))
-
-    def _all_away(self, failure: SnapshotFailed, now: float) -> bool:
-        """Whether an answer that pauses the worker says so for every contract: a competing session (10197) and no
-        line at IB (101) do; an interruption only when no quote came through lately (one farm down is not all)."""
-        return failure.kind is not IbErrorKind.DATA_INTERRUPTED or now - self._quoted_at >= self.settings.interrupted_quiet_s
 
     def _lift_holds(self) -> None:
         """IB says data is back: the items held since a farm outage cut their snapshots may be claimed now, and a

@@ -362,8 +362,9 @@ def test_a_token_refilled_in_pieces_is_whole_and_its_wait_moves_time_on() -> Non
 
 
 
-def test_a_farm_blip_pauses_snapshots_with_backoff_until_quotes_come_through_again(rig_factory: Any) -> None:
-    """Every snapshot cut by the blip goes back without an attempt, and the next waits longer: no storm."""
+def test_a_farm_blip_holds_each_cut_contract_back_instead_of_pausing_every_snapshot(rig_factory: Any) -> None:
+    """Every snapshot cut by the blip goes back without an attempt, held 2 s: no storm, and the other contracts
+    are still asked at the budget's rate (the worker cannot tell one farm down from all: no pause)."""
     clock = Clock()
     rig = rig_factory(lines=5, clock=clock, max_snapshot_msgs_per_s=20.0)
     rig.ib.tell(InjectFarmBlip(down_s=None))
@@ -372,21 +373,22 @@ def test_a_farm_blip_pauses_snapshots_with_backoff_until_quotes_come_through_aga
     def outcomes() -> list[str]:
         return [o for _, o in rig.ledger_state()[2]]
 
-    wait_until(lambda: outcomes() == ["interrupted"], timeout=5)
+    wait_until(lambda: outcomes() == ["interrupted"], timeout=5)  # the one token there
+    clock.now += 1.0  # tokens for the other four: asked at once, no pause
     ask(rig.worker, Wake())
-    assert outcomes() == ["interrupted"]  # paused: nothing new is asked while the clock stands still
-    clock.now += 0.6  # past the first pause (0.5 s)
+    wait_until(lambda: outcomes() == ["interrupted"] * 5, timeout=5)
+    clock.now += 0.5  # every item still held (the first until 2 s, the others until 3 s)
     ask(rig.worker, Wake())
-    wait_until(lambda: len(outcomes()) == 2, timeout=5)
-    clock.now += 0.6  # the second pause is 1 s: still paused
+    assert len(outcomes()) == 5
+    clock.now += 0.6  # the first one's hold is over: asked again (cut again)
     ask(rig.worker, Wake())
-    assert len(outcomes()) == 2
+    wait_until(lambda: len(outcomes()) == 6, timeout=5)
     rig.ib.tell(InjectFarmOk())
-    clock.now += 0.5
+    clock.now += 5.0  # past every hold (the first's second hold is 4 s)
     ask(rig.worker, Wake())
     wait_until(lambda: rig.status().succeeded == 5, timeout=10)
     assert rig.status().failed == 0
-    assert len(rig.queue_events("item_released")) == 2  # back without an attempt
+    assert len(rig.queue_events("item_released")) == 6  # back without an attempt
     assert not rig.queue_events("item_retry_scheduled")
 
 
@@ -535,13 +537,13 @@ def test_while_items_are_short_each_token_sends_at_once() -> None:
     assert len(peers.borrows) == rounds + 1
 
 
-def test_after_a_farm_blip_one_snapshot_probes_with_one_token() -> None:
+def test_after_a_competing_session_one_snapshot_probes_with_one_token() -> None:
     clock, peers, worker = _stub_rig(lines=50, items=50, batch=10)
     clock.now += 1.0
     worker._pump()
     assert len(peers.snapshots) == 10
-    for reply, answer in peers.snapshots:  # the blip cuts all ten: a pause of 0.5 s
-        cut = SnapshotFailed(conid=answer.item.conid, kind=IbErrorKind.DATA_INTERRUPTED, code=10182)
+    for reply, answer in peers.snapshots:  # another login took the data: all ten refused, a pause of 0.5 s
+        cut = SnapshotFailed(conid=answer.item.conid, kind=IbErrorKind.COMPETING_SESSION, code=10197)
         reply.value = SnapshotResult(failures=[cut])
         answer.step(answer)
     peers.snapshots.clear()
@@ -593,8 +595,9 @@ def test_a_cut_while_other_contracts_quote_does_not_pause_the_worker() -> None:
     assert peers.borrows[borrowed:] == [6]  # the six tokens there, at once
 
 
-def test_cuts_with_no_quote_for_a_while_pause_the_worker() -> None:
-    """Every contract cut, nothing quoted for 2 s: IB's data is away (a blip of every farm), so the worker pauses."""
+def test_cuts_with_no_quote_for_a_while_do_not_pause_the_worker() -> None:
+    """Every open snapshot cut, nothing quoted for 2 s: it may still be one farm's (nothing else was due), so no
+    pause and no one-at-a-time probing, which would ask the down farm's stalest contracts before the rest."""
     clock, peers, worker = _stub_rig(lines=50, items=10)
     clock.now += 1.0
     worker._pump()
@@ -603,12 +606,9 @@ def test_cuts_with_no_quote_for_a_while_pause_the_worker() -> None:
     while peers.snapshots:
         _cut(peers)
     borrowed = len(peers.borrows)
-    clock.now += 0.3  # within the first pause (0.5 s)
-    worker._pump()
-    assert peers.borrows[borrowed:] == []
     clock.now += 0.3
     worker._pump()
-    assert peers.borrows[borrowed:] == [1]  # one probe
+    assert peers.borrows[borrowed:] == [3]  # the three tokens there, at once
 
 
 def test_a_farm_back_lifts_the_holds_and_a_contract_cut_again_starts_over() -> None:
