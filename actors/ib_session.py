@@ -189,7 +189,7 @@ class IbSession:
         #: link to IB's data server (2110). A snapshot that gets no price meanwhile is their silence, not the
         #: contract's.
         self._data_down: dict[str, int] = {}
-        #: When ``_data_down`` last became non-empty (the loop's clock), and whether a snapshot got a price since.
+        #: When the newest of ``_data_down`` went down (the loop's clock), and whether a snapshot got a price since.
         self._down_since = 0.0
         self._priced_while_down = False
         self._want_connected = False
@@ -979,9 +979,10 @@ class IbSession:
         a request TWS held may still time out after the farm is back.
         """
         if code in (2103, 2110):
-            if not self._data_down:
+            name = _TWS_SERVER if code == 2110 else _farm_name(text)
+            if name not in self._data_down:  # a new outage: its excuse runs from now, whatever else is down
                 self._down_since, self._priced_while_down = self._loop.time(), False
-            self._data_down[_TWS_SERVER if code == 2110 else _farm_name(text)] = code
+            self._data_down[name] = code
             if self._excuses_silence():
                 cause = self._data_down_cause()
                 for batch in self._batches:  # open now: whatever they get no price for is the outage's too

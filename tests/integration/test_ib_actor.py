@@ -521,3 +521,8 @@ def test_an_old_outage_with_prices_coming_through_no_longer_excuses_a_silent_con
     assert [(f.kind, f.code) for f in result.failures] == [(IbErrorKind.DATA_INTERRUPTED, 2103)]  # young outage
     result = ask(ref, Snapshot(conids=[1001], timeout_s=0.3))
     assert [(f.conid, f.kind) for f in result.failures] == [(1001, IbErrorKind.TIMEOUT)]
+    # another farm goes down while eufarm still is: a young outage again, whose silence is excused
+    sim.send_error(2103, "Market data farm connection is broken:usopt")
+    inbox.wait_for(lambda m: isinstance(m, IbError) and m.code == 2103 and "usopt" in m.message)
+    result = ask(ref, Snapshot(conids=[1001], timeout_s=0.3))
+    assert [(f.conid, f.kind) for f in result.failures] == [(1001, IbErrorKind.DATA_INTERRUPTED)]
