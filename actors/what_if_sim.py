@@ -449,6 +449,11 @@ class ReplayingIb:
             if conid in self._refused_for_good and not day.snapshots.get(conid):
                 # never snapshotted in the record: IB would have refused a snapshot the same way
                 self._samples[conid] = itertools.cycle([SnapshotSample(0.0, "terminal", self._refused_for_good[conid])])
+        #: conid -> [(from s, to s, latency s, code)]: its data away in a farm outage (RecordedDay.outages).
+        self._outages = {
+            c: [((w.start_us - day.start_us) / 1e6, (w.end_us - day.start_us) / 1e6, w.latency_s, w.code) for w in ws]
+            for c, ws in day.outages.items()
+        }
         self._deltas = {c.conid: c.delta for c in day.contracts}
         self._epoch = 0  # bumped at every disconnect: answers of an older connection are void
 
@@ -636,9 +641,11 @@ class ReplayingIb:
             self.refusals_101 += 1
             self._answer_later(reply, answer, conid, IbErrorKind.MAX_TICKERS, 101)
             return
+        now = self.loop.now
+        if self._outages and conid in self._outages and self._outage_now(conid, now, reply, answer, asked_at, deadline):
+            return
         sample = next(self._samples.get(conid, self._fallback))
         self.open_snapshots[answer] = conid
-        now = self.loop.now
         # a recorded latency runs from the claim, through the recorded run's own pacer: it counts from the ask here
         # too (from the arrival it would count a burst's wait twice), and never ends before the request reached IB
         ends = asked_at + sample.latency_s
@@ -647,6 +654,19 @@ class ReplayingIb:
         if ends > deadline:  # the IB actor gives up then: no quote, an attempt counted
             ends, sample = deadline, SnapshotSample(deadline - asked_at, "failed", None)
         self.loop.at(ends, self._snapshot_ends, (conid, reply, answer, sample, self._epoch))
+
+    def _outage_now(self, conid: int, now: float, reply: Settled, answer: _Answer, asked_at: float, deadline: float) -> bool:
+        """Inside one of the contract's outage windows: answered as the runtime's was then (no price, after the
+        window's latency, at the deadline at most: excused, DATA_INTERRUPTED), holding its line meanwhile."""
+        for start, end, latency, code in self._outages[conid]:
+            if start <= now <= end:
+                self.open_snapshots[answer] = conid
+                ends = min(max(now, asked_at + latency), deadline)
+                outcome = "silent" if ends >= deadline else "no price"  # timed out (cancelled at IB) or ended by IB
+                sample = SnapshotSample(ends - asked_at, outcome, code)
+                self.loop.at(ends, self._snapshot_ends, (conid, reply, answer, sample, self._epoch))
+                return True
+        return False
 
     def _snapshot_ends(self, arg: tuple[int, Settled, _Answer, SnapshotSample, int]) -> None:
         conid, reply, answer, sample, epoch = arg
@@ -661,6 +681,10 @@ class ReplayingIb:
             update = MarketUpdate(conid=conid, source="queue", ts_us=self.loop.clock_us(), delta=self._deltas.get(conid))
             reply.value = SnapshotResult(updates=[update])
             answer.step(answer)
+        elif sample.outcome in ("silent", "no price"):  # a farm outage's (_outage_now)
+            if sample.outcome == "silent":
+                self._cancel_snapshot()  # timed out: the IB actor cancels it at IB
+            self._answer(reply, answer, conid, IbErrorKind.DATA_INTERRUPTED, sample.code)
         elif sample.outcome == "failed" and sample.code is None:
             self._cancel_snapshot()  # timed out: the IB actor cancels it at IB
             self._answer(reply, answer, conid, IbErrorKind.TIMEOUT, None)

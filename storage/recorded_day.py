@@ -20,7 +20,11 @@ part comes from:
   ``ItemDeadLettered`` of the same item (the log's own timestamps), per
   contract, in order;
 * **farm blips and resets**: snapshots given back as ``interrupted`` (not
-  those the connection cut: those are the outages below);
+  those the connection cut: those are the outages below), at that moment for
+  every contract; except a snapshot the IB actor excused because a farm or
+  the data server was down (``interrupted: 2103``/``2110``): that says only
+  its own contract's data was away, from its first such snapshot to its
+  last, until it is answered again (:class:`OutageWindow`);
 * **time no market data flowed**: ``RuntimeStopped`` to the next
   ``RuntimeStarted`` (a run killed without a stop: its last event to the
   next start), and IB's own outages while a runtime ran (the socket
@@ -64,6 +68,7 @@ from storage.tables import table_uri
 __all__ = [
     "ActiveChange",
     "NoRecordError",
+    "OutageWindow",
     "RecordedContract",
     "RecordedDay",
     "SnapshotSample",
@@ -130,6 +135,17 @@ class SnapshotSample:
     latency_s: float
     outcome: str
     code: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutageWindow:
+    """A contract's data away: from the claim of its first excused snapshot to the end of its last, with no
+    quote, retry or dead letter of it between them; its excused snapshots took ``latency_s`` (the median)."""
+
+    start_us: int
+    end_us: int
+    latency_s: float
+    code: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +216,10 @@ class RecordedDay:
     seq_before_start: int = 0
     #: The queue's state when the period began (``QueueState.dump()``), or None for an empty queue.
     queue_at_start: bytes | None = None
+    #: conid -> [OutageWindow]: while a farm was down, its snapshots got no price and were excused (released
+    #: "interrupted: 2103" or "2110" by the IB actor's outage rule), one contract at a time, not all at once as
+    #: a blip (``interruptions_us``) cuts them: the replayed IB answers that contract's snapshots so inside them.
+    outages: dict[int, list[OutageWindow]] = field(default_factory=dict)
 
     @property
     def duration_s(self) -> float:
@@ -242,6 +262,7 @@ def read_recorded_day(
             if (reader.first_start_us is None) if since_us is None else (stored.ts_us < since_us):
                 seq_before_start = stored.seq  # before the period: up to the first RuntimeStarted, or --since
             reader.take(stored.ts_us, stored.event)
+    reader.close_outages()
     if reader.first_start_us is None:
         if until_us is not None and not reader.last_us:  # not one event read: all came after --until
             raise NoRecordError(f"nothing recorded before --until {until}: the log starts after it")
@@ -292,6 +313,7 @@ def read_recorded_day(
         streamed=_without(reader.stream_periods(end_us), down),
         snapshots_claimed=reader.claimed,
         seq_before_start=seq_before_start,
+        outages=dict(reader.outages),
     )
 
 
@@ -317,6 +339,9 @@ class _LogReader:
         self.claims: dict[int, tuple[int, int]] = {}  # item id -> (claimed at, conid)
         self.samples: dict[int, list[SnapshotSample]] = defaultdict(list)
         self.interruptions: list[int] = []
+        #: conid -> [(claimed at, released at, code)] of its excused snapshots since its window opened.
+        self._excused: dict[int, list[tuple[int, int, int]]] = {}
+        self.outages: dict[int, list[OutageWindow]] = defaultdict(list)
         self.rate_limited: list[int] = []
         self.refusals_101 = 0
         #: (learned?, conid) -> times of 101s seen from one side only so far (see _saw_101).
@@ -418,9 +443,13 @@ class _LogReader:
                 terminal = code is not None and classify_ib_code(code) in TERMINAL_KINDS
                 self._sample(i, ts_us, "terminal" if terminal else "failed", code)
             case ItemReleased(item_id=i, conid=c, detail=detail):
-                self.claims.pop(i, None)
+                claimed = self.claims.pop(i, None)
                 if started and detail.startswith("interrupted") and not _connection_lost(detail):
-                    self.interruptions.append(ts_us)
+                    code = _code_of(detail)
+                    if code in _OUTAGE_CODES and claimed is not None:  # this contract's silence in an outage
+                        self._excused.setdefault(c, []).append((claimed[0], ts_us, code))
+                    else:
+                        self.interruptions.append(ts_us)
                 elif started and detail.startswith("rate_limited"):
                     self.rate_limited.append(ts_us)
                 elif started and detail.startswith("refused"):  # the worker's word for a 101 (MAX_TICKERS)
@@ -489,6 +518,20 @@ class _LogReader:
         claimed = self.claims.pop(item_id, None)
         if claimed is not None:
             self.samples[claimed[1]].append(SnapshotSample(max(0.0, (ts_us - claimed[0]) / 1e6), outcome, code))
+            if claimed[1] in self._excused:  # answered on its own again: its farm was back
+                self._close_outage(claimed[1])
+
+    def _close_outage(self, conid: int) -> None:
+        excused = self._excused.pop(conid)
+        latencies = sorted((end - start) / 1e6 for start, end, _ in excused)
+        self.outages[conid].append(
+            OutageWindow(excused[0][0], excused[-1][1], latencies[len(latencies) // 2], excused[-1][2])
+        )
+
+    def close_outages(self) -> None:
+        """The period is over: every contract still excused had its data away until its last excused snapshot."""
+        for conid in list(self._excused):
+            self._close_outage(conid)
 
 
 #: The two sides of one 101 in the log (see _LogReader._saw_101) are this close.
@@ -496,6 +539,17 @@ _SAME_101_US = 1_000_000
 
 #: Snapshots these end were cut by the connection, which the log records as an outage (ib.connection_state).
 _CONNECTION_KINDS = frozenset({IbErrorKind.DISCONNECTED, IbErrorKind.CONNECTIVITY_LOST, IbErrorKind.RESTORED_DATA_LOST})
+
+
+#: The codes the IB actor gives a snapshot that got no price while a market data farm (2103) or TWS's link to
+#: IB's data server (2110) was down: that contract's data was away, which says nothing of the others'.
+_OUTAGE_CODES = frozenset({2103, 2110})
+
+
+def _code_of(detail: str) -> int | None:
+    """The code of a release's detail ("interrupted: 2103"), if it names one."""
+    code = detail.partition(":")[2].strip()
+    return int(code) if code.lstrip("-").isdigit() else None
 
 
 def _connection_lost(detail: str) -> bool:

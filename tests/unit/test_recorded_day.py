@@ -9,9 +9,9 @@ from __future__ import annotations
 from events.base import Event
 from events.ib import ConnectionState, ConnectionStateChanged
 from events.log import RuntimeStarted, RuntimeStopped
-from events.queue import ItemClaimed, ItemReleased
+from events.queue import ItemClaimed, ItemReleased, ItemSucceeded
 from events.router import LineLimitLearned, StreamDemoted, StreamStarted
-from storage.recorded_day import _LogReader
+from storage.recorded_day import OutageWindow, _LogReader
 
 S = 1_000_000  # µs
 
@@ -171,3 +171,34 @@ def test_a_101_that_taught_nothing_is_not_paired_with_a_later_one_of_the_same_co
     reader.take(1 * S, StreamDemoted(conid=8, code=101, reason="IB refused the stream (error 101)"))
     reader.take(61 * S, LineLimitLearned(limit=40, reason="101 on stream 8"))
     assert reader.refusals_101 == 2
+
+
+def test_snapshots_excused_in_a_farm_outage_are_their_contracts_windows_not_blips() -> None:
+    """The IB actor answers a snapshot that got no price while a farm was down 2103 (2110: the data server): that
+    contract's data was away, not every contract's. Each contract's excused snapshots make one window, from the
+    claim of the first to the end of the last, closed by its next quote; a blip (10182) stays a moment for all."""
+    reader = _LogReader(None)
+    reader.take(0, _started())
+    item = 0
+
+    def snapshot(conid: int, claimed_s: float, ended_s: float, end: Event | str) -> None:
+        nonlocal item
+        item += 1
+        reader.take(int(claimed_s * S), ItemClaimed(item_id=item, conid=conid, attempt=1, lease_until_us=0))
+        if isinstance(end, str):
+            end = ItemReleased(item_id=item, conid=conid, detail=end)
+        else:
+            end = ItemSucceeded(item_id=item, conid=conid)
+        reader.take(int(ended_s * S), end)
+
+    snapshot(7, 10, 21, "interrupted: 2103")  # silent: timed out after 11 s
+    snapshot(7, 30, 41, "interrupted: 2103")
+    snapshot(7, 50, 51, "interrupted: 2103")  # ended without a price
+    snapshot(7, 60, 61, ItemSucceeded(item_id=0, conid=7))  # its farm is back
+    snapshot(7, 70, 81, "interrupted: 2110")  # later, the data server away
+    snapshot(8, 20, 20.5, "interrupted: 10182")  # a blip: every contract's snapshot ending then
+    reader.close_outages()
+    assert reader.outages == {
+        7: [OutageWindow(10 * S, 51 * S, 11.0, 2103), OutageWindow(70 * S, 81 * S, 11.0, 2110)],
+    }
+    assert reader.interruptions == [int(20.5 * S)]

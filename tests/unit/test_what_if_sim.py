@@ -17,7 +17,7 @@ import actors.what_if_sim as what_if_sim
 from actors.config import FreshnessSettings
 from actors.what_if_report import figures_of_outcome, figures_of_record
 from actors.what_if_sim import SimConfig, SimLoop, SimulationStuck, simulate
-from storage.recorded_day import ActiveChange, RecordedContract, RecordedDay, SnapshotSample
+from storage.recorded_day import ActiveChange, OutageWindow, RecordedContract, RecordedDay, SnapshotSample
 
 START_US = 1_780_000_000_000_000
 
@@ -493,3 +493,23 @@ def test_after_a_burst_met_the_limit_the_router_probes_for_more_lines_every_line
     total, after = _refusals_after_the_burst(20 * 60.0)
     assert total > after > 0  # the burst's refusals, then the probes'
     assert after <= (20 * 60.0 - 60.0) / probe_s + 1, (total, after)
+
+
+def test_a_contracts_outage_window_keeps_its_snapshots_silent_and_only_its_own() -> None:
+    """A recorded farm outage (snapshots excused, 2103) is replayed for the contracts it was recorded for: theirs
+    hold a line until the timeout and get no price inside their windows, the others' are served as usual, and
+    they are quoted again after it. Replayed as blips (every contract's snapshot cut), the others would go stale.
+    """
+    silent = range(1000, 1010)  # ten of forty contracts on the farm that was down, from 60 s to 180 s
+    window = [OutageWindow(START_US + 60_000_000, START_US + 180_000_000, 11.0, 2103)]
+    day = dataclasses.replace(_day(300.0), outages={c: window for c in silent})
+    outcome = simulate(day, _config(monitoring_s=30.0))
+    for conid, times in outcome.quotes.items():
+        inside = [t for t in times if START_US + 61_000_000 < t <= START_US + 180_000_000]
+        if conid in silent:
+            assert inside == [], conid  # no price while its data was away
+            assert times.max() > START_US + 180_000_000  # asked again, and priced, after the window
+        else:
+            gaps = np.diff(np.concatenate(([START_US], times, [START_US + 300_000_000])))
+            assert gaps.max() <= 40_000_000, (conid, gaps.max())  # its 30 s target, and a snapshot cycle
+    assert outcome.asked[1000] < outcome.asked[1020]  # the stalest, yet asked less: held after each try, no storm
