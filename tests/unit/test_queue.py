@@ -58,6 +58,15 @@ def start(log: EventLog, clock: Clock, **kwargs: Any) -> pykka.ActorRef[Any]:
     return QueueActor.start(log, clock=clock, **kwargs)
 
 
+def _replayed(log: EventLog) -> QueueState:
+    """The queue's state as recovery rebuilds it: every stored queue event applied in order."""
+    log.flush()
+    state = QueueState()
+    for stored in log.read(streams=["queue"]):
+        state.apply(stored.event)
+    return state
+
+
 def test_enqueue_coalesces_and_better_priority_wins(event_log: EventLog) -> None:
     ref = start(event_log, Clock())
     assert ask(ref, Enqueue(conid=5, priority=2)).changed == 1
@@ -106,10 +115,7 @@ def test_a_release_with_a_hold_is_claimed_only_after_it_and_a_restart_keeps_the_
     clock.now += 4 * S
     assert [c.conid for c in ask(ref, Claim(n=5)).items] == [2]  # conid 1 is held
     live = ref.proxy().state.get(timeout=5)
-    replayed = QueueState()
-    event_log.flush()
-    for stored in event_log.read(streams=["queue"]):
-        replayed.apply(stored.event)
+    replayed = _replayed(event_log)
     assert replayed.dump() == live.dump()
     released = [s.event for s in event_log.read(streams=["queue"], types=["queue.item_released"])]
     assert [(e.not_before_us, e.detail) for e in released] == [(base + 5 * S, "interrupted: 2103")]
@@ -134,10 +140,7 @@ def test_lifting_holds_makes_held_items_claimable_at_once_and_nothing_else(event
     assert (ack.changed, ack.ignored) == (1, {"3": "no held item", "4": "no held item"})
     assert [c.conid for c in ask(ref, Claim(n=5)).items] == [1]  # 2 is still held
     live = ref.proxy().state.get(timeout=5)
-    replayed = QueueState()
-    event_log.flush()
-    for stored in event_log.read(streams=["queue"]):
-        replayed.apply(stored.event)
+    replayed = _replayed(event_log)
     assert replayed.dump() == live.dump()
     assert [s.type for s in event_log.read(streams=["queue"], types=["queue.item_hold_lifted"])] == ["queue.item_hold_lifted"]
 
