@@ -551,8 +551,8 @@ class FakeIbActor(pykka.ThreadingActor):
     def _farm_ok(self) -> None:
         """The data is back (2104, quiet in the log; published as the real actor does): re-request interrupted
         streams now, backoff reset."""
-        self._publisher.publish(IbError(code=2104, kind=IbErrorKind.INFO, message="Market data farm connection is OK:usfarm"))
         self._farm_down = False
+        self._publisher.publish(IbError(code=2104, kind=IbErrorKind.INFO, message="Market data farm connection is OK:usfarm"))
         self._reissue_attempt = 0
         self._reissue()
 

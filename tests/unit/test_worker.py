@@ -108,7 +108,9 @@ class Rig:
         self.log = log
         self.inbox = Inbox.start()
         assert self.inbox.ref is not None
-        self.queue = QueueActor.start(log, max_attempts=3, backoff_base_s=0.05, backoff_cap_s=0.1)
+        # with a test clock the queue reads it too (in µs): holds and backoffs then pass as the test moves it
+        queue_clock = {"clock": lambda: int(clock.now * 1_000_000)} if clock is not None else {}
+        self.queue = QueueActor.start(log, max_attempts=3, backoff_base_s=0.05, backoff_cap_s=0.1, **queue_clock)
         self.ib = FakeIbActor.start(FakeIbSettings(positions=POSITIONS, line_limit=100), [self.inbox.ref])
         self.ledger = LedgerStub.start(lines)
         settings = {"max_snapshot_msgs_per_s": 45.0, "snapshot_timeout_s": 2.0, "idle_s": 0.02}
