@@ -375,6 +375,7 @@ class _LogReader:
                 self.down.append((self.first_start_us, self.first_start_us))
         match event:
             case RuntimeStarted():
+                self.close_outages()  # a run killed without a stop: its outages ended with it
                 if started and self.first_run_us is None:
                     self.first_run_us = ts_us
                 if not self._config_fixed:  # the run in effect at the start (or the first after it) is "as run"
@@ -395,7 +396,9 @@ class _LogReader:
                         self._ib_down_since = ts_us
                 elif self._ib_down_since is not None:
                     self._end_ib_outage(ts_us)
+                    self.close_outages()  # a new session, or IB's servers back (1101/1102): farms reported afresh
             case RuntimeStopped():
+                self.close_outages()  # the next run's IB session knows of no outage until IB reports one again
                 self._end_ib_outage(ts_us)  # from here on the runtime's own gap covers it
                 self._end_streams(ts_us)
                 self._stopped_at = ts_us
@@ -417,6 +420,8 @@ class _LogReader:
                 self._change(started, ActiveChange(ts_us, c, s, "deactivated"))
             case StreamStarted(conid=c) | StreamPromoted(conid=c):
                 self.streaming.setdefault(c, ts_us)
+                if c in self._excused:  # it left the queue: its silence says nothing of the time it streamed
+                    self._close_outage(c)
             case StreamDemoted(conid=c) | StreamStopped(conid=c):
                 # IB refused the stream: replayed as it refused it (101 aside); also from before the period, as a
                 # contract without a subscription is refused for good
@@ -446,8 +451,9 @@ class _LogReader:
                 claimed = self.claims.pop(i, None)
                 if started and detail.startswith("interrupted") and not _connection_lost(detail):
                     code = _code_of(detail)
-                    if code in _OUTAGE_CODES and claimed is not None:  # this contract's silence in an outage
-                        self._excused.setdefault(c, []).append((claimed[0], ts_us, code))
+                    if code in _OUTAGE_CODES:  # this contract's silence in an outage, never a blip for all
+                        if claimed is not None:  # (claimed before --since: its window is not known)
+                            self._excused.setdefault(c, []).append((claimed[0], ts_us, code))
                     else:
                         self.interruptions.append(ts_us)
                 elif started and detail.startswith("rate_limited"):

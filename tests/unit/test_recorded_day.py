@@ -202,3 +202,50 @@ def test_snapshots_excused_in_a_farm_outage_are_their_contracts_windows_not_blip
         7: [OutageWindow(10 * S, 51 * S, 11.0, 2103), OutageWindow(70 * S, 81 * S, 11.0, 2110)],
     }
     assert reader.interruptions == [int(20.5 * S)]
+
+
+def test_an_outage_window_ends_when_its_contract_streams_or_the_session_ends_and_never_spans_them() -> None:
+    """A window says the contract's snapshots went unanswered from its first excused one to its last. Excused again
+    in a later outage, after it streamed, after a restart or a reconnect (the IB actor forgets every outage with
+    its session), it opens a new window: one window across them would answer its snapshots without a price all
+    that time in a replay that queues it (fewer lines), though IB served it."""
+    reader = _LogReader(None)
+    reader.take(0, _started())
+    item = 0
+
+    def excused(claimed_s: float, ended_s: float) -> None:
+        nonlocal item
+        item += 1
+        reader.take(int(claimed_s * S), ItemClaimed(item_id=item, conid=7, attempt=1, lease_until_us=0))
+        reader.take(int(ended_s * S), ItemReleased(item_id=item, conid=7, detail="interrupted: 2103"))
+
+    excused(10, 21)
+    reader.take(100 * S, StreamStarted(conid=7))  # activated: streams, and IB serves it
+    reader.take(2000 * S, StreamDemoted(conid=7))
+    excused(3000, 3011)
+    reader.take(3100 * S, RuntimeStopped())
+    reader.take(3200 * S, _started())
+    excused(4000, 4011)
+    reader.take(4100 * S, _ib(ConnectionState.DISCONNECTED))
+    reader.take(4200 * S, _ib(ConnectionState.CONNECTED))
+    excused(5000, 5011)
+    reader.take(5100 * S, _started())  # the run before was killed: no RuntimeStopped
+    excused(6000, 6011)
+    reader.close_outages()
+    assert reader.outages == {
+        7: [OutageWindow(t * S, (t + 11) * S, 11.0, 2103) for t in (10, 3000, 4000, 5000, 6000)],
+    }
+
+
+def test_an_excused_snapshot_claimed_before_since_is_no_blip_for_every_contract() -> None:
+    """``--since`` in the middle of a farm outage: a snapshot claimed before it and excused after is that
+    contract's silence, not a 10182 that would cut every contract's snapshot ending within a second of it."""
+    reader = _LogReader(15 * S)
+    reader.take(0, _started())
+    reader.take(10 * S, ItemClaimed(item_id=1, conid=7, attempt=1, lease_until_us=0))
+    reader.take(21 * S, ItemReleased(item_id=1, conid=7, detail="interrupted: 2103"))
+    reader.take(22 * S, ItemClaimed(item_id=2, conid=7, attempt=1, lease_until_us=0))
+    reader.take(33 * S, ItemReleased(item_id=2, conid=7, detail="interrupted: 2110"))
+    reader.close_outages()
+    assert reader.interruptions == []
+    assert reader.outages == {7: [OutageWindow(22 * S, 33 * S, 11.0, 2110)]}
