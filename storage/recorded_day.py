@@ -146,6 +146,9 @@ class OutageWindow:
     end_us: int
     latency_s: float
     code: int
+    #: When its farm was back: the claim of the snapshot that got its next quote (the runtime lifted its hold at
+    #: IB's "farm OK", which the log does not keep); 0 if the window ended otherwise (a stream, a restart, the end).
+    back_us: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -525,13 +528,13 @@ class _LogReader:
         if claimed is not None:
             self.samples[claimed[1]].append(SnapshotSample(max(0.0, (ts_us - claimed[0]) / 1e6), outcome, code))
             if claimed[1] in self._excused:  # answered on its own again: its farm was back
-                self._close_outage(claimed[1])
+                self._close_outage(claimed[1], claimed[0] if outcome == "ok" else 0)
 
-    def _close_outage(self, conid: int) -> None:
+    def _close_outage(self, conid: int, back_us: int = 0) -> None:
         excused = self._excused.pop(conid)
         latencies = sorted((end - start) / 1e6 for start, end, _ in excused)
         self.outages[conid].append(
-            OutageWindow(excused[0][0], excused[-1][1], latencies[len(latencies) // 2], excused[-1][2])
+            OutageWindow(excused[0][0], excused[-1][1], latencies[len(latencies) // 2], excused[-1][2], back_us)
         )
 
     def close_outages(self) -> None:

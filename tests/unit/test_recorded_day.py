@@ -199,7 +199,7 @@ def test_snapshots_excused_in_a_farm_outage_are_their_contracts_windows_not_blip
     snapshot(8, 20, 20.5, "interrupted: 10182")  # a blip: every contract's snapshot ending then
     reader.close_outages()
     assert reader.outages == {
-        7: [OutageWindow(10 * S, 51 * S, 11.0, 2103), OutageWindow(70 * S, 81 * S, 11.0, 2110)],
+        7: [OutageWindow(10 * S, 51 * S, 11.0, 2103, back_us=60 * S), OutageWindow(70 * S, 81 * S, 11.0, 2110)],
     }
     assert reader.interruptions == [int(20.5 * S)]
 

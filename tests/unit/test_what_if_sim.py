@@ -513,3 +513,17 @@ def test_a_contracts_outage_window_keeps_its_snapshots_silent_and_only_its_own()
             gaps = np.diff(np.concatenate(([START_US], times, [START_US + 300_000_000])))
             assert gaps.max() <= 40_000_000, (conid, gaps.max())  # its 30 s target, and a snapshot cycle
     assert outcome.asked[1000] < outcome.asked[1020]  # the stalest, yet asked less: held after each try, no storm
+
+
+def test_a_recorded_farm_back_lifts_the_holds_as_the_runtimes_farm_ok_did() -> None:
+    """The runtime's worker lifted its holds at IB's "farm OK" (2104), and the contract was quoted at once. The log
+    keeps no 2104; the window's ``back_us`` (the claim of the contract's next quote) stands for it. Without it the
+    replay's holds, doubled to a minute through the outage, ran out by themselves: up to a minute staler than the
+    runtime was, for every contract of the farm."""
+    silent = range(1000, 1010)
+    window = [OutageWindow(START_US + 60_000_000, START_US + 180_000_000, 11.0, 2103, START_US + 181_000_000)]
+    day = dataclasses.replace(_day(300.0), outages={c: window for c in silent})
+    outcome = simulate(day, _config(monitoring_s=30.0))
+    for conid in silent:
+        times = outcome.quotes[conid]
+        assert times[times > START_US + 180_000_000].min() <= START_US + 200_000_000, conid  # not ~248 s: held a minute
