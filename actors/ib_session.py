@@ -829,7 +829,10 @@ class IbSession:
         req.answered = True
         if self._data_down and isinstance(answer, MarketUpdate):
             self._priced_while_down = True
-            self._data_down.pop(_TWS_SERVER, None)  # a price came through: TWS reaches IB's data server again
+            if self._data_down.pop(_TWS_SERVER, None) is not None:  # a price came through: TWS reaches IB's data
+                # server again, which ends the 2110 outage as a 2104 would (one after this is not "back" any more):
+                # the worker lifts the holds of the snapshots it cut
+                self._publish(IbError(code=2104, kind=IbErrorKind.INFO, message="a price came through: data server reached"))
         batch = req.batch
         if batch is None or batch.replied:
             return

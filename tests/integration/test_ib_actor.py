@@ -438,6 +438,8 @@ def test_a_snapshot_unanswered_while_tws_is_cut_off_from_the_data_server_is_inte
     assert ask(ref, Snapshot(conids=[1002], timeout_s=5)).updates[0].conid == 1002  # a price: the link is back
     result = ask(ref, Snapshot(conids=[1001], timeout_s=0.3))
     assert [(f.conid, f.kind) for f in result.failures] == [(1001, IbErrorKind.TIMEOUT)]
+    # the outage's end is published as a farm back (a 2104 after the price is not one): the worker lifts its holds
+    inbox.wait_for(lambda m: isinstance(m, IbError) and m.code == 2104)
 
 
 def test_a_snapshot_open_when_the_farm_goes_down_and_never_answered_is_interrupted(
