@@ -209,9 +209,9 @@ class IbSettings(msgspec.Struct, frozen=True, kw_only=True):
     reissue_initial_s: PositiveSeconds = 2.0
     reissue_max_s: PositiveSeconds = 60.0
     #: A snapshot that gets no price while IB reports a farm broken (2103) or its data server away (2110) is the
-    #: outage's, not the contract's (no attempt) -- until the outage is this old and prices come through all
-    #: the same: then the broken farm is evidently not the one that serves every contract, and a contract that
-    #: never answers would otherwise be asked again at once, forever, instead of backing off to a dead letter.
+    #: outage's, not the contract's (no attempt) -- until the newest outage is this old and prices come through
+    #: all the same: then the broken farm is evidently not the one that serves every contract, and a contract
+    #: that never answers would otherwise be asked again (held) forever, instead of backing off to a dead letter.
     outage_excuse_s: PositiveSeconds = 300.0
 
 
