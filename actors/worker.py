@@ -111,7 +111,7 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     #: A snapshot cut by a farm blip, or silent while a farm is down, goes back to the queue held this long before
     #: it can be claimed again, doubling while its contract's snapshots keep coming back so: the contract's farm
     #: may be the one that is down, and its item, still the stalest, would otherwise be claimed again at once,
-    #: ahead of every contract IB can serve (one snapshot at a time while the worker pauses)...
+    #: ahead of every contract IB can serve...
     interrupted_hold_s: float = 2.0
     #: ...up to this (how late, at most, such a contract is asked again after its farm is back).
     interrupted_hold_max_s: float = 60.0
