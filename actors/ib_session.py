@@ -883,8 +883,8 @@ class IbSession:
             self._answer(req, update)
         if batch.outage is not None:
             # A TWS may hold requests while a farm is down rather than answer 10182, and serve them or not once it
-            # is back: the silence is the farm's, so back to the queue without an attempt (and the worker pauses),
-            # not the contract's failure.
+            # is back: the silence is the farm's, so back to the queue without an attempt (held: the worker), not
+            # the contract's failure.
             self._fail_open(batch, IbErrorKind.DATA_INTERRUPTED, *batch.outage)
         else:
             self._fail_open(batch, IbErrorKind.TIMEOUT, None, "no complete quote within the timeout")
@@ -917,8 +917,7 @@ class IbSession:
         conid = req.conid if req is not None else (contract.conId if contract is not None and contract.conId else None)
         if code in DATA_BACK_CODES:
             self._data_back()
-        back = code in MARKET_DATA_FARM_BACK_CODES and self._was_down(code, text)
-        self._note_data_down(code, text)
+        back = self._note_data_down(code, text)
         if code == 300 and req_id in self._cancels_300_expected:
             logger.debug("IB: cancel of {} met no request there, as expected ({})", req_id, text)
             return
@@ -971,8 +970,9 @@ class IbSession:
             if refused:
                 self._ended(req.conid, "refused", code)  # after the IbError above; ends a pending cancel too
 
-    def _note_data_down(self, code: int, text: str) -> None:
-        """Keep what IB says is broken until it says it is back (tws-api/message_codes.html).
+    def _note_data_down(self, code: int, text: str) -> bool:
+        """Keep what IB says is broken until it says it is back (tws-api/message_codes.html); True if this note
+        ended an outage IB had reported (not the 2104s of every connect).
 
         A market data farm (2103, named as :func:`_farm_name` reads it) until 2104 "OK" or 2108 "inactive but
         should be available upon demand" for it; TWS's link to IB's data server (2110 "broken. It will be
@@ -990,16 +990,14 @@ class IbSession:
                 cause = self._data_down_cause()
                 for batch in self._batches:  # open now: whatever they get no price for is the outage's too
                     batch.outage = cause
-        elif code in (2104, 2108):
-            self._data_down.pop(_farm_name(text), None)
+        elif code in MARKET_DATA_FARM_BACK_CODES:  # 2104, 2108
+            back = self._data_down.pop(_farm_name(text), None) is not None
             if code == 2104:
-                self._data_down.pop(_TWS_SERVER, None)
+                back = self._data_down.pop(_TWS_SERVER, None) is not None or back
+            return back
         elif code in (1101, 1102):
-            self._data_down.clear()
-
-    def _was_down(self, code: int, text: str) -> bool:
-        """Whether this farm note (2104, 2108) ends an outage IB reported: not the 2104s of every connect."""
-        return _farm_name(text) in self._data_down or (code == 2104 and _TWS_SERVER in self._data_down)
+            self._data_down.clear()  # the connection's state says data flows again (the worker lifts on it)
+        return False
 
     def _excuses_silence(self) -> bool:
         """Whether a snapshot asked for now that gets no price is the outage's (see ``IbSettings.outage_excuse_s``)."""

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from deltalake import DeltaTable
 
 from actors.control import ControlUnavailable, request
 from actors.fake_ib_demo import demo_positions
+from tests.simulator import SimConfig, TwsSimulator
 from tests.support.collector import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,6 +72,30 @@ def cli(*args: str, timeout: float = 60.0, env: dict[str, str] | None = None) ->
         check=False,
         env={**os.environ, **(env or {})},
     )
+
+
+@contextmanager
+def gateway_run(tmp: Path, universe: SimConfig, **sections: dict[str, Any]) -> Iterator[tuple[TwsSimulator, RuntimeProc]]:
+    """``runtime.py run`` (the real IB actor, not the demo) behind the TWS simulator, connected, with the config
+    ``sections`` in ``tmp/c.toml`` and its data in ``tmp/data``; at the end of the block stopped by SIGTERM, which
+    must exit 0."""
+    sim = TwsSimulator(universe)
+    port = sim.start()
+    rt = RuntimeProc(tmp / "data", write_config(tmp / "c.toml", **sections), "--ib-port", str(port), demo=False)
+    try:
+        rt.wait_connected()
+        yield sim, rt
+        assert rt.terminate() == 0, rt.log_tail()
+    finally:
+        rt.close()
+        sim.stop()
+
+
+def what_if_json(data_dir: Path, config: Path, *args: str) -> dict[str, Any]:
+    """``what-if --json`` on a recorded data directory with the config it ran with: its report, which must succeed."""
+    result = cli("what-if", "--data-dir", str(data_dir), "--config", str(config), "--json", *args, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.splitlines()[-1])
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:

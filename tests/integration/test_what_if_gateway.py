@@ -18,19 +18,15 @@ to a few seconds of the burst, and to chance).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.test_end_to_end import RuntimeProc, cli, wait_for, write_config
-from tests.simulator import TwsSimulator, default_universe
+from tests.integration.test_end_to_end import cli, gateway_run, wait_for, what_if_json
+from tests.simulator import default_universe
 
-ROOT = Path(__file__).resolve().parents[2]
-RUNTIME = str(ROOT / "runtime.py")
 ACTIVATED = [str(1001 + i) for i in range(36)]
 #: Snapshots recorded after the burst (shorter periods leave the p99 ages to a few seconds of the burst).
 SNAPSHOTS_AFTER_BURST = 180
@@ -45,18 +41,13 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     universe = default_universe(n_stocks=50, n_option_strikes=0)
     universe.line_limit = 30
     universe.snapshot_delay_min_s, universe.snapshot_delay_max_s = 0.2, 1.0
-    sim = TwsSimulator(universe)
-    port = sim.start()
-    data_dir = tmp / "data"
-    config = write_config(
-        tmp / "c.toml",
+    with gateway_run(
+        tmp,
+        universe,
         runtime={"max_lines": 45},
         freshness={"monitoring_s": 10.0, "line_probe_s": LINE_PROBE_S},
         ib={"min_stream_age_s": 0.05, "snapshot_timeout_s": 5.0},
-    )
-    rt = RuntimeProc(data_dir, config, "--ib-port", str(port), demo=False)
-    try:
-        rt.wait_connected()
+    ) as (_, rt):
         wait_for(lambda: (rt.socket_status() or {}).get("positions_rows_written", 0) >= 20, 30, "snapshots under way")
         added = cli("registry", "add", *ACTIVATED, "--strategy", "burst", *rt.dir_args())
         assert added.returncode == 0, added.stderr
@@ -65,25 +56,7 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         # in snapshots, not seconds, so a loaded machine records as much (about 25 s on an idle one)
         enough = status["worker"]["succeeded"] + SNAPSHOTS_AFTER_BURST
         rt.wait_status(lambda s: s["worker"]["succeeded"] >= enough, 120, f"{SNAPSHOTS_AFTER_BURST} snapshots after the burst")
-        assert rt.terminate() == 0, rt.log_tail()
-    finally:
-        rt.close()
-        sim.stop()
-    return data_dir, config
-
-
-def _what_if(recorded: tuple[Path, Path], *args: str) -> dict[str, Any]:
-    data_dir, config = recorded
-    result = subprocess.run(
-        [sys.executable, RUNTIME, "what-if", "--data-dir", str(data_dir), "--config", str(config), "--json", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return json.loads(result.stdout.splitlines()[-1])
+    return rt.data_dir, rt.config
 
 
 def test_the_replay_meets_the_burst_as_the_gateway_did_and_matches_the_record(recorded: tuple[Path, Path]) -> None:
@@ -94,7 +67,7 @@ def test_the_replay_meets_the_burst_as_the_gateway_did_and_matches_the_record(re
     taught_by_a_101 = [e for e in events if e["reason"].startswith("101 on")]  # not "max_lines held without a 101"
     assert len(steps) > 1, steps  # the runtime met IB's limit in a burst: several 101s
     assert steps[-1] <= 30, steps
-    report = _what_if(recorded)
+    report = what_if_json(*recorded)
     assert report["period"]["pacing_per_s"] == 45.0  # a gateway's day: the IB actor's pacer, [ib] pacing_per_s
     as_run = report["faithfulness"]["as_run"]
     assert report["faithfulness"]["recorded"]["extra"]["refusals_101"] >= len(taught_by_a_101)  # each was a 101

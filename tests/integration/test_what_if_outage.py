@@ -11,18 +11,12 @@ stocks would be much staler than the positions table shows they were.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.integration.test_end_to_end import RuntimeProc, write_config
-from tests.simulator import TwsSimulator, default_universe
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.integration.test_end_to_end import gateway_run, what_if_json
+from tests.simulator import default_universe
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +25,13 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     universe = default_universe(n_stocks=30, n_option_strikes=5)  # 30 stocks on usfarm, 10 options on usopt
     universe.farm_down_snapshots = "silent"
     universe.snapshot_delay_min_s, universe.snapshot_delay_max_s = 0.2, 1.0
-    sim = TwsSimulator(universe)
-    port = sim.start()
-    data_dir = tmp / "data"
-    config = write_config(
-        tmp / "c.toml",
+    with gateway_run(
+        tmp,
+        universe,
         runtime={"max_lines": 20},
         freshness={"monitoring_s": 10.0},
         ib={"min_stream_age_s": 0.05, "snapshot_timeout_s": 2.0},
-    )
-    rt = RuntimeProc(data_dir, config, "--ib-port", str(port), demo=False)
-    try:
-        rt.wait_connected()
+    ) as (sim, rt):
         status = rt.wait_status(lambda s: s["worker"]["succeeded"] >= 60, 60, "every contract priced")
         sim.farm_blip(None, farm="usopt")
         succeeded = status["worker"]["succeeded"]
@@ -51,29 +40,11 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         sim.farm_ok(farm="usopt")
         succeeded = rt.wait_status(lambda s: True, 10, "status")["worker"]["succeeded"]
         rt.wait_status(lambda s: s["worker"]["succeeded"] >= succeeded + 40, 60, "the options back")
-        assert rt.terminate() == 0, rt.log_tail()
-    finally:
-        rt.close()
-        sim.stop()
-    return data_dir, config
-
-
-def _what_if(recorded: tuple[Path, Path], *args: str) -> dict[str, Any]:
-    data_dir, config = recorded
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "runtime.py"), "what-if", "--data-dir", str(data_dir), "--config", str(config), "--json", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return json.loads(result.stdout.splitlines()[-1])
+    return rt.data_dir, rt.config
 
 
 def test_a_partial_outage_is_replayed_as_the_down_farms_alone_and_matches_the_record(recorded: tuple[Path, Path]) -> None:
     """The replay's row for what ran matches the positions table (p99 ages within 20%). Read as blips, the
     outage's answers made the replayed p99 of the other contracts 1.3 times the recorded one (11.4 s for 8.6 s)."""
-    report = _what_if(recorded)
+    report = what_if_json(*recorded)
     assert report["faithfulness"]["faithful"], report["faithfulness"]["p99"]
