@@ -140,7 +140,8 @@ class SnapshotSample:
 @dataclass(frozen=True, slots=True)
 class OutageWindow:
     """A contract's data away: from the claim of its first excused snapshot to the end of its last, with no
-    quote, retry or dead letter of it between them; its excused snapshots took ``latency_s`` (the median)."""
+    answer of its own, stream, restart or reconnect between them; its excused snapshots took ``latency_s`` (the
+    median)."""
 
     start_us: int
     end_us: int
@@ -538,7 +539,8 @@ class _LogReader:
         )
 
     def close_outages(self) -> None:
-        """The period is over: every contract still excused had its data away until its last excused snapshot."""
+        """A session ended or began, or the period is over: every contract still excused had its data away until
+        its last excused snapshot, and an outage after this is a new one."""
         for conid in list(self._excused):
             self._close_outage(conid)
 
@@ -567,8 +569,8 @@ def _connection_lost(detail: str) -> bool:
     Those are replayed as the outage itself; counted as blips too, they would
     also cut the snapshots that ended in the second before the drop.
     """
-    code = detail.partition(":")[2].strip()
-    return not code.lstrip("-").isdigit() or classify_ib_code(int(code)) in _CONNECTION_KINDS
+    code = _code_of(detail)
+    return code is None or classify_ib_code(code) in _CONNECTION_KINDS
 
 
 def _without(
