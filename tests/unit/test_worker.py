@@ -376,15 +376,20 @@ def test_a_farm_blip_holds_each_cut_contract_back_instead_of_pausing_every_snaps
         return [o for _, o in rig.ledger_state()[2]]
 
     wait_until(lambda: outcomes() == ["interrupted"], timeout=5)  # the one token there
+    # the queue reads the clock when it takes a Release (told before the outcome is reported): an ask behind it
+    # makes sure it took them before the clock moves on, so each hold runs from the instant it was cut
+    rig.queue_stats()
     clock.now += 1.0  # tokens for the other four: asked at once, no pause
     ask(rig.worker, Wake())
     wait_until(lambda: outcomes() == ["interrupted"] * 5, timeout=5)
+    rig.queue_stats()
     clock.now += 0.5  # every item still held (the first until 2 s, the others until 3 s)
     ask(rig.worker, Wake())
     assert len(outcomes()) == 5
     clock.now += 0.6  # the first one's hold is over: asked again (cut again)
     ask(rig.worker, Wake())
     wait_until(lambda: len(outcomes()) == 6, timeout=5)
+    rig.queue_stats()
     rig.ib.tell(InjectFarmOk())
     clock.now += 5.0  # past every hold (the first's second hold is 4 s)
     ask(rig.worker, Wake())
